@@ -1,0 +1,36 @@
+"""Evaluate an exported student on a split; writes metrics.json in the run-directory format.
+
+    accelerate launch scripts/evaluate.py --config PRESET student=runs/<run>/student split=test
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from unirep.cli import parse_args
+from unirep.config import ConfigError
+from unirep.pipeline import evaluate_student, make_accelerator, prepare_run_dir, resolve_domains
+
+
+def main() -> None:
+    cfg = parse_args(prog="evaluate.py")
+    if not cfg.student:
+        raise SystemExit("evaluate.py: set student=<run folder or its student/ folder>")
+    student_dir = Path(cfg.student)
+    if (student_dir / "student").is_dir():
+        student_dir = student_dir / "student"
+    if not (student_dir / "manifest.json").is_file():
+        raise SystemExit(f"evaluate.py: {str(student_dir)!r} holds no student manifest.json")
+    cfg.name = cfg.name or f"eval-{student_dir.resolve().parent.name}-{cfg.split}"
+    accelerator = make_accelerator(cfg)
+    run_dir = prepare_run_dir(cfg, accelerator)
+    try:
+        metrics = evaluate_student(cfg, accelerator, resolve_domains(cfg, accelerator), run_dir, student_dir)
+    except ConfigError as err:
+        raise SystemExit(f"evaluate.py: {err}") from None
+    accelerator.print(f"mean accuracy {metrics['summary']['mean_accuracy']:.4f} on {cfg.split}")
+    accelerator.print(f"metrics: {run_dir / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,26 @@
+"""Stage one alone: train (or verify) one teacher per domain.
+
+    accelerate launch scripts/train_teachers.py [--config PRESET_OR_PATH] [key=value ...]
+"""
+
+from __future__ import annotations
+
+from teachers.classification import ensure_teachers
+from unirep.cli import parse_args
+from unirep.pipeline import make_accelerator, prepare_run_dir, resolve_domains, teacher_root
+
+
+def main() -> None:
+    cfg = parse_args(prog="train_teachers.py")
+    accelerator = make_accelerator(cfg)
+    run_dir = prepare_run_dir(cfg, accelerator)
+    domains = resolve_domains(cfg, accelerator)
+    seconds = ensure_teachers(cfg, accelerator, domains, run_dir)
+    accelerator.print(
+        f"teachers in {teacher_root(cfg) / cfg.preset} ({seconds:.1f} s of training this run)"
+    )
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Stage one: teacher recipes, one per benchmark family. ``unirep`` never imports this package."""

@@ -1,0 +1,90 @@
+"""Backbones, adapters and the multi-domain network: shapes, gradients, registry errors."""
+
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+
+from unirep.models.adapters import ADAPTERS
+from unirep.models.backbones import build_backbone
+from unirep.models.network import build_network, count_parameters
+from unirep.registry import UnknownNameError
+
+
+def test_decathlon_resnets_are_timm_models() -> None:
+    net = timm.create_model("resnet26_decathlon", pretrained=False, num_classes=0)
+    assert 5.5e6 < count_parameters(net) < 6.5e6  # "about 6 M" (Rebuffi et al. 2017)
+    assert net(torch.randn(2, 3, 64, 64)).shape == (2, 256)
+    assert net.forward_features(torch.randn(1, 3, 72, 72)).shape == (1, 256, 9, 9)
+    tiny = timm.create_model("resnet_decathlon_tiny", num_classes=7)
+    assert tiny(torch.randn(3, 3, 28, 28)).shape == (3, 7)
+
+
+def test_pretrained_weights_are_refused() -> None:
+    with pytest.raises(ValueError, match="pretrained"):
+        timm.create_model("resnet26_decathlon", pretrained=True)
+    with pytest.raises(ValueError, match="pretrained"):
+        build_backbone("resnet_decathlon_tiny", pretrained=True)
+
+
+def test_any_timm_backbone_by_name() -> None:
+    net, dim = build_backbone("resnet10t")
+    assert net(torch.randn(2, 3, 32, 32)).shape == (2, dim)
+
+
+def test_unknown_backbone_names_it() -> None:
+    with pytest.raises(UnknownNameError, match="not_a_model"):
+        build_backbone("not_a_model")
+
+
+@pytest.mark.parametrize("name", ADAPTERS.names())
+@pytest.mark.parametrize("shape", [(4, 16), (2, 16, 3, 3)])
+def test_every_adapter_maps_and_gets_gradient(name: str, shape: tuple[int, ...]) -> None:
+    out_dim = 16 if name == "identity" else 8
+    adapter = ADAPTERS.build(name, in_dim=16, out_dim=out_dim)
+    x = torch.randn(*shape, requires_grad=True)
+    y = adapter(x)
+    assert y.shape == (shape[0], out_dim, *shape[2:])
+    y.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    for p in adapter.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+
+
+def test_linear_adapter_starts_as_identity_when_square() -> None:
+    x = torch.randn(5, 12)
+    torch.testing.assert_close(ADAPTERS.build("linear", in_dim=12, out_dim=12)(x), x)
+
+
+def test_network_outputs_per_domain_and_every_parameter_learns() -> None:
+    net = build_network(
+        "resnet_decathlon_tiny", {}, {"a": 3, "b": 5}, adapter="linear", teacher_dims={"a": 64, "b": 32}
+    )
+    images = {"a": torch.randn(4, 3, 28, 28), "b": torch.randn(2, 3, 28, 28)}
+    out = net(images)
+    assert out["a"]["logits"].shape == (4, 3) and out["b"]["logits"].shape == (2, 5)
+    assert out["a"]["aligned"].shape == (4, 64) and out["b"]["aligned"].shape == (2, 32)
+    loss = sum(o["logits"].square().mean() + o["aligned"].square().mean() for o in out.values())
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    # batched (same shape) and per-domain paths agree in eval mode
+    net.eval()
+    with torch.no_grad():
+        together = net(images)["b"]["logits"]
+        alone = net.classify(images["b"], "b")
+    torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
+
+
+def test_export_state_has_no_adapters() -> None:
+    net = build_network("resnet_decathlon_tiny", {}, {"a": 3}, adapter="linear")
+    state = net.head_and_backbone_state()
+    assert state and not any(k.startswith("adapters.") for k in state)
+    assert count_parameters(net, "adapters.") == sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k)
+
+
+def test_unknown_domain_is_an_error() -> None:
+    net = build_network("resnet_decathlon_tiny", {}, {"a": 3})
+    with pytest.raises(KeyError, match="zzz"):
+        net({"zzz": torch.randn(1, 3, 28, 28)})

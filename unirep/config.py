@@ -1,0 +1,361 @@
+"""Typed configuration: dataclasses are the schema, YAML presets are instances of it.
+
+``load_config("mini-decathlon", ["train.max_steps=100"])`` reads a preset shipped in
+``unirep/presets/`` (or a YAML path), applies dotted ``key=value`` overrides and checks every key
+and type before any work starts. Errors name the key, the value and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key, type or value is wrong; the message names it and what was expected."""
+
+
+@dataclass
+class Spec:
+    """An interchangeable component: a registry name plus its keyword arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Where the domains come from and how they are read.
+
+    ``source`` is a data-source registry name: ``synthetic-decathlon`` generates the embedded
+    benchmark on first use; ``decathlon`` reads an existing Visual Decathlon tree at ``root``.
+    """
+
+    source: str = "synthetic-decathlon"
+    root: str | None = None  # None: <cache_dir>/<source>-<seed> for generated sources
+    cache_dir: str | None = None  # None: $UNIREP_CACHE or ~/.cache/unirep
+    domains: list[str] = field(default_factory=list)  # empty: every domain the source has
+    resize: int = 32  # shorter side after resizing
+    crop: int = 28  # training / evaluation crop
+    no_flip: list[str] = field(default_factory=list)  # domains where a flip changes the class
+    square_resize: list[str] = field(default_factory=list)  # domains resized to resize x resize
+    batch_size: int = 32  # per domain and per process, unless batch_sizes names the domain
+    batch_sizes: dict[str, int] = field(default_factory=dict)
+    eval_batch_size: int = 256
+    num_workers: int = 0
+    on_corrupt: str = "error"  # "error" or "skip"
+    generator: dict[str, Any] = field(default_factory=dict)  # kwargs of the synthetic generator
+
+
+@dataclass
+class ModelConfig:
+    """The network shared by teachers and student: a backbone plus one linear head per domain."""
+
+    backbone: str = "resnet_decathlon_tiny"  # a unirep backbone or any timm model name
+    backbone_kwargs: dict[str, Any] = field(default_factory=dict)
+    adapter: Spec = field(default_factory=lambda: Spec("linear"))
+
+
+@dataclass
+class OptimConfig:
+    """An optimizer and its learning-rate schedule (schedule lengths are in optimizer steps)."""
+
+    optimizer: Spec = field(default_factory=lambda: Spec("sgd", {"lr": 0.05, "momentum": 0.9}))
+    scheduler: Spec = field(default_factory=lambda: Spec("cosine"))
+
+
+@dataclass
+class TrainConfig:
+    """One training phase (teacher, baseline or student): length, evaluation and checkpoints."""
+
+    max_steps: int = 300
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    adapter_optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            Spec("adam", {"lr": 0.01, "weight_decay": 5e-4}), Spec("cosine")
+        )
+    )
+    grad_clip: float | None = None
+    gradient_accumulation_steps: int = 1
+    eval_every: int = 100
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    selection_metric: str = "accuracy"  # mean over domains, on the validation split
+
+
+@dataclass
+class DistillConfig:
+    """The student's objective: task loss + λ_f·feature distillation + λ_p·prediction distillation.
+
+    λ values are per domain (``lambda_feature`` / ``lambda_prediction`` entries), falling back to
+    ``default_lambda``; ``annealing`` scales both over training (``linear``: 1 → 0, as in URL).
+    """
+
+    task_loss: Spec = field(default_factory=lambda: Spec("cross_entropy"))
+    feature_loss: Spec = field(default_factory=lambda: Spec("cka_rbf"))
+    prediction_loss: Spec = field(default_factory=lambda: Spec("kl", {"temperature": 4.0}))
+    default_lambda: float = 1.0
+    lambda_feature: dict[str, float] = field(default_factory=dict)
+    lambda_prediction: dict[str, float] = field(default_factory=dict)
+    feature_scale: float = 1.0  # global σ of URL
+    prediction_scale: float = 1.0  # global β of URL
+    annealing: str = "linear"
+    init_from_teacher: str | None = None  # domain whose teacher backbone initialises the student
+
+
+@dataclass
+class TeachersConfig:
+    """Stage one: one single-domain network per domain, trained when missing."""
+
+    root: str | None = None  # None: <cache_dir>/teachers
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune_from: str | None = None  # domain whose teacher initialises the others (Decathlon)
+    finetune_train: TrainConfig | None = None  # recipe for the fine-tuned teachers
+    retrain: bool = False
+
+
+@dataclass
+class Config:
+    """A whole run: data, model, teachers, student objective and training, outputs."""
+
+    preset: str = "custom"
+    name: str | None = None  # run name; None: <preset>-<timestamp>
+    output_dir: str = "runs"
+    seed: int = 0
+    split: str = "test"  # the split reported in metrics.json; selection always uses "val"
+    baseline: bool = True  # also train the same student without distillation
+    resume: bool | str = False  # true: latest checkpoint of runs/<name>; or a checkpoint dir
+    mixed_precision: str = "no"  # "no", "fp16", "bf16"
+    cpu: bool = False  # force CPU even where CUDA exists
+    progress: bool = True
+    student: str | None = None  # scripts/evaluate.py: a student/ export or a run folder
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "split": ("train", "val", "test"),
+    "mixed_precision": ("no", "fp16", "bf16"),
+    "data.on_corrupt": ("error", "skip"),
+    "distill.annealing": ("linear", "none"),
+    "train.selection_metric": ("accuracy",),
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Building dataclasses from plain dicts, with type checks
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and convert it (dicts to dataclasses)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        expected = " or ".join(_type_name(o) for o in options)
+        raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r}")
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and isinstance(value, tp):
+            return value
+        if tp is Spec and isinstance(value, str):
+            return Spec(value)
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin is list:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"config key {key!r}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key {key!r}: expected a mapping, got {value!r}")
+        key_tp, val_tp = typing.get_args(tp)
+        return {
+            _coerce(k, key_tp, f"{key}"): _coerce(v, val_tp, f"{key}.{k}") for k, v in value.items()
+        }
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"config key {key!r}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"config key {key!r}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"config key {key!r}: unsupported annotation {tp!r}")
+
+
+def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, rejecting unknown keys and wrong types."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else str(name)
+        if name not in known:
+            raise ConfigError(
+                f"unknown config key {key!r}; valid keys here: {', '.join(sorted(known))}"
+            )
+        kwargs[name] = _coerce(value, hints[name], key)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain, YAML-serialisable data."""
+    return dataclasses.asdict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets, overrides and validation
+
+
+def preset_names() -> list[str]:
+    """Names of the presets shipped as package data."""
+    folder = resources.files("unirep") / "presets"
+    return sorted(p.name[: -len(".yaml")] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(preset_or_path: str) -> tuple[str, dict[str, Any]]:
+    path = Path(preset_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        name = path.stem
+        text = path.read_text()
+    else:
+        if preset_or_path not in preset_names():
+            raise ConfigError(
+                f"unknown preset {preset_or_path!r}; valid presets: {', '.join(preset_names())} "
+                "(or a path to a .yaml file)"
+            )
+        name = preset_or_path
+        text = (resources.files("unirep") / "presets" / f"{preset_or_path}.yaml").read_text()
+    try:
+        values = yaml.safe_load(text) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {preset_or_path!r} is not valid YAML: {err}") from err
+    if not isinstance(values, dict):
+        raise ConfigError(f"config {preset_or_path!r} must be a mapping at the top level")
+    return name, values
+
+
+def apply_override(values: dict[str, Any], override: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``1e-3``, ``[a, b]``)."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value (e.g. train.max_steps=5)")
+    key, raw = override.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    node = values
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif isinstance(child, str):  # a Spec written as its bare name
+            child = node[part] = {"name": child}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _validate(cfg: Config) -> None:
+    """Cross-field checks and registry names, run before any work starts."""
+    # imported here: the registries import torch-heavy modules
+    from unirep.components import check_names
+
+    flat = {
+        "split": cfg.split,
+        "mixed_precision": cfg.mixed_precision,
+        "data.on_corrupt": cfg.data.on_corrupt,
+        "distill.annealing": cfg.distill.annealing,
+        "train.selection_metric": cfg.train.selection_metric,
+    }
+    for key, value in flat.items():
+        if value not in CHOICES[key]:
+            raise ConfigError(
+                f"config key {key!r}: {value!r} is not valid; choices: {', '.join(CHOICES[key])}"
+            )
+    for key, value in {
+        "train.max_steps": cfg.train.max_steps,
+        "teachers.train.max_steps": cfg.teachers.train.max_steps,
+        "data.batch_size": cfg.data.batch_size,
+        "data.eval_batch_size": cfg.data.eval_batch_size,
+        "data.crop": cfg.data.crop,
+        "data.resize": cfg.data.resize,
+    }.items():
+        if value <= 0:
+            raise ConfigError(f"config key {key!r}: must be positive, got {value}")
+    if cfg.data.crop > cfg.data.resize:
+        raise ConfigError(
+            f"config key 'data.crop' ({cfg.data.crop}) must not exceed 'data.resize' "
+            f"({cfg.data.resize})"
+        )
+    check_names(cfg)
+
+
+def load_config(preset_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a preset name or YAML path (default ``mini-decathlon``), apply overrides, validate."""
+    name, values = _read_yaml(preset_or_path or "mini-decathlon")
+    values.setdefault("preset", name)
+    for override in overrides or []:
+        apply_override(values, override)
+    cfg = from_dict(Config, values)
+    _validate(cfg)
+    return cfg
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    """Write the fully resolved config as YAML, atomically."""
+    from unirep.io import atomic_write_text
+
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def cache_dir(cfg: Config) -> Path:
+    """Where generated data, computed statistics and default teachers live."""
+    if cfg.data.cache_dir:
+        return Path(cfg.data.cache_dir).expanduser()
+    env = os.environ.get("UNIREP_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path.home() / ".cache" / "unirep"

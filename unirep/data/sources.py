@@ -1,0 +1,134 @@
+"""Data sources: where a run's domains come from, by name (``data.source``).
+
+A source resolves a data root (generating it first for synthetic sources), lists its domains and
+builds each domain's dataset per split with the Decathlon preprocessing. Every source returns
+samples as ``{"image": [3, crop, crop], "label": int, "image_id": int}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from unirep.config import DataConfig
+from unirep.data.decathlon import DataRootError, DecathlonDomain
+from unirep.data.stats import domain_mean_std
+from unirep.data.synthetic import ensure_mini_decathlon
+from unirep.data.transforms import build_transform
+from unirep.registry import Registry
+
+DATA_SOURCES: Registry[Any] = Registry("data source")
+
+LAYOUT = "<root>/annotations/<domain>_{train,val,test}.json and <root>/data/<domain>/<split>/*.jpg"
+
+
+@dataclass
+class DomainSet:
+    """The domains of a run and how to read them."""
+
+    root: Path
+    domains: list[str]
+    cfg: DataConfig
+    cache_dir: Path
+    _stats: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+
+    def mean_std(self, domain: str) -> tuple[list[float], list[float]]:
+        """Per-domain normalisation (reference figures, or computed once from train and cached)."""
+        if domain not in self._stats:
+            self._stats[domain] = domain_mean_std(self.root, domain, self.cache_dir)
+        return self._stats[domain]
+
+    def preprocessing(self, domain: str) -> dict[str, Any]:
+        """What an exported model needs to preprocess this domain's images at test time."""
+        mean, std = self.mean_std(domain)
+        return {
+            "resize": self.cfg.resize,
+            "crop": self.cfg.crop,
+            "square_resize": domain in self.cfg.square_resize,
+            "mean": mean,
+            "std": std,
+        }
+
+    def dataset(self, domain: str, split: str, train: bool = False) -> DecathlonDomain:
+        """Domain ``domain``'s ``split``; ``train`` turns on random crops and flips."""
+        mean, std = self.mean_std(domain)
+        transform = build_transform(
+            train=train,
+            resize=self.cfg.resize,
+            crop=self.cfg.crop,
+            mean=mean,
+            std=std,
+            flip=domain not in self.cfg.no_flip,
+            square_resize=domain in self.cfg.square_resize,
+        )
+        return DecathlonDomain(
+            self.root, domain, split, transform=transform, on_corrupt=self.cfg.on_corrupt
+        )
+
+    def datasets(self, split: str, train: bool = False) -> dict[str, Dataset]:
+        """Every domain's ``split``, in domain order."""
+        return {d: self.dataset(d, split, train) for d in self.domains}
+
+    def batch_size(self, domain: str) -> int:
+        return self.cfg.batch_sizes.get(domain, self.cfg.batch_size)
+
+
+def _domains_in(root: Path) -> list[str]:
+    annotations = root / "annotations"
+    if not annotations.is_dir():
+        raise DataRootError(f"data root {str(root)!r} has no annotations/ folder; expected {LAYOUT}")
+    found = sorted(p.name[: -len("_train.json")] for p in annotations.glob("*_train.json"))
+    if not found:
+        raise DataRootError(f"no <domain>_train.json in {str(annotations)!r}; expected {LAYOUT}")
+    return found
+
+
+def _select(root: Path, wanted: list[str]) -> list[str]:
+    available = _domains_in(root)
+    if not wanted:
+        return available
+    missing = [d for d in wanted if d not in available]
+    if missing:
+        raise DataRootError(
+            f"domain(s) {missing} not found under {str(root)!r} (no annotations/<domain>_train.json);"
+            f" available: {', '.join(available)}"
+        )
+    return list(wanted)
+
+
+@DATA_SOURCES.register("decathlon")
+def decathlon_source(cfg: DataConfig, cache_dir: Path) -> DomainSet:
+    """An existing Visual Decathlon tree (``decathlon-1.0/``) at ``data.root``."""
+    if not cfg.root:
+        raise DataRootError(
+            "data.root is not set: point it at the decathlon-1.0 folder "
+            f"(data.root=/path/to/decathlon-1.0), which must hold {LAYOUT}"
+        )
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise DataRootError(f"data root {str(root)!r} does not exist; expected {LAYOUT}")
+    return DomainSet(root, _select(root, cfg.domains), cfg, cache_dir)
+
+
+def synthetic_root(cfg: DataConfig, cache_dir: Path) -> Path:
+    """Where the embedded benchmark with these generator settings lives."""
+    if cfg.root:
+        return Path(cfg.root).expanduser()
+    g = {"seed": 0, "image_size": 32, "scale": 1.0, **cfg.generator}
+    return cache_dir / f"mini-decathlon-seed{g['seed']}-px{g['image_size']}-x{g['scale']}"
+
+
+@DATA_SOURCES.register("synthetic-decathlon")
+def synthetic_decathlon_source(cfg: DataConfig, cache_dir: Path) -> DomainSet:
+    """The embedded mini-decathlon, generated deterministically on first use (no download)."""
+    root = synthetic_root(cfg, cache_dir)
+    ensure_mini_decathlon(root, **cfg.generator)
+    return DomainSet(root, _select(root, cfg.domains), cfg, cache_dir)
+
+
+def build_domains(cfg: DataConfig, cache_dir: Path) -> DomainSet:
+    """Resolve ``data.source`` into the run's :class:`DomainSet`."""
+    return DATA_SOURCES.build(cfg.source, cfg=cfg, cache_dir=cache_dir)

@@ -1,0 +1,148 @@
+"""The ResNet-26 of the Visual Decathlon papers, registered in timm's model registry.
+
+Rebuffi, Bilen & Vedaldi, "Learning multiple visual domains with residual adapters" (NeurIPS 2017)
+and "Efficient parametrization of multi-domain deep neural networks" (CVPR 2018); used as the
+student and teachers of Universal Representations (Li, Liu & Bilen, IJCV 2023).
+
+A 3×3 stem (32 channels), then three stages of basic blocks with widths 64/128/256, each stage
+down-sampling by 2; shortcuts are parameter-free (average-pool + zero channel padding), a final
+BN-ReLU, then global average pooling. Built for 64–72 px inputs (an 8×8 or 9×9 final map).
+``resnet26_decathlon`` has 4 blocks per stage (about 6.1 M parameters);
+``resnet_decathlon_tiny`` (widths 16/32/64, one block per stage) is for CPU-sized benchmarks.
+Registered with ``timm.models.register_model``, so ``timm.create_model(name)`` builds them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.models import register_model
+from torch import Tensor, nn
+
+
+class ParameterFreeShortcut(nn.Module):
+    """Down-sample by average pooling and pad the new channels with zeros (shape B×C×H×W)."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.extra = out_channels - in_channels
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.stride > 1:
+            x = F.avg_pool2d(x, self.stride, ceil_mode=True)
+        if self.extra > 0:
+            x = F.pad(x, (0, 0, 0, 0, 0, self.extra))
+        return x
+
+
+class BasicBlock(nn.Module):
+    """conv3×3-BN-ReLU-conv3×3-BN plus shortcut, then ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(out_channels)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+        self.shortcut = (
+            ParameterFreeShortcut(in_channels, out_channels, stride)
+            if stride != 1 or in_channels != out_channels
+            else nn.Identity()
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = self.bn2(self.conv2(y))
+        return F.relu(y + self.shortcut(x))
+
+
+class DecathlonResNet(nn.Module):
+    """Three-stage ResNet of the decathlon papers, with timm's classifier interface.
+
+    Input ``[B, 3, H, W]``; ``forward_features`` gives ``[B, widths[-1], H/8, W/8]``;
+    ``forward`` gives logits ``[B, num_classes]`` or, with ``num_classes=0``, pooled features
+    ``[B, num_features]``.
+    """
+
+    def __init__(
+        self,
+        widths: Sequence[int] = (64, 128, 256),
+        blocks: Sequence[int] = (4, 4, 4),
+        stem_width: int = 32,
+        num_classes: int = 1000,
+        in_chans: int = 3,
+        drop_rate: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if len(widths) != len(blocks):
+            raise ValueError(f"widths {list(widths)} and blocks {list(blocks)} differ in length")
+        self.stem = nn.Sequential(
+            nn.Conv2d(in_chans, stem_width, 3, 1, 1, bias=False), nn.BatchNorm2d(stem_width)
+        )
+        stages: list[nn.Module] = []
+        channels = stem_width
+        for width, count in zip(widths, blocks, strict=True):
+            layers = [BasicBlock(channels, width, 2)]
+            layers += [BasicBlock(width, width, 1) for _ in range(count - 1)]
+            stages.append(nn.Sequential(*layers))
+            channels = width
+        self.stages = nn.Sequential(*stages)
+        self.final_norm = nn.Sequential(nn.BatchNorm2d(channels), nn.ReLU(inplace=True))
+        self.num_features = channels
+        self.drop_rate = drop_rate
+        self.num_classes = num_classes
+        self.fc: nn.Module = nn.Linear(channels, num_classes) if num_classes else nn.Identity()
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def reset_classifier(self, num_classes: int, global_pool: str = "avg") -> None:
+        """timm interface: replace the classifier (0 removes it)."""
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes else nn.Identity()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` → ``[B, C, H/8, W/8]``."""
+        return self.final_norm(self.stages(F.relu(self.stem(x))))
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """``[B, C, h, w]`` → pooled ``[B, C]`` or logits ``[B, num_classes]``."""
+        x = x.mean(dim=(2, 3))
+        if self.drop_rate > 0:
+            x = F.dropout(x, self.drop_rate, self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _create(pretrained: bool, default: dict[str, Any], kwargs: dict[str, Any]) -> DecathlonResNet:
+    if pretrained:
+        raise ValueError(
+            "no pretrained weights are shipped for the decathlon ResNets; use pretrained=False "
+            "and train the ImageNet teacher (or load its checkpoint)"
+        )
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+        kwargs.pop(key, None)
+    return DecathlonResNet(**{**default, **kwargs})
+
+
+@register_model
+def resnet26_decathlon(pretrained: bool = False, **kwargs: Any) -> DecathlonResNet:
+    """ResNet-26 of the decathlon papers (4 blocks × 3 stages, widths 64/128/256)."""
+    default = {"widths": (64, 128, 256), "blocks": (4, 4, 4), "stem_width": 32}
+    return _create(pretrained, default, kwargs)
+
+
+@register_model
+def resnet_decathlon_tiny(pretrained: bool = False, **kwargs: Any) -> DecathlonResNet:
+    """A CPU-sized member of the family: one block per stage, widths 16/32/64 (8 conv layers)."""
+    default = {"widths": (16, 32, 64), "blocks": (1, 1, 1), "stem_width": 16}
+    return _create(pretrained, default, kwargs)

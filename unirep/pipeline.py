@@ -1,0 +1,375 @@
+"""Stage two, end to end: load teachers → baseline → distilled student → evaluate → export → report.
+
+The scripts are thin wrappers around these functions. Distribution lives in one place: the
+``Accelerator`` built by :func:`make_accelerator` (CPU processes use gloo; ``cpu=True`` is set where
+no CUDA exists so that ``accelerate launch --multi_gpu --num_processes 2`` really shares the work).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from unirep import __version__
+from unirep.config import Config, ConfigError, cache_dir, save_config
+from unirep.data.sources import DomainSet, build_domains
+from unirep.io import atomic_write_json, file_sha256, load_weights, read_json, save_weights
+from unirep.metrics import decathlon_score, delta_m
+from unirep.models.network import MultiDomainNet, build_network, count_parameters
+from unirep.objective import build_objective
+from unirep.report import write_report
+from unirep.teachers import Teacher, load_teacher, teacher_dir
+from unirep.tracking import read_curves
+from unirep.trainer import Evaluator, FitResult, Phase, fit, mean_metric
+
+STUDENT_MANIFEST = "manifest.json"
+
+
+# --------------------------------------------------------------------------------------------
+# Set-up shared by every script
+
+
+def make_accelerator(cfg: Config) -> Accelerator:
+    """The run's Accelerator: CUDA when present (unless ``cpu=true``), else CPU processes."""
+    return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+
+
+def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
+    """``<output_dir>/<name>/``, created (or found, when resuming) with the resolved config."""
+    if cfg.resume and isinstance(cfg.resume, str) and cfg.resume not in ("latest",):
+        checkpoint = Path(cfg.resume)
+        if not (checkpoint / "trainer_state.json").is_file():
+            raise ConfigError(
+                f"config key 'resume': {cfg.resume!r} is not a checkpoint folder "
+                "(expected <run>/checkpoints/<phase>/step_NNNNNN/trainer_state.json)"
+            )
+        directory = checkpoint.parents[2]
+        cfg.name = directory.name
+        cfg.output_dir = str(directory.parent)
+    elif cfg.resume:
+        if not cfg.name:
+            raise ConfigError("resume=true needs the run's name (name=<run name>) to find it")
+        directory = Path(cfg.output_dir) / cfg.name
+        if not directory.is_dir():
+            raise ConfigError(f"resume=true but the run folder {str(directory)!r} does not exist")
+    else:
+        if not cfg.name:
+            stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+            # every process must agree on the name: take the main process's
+            names = [f"{cfg.preset}-{stamp}"]
+            if accelerator.num_processes > 1:
+                from accelerate.utils import broadcast_object_list
+
+                broadcast_object_list(names)
+            cfg.name = names[0]
+        directory = Path(cfg.output_dir) / cfg.name
+    if accelerator.is_main_process:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, directory / "config.yaml")
+    accelerator.wait_for_everyone()
+    return directory
+
+
+def resolve_domains(cfg: Config, accelerator: Accelerator) -> DomainSet:
+    """The run's domains; a synthetic benchmark is generated once, by the main process."""
+    with accelerator.main_process_first():
+        return build_domains(cfg.data, cache_dir(cfg))
+
+
+def data_fingerprint(domains: DomainSet, domain: str) -> str:
+    """sha256 of the domain's training annotations: ties a teacher to the data it saw."""
+    return file_sha256(domains.root / "annotations" / f"{domain}_train.json")
+
+
+def architecture(cfg: Config) -> dict[str, Any]:
+    return {"backbone": cfg.model.backbone, "backbone_kwargs": dict(cfg.model.backbone_kwargs)}
+
+
+def teacher_root(cfg: Config) -> Path:
+    return Path(cfg.teachers.root).expanduser() if cfg.teachers.root else cache_dir(cfg) / "teachers"
+
+
+def resume_point(cfg: Config, checkpoint_dir: Path) -> Path | None:
+    """The checkpoint named by ``resume=<dir>`` when it belongs to this phase."""
+    if isinstance(cfg.resume, str) and cfg.resume not in ("latest",):
+        path = Path(cfg.resume)
+        if path.parent.resolve() == Path(checkpoint_dir).resolve():
+            return path
+    return None
+
+
+# --------------------------------------------------------------------------------------------
+# Stage two
+
+
+def load_teachers(cfg: Config, domains: DomainSet) -> dict[str, Teacher]:
+    """Every domain's teacher, verified against the data (classes, fingerprint, architecture)."""
+    teachers = {}
+    for domain in domains.domains:
+        directory = teacher_dir(teacher_root(cfg), cfg.preset, domain)
+        teachers[domain] = load_teacher(
+            directory,
+            domain,
+            num_classes=domains.dataset(domain, "train").num_classes,
+            architecture=architecture(cfg),
+            data_fingerprint=data_fingerprint(domains, domain),
+        )
+    return teachers
+
+
+def _student_phase(
+    cfg: Config,
+    name: str,
+    domains: DomainSet,
+    run_dir: Path,
+    teachers: dict[str, Teacher],
+    distill: bool,
+) -> Phase:
+    set_seed(cfg.seed)  # baseline and student share their initialisation and data order
+    num_classes = {d: t.manifest["num_classes"] for d, t in teachers.items()}
+    net = build_network(
+        cfg.model.backbone,
+        cfg.model.backbone_kwargs,
+        num_classes,
+        adapter=cfg.model.adapter.name if distill else None,
+        adapter_kwargs=cfg.model.adapter.kwargs,
+        teacher_dims={d: t.feature_dim for d, t in teachers.items()},
+    )
+    if cfg.distill.init_from_teacher:
+        source = cfg.distill.init_from_teacher
+        if source not in teachers:
+            raise ConfigError(
+                f"config key 'distill.init_from_teacher': {source!r} is not a domain of this run "
+                f"({', '.join(teachers)})"
+            )
+        backbone = {
+            k[len("backbone.") :]: v
+            for k, v in teachers[source].net.state_dict().items()
+            if k.startswith("backbone.")
+        }
+        net.backbone.load_state_dict(backbone, strict=True)
+    checkpoint_dir = run_dir / "checkpoints" / name
+    return Phase(
+        name=name,
+        net=net,
+        objective=build_objective(cfg.distill, distill),
+        train_sets=domains.datasets("train", train=True),
+        val_sets=domains.datasets("val"),
+        batch_sizes={d: domains.batch_size(d) for d in domains.domains},
+        cfg=cfg.train,
+        checkpoint_dir=checkpoint_dir,
+        log_dir=run_dir / "logs",
+        seed=cfg.seed,
+        teachers=teachers if distill else {},
+        resume_from=resume_point(cfg, checkpoint_dir),
+        num_workers=cfg.data.num_workers,
+    )
+
+
+def distill(
+    cfg: Config,
+    accelerator: Accelerator,
+    domains: DomainSet,
+    run_dir: Path,
+    teacher_seconds: float = 0.0,
+) -> dict[str, Any]:
+    """Train the baseline (optional) and the distilled student; evaluate, export and report."""
+    evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
+    teachers = load_teachers(cfg, domains)
+    for t in teachers.values():
+        t.net.to(accelerator.device)
+    split_sets = domains.datasets(cfg.split)
+
+    results = {"teacher": evaluate_teachers(evaluator, teachers, cfg.split, split_sets)}
+    fits: dict[str, FitResult] = {}
+    nets: dict[str, MultiDomainNet] = {}
+    for role, is_distilled in (("baseline", False), ("student", True)):
+        if role == "baseline" and not cfg.baseline:
+            continue
+        phase = _student_phase(cfg, role, domains, run_dir, teachers, is_distilled)
+        fits[role] = fit(accelerator, phase, evaluator, progress=cfg.progress)
+        nets[role] = phase.net
+        results[role] = evaluator.accuracy(phase.net.classify, cfg.split, split_sets)
+
+    student = nets["student"]
+    export_student(cfg, accelerator, student, domains, teachers, run_dir / "student", fits["student"])
+    params = parameter_counts(student, teachers)
+    metrics = build_metrics(cfg, accelerator.num_processes, results, params, fits, teacher_seconds)
+    if accelerator.is_main_process:
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        write_report(run_dir, metrics, read_curves(run_dir / "logs"))
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def build_metrics(
+    cfg: Config,
+    num_processes: int,
+    results: dict[str, dict[str, dict[str, float]]],
+    params: dict[str, int],
+    fits: dict[str, FitResult] | None = None,
+    teacher_seconds: float = 0.0,
+) -> dict[str, Any]:
+    """The metrics.json of the run-directory contract (see README).
+
+    ``results[role][task][metric]`` for roles ``student``, ``teacher`` and ``baseline`` (any may
+    be missing except ``student``). Δm and the decathlon score use the teachers of the same run
+    as the reference (E_max = 2 × teacher error).
+    """
+    roles = [r for r in ("student", "teacher", "baseline") if r in results]
+    tasks = {d: {role: results[role][d] for role in roles} for d in results["student"]}
+    summary: dict[str, Any] = {}
+    teacher = results.get("teacher")
+    for role in ("student", "baseline"):
+        if role not in results:
+            continue
+        prefix = "" if role == "student" else "baseline_"
+        summary[f"{prefix}mean_accuracy"] = mean_metric(results[role], "accuracy")
+        if teacher:
+            reference = {d: r["accuracy"] for d, r in teacher.items()}
+            acc = {d: r["accuracy"] for d, r in results[role].items()}
+            summary[f"{prefix}delta_m_vs_teachers"] = delta_m(results[role], teacher)
+            summary[f"{prefix}decathlon_score"] = decathlon_score(acc, reference)[0]
+    if teacher:
+        summary["teacher_mean_accuracy"] = mean_metric(teacher, "accuracy")
+    summary["params"] = params
+    fits = fits or {}
+    summary["train_seconds"] = teacher_seconds + sum(f.seconds for f in fits.values())
+    if fits:
+        summary["phase_seconds"] = {role: f.seconds for role, f in fits.items()}
+        summary["selection"] = {
+            role: {"split": "val", "best_step": f.best_step, "val_accuracy": f.best_val}
+            for role, f in fits.items()
+        }
+    summary["num_processes"] = num_processes
+    return {"preset": cfg.preset, "split": cfg.split, "tasks": tasks, "summary": summary}
+
+
+def parameter_counts(student: MultiDomainNet, teachers: dict[str, Teacher]) -> dict[str, int]:
+    """Exported student (no adapters), its alignment adapters, and all teachers together."""
+    exported = count_parameters(student, exclude_prefix="adapters.")
+    return {
+        "student": exported,
+        "adapters": count_parameters(student) - exported,
+        "teachers_total": sum(count_parameters(t.net) for t in teachers.values()),
+    }
+
+
+def evaluate_teachers(
+    evaluator: Evaluator, teachers: dict[str, Teacher], split: str, sets: dict[str, Any]
+) -> dict[str, dict[str, float]]:
+    """Each teacher on its own domain's ``split``."""
+    results = {}
+    for d, t in teachers.items():
+        results[d] = evaluator.accuracy(t.net.classify, split, {d: sets[d]})[d]
+    return results
+
+
+def evaluate_student(
+    cfg: Config, accelerator: Accelerator, domains: DomainSet, run_dir: Path, student_dir: Path
+) -> dict[str, Any]:
+    """Evaluate an exported student on ``cfg.split`` (with the teachers it names, when found)."""
+    net, manifest = load_student(student_dir)
+    net.to(accelerator.device)
+    missing = [d for d in manifest["tasks"] if d not in domains.domains]
+    if missing:
+        raise ConfigError(
+            f"student {str(student_dir)!r} has heads for {missing}, not found in the data "
+            f"({', '.join(domains.domains)})"
+        )
+    sets = {d: domains.dataset(d, cfg.split) for d in manifest["tasks"]}
+    for d, ds in sets.items():
+        if ds.num_classes != manifest["tasks"][d]["num_classes"]:
+            raise ConfigError(
+                f"student {str(student_dir)!r} has {manifest['tasks'][d]['num_classes']} classes "
+                f"for {d!r}, the data has {ds.num_classes}"
+            )
+    evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
+    results: dict[str, Any] = {"student": evaluator.accuracy(net.classify, cfg.split, sets)}
+    teachers: dict[str, Teacher] = {}
+    try:
+        teachers = {d: t for d, t in load_teachers(cfg, domains).items() if d in sets}
+    except (FileNotFoundError, ValueError) as err:
+        accelerator.print(f"teachers not evaluated: {err}")
+    recorded = {d: t["weights_sha256"] for d, t in manifest.get("teachers", {}).items()}
+    if teachers and all(recorded.get(d) == t.manifest["weights_sha256"] for d, t in teachers.items()):
+        for t in teachers.values():
+            t.net.to(accelerator.device)
+        results["teacher"] = evaluate_teachers(evaluator, teachers, cfg.split, sets)
+    elif teachers:
+        accelerator.print("teachers not evaluated: they are not the ones this student was distilled from")
+        teachers = {}
+    metrics = build_metrics(cfg, accelerator.num_processes, results, parameter_counts(net, teachers))
+    metrics["student"] = str(student_dir)
+    if accelerator.is_main_process:
+        atomic_write_json(run_dir / "metrics.json", metrics)
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+# --------------------------------------------------------------------------------------------
+# Export: the student without its alignment adapters
+
+
+def export_student(
+    cfg: Config,
+    accelerator: Accelerator,
+    net: MultiDomainNet,
+    domains: DomainSet,
+    teachers: dict[str, Teacher],
+    directory: Path,
+    result: FitResult,
+) -> None:
+    """Write ``student/model.safetensors`` and ``student/manifest.json`` (main process)."""
+    if accelerator.is_main_process:
+        digest = save_weights(directory / "model.safetensors", net.head_and_backbone_state())
+        sets = {d: domains.dataset(d, "train") for d in domains.domains}
+        manifest = {
+            "format": "unirep-student/1",
+            "unirep_version": __version__,
+            "preset": cfg.preset,
+            "architecture": architecture(cfg),
+            "feature_dim": net.feature_dim,
+            "tasks": {
+                d: {
+                    "type": "classification",
+                    "num_classes": sets[d].num_classes,
+                    "class_names": sets[d].class_names,
+                    "preprocessing": domains.preprocessing(d),
+                }
+                for d in domains.domains
+            },
+            "teachers": {
+                d: {"weights_sha256": t.manifest["weights_sha256"], "val_metrics": t.manifest["val_metrics"]}
+                for d, t in teachers.items()
+            },
+            "selection": {"split": "val", "best_step": result.best_step, "val_accuracy": result.best_val},
+            "weights_sha256": digest,
+        }
+        atomic_write_json(directory / STUDENT_MANIFEST, manifest)
+    accelerator.wait_for_everyone()
+
+
+def load_student(directory: Path) -> tuple[MultiDomainNet, dict[str, Any]]:
+    """Rebuild an exported student (strict load, hash checked); returns (net, manifest)."""
+    directory = Path(directory)
+    manifest = read_json(directory / STUDENT_MANIFEST, what="student manifest")
+    weights = directory / "model.safetensors"
+    if file_sha256(weights) != manifest.get("weights_sha256"):
+        raise ValueError(f"student weights {str(weights)!r} do not match the hash in its manifest")
+    arch = manifest["architecture"]
+    net = build_network(
+        arch["backbone"],
+        arch.get("backbone_kwargs", {}),
+        {d: t["num_classes"] for d, t in manifest["tasks"].items()},
+    )
+    net.load_state_dict(load_weights(weights), strict=True)
+    net.eval()
+    return net, manifest

@@ -1,0 +1,292 @@
+"""Markdown run report: metric tables plus training-curve and per-task figures.
+
+:func:`write_report` turns the ``metrics.json`` dict of a run (schema in the architecture notes)
+and its logged curves into ``report.md`` with two PNG figures beside it. Figures are drawn on
+matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``), so no display is needed and
+the process-wide pyplot backend is left untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from unirep.metrics import METRIC_HIGHER_IS_BETTER
+
+__all__ = ["CURVES_FIGURE", "PER_TASK_FIGURE", "REPORT_FILE", "format_metric", "write_report"]
+
+REPORT_FILE = "report.md"
+CURVES_FIGURE = "training_curves.png"
+PER_TASK_FIGURE = "per_task_metrics.png"
+
+ROLES: tuple[str, ...] = ("teacher", "baseline", "student")
+"""Columns of the per-task table, in order."""
+
+# Metrics stored as fractions in [0, 1] and shown as percentages.
+PERCENT_METRICS = frozenset(
+    {"accuracy", "miou", "pixel_acc", "within_11.25", "within_22.5", "within_30"}
+)
+
+# The metric drawn in the per-task bar chart: the first one a task has, in this order.
+MAIN_METRIC_ORDER: tuple[str, ...] = ("accuracy", "miou", "abs_err", "angle_mean")
+
+_MISSING = "–"
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+
+def format_metric(name: str, value: float | None) -> str:
+    """A metric value as printed in the report.
+
+    Accuracy-like metrics (fractions) become percentages with 2 decimals; every other metric
+    (errors, angles) keeps its unit with 4 decimals. ``None`` prints as a dash.
+    """
+    if value is None:
+        return _MISSING
+    if not math.isfinite(value):
+        return str(value)
+    if name in PERCENT_METRICS:
+        return f"{100.0 * value:.2f}"
+    return f"{value:.4f}"
+
+
+def _metric_label(name: str) -> str:
+    unit = " (%)" if name in PERCENT_METRICS else ""
+    direction = METRIC_HIGHER_IS_BETTER.get(name)
+    arrow = "" if direction is None else (" ↑" if direction else " ↓")
+    return f"{name}{unit}{arrow}"
+
+
+def _format_count(n: int | float) -> str:
+    if n >= 1e6:
+        return f"{int(n):,} ({n / 1e6:.2f} M)"
+    return f"{int(n):,}"
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds:.1f} s ({seconds / 3600:.2f} h)"
+    if seconds >= 60:
+        return f"{seconds:.1f} s ({seconds / 60:.1f} min)"
+    return f"{seconds:.1f} s"
+
+
+def _table(header: list[str], rows: list[list[str]], align: list[str]) -> str:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def _task_metric_names(task_entry: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Metric names of one task, in first-seen order over student, teacher, baseline."""
+    names: list[str] = []
+    for role in ("student", "teacher", "baseline"):
+        for name in task_entry.get(role, {}):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _per_task_table(tasks: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    rows = []
+    for task, entry in tasks.items():
+        for name in _task_metric_names(entry):
+            cells = [format_metric(name, entry.get(role, {}).get(name)) for role in ROLES]
+            rows.append([task, _metric_label(name), *cells])
+    return _table(["task", "metric", *ROLES], rows, ["l", "l", "r", "r", "r"])
+
+
+def _summary_table(summary: Mapping[str, Any]) -> str:
+    rows: list[list[str]] = []
+    if summary.get("delta_m_vs_teachers") is not None:
+        rows.append(["Δm vs teachers (%)", f"{summary['delta_m_vs_teachers']:+.2f}"])
+    if summary.get("decathlon_score") is not None:
+        rows.append(["decathlon score", f"{summary['decathlon_score']:.1f}"])
+    for who, n in (summary.get("params") or {}).items():
+        rows.append([f"parameters ({who})", _MISSING if n is None else _format_count(n)])
+    if summary.get("train_seconds") is not None:
+        rows.append(["training time", _format_seconds(float(summary["train_seconds"]))])
+    if summary.get("num_processes") is not None:
+        rows.append(["processes", str(summary["num_processes"])])
+    known = {"delta_m_vs_teachers", "decathlon_score", "params", "train_seconds", "num_processes"}
+    for key, value in summary.items():
+        if key in known or value is None or isinstance(value, Mapping | list):
+            continue
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        rows.append([key, text])
+    return _table(["quantity", "value"], rows, ["l", "r"])
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def _figure_png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _curves_figure(curves: Mapping[str, Mapping[str, list[tuple[int, float]]]]) -> bytes:
+    """One subplot per series name, one line per phase."""
+    series_names = sorted({name for series in curves.values() for name in series})
+    ncols = min(3, len(series_names))
+    nrows = math.ceil(len(series_names) / ncols)
+    fig = Figure(figsize=(4.5 * ncols, 3.2 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, name in zip(axes, series_names, strict=False):
+        values_seen: list[float] = []
+        for k, (phase, series) in enumerate(curves.items()):
+            points = series.get(name)
+            if not points:
+                continue
+            steps, values = zip(*points, strict=True)
+            # Same colour for a phase in every subplot; markers keep short series visible.
+            marker = "o" if len(points) <= 30 else None
+            ax.plot(steps, values, label=phase, color=f"C{k}", linewidth=1.2, marker=marker, ms=3)
+            values_seen.extend(values)
+        # Losses span orders of magnitude; a log axis shows late progress (only if all > 0).
+        if "loss" in name and values_seen and all(v > 0 for v in values_seen):
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(series_names) :]:
+        ax.set_visible(False)
+    return _figure_png(fig)
+
+
+def _main_metric(entry: Mapping[str, Mapping[str, float]]) -> str | None:
+    names = _task_metric_names(entry)
+    for name in MAIN_METRIC_ORDER:
+        if name in names:
+            return name
+    return names[0] if names else None
+
+
+def _per_task_figure(tasks: Mapping[str, Mapping[str, Mapping[str, float]]]) -> bytes | None:
+    """Grouped bars (teacher / baseline / student) of each task's main metric.
+
+    Tasks are grouped by main metric, one subplot per metric, so that unlike scales (accuracy
+    vs depth error vs angle) never share an axis. ``None`` when no task has a metric.
+    """
+    by_metric: dict[str, list[str]] = {}
+    for task, entry in tasks.items():
+        metric = _main_metric(entry)
+        if metric is not None:
+            by_metric.setdefault(metric, []).append(task)
+    if not by_metric:
+        return None
+    fig = Figure(
+        figsize=(
+            max(4.0, 1.0 + 0.9 * max(len(t) for t in by_metric.values())),
+            3.4 * len(by_metric),
+        ),
+        layout="constrained",
+    )
+    axes = fig.subplots(len(by_metric), 1, squeeze=False).ravel()
+    width = 0.8 / len(ROLES)
+    for ax, (metric, metric_tasks) in zip(axes, by_metric.items(), strict=True):
+        scale = 100.0 if metric in PERCENT_METRICS else 1.0
+        for i, role in enumerate(ROLES):
+            xs, heights = [], []
+            for j, task in enumerate(metric_tasks):
+                value = tasks[task].get(role, {}).get(metric)
+                if value is not None:
+                    xs.append(j + (i - (len(ROLES) - 1) / 2) * width)
+                    heights.append(scale * value)
+            if xs:
+                ax.bar(xs, heights, width=width, label=role, color=f"C{i}")
+        ax.set_xticks(range(len(metric_tasks)), metric_tasks, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(_metric_label(metric))
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=7)
+    return _figure_png(fig)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_report(
+    run_dir: Path,
+    metrics: dict[str, Any],
+    curves: dict[str, dict[str, list[tuple[int, float]]]],
+    extra_sections: list[str] | None = None,
+) -> Path:
+    """Write ``run_dir/report.md`` and its figures; return the report's path.
+
+    Args:
+        run_dir: the run directory (created if missing).
+        metrics: the ``metrics.json`` dict: ``preset``, ``split``,
+            ``tasks: {task: {"student"|"teacher"|"baseline": {metric: value}}}`` (teacher and
+            baseline optional) and ``summary``.
+        curves: ``{phase: {series: [(step, value), ...]}}``, e.g.
+            ``{"student": {"train/loss": [(0, 2.3), ...]}, "teacher/svhn": {...}}``.
+        extra_sections: markdown blocks appended at the end, in order.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tasks: dict[str, dict[str, dict[str, float]]] = metrics.get("tasks", {})
+    summary: dict[str, Any] = metrics.get("summary", {})
+    preset = metrics.get("preset", "unknown preset")
+    split = metrics.get("split", "unknown")
+
+    sections = [
+        f"# unirep report: {preset} ({split} split)",
+        "Accuracy-like metrics are percentages; errors and angles are in their own units "
+        "(↑ higher is better, ↓ lower is better). "
+        f"Missing entries ({_MISSING}) were not trained or not measured in this run.",
+        "## Summary\n\n" + _summary_table(summary),
+    ]
+    if tasks:
+        sections.append("## Per-task metrics\n\n" + _per_task_table(tasks))
+        figure = _per_task_figure(tasks)
+        if figure is not None:
+            _atomic_write(run_dir / PER_TASK_FIGURE, figure)
+            sections.append(f"![Main metric per task]({PER_TASK_FIGURE})")
+    if any(points for series in curves.values() for points in series.values()):
+        _atomic_write(run_dir / CURVES_FIGURE, _curves_figure(curves))
+        sections.append(f"## Training curves\n\n![Training curves]({CURVES_FIGURE})")
+    else:
+        sections.append("## Training curves\n\nNo training curves were recorded.")
+    sections.extend(block.strip() for block in extra_sections or [])
+
+    report = run_dir / REPORT_FILE
+    _atomic_write(report, ("\n\n".join(sections) + "\n").encode("utf-8"))
+    return report
