@@ -8,7 +8,7 @@ With no arguments it runs the embedded ``mini-decathlon`` preset (generated offl
 from __future__ import annotations
 
 from teachers.classification import ensure_teachers
-from unirep.cli import parse_args
+from unirep.cli import parse_args, run
 from unirep.pipeline import distill, make_accelerator, prepare_run_dir, resolve_domains
 
 
@@ -31,4 +31,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "distill.py")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from unirep.cli import parse_args
+from unirep.cli import parse_args, run
 from unirep.config import ConfigError
 from unirep.pipeline import evaluate_student, make_accelerator, prepare_run_dir, resolve_domains
 
@@ -33,4 +33,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "evaluate.py")

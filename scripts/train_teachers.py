@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 from teachers.classification import ensure_teachers
-from unirep.cli import parse_args
+from unirep.cli import parse_args, run
 from unirep.pipeline import make_accelerator, prepare_run_dir, resolve_domains, teacher_root
 
 
@@ -23,4 +23,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "train_teachers.py")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 
 from unirep.config import Config, ConfigError, load_config, preset_names
 
@@ -44,3 +45,14 @@ def parse_args(argv: list[str] | None = None, prog: str = "script") -> Config:
         return load_config(preset, overrides)
     except (ConfigError, KeyError, TypeError) as err:
         raise SystemExit(f"{prog}: configuration error: {err}") from None
+
+
+def run(main: Callable[[], None], prog: str) -> None:
+    """Run a script's ``main``; user errors (bad config, data, teachers) exit with their message."""
+    from unirep.data.decathlon import CorruptImageError, DataRootError
+    from unirep.teachers import TeacherMismatchError
+
+    try:
+        main()
+    except (ConfigError, DataRootError, CorruptImageError, TeacherMismatchError) as err:
+        raise SystemExit(f"{prog}: error: {err}") from None

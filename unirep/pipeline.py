@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from unirep import __version__
-from unirep.config import Config, ConfigError, cache_dir, save_config
+from unirep.config import Config, ConfigError, cache_dir, save_config, to_dict
 from unirep.data.sources import DomainSet, build_domains
 from unirep.io import atomic_write_json, file_sha256, load_weights, read_json, save_weights
 from unirep.metrics import decathlon_score, delta_m
@@ -26,7 +27,7 @@ from unirep.models.network import MultiDomainNet, build_network, count_parameter
 from unirep.objective import build_objective
 from unirep.report import write_report
 from unirep.teachers import Teacher, load_teacher, teacher_dir
-from unirep.tracking import read_curves
+from unirep.tracking import read_curves, report_curves
 from unirep.trainer import Evaluator, FitResult, Phase, fit, mean_metric
 
 STUDENT_MANIFEST = "manifest.json"
@@ -70,11 +71,45 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
                 broadcast_object_list(names)
             cfg.name = names[0]
         directory = Path(cfg.output_dir) / cfg.name
+    if cfg.resume:
+        _check_same_config(cfg, directory / "config.yaml")
     if accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
         save_config(cfg, directory / "config.yaml")
     accelerator.wait_for_everyone()
     return directory
+
+
+RESUME_MAY_CHANGE = {"resume", "name", "output_dir", "progress"}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            flat.update(_flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def _check_same_config(cfg: Config, saved_path: Path) -> None:
+    """A resumed run must use the config it started with (same command plus ``resume=``)."""
+    if not saved_path.is_file():
+        raise ConfigError(f"cannot resume: {str(saved_path)!r} does not exist")
+    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
+    now = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    changed = sorted(
+        k for k in set(saved) | set(now)
+        if k.split(".")[0] not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)
+    )
+    if changed:
+        details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+        raise ConfigError(
+            f"cannot resume {str(saved_path.parent)!r} with a different config ({details}); "
+            "repeat the original command with resume=true"
+        )
 
 
 def resolve_domains(cfg: Config, accelerator: Accelerator) -> DomainSet:
@@ -204,7 +239,7 @@ def distill(
     metrics = build_metrics(cfg, accelerator.num_processes, results, params, fits, teacher_seconds)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "metrics.json", metrics)
-        write_report(run_dir, metrics, read_curves(run_dir / "logs"))
+        write_report(run_dir, metrics, report_curves(read_curves(run_dir / "logs")))
     accelerator.wait_for_everyone()
     return metrics
 

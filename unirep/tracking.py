@@ -48,3 +48,31 @@ def read_curves(log_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
         for step, series, value in read_log(path):
             curves.setdefault(phase, {}).setdefault(series, []).append((step, value))
     return curves
+
+
+def report_curves(
+    curves: dict[str, dict[str, list[tuple[int, float]]]],
+) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """The curves a report plots: per-domain terms averaged over domains, plus val accuracy and lr.
+
+    ``train/<term>/<domain>`` series become ``train/<term> (domain mean)``, so teachers (one
+    domain) and multi-domain students are on the same scale.
+    """
+    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for phase, series in curves.items():
+        grouped: dict[str, dict[int, list[float]]] = {}
+        for name, points in series.items():
+            parts = name.split("/")
+            if len(parts) == 3 and parts[0] == "train":
+                key = f"train/{parts[1]} (domain mean)"
+            elif name.startswith("val/") or name == "train/lr":
+                key = name
+            else:
+                continue
+            for step, value in points:
+                grouped.setdefault(key, {}).setdefault(step, []).append(value)
+        out[phase] = {
+            key: [(s, sum(v) / len(v)) for s, v in sorted(by_step.items())]
+            for key, by_step in sorted(grouped.items())
+        }
+    return out

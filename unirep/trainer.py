@@ -197,15 +197,21 @@ def _load_checkpoint(
         o.load_state_dict(s)
     for sch, s in zip(schedulers, optim["schedulers"], strict=True):
         sch.load_state_dict(s)
-    rng_file = path / f"rng_{accelerator.process_index}.pt"
-    if rng_file.exists():
-        rng = torch.load(rng_file, map_location="cpu", weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if rng["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
     return state
+
+
+def _restore_rng(accelerator: Accelerator, path: Path) -> None:
+    """This process's RNG states at the checkpoint (data augmentation continues identically)."""
+    rng_file = path / f"rng_{accelerator.process_index}.pt"
+    if not rng_file.exists():
+        accelerator.print(f"{rng_file} is missing: augmentation randomness will differ")
+        return
+    rng = torch.load(rng_file, map_location="cpu", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 # --------------------------------------------------------------------------------------------
@@ -270,6 +276,8 @@ def fit(
         start_step=start * accum,
         num_workers=phase.num_workers,
     )
+    if resume_path is not None:  # after the loaders, whose creation draws from the RNG
+        _restore_rng(accelerator, resume_path)
     log = CSVLog(phase.log_dir, phase.name, accelerator.is_main_process, resume_step=start)
     bar = tqdm(
         total=cfg.max_steps,

@@ -144,9 +144,7 @@ class DecathlonDomain(torch.utils.data.Dataset):
             image_id = int(im["id"])
             if self.labelled:
                 if image_id not in category_of_image:
-                    raise ValueError(
-                        f"{self.annotation_file}: image {image_id} has no annotation"
-                    )
+                    raise ValueError(f"{self.annotation_file}: image {image_id} has no annotation")
                 label = label_of[category_of_image[image_id]]
             else:
                 label = -1

@@ -4,29 +4,30 @@ The benchmark is drawn offline with numpy, deterministically from a seed, so tha
 preset runs anywhere without a download and the same reader serves it and the real data
 (``unirep.data.decathlon``). Each domain imitates one kind of Visual Decathlon domain:
 
-=========  ======================  =======  ========  =====================================
-d  name    imitates                classes  w × h     images (train / val / test, scale 1)
-=========  ======================  =======  ========  =====================================
-1 digits   SVHN (house numbers)    10       40 × 32   500 / 100 / 200
-2 glyphs   Omniglot (strokes)      20       32 × 32   300 / 100 / 200
-3 objects  ImageNet (large)        30       48 × 32   1600 / 200 / 400
-4 signs    GTSRB (traffic signs)   15       32 × 32   400 / 100 / 200
-5 textures DTD (textures)          12       32 × 48   300 / 100 / 200
-6 toys     CIFAR (coloured things) 10       32 × 32   400 / 100 / 200
-=========  ======================  =======  ========  =====================================
+==  ========  =======================  =======  =====  =================================
+d   name      imitates                 classes  w × h  train / val / test images (scale 1)
+==  ========  =======================  =======  =====  =================================
+1   digits    SVHN (house numbers)     10       40×32  500 / 100 / 200
+2   glyphs    Omniglot (handwriting)   20       32×32  300 / 100 / 200
+3   objects   ImageNet (large)         36       48×32  1600 / 200 / 400
+4   signs     GTSRB (traffic signs)    15       32×32  400 / 100 / 200
+5   textures  DTD (textures)           12       32×48  400 / 100 / 200
+6   toys      CIFAR (coloured things)  10       32×32  400 / 100 / 200
+==  ========  =======================  =======  =====  =================================
 
 (sizes for ``image_size=32``; the shorter side is always ``image_size``.)
 
 The domains share visual structure, as real domains do: the large ``objects`` domain is built
-from the same shape outlines that ``signs`` and ``toys`` use and the same fill patterns that
-``textures`` uses, and ``signs`` reuse the digit strokes of ``digits``; so features learnt on one
-domain help on the others. Every sample gets its own nuisance (pose, colour, clutter, noise), and
-classes are chosen with look-alikes, so a small CNN needs real training to separate them.
+from the same shape outlines that ``signs`` and ``toys`` use, the fill patterns of ``textures``
+and the pen strokes of ``glyphs``, and ``signs`` reuse the digit strokes of ``digits``; so
+features learnt on one domain help on the others. Every sample gets its own nuisance (pose,
+colour, clutter, noise) and classes come with look-alikes, so a small CNN needs real training to
+separate them (a 3-layer CNN trained for 300 steps reaches roughly 65-85 % test accuracy).
 
 On disk (relative to ``root``)::
 
     annotations/<domain>_{train,val,test}.json   COCO-style, official top-level keys
-    annotations/<domain>_test_stripped.json      as the devkit: images and categories only
+    annotations/<domain>_test_stripped.json      as the devkit's: the same without annotations
     data/<domain>/<split>/NNNNNN.jpg              6 digits, 1-based per split, JPEG quality 90
     .complete                                     generation parameters (written last)
 
@@ -85,7 +86,7 @@ class Canvas:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.x.shape  # type: ignore[return-value]
+        return int(self.x.shape[0]), int(self.x.shape[1])
 
     @property
     def half_width(self) -> float:
@@ -296,7 +297,7 @@ def tex_wavy(f: Frame, rng: np.random.Generator) -> Array:
 
 
 def tex_concentric(f: Frame, rng: np.random.Generator) -> Array:
-    cu, cv = rng.uniform(-0.5, 0.5, size=2)
+    cu, cv = rng.uniform(-0.2, 0.2, size=2)
     return _soft_square(np.sin(2 * math.pi * 1.3 * np.hypot(f.u - cu, f.v - cv)))
 
 
@@ -306,9 +307,19 @@ def tex_blotchy(f: Frame, rng: np.random.Generator) -> Array:
 
 
 def tex_spiralled(f: Frame, rng: np.random.Generator) -> Array:
-    cu, cv = rng.uniform(-0.4, 0.4, size=2)
+    cu, cv = rng.uniform(-0.2, 0.2, size=2)
     rho, theta = np.hypot(f.u - cu, f.v - cv), np.arctan2(f.v - cv, f.u - cu)
     return _soft_square(np.sin(3 * theta + 2 * math.pi * 1.2 * rho))
+
+
+def tex_scribbled(f: Frame, rng: np.random.Generator) -> Array:
+    """Pen strokes of a random omniglot-like glyph (shares the stroke vocabulary of ``glyphs``)."""
+    glyphs = _glyph_prototypes()
+    strokes = [
+        _bezier(c + rng.normal(0, 0.1, size=c.shape).astype(np.float32))
+        for c in glyphs[rng.integers(len(glyphs))]
+    ]
+    return _cover(sdf_strokes(f.u, f.v, strokes, 0.22), f.px)
 
 
 def tex_solid(f: Frame, rng: np.random.Generator) -> Array:
@@ -402,7 +413,8 @@ OBJECT_FILLS: dict[str, TextureFn] = {
     "banded": tex_banded,
     "chequered": tex_chequered,
     "dotted": tex_dotted,
-    "concentric": tex_concentric,
+    "grid": tex_grid,
+    "scribbled": tex_scribbled,
 }
 
 TEXTURES: dict[str, TextureFn] = {
@@ -421,43 +433,36 @@ TEXTURES: dict[str, TextureFn] = {
 }
 
 
-def _pts(*xy: float) -> Array:
-    return np.asarray(xy, dtype=np.float32).reshape(-1, 2)
+def _pts(path: str) -> Array:
+    """Polyline from an SVG-like point list ``"x,y x,y ..."``."""
+    return np.asarray(
+        [[float(c) for c in point.split(",")] for point in path.split()], dtype=np.float32
+    )
 
 
 # Digit strokes in a box u ∈ [-0.5, 0.5], v ∈ [-1, 1] (v points down).
 DIGIT_STROKES: tuple[tuple[Array, ...], ...] = (
     (_ellipse_points(0.0, 0.0, 0.45, 0.95, 16),),
-    (_pts(-0.25, -0.65, 0.05, -1.0, 0.05, 1.0),),
-    (_pts(-0.45, -0.55, -0.2, -0.95, 0.25, -0.95, 0.45, -0.6, 0.35, -0.2, -0.45, 1.0, 0.5, 1.0),),
-    (
-        _pts(
-            -0.45, -0.8, 0.0, -1.0, 0.4, -0.8, 0.4, -0.3, 0.0, -0.05, 0.45, 0.3, 0.4, 0.8, 0.0,
-            1.0, -0.45, 0.8,
-        ),
-    ),
-    (_pts(0.2, 1.0, 0.2, -1.0, -0.5, 0.35, 0.5, 0.35),),
-    (_pts(0.45, -1.0, -0.4, -1.0, -0.45, -0.1, 0.1, -0.2, 0.45, 0.2, 0.4, 0.8, 0.0, 1.0, -0.45, 0.85),),
-    (
-        _pts(
-            0.35, -0.95, -0.1, -0.8, -0.45, -0.1, -0.45, 0.6, -0.1, 1.0, 0.35, 0.85, 0.45, 0.35,
-            0.1, 0.0, -0.45, 0.3,
-        ),
-    ),
-    (_pts(-0.5, -1.0, 0.5, -1.0, -0.1, 1.0),),
+    (_pts("-0.25,-0.65 0.05,-1 0.05,1"),),
+    (_pts("-0.45,-0.55 -0.2,-0.95 0.25,-0.95 0.45,-0.6 0.35,-0.2 -0.45,1 0.5,1"),),
+    (_pts("-0.45,-0.8 0,-1 0.4,-0.8 0.4,-0.3 0,-0.05 0.45,0.3 0.4,0.8 0,1 -0.45,0.8"),),
+    (_pts("0.2,1 0.2,-1 -0.5,0.35 0.5,0.35"),),
+    (_pts("0.45,-1 -0.4,-1 -0.45,-0.1 0.1,-0.2 0.45,0.2 0.4,0.8 0,1 -0.45,0.85"),),
+    (_pts("0.35,-0.95 -0.1,-0.8 -0.45,-0.1 -0.45,0.6 -0.1,1 0.35,0.85 0.45,0.35 0.1,0 -0.45,0.3"),),
+    (_pts("-0.5,-1 0.5,-1 -0.1,1"),),
     (_ellipse_points(0.0, -0.5, 0.36, 0.48, 12), _ellipse_points(0.0, 0.48, 0.45, 0.52, 12)),
-    (_ellipse_points(0.0, -0.45, 0.42, 0.52, 12), _pts(0.42, -0.45, 0.2, 1.0)),
+    (_ellipse_points(0.0, -0.45, 0.42, 0.52, 12), _pts("0.42,-0.45 0.2,1")),
 )
 
 # Symbols drawn inside traffic-sign-like shapes, in a unit box (v points down).
 SIGN_SYMBOLS: dict[str, tuple[Array, ...]] = {
-    "bar": (_pts(-0.5, 0.0, 0.5, 0.0),),
-    "cross": (_pts(-0.4, -0.4, 0.4, 0.4), _pts(-0.4, 0.4, 0.4, -0.4)),
-    "exclaim": (_pts(0.0, -0.5, 0.0, 0.12), _pts(0.0, 0.38, 0.0, 0.42)),
-    "chevron": (_pts(-0.4, 0.25, 0.0, -0.2, 0.4, 0.25),),
-    "arrow_up": (_pts(0.0, 0.55, 0.0, -0.5), _pts(-0.35, -0.15, 0.0, -0.55, 0.35, -0.15)),
-    "arrow_down": (_pts(0.0, -0.55, 0.0, 0.5), _pts(-0.35, 0.15, 0.0, 0.55, 0.35, 0.15)),
-    "slash": (_pts(-0.5, 0.5, 0.5, -0.5),),
+    "bar": (_pts("-0.5,0 0.5,0"),),
+    "cross": (_pts("-0.4,-0.4 0.4,0.4"), _pts("-0.4,0.4 0.4,-0.4")),
+    "exclaim": (_pts("0,-0.5 0,0.12"), _pts("0,0.38 0,0.42")),
+    "chevron": (_pts("-0.4,0.25 0,-0.2 0.4,0.25"),),
+    "arrow_up": (_pts("0,0.55 0,-0.5"), _pts("-0.35,-0.15 0,-0.55 0.35,-0.15")),
+    "arrow_down": (_pts("0,-0.55 0,0.5"), _pts("-0.35,0.15 0,0.55 0.35,0.15")),
+    "slash": (_pts("-0.5,0.5 0.5,-0.5"),),
     "none": (),
     "3": tuple(s * 0.5 for s in DIGIT_STROKES[3]),
     "5": tuple(s * 0.5 for s in DIGIT_STROKES[5]),
@@ -477,7 +482,9 @@ def _glyph_prototypes(count: int = 20) -> tuple[tuple[Array, ...], ...]:
     for _ in range(count):
         n_strokes = int(rng.integers(2, 4))
         glyphs.append(
-            tuple(rng.uniform(-0.75, 0.75, size=(3, 2)).astype(np.float32) for _ in range(n_strokes))
+            tuple(
+                rng.uniform(-0.75, 0.75, size=(3, 2)).astype(np.float32) for _ in range(n_strokes)
+            )
         )
     return tuple(glyphs)
 
@@ -489,39 +496,39 @@ def _glyph_prototypes(count: int = 20) -> tuple[tuple[Array, ...], ...]:
 
 def draw_digit(rng: np.random.Generator, label: int, cv: Canvas) -> Array:
     """House-number crop: a centred digit between partial neighbours, on shaded colour."""
-    bg, fg = _contrasting_pair(rng, 0.2)
+    bg, fg = _contrasting_pair(rng, 0.3)
     shade = _smooth_noise(rng, cv.shape, 2)[..., None] * rng.uniform(0.2, 0.6)
     img = (bg * (1 - shade) + bg * 0.4 * shade).astype(np.float32)
-    size = rng.uniform(0.55, 0.8)
-    width = rng.uniform(0.14, 0.24)
-    slant = rng.uniform(-0.25, 0.25)
+    size = rng.uniform(0.6, 0.8)
+    width = rng.uniform(0.16, 0.24)
+    slant = rng.uniform(-0.2, 0.2)
     angle = rng.uniform(-0.15, 0.15)
     cx, cy = rng.uniform(-0.15, 0.15), rng.uniform(-0.12, 0.12)
     gap = size * rng.uniform(1.05, 1.35)
     for offset, digit in ((-gap, rng.integers(10)), (0.0, label), (gap, rng.integers(10))):
-        if offset and rng.random() < 0.3:
+        if offset and rng.random() < 0.5:
             continue
-        strokes = [s + rng.normal(0, 0.05, size=s.shape) for s in DIGIT_STROKES[int(digit)]]
+        strokes = [s + rng.normal(0, 0.03, size=s.shape) for s in DIGIT_STROKES[int(digit)]]
         f = _frame(cv, cx + offset, cy, size, angle, shear=slant)
         _paint(img, _cover(sdf_strokes(f.u, f.v, strokes, width), f.px), fg)
-    return _finish(rng, img, rng.uniform(0.02, 0.08))
+    return _finish(rng, img, rng.uniform(0.02, 0.06))
 
 
 def draw_glyph(rng: np.random.Generator, label: int, cv: Canvas) -> Array:
     """Omniglot-like handwritten character: white strokes on black, grayscale."""
     strokes = [
-        _bezier(c + rng.normal(0, 0.09, size=c.shape).astype(np.float32))
+        _bezier(c + rng.normal(0, 0.16, size=c.shape).astype(np.float32))
         for c in _glyph_prototypes()[label]
     ]
-    if rng.random() < 0.3:  # a stray pen mark
+    if rng.random() < 0.5:  # a stray pen mark
         strokes.append(_bezier(rng.uniform(-0.9, 0.9, size=(2, 2)).astype(np.float32), 2) * 0.4)
     f = _frame(
         cv,
         rng.uniform(-0.15, 0.15),
         rng.uniform(-0.15, 0.15),
-        rng.uniform(0.75, 1.0),
-        rng.uniform(-0.3, 0.3),
-        stretch=rng.uniform(0.85, 1.15),
+        rng.uniform(0.7, 1.0),
+        rng.uniform(-0.45, 0.45),
+        stretch=rng.uniform(0.8, 1.2),
     )
     img = _cover(sdf_strokes(f.u, f.v, strokes, rng.uniform(0.09, 0.15)), f.px)
     return _finish(rng, img.astype(np.float32), 0.03)
@@ -534,11 +541,13 @@ def draw_object(rng: np.random.Generator, label: int, cv: Canvas) -> Array:
     # faint background texture from the shared texture vocabulary
     bg_tex = TEXTURES[list(TEXTURES)[rng.integers(len(TEXTURES))]]
     bf = _frame(cv, 0, 0, rng.uniform(0.5, 1.0), rng.uniform(0, 2 * math.pi))
-    _paint(img, bg_tex(bf, rng) * rng.uniform(0.1, 0.3), _random_colour(rng))
-    size = rng.uniform(0.5, 0.8)
+    _paint(img, bg_tex(bf, rng) * rng.uniform(0.05, 0.2), _random_colour(rng))
+    size = rng.uniform(0.7, 0.95)
     cx, cy = rng.uniform(-0.35, 0.35), rng.uniform(-0.2, 0.2)
-    f = _frame(cv, cx, cy, size, rng.uniform(-0.5, 0.5), stretch=rng.uniform(0.8, 1.2))
-    mask = _cover(OBJECT_SHAPES[shape_name](f.u, f.v), f.px)
+    f = _frame(cv, cx, cy, size, rng.uniform(-0.3, 0.3), stretch=rng.uniform(0.85, 1.15))
+    sdf = OBJECT_SHAPES[shape_name](f.u, f.v)
+    _paint(img, _cover(sdf - 0.08, f.px), _random_colour(rng) * 0.3)  # dark rim: object boundary
+    mask = _cover(sdf, f.px)
     c0, c1 = _contrasting_pair(rng, 0.3)
     pf = _frame(f, 0, 0, rng.uniform(0.75, 1.0), rng.uniform(0, 2 * math.pi))
     pattern = OBJECT_FILLS[fill_name](pf, rng)[..., None]
@@ -550,25 +559,26 @@ def draw_sign(rng: np.random.Generator, label: int, cv: Canvas) -> Array:
     """GTSRB-like crop: a coloured sign (shape, colours, symbol) under variable lighting."""
     shape_name, rim, face, ink, symbol = SIGN_CLASSES[label]
     img = _clutter_background(rng, cv, shapes=int(rng.integers(0, 3)))
-    size = rng.uniform(0.6, 0.9)
     f = _frame(
         cv,
-        rng.uniform(-0.15, 0.15),
-        rng.uniform(-0.15, 0.15),
-        size,
-        rng.uniform(-0.15, 0.15),
-        stretch=rng.uniform(0.8, 1.05),
+        rng.uniform(-0.2, 0.2),
+        rng.uniform(-0.2, 0.2),
+        rng.uniform(0.5, 0.9),
+        rng.uniform(-0.25, 0.25),
+        stretch=rng.uniform(0.75, 1.05),
     )
+    blur = rng.uniform(1.0, 3.0)  # out of focus / low resolution
     sdf = SIGN_SHAPES[shape_name]
-    jitter = rng.normal(0, 0.06, size=3).astype(np.float32)
-    _paint(img, _cover(sdf(f.u, f.v), f.px), np.clip(np.asarray(rim) + jitter, 0, 1))
+    jitter = rng.normal(0, 0.06, size=3).astype(np.float32)  # paint and white balance
+    rim_rgb, face_rgb = (np.clip(np.add(SIGN_COLOURS[c], jitter), 0, 1) for c in (rim, face))
+    _paint(img, _cover(sdf(f.u, f.v), f.px, blur), rim_rgb)
     inner = _frame(f, 0, 0, 0.72)
-    _paint(img, _cover(sdf(inner.u, inner.v), inner.px), np.clip(np.asarray(face) + jitter, 0, 1))
+    _paint(img, _cover(sdf(inner.u, inner.v), inner.px, blur), face_rgb)
     if SIGN_SYMBOLS[symbol]:
-        strokes = [s + rng.normal(0, 0.03, size=s.shape) for s in SIGN_SYMBOLS[symbol]]
-        _paint(img, _cover(sdf_strokes(f.u, f.v, strokes, 0.16), f.px), ink)
-    img *= rng.uniform(0.25, 1.0)  # lighting: many real sign crops are dark
-    return _finish(rng, img, rng.uniform(0.02, 0.07))
+        strokes = [s + rng.normal(0, 0.05, size=s.shape) for s in SIGN_SYMBOLS[symbol]]
+        _paint(img, _cover(sdf_strokes(f.u, f.v, strokes, 0.16), f.px, blur), SIGN_COLOURS[ink])
+    img *= rng.uniform(0.15, 1.0)  # lighting: many real sign crops are dark
+    return _finish(rng, img, rng.uniform(0.02, 0.1))
 
 
 def draw_texture(rng: np.random.Generator, label: int, cv: Canvas) -> Array:
@@ -576,14 +586,14 @@ def draw_texture(rng: np.random.Generator, label: int, cv: Canvas) -> Array:
     pattern = TEXTURES[TEXTURE_CLASSES[label]]
     f = _frame(
         cv,
-        rng.uniform(-1, 1),
-        rng.uniform(-1, 1),
-        rng.uniform(0.55, 0.95),
+        rng.uniform(-0.3, 0.3),
+        rng.uniform(-0.3, 0.3),
+        rng.uniform(0.6, 0.95),
         rng.uniform(0, 2 * math.pi),
         stretch=rng.uniform(0.8, 1.25),
     )
     p = pattern(f, rng)[..., None]
-    c0, c1 = _contrasting_pair(rng, 0.15)
+    c0, c1 = _contrasting_pair(rng, 0.25)
     img = (c0 * (1 - p) + c1 * p).astype(np.float32)
     light = 1.0 - rng.uniform(0.0, 0.5) * _smooth_noise(rng, cv.shape, 2)[..., None]
     return _finish(rng, img * light, rng.uniform(0.02, 0.08))
@@ -596,7 +606,7 @@ def draw_toy(rng: np.random.Generator, label: int, cv: Canvas) -> Array:
         cv,
         rng.uniform(-0.25, 0.25),
         rng.uniform(-0.2, 0.2),
-        rng.uniform(0.75, 1.05),
+        rng.uniform(0.95, 1.3),
         rng.uniform(-0.35, 0.35),
         stretch=rng.uniform(0.85, 1.15),
     )
@@ -621,26 +631,31 @@ SIGN_SHAPES: dict[str, SdfFn] = {
     "square": sdf_square,
 }
 
-_RED, _BLUE, _WHITE = (0.8, 0.1, 0.1), (0.1, 0.25, 0.75), (0.95, 0.95, 0.95)
-_YELLOW, _BLACK = (0.95, 0.8, 0.1), (0.05, 0.05, 0.05)
+SIGN_COLOURS: dict[str, tuple[float, float, float]] = {
+    "red": (0.8, 0.1, 0.1),
+    "blue": (0.1, 0.25, 0.75),
+    "white": (0.95, 0.95, 0.95),
+    "yellow": (0.95, 0.8, 0.1),
+    "black": (0.05, 0.05, 0.05),
+}
 
-# (shape, rim colour, face colour, symbol colour, symbol)
-SIGN_CLASSES: tuple[tuple[str, tuple[float, ...], tuple[float, ...], tuple[float, ...], str], ...] = (
-    ("circle", _RED, _WHITE, _BLACK, "3"),
-    ("circle", _RED, _WHITE, _BLACK, "5"),
-    ("circle", _RED, _WHITE, _BLACK, "8"),
-    ("circle", _RED, _WHITE, _BLACK, "cross"),
-    ("triangle", _RED, _WHITE, _BLACK, "exclaim"),
-    ("triangle", _RED, _WHITE, _BLACK, "chevron"),
-    ("triangle", _RED, _WHITE, _BLACK, "arrow_up"),
-    ("circle", _BLUE, _BLUE, _WHITE, "arrow_up"),
-    ("circle", _BLUE, _BLUE, _WHITE, "arrow_down"),
-    ("circle", _BLUE, _BLUE, _WHITE, "chevron"),
-    ("octagon", _RED, _RED, _WHITE, "bar"),
-    ("octagon", _RED, _RED, _WHITE, "cross"),
-    ("diamond", _WHITE, _YELLOW, _BLACK, "none"),
-    ("square", _BLUE, _BLUE, _WHITE, "exclaim"),
-    ("circle", _BLACK, _WHITE, _BLACK, "slash"),
+# (shape, rim colour, face colour, symbol colour, symbol): look-alikes share shape or symbol
+SIGN_CLASSES: tuple[tuple[str, str, str, str, str], ...] = (
+    ("circle", "red", "white", "black", "3"),
+    ("circle", "red", "white", "black", "5"),
+    ("circle", "red", "white", "black", "8"),
+    ("circle", "red", "white", "black", "cross"),
+    ("triangle", "red", "white", "black", "exclaim"),
+    ("triangle", "red", "white", "black", "chevron"),
+    ("triangle", "red", "white", "black", "arrow_up"),
+    ("circle", "blue", "blue", "white", "arrow_up"),
+    ("circle", "blue", "blue", "white", "arrow_down"),
+    ("circle", "blue", "blue", "white", "chevron"),
+    ("octagon", "red", "red", "white", "bar"),
+    ("octagon", "red", "red", "white", "cross"),
+    ("diamond", "white", "yellow", "black", "none"),
+    ("square", "blue", "blue", "white", "exclaim"),
+    ("circle", "black", "white", "black", "slash"),
 )
 
 TEXTURE_CLASSES: tuple[str, ...] = tuple(TEXTURES)
@@ -662,6 +677,13 @@ class Part:
 def _box(hu: float, hv: float) -> SdfFn:
     def sdf(u: Array, v: Array) -> Array:
         return sdf_box(u, v, hu, hv)
+
+    return sdf
+
+
+def _ellipse(ru: float, rv: float) -> SdfFn:
+    def sdf(u: Array, v: Array) -> Array:
+        return sdf_ellipse(u, v, ru, rv)
 
     return sdf
 
@@ -690,7 +712,7 @@ TOY_CLASSES: tuple[tuple[str, tuple[Part, ...]], ...] = (
     (
         "fish",
         (
-            Part(lambda u, v: sdf_ellipse(u, v, 0.6, 0.35), -0.15, 0, 1, 0),
+            Part(_ellipse(0.6, 0.35), -0.15, 0, 1, 0),
             Part(sdf_triangle, 0.6, 0, 0.35, 1, angle=math.pi / 2),
         ),
     ),
@@ -708,8 +730,8 @@ TOY_CLASSES: tuple[tuple[str, tuple[Part, ...]], ...] = (
     (
         "balloons",
         (
-            Part(lambda u, v: sdf_ellipse(u, v, 0.8, 1.0), -0.3, -0.4, 0.35, 0),
-            Part(lambda u, v: sdf_ellipse(u, v, 0.8, 1.0), 0.3, -0.3, 0.35, 1),
+            Part(_ellipse(0.8, 1.0), -0.3, -0.4, 0.35, 0),
+            Part(_ellipse(0.8, 1.0), 0.3, -0.3, 0.35, 1),
             Part(_box(0.03, 0.4), -0.1, 0.4, 1, 2, angle=0.3),
         ),
     ),
@@ -732,7 +754,7 @@ class DomainSpec:
     sizes: tuple[int, int, int]  # train, val, test images at scale 1.0
     aspect: tuple[int, int]  # width : height (the shorter side becomes image_size)
     drawer: Drawer
-    grayscale: bool = False
+    flip: bool = True  # does a horizontal mirror keep the class? (False: digits, characters)
 
     @property
     def num_classes(self) -> int:
@@ -746,27 +768,33 @@ class DomainSpec:
 
 
 MINI_DECATHLON_DOMAINS: tuple[DomainSpec, ...] = (
-    DomainSpec("digits", tuple(str(i) for i in range(10)), (500, 100, 200), (5, 4), draw_digit),
+    DomainSpec(
+        "digits", tuple(str(i) for i in range(10)), (500, 100, 200), (5, 4), draw_digit, flip=False
+    ),
     DomainSpec(
         "glyphs",
         tuple(f"character{i + 1:02d}" for i in range(20)),
         (300, 100, 200),
         (1, 1),
         draw_glyph,
-        grayscale=True,
+        flip=False,
     ),
     DomainSpec(
-        "objects", tuple(f"{fill}_{shape}" for shape, fill in OBJECT_CLASSES), (1600, 200, 400),
-        (3, 2), draw_object,
+        "objects",
+        tuple(f"{fill}_{shape}" for shape, fill in OBJECT_CLASSES),
+        (1600, 200, 400),
+        (3, 2),
+        draw_object,
     ),
     DomainSpec(
         "signs",
-        tuple(f"{shape}_{symbol}_{i}" for i, (shape, *_, symbol) in enumerate(SIGN_CLASSES)),
+        tuple(f"{rim}_{shape}_{symbol}" for shape, rim, *_, symbol in SIGN_CLASSES),
         (400, 100, 200),
         (1, 1),
         draw_sign,
+        flip=False,
     ),
-    DomainSpec("textures", TEXTURE_CLASSES, (300, 100, 200), (2, 3), draw_texture),
+    DomainSpec("textures", TEXTURE_CLASSES, (400, 100, 200), (2, 3), draw_texture),
     DomainSpec("toys", tuple(name for name, _ in TOY_CLASSES), (400, 100, 200), (1, 1), draw_toy),
 )
 
@@ -805,7 +833,9 @@ def _write_domain(
         for c, name in enumerate(spec.class_names)
     ]
     k = 0
-    for split_index, (split, count) in enumerate(zip(SPLITS, _split_counts(spec, scale))):
+    for split_index, (split, count) in enumerate(
+        zip(SPLITS, _split_counts(spec, scale), strict=True)
+    ):
         out_dir = root / "data" / spec.name / split
         out_dir.mkdir(parents=True)
         labels = _balanced_labels(
@@ -817,10 +847,12 @@ def _write_domain(
             image_id = d * ID_DOMAIN_STRIDE + IMAGE_ID_OFFSET + k
             file_name = f"data/{spec.name}/{split}/{i + 1:06d}.jpg"
             pixels = spec.drawer(np.random.default_rng([seed, d, split_index, i]), label, cv)
-            Image.fromarray(pixels, mode="L" if pixels.ndim == 2 else "RGB").save(
+            Image.fromarray(pixels).save(  # (H, W) uint8 → grayscale JPEG, (H, W, 3) → RGB
                 root / file_name, format="JPEG", quality=JPEG_QUALITY
             )
-            images.append({"id": image_id, "width": width, "height": height, "file_name": file_name})
+            images.append(
+                {"id": image_id, "width": width, "height": height, "file_name": file_name}
+            )
             annotations.append(
                 {
                     "id": image_id,

@@ -1,0 +1,139 @@
+"""End to end on the tiny benchmark: run-directory contract, evaluation, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from teachers.classification import ensure_teachers
+from tests.conftest import tiny_config
+from unirep.config import ConfigError
+from unirep.data.decathlon import DataRootError
+from unirep.io import load_weights
+from unirep.pipeline import (
+    distill,
+    evaluate_student,
+    make_accelerator,
+    prepare_run_dir,
+    resolve_domains,
+    teacher_root,
+)
+from unirep.teachers import TeacherMismatchError
+from unirep.trainer import BEST, DONE
+
+pytestmark = pytest.mark.slow
+
+
+def _run(cache: Path, out: Path, *extra: str) -> tuple[Path, dict]:
+    cfg = tiny_config(cache, out, *extra)
+    accelerator = make_accelerator(cfg)
+    run_dir = prepare_run_dir(cfg, accelerator)
+    domains = resolve_domains(cfg, accelerator)
+    seconds = ensure_teachers(cfg, accelerator, domains, run_dir)
+    return run_dir, distill(cfg, accelerator, domains, run_dir, seconds)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    return _run(tiny_cache, tmp_path_factory.mktemp("runs"), "name=e2e")
+
+
+def test_run_directory_contract(finished_run: tuple[Path, dict]) -> None:
+    run_dir, metrics = finished_run
+    for name in ("config.yaml", "metrics.json", "report.md", "training_curves.png",
+                 "per_task_metrics.png", "student/model.safetensors", "student/manifest.json"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "metrics.json").read_text()) == metrics
+    assert metrics["preset"] == "mini-decathlon" and metrics["split"] == "test"
+    assert set(metrics["tasks"]) == {"digits", "objects", "textures"}
+    for task in metrics["tasks"].values():
+        assert set(task) == {"student", "teacher", "baseline"}
+        for role in task.values():
+            assert 0.0 <= role["accuracy"] <= 1.0
+    summary = metrics["summary"]
+    for key in ("delta_m_vs_teachers", "decathlon_score", "train_seconds", "num_processes",
+                "baseline_delta_m_vs_teachers", "mean_accuracy"):
+        assert key in summary, key
+    assert summary["num_processes"] == 1
+    assert summary["params"]["student"] > 0 and summary["params"]["teachers_total"] > 0
+    assert summary["selection"]["student"]["split"] == "val"
+    # the export has no alignment adapters; the manifest ties it to its teachers
+    weights = load_weights(run_dir / "student" / "model.safetensors")
+    assert not any(k.startswith("adapters.") for k in weights)
+    manifest = json.loads((run_dir / "student" / "manifest.json").read_text())
+    assert set(manifest["teachers"]) == set(metrics["tasks"])
+    assert all(len(t["weights_sha256"]) == 64 for t in manifest["teachers"].values())
+    # checkpoints: latest k kept, best and done records; logs per phase
+    steps = sorted(p.name for p in (run_dir / "checkpoints" / "student").glob("step_*"))
+    assert steps == ["step_000002", "step_000004"]
+    assert (run_dir / "checkpoints" / "student" / BEST).is_file()
+    assert (run_dir / "logs" / "student.csv").is_file()
+    assert (run_dir / "logs" / "teacher-digits.csv").is_file()
+    report = (run_dir / "report.md").read_text()
+    assert "training_curves.png" in report and "digits" in report
+
+
+def test_evaluate_reproduces_the_run(finished_run: tuple[Path, dict], tiny_cache: Path, tmp_path: Path) -> None:
+    run_dir, metrics = finished_run
+    cfg = tiny_config(tiny_cache, tmp_path, "name=eval")
+    accelerator = make_accelerator(cfg)
+    eval_dir = prepare_run_dir(cfg, accelerator)
+    again = evaluate_student(cfg, accelerator, resolve_domains(cfg, accelerator), eval_dir, run_dir / "student")
+    for domain, task in metrics["tasks"].items():
+        assert again["tasks"][domain]["student"] == pytest.approx(task["student"])
+        assert again["tasks"][domain]["teacher"] == pytest.approx(task["teacher"])
+    assert (eval_dir / "metrics.json").is_file()
+
+
+def test_resume_continues_an_interrupted_run(tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # an uninterrupted run, then the same run killed after step 4 and resumed
+    full_dir, full = _run(tiny_cache, tmp_path, "name=full", "baseline=false")
+    from unirep import objective as objective_module
+
+    original = objective_module.DistillationObjective.forward
+
+    def crash_at_step_4(self, outputs, labels, teacher_outputs=None, step=0, total_steps=1):
+        if step == 4:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(self, outputs, labels, teacher_outputs, step, total_steps)
+
+    monkeypatch.setattr(objective_module.DistillationObjective, "forward", crash_at_step_4)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tiny_cache, tmp_path, "name=cut", "baseline=false")
+    cut = tmp_path / "cut" / "checkpoints" / "student"
+    assert not (cut / DONE).exists() and (cut / "step_000004").is_dir()
+    monkeypatch.setattr(objective_module.DistillationObjective, "forward", original)
+    with pytest.raises(ConfigError, match="baseline"):  # resuming with another config is refused
+        _run(tiny_cache, tmp_path, "name=cut", "resume=true")
+    resumed_dir, resumed = _run(tiny_cache, tmp_path, "name=cut", "baseline=false", "resume=true")
+    a = load_weights(full_dir / "student" / "model.safetensors")
+    b = load_weights(resumed_dir / "student" / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], msg=key)
+    assert resumed["tasks"] == full["tasks"]
+    steps = [line.split(",")[0] for line in (cut.parent.parent / "logs" / "student.csv").read_text().splitlines()[1:]]
+    assert steps == sorted(steps, key=int)  # no repeated steps in the log after resume
+
+
+def test_missing_data_root_names_path_and_layout(tiny_cache: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere" / "decathlon-1.0"
+    cfg = tiny_config(tiny_cache, tmp_path, "data.source=decathlon", f"data.root={missing}")
+    with pytest.raises(DataRootError) as info:
+        resolve_domains(cfg, make_accelerator(cfg))
+    assert str(missing) in str(info.value) and "annotations" in str(info.value)
+
+
+def test_teacher_of_another_domain_is_refused(finished_run: tuple[Path, dict], tiny_cache: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(tiny_cache, tmp_path, f"teachers.root={tmp_path / 'teachers'}")
+    shutil.copytree(teacher_root(tiny_config(tiny_cache, tmp_path)), teacher_root(cfg))
+    target = teacher_root(cfg) / "mini-decathlon" / "textures"
+    shutil.rmtree(target)
+    shutil.copytree(teacher_root(cfg) / "mini-decathlon" / "digits", target)
+    accelerator = make_accelerator(cfg)
+    with pytest.raises(TeacherMismatchError) as info:
+        ensure_teachers(cfg, accelerator, resolve_domains(cfg, accelerator), tmp_path)
+    assert str(target / "teacher.json") in str(info.value)
