@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -162,6 +163,20 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
+_EXPONENT_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _fix_yaml_floats(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; read such strings as numbers."""
+    if isinstance(value, str) and _EXPONENT_FLOAT.match(value):
+        return float(value)
+    if isinstance(value, dict):
+        return {k: _fix_yaml_floats(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fix_yaml_floats(v) for v in value]
+    return value
+
+
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp`` and convert it (dicts to dataclasses)."""
     origin = typing.get_origin(tp)
@@ -180,7 +195,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         expected = " or ".join(_type_name(o) for o in options)
         raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r}")
     if tp is Any:
-        return value
+        return _fix_yaml_floats(value)
     if dataclasses.is_dataclass(tp):
         if isinstance(tp, type) and isinstance(value, tp):
             return value
@@ -210,6 +225,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"config key {key!r}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        value = _fix_yaml_floats(value)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"config key {key!r}: expected a number, got {value!r}")
         return float(value)
