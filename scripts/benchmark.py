@@ -18,16 +18,25 @@ def main() -> None:
     domains = build_domains(cfg.data, cache_dir(cfg))
     classes = {d: domains.dataset(d, "val").num_classes for d in domains.domains}
     batch = {d: domains.batch_size(d) for d in domains.domains}
-    print(f"preset {cfg.preset}: backbone {cfg.model.backbone}, {len(classes)} domains, "
-          f"batch per domain {batch}, crop {cfg.data.crop} px")
+    print(
+        f"preset {cfg.preset}: backbone {cfg.model.backbone}, {len(classes)} domains, "
+        f"batch per domain {batch}, crop {cfg.data.crop} px"
+    )
     results = run_benchmark(cfg, classes)
     for name in ("task_only", "distillation"):
         r = results[name]
-        print(f"({'a' if name == 'task_only' else 'b'}) {name:13s} {r['steps_per_second']:7.2f} steps/s "
-              f"{r['images_per_second']:8.0f} img/s  peak {r['memory']} {r['peak_memory_mib']:8.1f} MiB "
-              f"[{r['device']}, {r['threads']} threads]")
+        label = "(a)" if name == "task_only" else "(b)"
+        print(
+            f"{label} {name:13s} {r['steps_per_second']:7.2f} steps/s "
+            f"{r['images_per_second']:8.0f} img/s  "
+            f"peak {r['memory']} {r['peak_memory_mib']:8.1f} MiB "
+            f"[{r['device']}, {r['threads']} threads]"
+        )
     ratio = results["ratio"]
-    print(f"ratio (b)/(a): time per step x{ratio['time_per_step']:.2f}, peak memory x{ratio['peak_memory']:.2f}")
+    print(
+        f"ratio (b)/(a): time per step x{ratio['time_per_step']:.2f}, "
+        f"peak memory x{ratio['peak_memory']:.2f}"
+    )
 
 
 if __name__ == "__main__":

@@ -23,7 +23,11 @@ def main() -> None:
     s = metrics["summary"]
     accelerator.print(
         f"student mean accuracy {s['mean_accuracy']:.4f}"
-        + (f" | baseline {s['baseline_mean_accuracy']:.4f}" if "baseline_mean_accuracy" in s else "")
+        + (
+            f" | baseline {s['baseline_mean_accuracy']:.4f}"
+            if "baseline_mean_accuracy" in s
+            else ""
+        )
         + f" | teachers {s['teacher_mean_accuracy']:.4f} | score {s['decathlon_score']:.0f}"
     )
     accelerator.print(f"report: {run_dir / 'report.md'}")

@@ -1,6 +1,6 @@
 """Evaluate an exported student on a split; writes metrics.json in the run-directory format.
 
-    accelerate launch scripts/evaluate.py --config PRESET student=runs/<run>/student split=test
+accelerate launch scripts/evaluate.py --config PRESET student=runs/<run>/student split=test
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def main() -> None:
     accelerator = make_accelerator(cfg)
     run_dir = prepare_run_dir(cfg, accelerator)
     try:
-        metrics = evaluate_student(cfg, accelerator, resolve_domains(cfg, accelerator), run_dir, student_dir)
+        metrics = evaluate_student(
+            cfg, accelerator, resolve_domains(cfg, accelerator), run_dir, student_dir
+        )
     except ConfigError as err:
         raise SystemExit(f"evaluate.py: {err}") from None
     accelerator.print(f"mean accuracy {metrics['summary']['mean_accuracy']:.4f} on {cfg.split}")

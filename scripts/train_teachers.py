@@ -1,6 +1,6 @@
 """Stage one alone: train (or verify) one teacher per domain.
 
-    accelerate launch scripts/train_teachers.py [--config PRESET_OR_PATH] [key=value ...]
+accelerate launch scripts/train_teachers.py [--config PRESET_OR_PATH] [key=value ...]
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ def _order(cfg: Config, domains: list[str]) -> list[str]:
 
 
 def _is_usable(cfg: Config, domains: DomainSet, domain: str, directory: Path) -> bool:
-    """An existing teacher is reused only when it verifies; a mismatch is an error, not a retrain."""
+    """An existing teacher is reused only if it verifies; a mismatch is an error, not a retrain."""
     if cfg.teachers.retrain or not (directory / MANIFEST).exists():
         return False
     load_teacher(
@@ -61,7 +61,9 @@ def train_teacher(
     """Train and save one domain's teacher; returns the training seconds."""
     set_seed(cfg.seed)
     train_set = domains.dataset(domain, "train", train=True)
-    net = build_network(cfg.model.backbone, cfg.model.backbone_kwargs, {domain: train_set.num_classes})
+    net = build_network(
+        cfg.model.backbone, cfg.model.backbone_kwargs, {domain: train_set.num_classes}
+    )
     recipe = cfg.teachers.train
     if init_from is not None:
         source = load_teacher(init_from, cfg.teachers.finetune_from or "")

@@ -366,3 +366,14 @@ def test_custom_domain_statistics_are_computed_and_cached(
     assert np.allclose(other_mean, mean) and np.allclose(other_std, std)
     names = sorted(p.name for p in (tmp_path / "stats").iterdir())
     assert len(names) == 2 and all(n.endswith(".json") for n in names)  # keyed by root
+
+
+def test_malformed_annotation_names_the_file(tmp_path: Path) -> None:
+    (tmp_path / "annotations").mkdir()
+    bad = tmp_path / "annotations" / "digits_train.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match=r"digits_train\.json"):
+        DecathlonDomain(tmp_path, "digits", "train")
+    bad.write_text('{"images": []}')
+    with pytest.raises(ValueError, match="categories"):
+        DecathlonDomain(tmp_path, "digits", "train")

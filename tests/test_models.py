@@ -59,7 +59,11 @@ def test_linear_adapter_starts_as_identity_when_square() -> None:
 
 def test_network_outputs_per_domain_and_every_parameter_learns() -> None:
     net = build_network(
-        "resnet_decathlon_tiny", {}, {"a": 3, "b": 5}, adapter="linear", teacher_dims={"a": 64, "b": 32}
+        "resnet_decathlon_tiny",
+        {},
+        {"a": 3, "b": 5},
+        adapter="linear",
+        teacher_dims={"a": 64, "b": 32},
     )
     images = {"a": torch.randn(4, 3, 28, 28), "b": torch.randn(2, 3, 28, 28)}
     out = net(images)
@@ -81,7 +85,9 @@ def test_export_state_has_no_adapters() -> None:
     net = build_network("resnet_decathlon_tiny", {}, {"a": 3}, adapter="linear")
     state = net.head_and_backbone_state()
     assert state and not any(k.startswith("adapters.") for k in state)
-    assert count_parameters(net, "adapters.") == sum(v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k)
+    assert count_parameters(net, "adapters.") == sum(
+        v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k
+    )
 
 
 def test_unknown_domain_is_an_error() -> None:

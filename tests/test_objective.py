@@ -1,4 +1,4 @@
-"""The objectives: dict of terms, per-domain λ, linear annealing, gradients to adapters only via loss."""
+"""The objectives: a dict of terms, per-domain λ, linear annealing, gradients to the adapters."""
 
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ def test_annealing() -> None:
 def _setup(cfg: DistillConfig):
     torch.manual_seed(0)
     student = build_network("resnet_decathlon_tiny", {}, {"a": 3, "b": 4}, adapter="linear")
-    teachers = {d: build_network("resnet_decathlon_tiny", {}, {d: k}).eval() for d, k in (("a", 3), ("b", 4))}
+    teachers = {
+        d: build_network("resnet_decathlon_tiny", {}, {d: k}).eval()
+        for d, k in (("a", 3), ("b", 4))
+    }
     images = {"a": torch.randn(4, 3, 28, 28), "b": torch.randn(4, 3, 28, 28)}
     labels = {"a": torch.tensor([0, 1, 2, 0]), "b": torch.tensor([3, 1, 2, 0])}
     with torch.no_grad():
@@ -44,7 +47,11 @@ def test_distillation_terms_and_weights() -> None:
     expected = torch.zeros(())
     for d, (wf, wp) in {"a": (10.0, 1.0), "b": (1.0, 0.1)}.items():
         assert objective.weights(d) == (wf, wp)
-        expected = expected + out[f"task/{d}"] + 0.75 * (wf * out[f"feature/{d}"] + wp * out[f"prediction/{d}"])
+        expected = (
+            expected
+            + out[f"task/{d}"]
+            + 0.75 * (wf * out[f"feature/{d}"] + wp * out[f"prediction/{d}"])
+        )
     torch.testing.assert_close(out["loss"].detach(), expected)
     for key, value in out.items():
         assert key == "loss" or not value.requires_grad

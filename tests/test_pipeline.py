@@ -44,8 +44,15 @@ def finished_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_run_directory_contract(finished_run: tuple[Path, dict]) -> None:
     run_dir, metrics = finished_run
-    for name in ("config.yaml", "metrics.json", "report.md", "training_curves.png",
-                 "per_task_metrics.png", "student/model.safetensors", "student/manifest.json"):
+    for name in (
+        "config.yaml",
+        "metrics.json",
+        "report.md",
+        "training_curves.png",
+        "per_task_metrics.png",
+        "student/model.safetensors",
+        "student/manifest.json",
+    ):
         assert (run_dir / name).is_file(), name
     assert json.loads((run_dir / "metrics.json").read_text()) == metrics
     assert metrics["preset"] == "mini-decathlon" and metrics["split"] == "test"
@@ -55,8 +62,14 @@ def test_run_directory_contract(finished_run: tuple[Path, dict]) -> None:
         for role in task.values():
             assert 0.0 <= role["accuracy"] <= 1.0
     summary = metrics["summary"]
-    for key in ("delta_m_vs_teachers", "decathlon_score", "train_seconds", "num_processes",
-                "baseline_delta_m_vs_teachers", "mean_accuracy"):
+    for key in (
+        "delta_m_vs_teachers",
+        "decathlon_score",
+        "train_seconds",
+        "num_processes",
+        "baseline_delta_m_vs_teachers",
+        "mean_accuracy",
+    ):
         assert key in summary, key
     assert summary["num_processes"] == 1
     assert summary["params"]["student"] > 0 and summary["params"]["teachers_total"] > 0
@@ -77,19 +90,25 @@ def test_run_directory_contract(finished_run: tuple[Path, dict]) -> None:
     assert "training_curves.png" in report and "digits" in report
 
 
-def test_evaluate_reproduces_the_run(finished_run: tuple[Path, dict], tiny_cache: Path, tmp_path: Path) -> None:
+def test_evaluate_reproduces_the_run(
+    finished_run: tuple[Path, dict], tiny_cache: Path, tmp_path: Path
+) -> None:
     run_dir, metrics = finished_run
     cfg = tiny_config(tiny_cache, tmp_path, "name=eval")
     accelerator = make_accelerator(cfg)
     eval_dir = prepare_run_dir(cfg, accelerator)
-    again = evaluate_student(cfg, accelerator, resolve_domains(cfg, accelerator), eval_dir, run_dir / "student")
+    again = evaluate_student(
+        cfg, accelerator, resolve_domains(cfg, accelerator), eval_dir, run_dir / "student"
+    )
     for domain, task in metrics["tasks"].items():
         assert again["tasks"][domain]["student"] == pytest.approx(task["student"])
         assert again["tasks"][domain]["teacher"] == pytest.approx(task["teacher"])
     assert (eval_dir / "metrics.json").is_file()
 
 
-def test_resume_continues_an_interrupted_run(tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_continues_an_interrupted_run(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # an uninterrupted run, then the same run killed after step 4 and resumed
     full_dir, full = _run(tiny_cache, tmp_path, "name=full", "baseline=false")
     from unirep import objective as objective_module
@@ -115,7 +134,10 @@ def test_resume_continues_an_interrupted_run(tiny_cache: Path, tmp_path: Path, m
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
     assert resumed["tasks"] == full["tasks"]
-    steps = [line.split(",")[0] for line in (cut.parent.parent / "logs" / "student.csv").read_text().splitlines()[1:]]
+    steps = [
+        line.split(",")[0]
+        for line in (cut.parent.parent / "logs" / "student.csv").read_text().splitlines()[1:]
+    ]
     assert steps == sorted(steps, key=int)  # no repeated steps in the log after resume
 
 
@@ -127,7 +149,9 @@ def test_missing_data_root_names_path_and_layout(tiny_cache: Path, tmp_path: Pat
     assert str(missing) in str(info.value) and "annotations" in str(info.value)
 
 
-def test_teacher_of_another_domain_is_refused(finished_run: tuple[Path, dict], tiny_cache: Path, tmp_path: Path) -> None:
+def test_teacher_of_another_domain_is_refused(
+    finished_run: tuple[Path, dict], tiny_cache: Path, tmp_path: Path
+) -> None:
     cfg = tiny_config(tiny_cache, tmp_path, f"teachers.root={tmp_path / 'teachers'}")
     shutil.copytree(teacher_root(tiny_config(tiny_cache, tmp_path)), teacher_root(cfg))
     target = teacher_root(cfg) / "mini-decathlon" / "textures"

@@ -14,8 +14,8 @@ from unirep.data.sampling import MultiDomainStream, StepBatchSampler
 def test_epochs_cover_every_sample_once() -> None:
     sampler = StepBatchSampler(20, batch_size=5, seed=3)
     assert sampler.steps_per_epoch == 4
-    epoch0 = sum((sampler.batch(s) for s in range(4)), [])
-    epoch1 = sum((sampler.batch(s) for s in range(4, 8)), [])
+    epoch0 = [i for s in range(4) for i in sampler.batch(s)]
+    epoch1 = [i for s in range(4, 8) for i in sampler.batch(s)]
     assert sorted(epoch0) == list(range(20)) == sorted(epoch1)
     assert epoch0 != epoch1  # reshuffled each epoch
 
@@ -32,7 +32,7 @@ def test_processes_read_disjoint_shards() -> None:
     for step in range(4):
         a, b = ranks[0].batch(step), ranks[1].batch(step)
         assert not set(a) & set(b)
-    seen = sum((r.batch(s) for r in ranks for s in range(4)), [])
+    seen = [i for r in ranks for s in range(4) for i in r.batch(s)]
     assert sorted(seen) == list(range(40))
 
 

@@ -23,14 +23,20 @@ from unirep.objective import build_objective
 from unirep.optim import build_optimizer
 
 
-def _step_rate(cfg: Config, distill: bool, domains: dict[str, int], steps: int, warmup: int) -> dict[str, Any]:
+def measure_step(
+    cfg: Config, distill: bool, domains: dict[str, int], steps: int, warmup: int
+) -> dict[str, Any]:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
     feature_dims: dict[str, int] = {}
     teachers = {}
     if distill:
         for d, k in domains.items():
-            teachers[d] = build_network(cfg.model.backbone, cfg.model.backbone_kwargs, {d: k}).to(device).eval()
+            teachers[d] = (
+                build_network(cfg.model.backbone, cfg.model.backbone_kwargs, {d: k})
+                .to(device)
+                .eval()
+            )
             feature_dims[d] = teachers[d].feature_dim
     student = build_network(
         cfg.model.backbone,
@@ -86,12 +92,16 @@ def _step_rate(cfg: Config, distill: bool, domains: dict[str, int], steps: int, 
     }
 
 
-def _child(queue: Any, cfg: Config, distill: bool, domains: dict[str, int], steps: int, warmup: int) -> None:
-    queue.put(_step_rate(cfg, distill, domains, steps, warmup))
+def _child(
+    queue: Any, cfg: Config, distill: bool, domains: dict[str, int], steps: int, warmup: int
+) -> None:
+    queue.put(measure_step(cfg, distill, domains, steps, warmup))
 
 
-def run_benchmark(cfg: Config, domains: dict[str, int], steps: int = 20, warmup: int = 3) -> dict[str, Any]:
-    """``{"task_only": {...}, "distillation": {...}, "ratio": {...}}``, each mode in a fresh process."""
+def run_benchmark(
+    cfg: Config, domains: dict[str, int], steps: int = 20, warmup: int = 3
+) -> dict[str, Any]:
+    """``{"task_only": ..., "distillation": ..., "ratio": ...}``, each mode in a fresh process."""
     ctx = mp.get_context("spawn")
     results = {}
     for name, distill in (("task_only", False), ("distillation", True)):

@@ -293,7 +293,9 @@ def _read_yaml(preset_or_path: str) -> tuple[str, dict[str, Any]]:
 def apply_override(values: dict[str, Any], override: str) -> None:
     """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (``1e-3``, ``[a, b]``)."""
     if "=" not in override:
-        raise ConfigError(f"override {override!r} must look like key=value (e.g. train.max_steps=5)")
+        raise ConfigError(
+            f"override {override!r} must look like key=value (e.g. train.max_steps=5)"
+        )
     key, raw = override.split("=", 1)
     key = key.strip()
     try:

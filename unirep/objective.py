@@ -11,8 +11,6 @@ returned dict are detached terms for logging: ``task/<d>``, ``feature/<d>``, ``p
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 
@@ -103,11 +101,3 @@ class DistillationObjective(TaskObjective):
 def build_objective(cfg: DistillConfig, distill: bool) -> TaskObjective:
     """The student's objective (``distill``) or the plain task objective."""
     return DistillationObjective(cfg) if distill else TaskObjective(cfg)
-
-
-def describe(objective: Any) -> str:
-    """One line naming the objective's parts (for logs)."""
-    if isinstance(objective, DistillationObjective):
-        c = objective.cfg
-        return f"task={c.task_loss.name} feature={c.feature_loss.name} prediction={c.prediction_loss.name} annealing={c.annealing}"
-    return "task loss only"

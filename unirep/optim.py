@@ -60,7 +60,7 @@ class _Cosine:
 
 
 class _MultiStep:
-    """Multiply by ``gamma`` at each milestone, given as fractions of the run (URL: 80/120, 100/120)."""
+    """Multiply by ``gamma`` at each milestone (fractions of the run; URL: 80/120 and 100/120)."""
 
     def __init__(self, total: int, milestones: list[float], gamma: float = 0.1) -> None:
         self.steps = [round(m * total) if m < 1 else int(m) for m in milestones]
@@ -77,7 +77,10 @@ class _Constant:
 
 @SCHEDULES.register("cosine")
 def cosine(
-    optimizer: torch.optim.Optimizer, total_steps: int, warmup_steps: int = 0, min_factor: float = 0.0
+    optimizer: torch.optim.Optimizer,
+    total_steps: int,
+    warmup_steps: int = 0,
+    min_factor: float = 0.0,
 ) -> LambdaLR:
     """Cosine decay over the run, after an optional linear warm-up."""
     return LambdaLR(optimizer, _Cosine(total_steps, warmup_steps, min_factor))

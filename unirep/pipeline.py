@@ -7,8 +7,6 @@ no CUDA exists so that ``accelerate launch --multi_gpu --num_processes 2`` reall
 
 from __future__ import annotations
 
-import hashlib
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,7 +37,9 @@ STUDENT_MANIFEST = "manifest.json"
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """The run's Accelerator: CUDA when present (unless ``cpu=true``), else CPU processes."""
-    return Accelerator(cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision)
+    return Accelerator(
+        cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision
+    )
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -101,7 +101,8 @@ def _check_same_config(cfg: Config, saved_path: Path) -> None:
     saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
     now = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
     changed = sorted(
-        k for k in set(saved) | set(now)
+        k
+        for k in set(saved) | set(now)
         if k.split(".")[0] not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)
     )
     if changed:
@@ -128,7 +129,9 @@ def architecture(cfg: Config) -> dict[str, Any]:
 
 
 def teacher_root(cfg: Config) -> Path:
-    return Path(cfg.teachers.root).expanduser() if cfg.teachers.root else cache_dir(cfg) / "teachers"
+    return (
+        Path(cfg.teachers.root).expanduser() if cfg.teachers.root else cache_dir(cfg) / "teachers"
+    )
 
 
 def resume_point(cfg: Config, checkpoint_dir: Path) -> Path | None:
@@ -234,7 +237,9 @@ def distill(
         results[role] = evaluator.accuracy(phase.net.classify, cfg.split, split_sets)
 
     student = nets["student"]
-    export_student(cfg, accelerator, student, domains, teachers, run_dir / "student", fits["student"])
+    export_student(
+        cfg, accelerator, student, domains, teachers, run_dir / "student", fits["student"]
+    )
     params = parameter_counts(student, teachers)
     metrics = build_metrics(cfg, accelerator.num_processes, results, params, fits, teacher_seconds)
     if accelerator.is_main_process:
@@ -334,14 +339,20 @@ def evaluate_student(
     except (FileNotFoundError, ValueError) as err:
         accelerator.print(f"teachers not evaluated: {err}")
     recorded = {d: t["weights_sha256"] for d, t in manifest.get("teachers", {}).items()}
-    if teachers and all(recorded.get(d) == t.manifest["weights_sha256"] for d, t in teachers.items()):
+    if teachers and all(
+        recorded.get(d) == t.manifest["weights_sha256"] for d, t in teachers.items()
+    ):
         for t in teachers.values():
             t.net.to(accelerator.device)
         results["teacher"] = evaluate_teachers(evaluator, teachers, cfg.split, sets)
     elif teachers:
-        accelerator.print("teachers not evaluated: they are not the ones this student was distilled from")
+        accelerator.print(
+            "teachers not evaluated: they are not the ones this student was distilled from"
+        )
         teachers = {}
-    metrics = build_metrics(cfg, accelerator.num_processes, results, parameter_counts(net, teachers))
+    metrics = build_metrics(
+        cfg, accelerator.num_processes, results, parameter_counts(net, teachers)
+    )
     metrics["student"] = str(student_dir)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "metrics.json", metrics)
@@ -382,10 +393,17 @@ def export_student(
                 for d in domains.domains
             },
             "teachers": {
-                d: {"weights_sha256": t.manifest["weights_sha256"], "val_metrics": t.manifest["val_metrics"]}
+                d: {
+                    "weights_sha256": t.manifest["weights_sha256"],
+                    "val_metrics": t.manifest["val_metrics"],
+                }
                 for d, t in teachers.items()
             },
-            "selection": {"split": "val", "best_step": result.best_step, "val_accuracy": result.best_val},
+            "selection": {
+                "split": "val",
+                "best_step": result.best_step,
+                "val_accuracy": result.best_val,
+            },
             "weights_sha256": digest,
         }
         atomic_write_json(directory / STUDENT_MANIFEST, manifest)

@@ -143,7 +143,9 @@ def load_teacher(
             f"{str(manifest.get('weights_sha256'))[:12]}…: the file was replaced or corrupted"
         )
     arch = manifest["architecture"]
-    net = build_network(arch["backbone"], arch.get("backbone_kwargs", {}), {domain: manifest["num_classes"]})
+    net = build_network(
+        arch["backbone"], arch.get("backbone_kwargs", {}), {domain: manifest["num_classes"]}
+    )
     state = load_weights(weights)
     _check_state(weights, net, state)
     net.load_state_dict(state, strict=True)

@@ -244,15 +244,23 @@ def fit(
     # Setup: shared weights and heads get the main optimizer; alignment adapters their own.
     adapter_params = [p for n, p in unwrapped.named_parameters() if n.startswith("adapters.")]
     main_params = [p for n, p in unwrapped.named_parameters() if not n.startswith("adapters.")]
-    optimizers = [build_optimizer(cfg.optim.optimizer.name, main_params, cfg.optim.optimizer.kwargs)]
+    optimizers = [
+        build_optimizer(cfg.optim.optimizer.name, main_params, cfg.optim.optimizer.kwargs)
+    ]
     schedulers = [
-        build_scheduler(cfg.optim.scheduler.name, optimizers[0], cfg.max_steps, cfg.optim.scheduler.kwargs)
+        build_scheduler(
+            cfg.optim.scheduler.name, optimizers[0], cfg.max_steps, cfg.optim.scheduler.kwargs
+        )
     ]
     if adapter_params:
         spec = cfg.adapter_optim
-        optimizers.append(build_optimizer(spec.optimizer.name, adapter_params, spec.optimizer.kwargs))
+        optimizers.append(
+            build_optimizer(spec.optimizer.name, adapter_params, spec.optimizer.kwargs)
+        )
         schedulers.append(
-            build_scheduler(spec.scheduler.name, optimizers[1], cfg.max_steps, spec.scheduler.kwargs)
+            build_scheduler(
+                spec.scheduler.name, optimizers[1], cfg.max_steps, spec.scheduler.kwargs
+            )
         )
     accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     net, *optimizers = accelerator.prepare(unwrapped, *optimizers)
@@ -363,7 +371,12 @@ def fit(
     if accelerator.is_main_process:
         atomic_write_json(
             ckpt_dir / DONE,
-            {"best_val": best_val, "best_step": best_step, "seconds": seconds, "steps": cfg.max_steps},
+            {
+                "best_val": best_val,
+                "best_step": best_step,
+                "seconds": seconds,
+                "steps": cfg.max_steps,
+            },
         )
     accelerator.wait_for_everyone()
     net.eval()

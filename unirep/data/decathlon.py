@@ -124,8 +124,17 @@ class DecathlonDomain(torch.utils.data.Dataset):
                 f"data root {self.root} does not exist; {_layout(self.root, domain, split)}"
             )
         self.annotation_file = self._find_annotation_file()
-        with open(self.annotation_file, encoding="utf-8") as f:
-            content: dict[str, Any] = json.load(f)
+        expected = "a COCO-style JSON object with 'images' and 'categories'"
+        try:
+            with open(self.annotation_file, encoding="utf-8") as f:
+                content: dict[str, Any] = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"annotation file {self.annotation_file} is not JSON: {err}") from err
+        missing = [k for k in ("images", "categories") if k not in content]
+        if not isinstance(content, dict) or missing:
+            raise ValueError(
+                f"annotation file {self.annotation_file} lacks {missing}; expected {expected}"
+            )
 
         categories = sorted(content["categories"], key=lambda c: c["id"])
         self._category_ids: list[int] = [int(c["id"]) for c in categories]

@@ -79,7 +79,9 @@ class DomainSet:
 def _domains_in(root: Path) -> list[str]:
     annotations = root / "annotations"
     if not annotations.is_dir():
-        raise DataRootError(f"data root {str(root)!r} has no annotations/ folder; expected {LAYOUT}")
+        raise DataRootError(
+            f"data root {str(root)!r} has no annotations/ folder; expected {LAYOUT}"
+        )
     found = sorted(p.name[: -len("_train.json")] for p in annotations.glob("*_train.json"))
     if not found:
         raise DataRootError(f"no <domain>_train.json in {str(annotations)!r}; expected {LAYOUT}")
@@ -93,8 +95,8 @@ def _select(root: Path, wanted: list[str]) -> list[str]:
     missing = [d for d in wanted if d not in available]
     if missing:
         raise DataRootError(
-            f"domain(s) {missing} not found under {str(root)!r} (no annotations/<domain>_train.json);"
-            f" available: {', '.join(available)}"
+            f"domain(s) {missing} not found under {str(root)!r} "
+            f"(no annotations/<domain>_train.json); available: {', '.join(available)}"
         )
     return list(wanted)
 

@@ -85,7 +85,9 @@ def build_network(
     if adapter is not None:
         dims = teacher_dims or {}
         adapters = {
-            d: ADAPTERS.build(adapter, in_dim=dim, out_dim=dims.get(d, dim), **(adapter_kwargs or {}))
+            d: ADAPTERS.build(
+                adapter, in_dim=dim, out_dim=dims.get(d, dim), **(adapter_kwargs or {})
+            )
             for d in num_classes
         }
     return MultiDomainNet(net, dim, num_classes, adapters)
