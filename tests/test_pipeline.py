@@ -161,3 +161,20 @@ def test_teacher_of_another_domain_is_refused(
     with pytest.raises(TeacherMismatchError) as info:
         ensure_teachers(cfg, accelerator, resolve_domains(cfg, accelerator), tmp_path)
     assert str(target / "teacher.json") in str(info.value)
+
+
+def test_metrics_with_a_zero_teacher_leave_delta_m_undefined(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    from unirep.pipeline import build_metrics
+
+    cfg = tiny_config(tiny_cache, tmp_path)
+    results = {
+        "student": {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.5}},
+        "teacher": {"a": {"accuracy": 0.0}, "b": {"accuracy": 0.5}},
+    }
+    metrics = build_metrics(cfg, 1, results, {"student": 1, "adapters": 0, "teachers_total": 2})
+    assert metrics["summary"]["delta_m_vs_teachers"] is None
+    assert metrics["summary"]["decathlon_score"] == pytest.approx(
+        250 * 1.5**2 + 250
+    )  # E_max = 2 × teacher error

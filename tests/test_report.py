@@ -130,3 +130,30 @@ def test_sparse_metrics_do_not_break_the_report(tmp_path: Path) -> None:
     assert "| note | smoke |" in text
     assert not (tmp_path / PER_TASK_FIGURE).exists()
     assert not (tmp_path / CURVES_FIGURE).exists()
+
+
+def test_aggregate_runs_mean_and_std() -> None:
+    from unirep.report import aggregate_runs
+
+    def run(student: float, baseline: float) -> dict:
+        return {
+            "tasks": {
+                "a": {
+                    "teacher": {"accuracy": 0.5},
+                    "baseline": {"accuracy": baseline},
+                    "student": {"accuracy": student},
+                }
+            },
+            "summary": {
+                "mean_accuracy": student,
+                "baseline_mean_accuracy": baseline,
+                "teacher_mean_accuracy": 0.5,
+                "delta_m_vs_teachers": 10.0,
+                "baseline_delta_m_vs_teachers": 0.0,
+            },
+        }
+
+    table = aggregate_runs([run(0.6, 0.5), run(0.8, 0.7)])
+    assert "2 runs" in table
+    assert "| a | accuracy | 50.00 ± 0.00 | 60.00 ± 14.14 | 70.00 ± 14.14 |" in table
+    assert "| **summary** | Δm vs teachers (%) | – | 0.00 ± 0.00 | 10.00 ± 0.00 |" in table

@@ -275,7 +275,10 @@ def build_metrics(
         if teacher:
             reference = {d: r["accuracy"] for d, r in teacher.items()}
             acc = {d: r["accuracy"] for d, r in results[role].items()}
-            summary[f"{prefix}delta_m_vs_teachers"] = delta_m(results[role], teacher)
+            try:
+                summary[f"{prefix}delta_m_vs_teachers"] = delta_m(results[role], teacher)
+            except ValueError:  # a teacher at 0: the relative change is undefined
+                summary[f"{prefix}delta_m_vs_teachers"] = None
             summary[f"{prefix}decathlon_score"] = decathlon_score(acc, reference)[0]
     if teacher:
         summary["teacher_mean_accuracy"] = mean_metric(teacher, "accuracy")

@@ -290,3 +290,56 @@ def write_report(
     report = run_dir / REPORT_FILE
     _atomic_write(report, ("\n\n".join(sections) + "\n").encode("utf-8"))
     return report
+
+
+def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
+    """A markdown table of mean ± std over runs (e.g. seeds) of the headline figures.
+
+    Rows: each task's accuracy-like main metric per role, then the summary's mean accuracy,
+    Δm vs teachers and decathlon score for student and baseline.
+    """
+    import statistics
+
+    def stat(values: list[float]) -> str:
+        if not values:
+            return "–"
+        mean = statistics.fmean(values)
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{mean:.2f} ± {spread:.2f}"
+
+    roles = ("teacher", "baseline", "student")
+    rows: list[list[str]] = []
+    tasks = list(metrics[0]["tasks"])
+    for task in tasks:
+        metric = _main_metric(metrics[0]["tasks"][task]) or "accuracy"
+        scale = 100.0 if metric in PERCENT_METRICS else 1.0
+        cells = []
+        for role in roles:
+            values = [
+                m["tasks"][task][role][metric] * scale
+                for m in metrics
+                if role in m["tasks"].get(task, {})
+            ]
+            cells.append(stat(values))
+        rows.append([task, metric, *cells])
+    for label, key, scale in (
+        ("mean accuracy (%)", "mean_accuracy", 100.0),
+        ("Δm vs teachers (%)", "delta_m_vs_teachers", 1.0),
+        ("decathlon score", "decathlon_score", 1.0),
+    ):
+        student = [m["summary"][key] * scale for m in metrics if key in m["summary"]]
+        baseline = [
+            m["summary"][f"baseline_{key}"] * scale
+            for m in metrics
+            if f"baseline_{key}" in m["summary"]
+        ]
+        teacher = (
+            [m["summary"]["teacher_mean_accuracy"] * 100 for m in metrics]
+            if key == "mean_accuracy"
+            else []
+        )
+        rows.append(["**summary**", label, stat(teacher), stat(baseline), stat(student)])
+    header = ["task", "metric", "teacher", "baseline", "student"]
+    return f"{len(metrics)} runs, mean ± std\n\n" + _table(
+        header, rows, ["l", "l", "r", "r", "r"]
+    )
