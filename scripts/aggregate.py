@@ -1,6 +1,6 @@
 """Mean ± std over finished runs (e.g. seeds) of their metrics.json, as a markdown table.
 
-    python scripts/aggregate.py runs/seed0 runs/seed1 runs/seed2
+python scripts/aggregate.py runs/seed0 runs/seed1 runs/seed2
 """
 
 from __future__ import annotations

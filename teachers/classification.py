@@ -18,7 +18,7 @@ from unirep.config import Config, ConfigError
 from unirep.data.sources import DomainSet
 from unirep.models.network import build_network
 from unirep.objective import TaskObjective
-from unirep.pipeline import architecture, data_fingerprint, teacher_root
+from unirep.pipeline import architecture, data_fingerprint, load_domain_teacher, teacher_root
 from unirep.teachers import MANIFEST, load_teacher, save_teacher, teacher_dir
 from unirep.trainer import Evaluator, Phase, fit
 
@@ -39,13 +39,7 @@ def _is_usable(cfg: Config, domains: DomainSet, domain: str, directory: Path) ->
     """An existing teacher is reused only if it verifies; a mismatch is an error, not a retrain."""
     if cfg.teachers.retrain or not (directory / MANIFEST).exists():
         return False
-    load_teacher(
-        directory,
-        domain,
-        num_classes=domains.dataset(domain, "train").num_classes,
-        architecture=architecture(cfg),
-        data_fingerprint=data_fingerprint(domains, domain),
-    )
+    load_domain_teacher(cfg, domains, domain)
     return True
 
 

@@ -155,5 +155,5 @@ def test_aggregate_runs_mean_and_std() -> None:
 
     table = aggregate_runs([run(0.6, 0.5), run(0.8, 0.7)])
     assert "2 runs" in table
-    assert "| a | accuracy | 50.00 ± 0.00 | 60.00 ± 14.14 | 70.00 ± 14.14 |" in table
+    assert "| a | accuracy (%) ↑ | 50.00 ± 0.00 | 60.00 ± 14.14 | 70.00 ± 14.14 |" in table
     assert "| **summary** | Δm vs teachers (%) | – | 0.00 ± 0.00 | 10.00 ± 0.00 |" in table

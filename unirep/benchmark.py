@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import resource
+import statistics
 import time
 from typing import Any
 
@@ -68,23 +69,28 @@ def measure_step(
 
     for _ in range(warmup):
         step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - t0
+    # the median of five timed chunks: robust to a busy core now and then
+    chunk = max(1, steps // 5)
+    rates = []
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(chunk):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        rates.append(chunk / (time.perf_counter() - t0))
+    steps_per_second = statistics.median(rates)
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
-        memory_kind = "cuda max_memory_allocated"
+        memory_kind = "CUDA allocated"
     else:
         peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        memory_kind = "peak RSS"
+        memory_kind = "process RSS"
     return {
-        "steps_per_second": steps / seconds,
-        "images_per_second": steps * sum(batch.values()) / seconds,
+        "steps_per_second": steps_per_second,
+        "images_per_second": steps_per_second * sum(batch.values()),
         "peak_memory_mib": peak_mib,
         "memory": memory_kind,
         "device": str(device),
@@ -99,7 +105,7 @@ def _child(
 
 
 def run_benchmark(
-    cfg: Config, domains: dict[str, int], steps: int = 20, warmup: int = 3
+    cfg: Config, domains: dict[str, int], steps: int = 150, warmup: int = 5
 ) -> dict[str, Any]:
     """``{"task_only": ..., "distillation": ..., "ratio": ...}``, each mode in a fresh process."""
     ctx = mp.get_context("spawn")

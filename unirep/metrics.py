@@ -17,6 +17,8 @@ import math
 import torch
 from torch import Tensor
 
+from unirep.data.decathlon import DECATHLON_DOMAINS
+
 __all__ = [
     "FINETUNE_ACCURACY",
     "METRIC_HIGHER_IS_BETTER",
@@ -97,18 +99,7 @@ class AccuracyMeter:
 # Visual Decathlon
 # --------------------------------------------------------------------------------------------
 
-OFFICIAL_DECATHLON_DOMAINS: tuple[str, ...] = (
-    "aircraft",
-    "cifar100",
-    "daimlerpedcls",
-    "dtd",
-    "gtsrb",
-    "imagenet12",
-    "omniglot",
-    "svhn",
-    "ucf101",
-    "vgg-flowers",
-)
+OFFICIAL_DECATHLON_DOMAINS: tuple[str, ...] = DECATHLON_DOMAINS
 
 # Column order of the published ResNet-26 table (URL, IJCV 2023, Table 2).
 _TABLE_COLUMNS = (

@@ -147,19 +147,20 @@ def resume_point(cfg: Config, checkpoint_dir: Path) -> Path | None:
 # Stage two
 
 
+def load_domain_teacher(cfg: Config, domains: DomainSet, domain: str) -> Teacher:
+    """One domain's teacher, verified against the data (classes, fingerprint, architecture)."""
+    return load_teacher(
+        teacher_dir(teacher_root(cfg), cfg.preset, domain),
+        domain,
+        num_classes=domains.dataset(domain, "train").num_classes,
+        architecture=architecture(cfg),
+        data_fingerprint=data_fingerprint(domains, domain),
+    )
+
+
 def load_teachers(cfg: Config, domains: DomainSet) -> dict[str, Teacher]:
-    """Every domain's teacher, verified against the data (classes, fingerprint, architecture)."""
-    teachers = {}
-    for domain in domains.domains:
-        directory = teacher_dir(teacher_root(cfg), cfg.preset, domain)
-        teachers[domain] = load_teacher(
-            directory,
-            domain,
-            num_classes=domains.dataset(domain, "train").num_classes,
-            architecture=architecture(cfg),
-            data_fingerprint=data_fingerprint(domains, domain),
-        )
-    return teachers
+    """Every domain's teacher, verified (see :func:`load_domain_teacher`)."""
+    return {domain: load_domain_teacher(cfg, domains, domain) for domain in domains.domains}
 
 
 def _student_phase(

@@ -321,7 +321,7 @@ def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
                 if role in m["tasks"].get(task, {})
             ]
             cells.append(stat(values))
-        rows.append([task, metric, *cells])
+        rows.append([task, _metric_label(metric), *cells])
     for label, key, scale in (
         ("mean accuracy (%)", "mean_accuracy", 100.0),
         ("Δm vs teachers (%)", "delta_m_vs_teachers", 1.0),
@@ -340,6 +340,4 @@ def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
         )
         rows.append(["**summary**", label, stat(teacher), stat(baseline), stat(student)])
     header = ["task", "metric", "teacher", "baseline", "student"]
-    return f"{len(metrics)} runs, mean ± std\n\n" + _table(
-        header, rows, ["l", "l", "r", "r", "r"]
-    )
+    return f"{len(metrics)} runs, mean ± std\n\n" + _table(header, rows, ["l", "l", "r", "r", "r"])

@@ -71,7 +71,11 @@ class FitResult:
 
 
 class Evaluator:
-    """Prepared, sharded loaders per (split, domain); accuracy gathered over all processes."""
+    """Prepared, sharded loaders per (split, domain); accuracy gathered over all processes.
+
+    Loaders are prepared once per (split, domain) and reused by every phase of a run: the
+    evaluation datasets of one run are the same files with the same deterministic transform.
+    """
 
     def __init__(self, accelerator: Accelerator, batch_size: int, num_workers: int = 0) -> None:
         self.accelerator = accelerator

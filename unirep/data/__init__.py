@@ -1,0 +1,1 @@
+"""Data: the Visual Decathlon reader, the embedded mini-decathlon, preprocessing and sampling."""

@@ -7,15 +7,17 @@ preset runs anywhere without a download and the same reader serves it and the re
 ==  ========  =======================  =======  =====  =================================
 d   name      imitates                 classes  w × h  train / val / test images (scale 1)
 ==  ========  =======================  =======  =====  =================================
-1   digits    SVHN (house numbers)     10       40×32  500 / 100 / 200
-2   glyphs    Omniglot (handwriting)   20       32×32  300 / 100 / 200
-3   objects   ImageNet (large)         36       48×32  1600 / 200 / 400
-4   signs     GTSRB (traffic signs)    15       32×32  400 / 100 / 200
-5   textures  DTD (textures)           12       32×48  400 / 100 / 200
-6   toys      CIFAR (coloured things)  10       32×32  400 / 100 / 200
+1   digits    SVHN (house numbers)     10       40×32  250 / 100 / 500
+2   glyphs    Omniglot (handwriting)   20       32×32  200 / 100 / 500
+3   objects   ImageNet (large)         36       48×32  1600 / 200 / 800
+4   signs     GTSRB (traffic signs)    15       32×32  200 / 100 / 500
+5   textures  DTD (textures)           12       32×48  200 / 100 / 500
+6   toys      CIFAR (coloured things)  10       32×32  200 / 100 / 500
 ==  ========  =======================  =======  =====  =================================
 
-(sizes for ``image_size=32``; the shorter side is always ``image_size``.)
+(sizes for ``image_size=32``; the shorter side is always ``image_size``.) As in Visual Decathlon,
+the small domains are data-limited (a few hundred training images) beside one large domain, and
+test splits are large so that per-domain accuracies are not dominated by sampling noise.
 
 The domains share visual structure, as real domains do: the large ``objects`` domain is built
 from the same shape outlines that ``signs`` and ``toys`` use, the fill patterns of ``textures``
@@ -59,7 +61,7 @@ __all__ = [
     "generate_mini_decathlon",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 SPLITS = ("train", "val", "test")
 JPEG_QUALITY = 90
 ID_DOMAIN_STRIDE = 10_000_000
@@ -769,12 +771,12 @@ class DomainSpec:
 
 MINI_DECATHLON_DOMAINS: tuple[DomainSpec, ...] = (
     DomainSpec(
-        "digits", tuple(str(i) for i in range(10)), (500, 100, 200), (5, 4), draw_digit, flip=False
+        "digits", tuple(str(i) for i in range(10)), (250, 100, 500), (5, 4), draw_digit, flip=False
     ),
     DomainSpec(
         "glyphs",
         tuple(f"character{i + 1:02d}" for i in range(20)),
-        (300, 100, 200),
+        (200, 100, 500),
         (1, 1),
         draw_glyph,
         flip=False,
@@ -782,20 +784,20 @@ MINI_DECATHLON_DOMAINS: tuple[DomainSpec, ...] = (
     DomainSpec(
         "objects",
         tuple(f"{fill}_{shape}" for shape, fill in OBJECT_CLASSES),
-        (1600, 200, 400),
+        (1600, 200, 800),
         (3, 2),
         draw_object,
     ),
     DomainSpec(
         "signs",
         tuple(f"{rim}_{shape}_{symbol}" for shape, rim, *_, symbol in SIGN_CLASSES),
-        (400, 100, 200),
+        (200, 100, 500),
         (1, 1),
         draw_sign,
         flip=False,
     ),
-    DomainSpec("textures", TEXTURE_CLASSES, (400, 100, 200), (2, 3), draw_texture),
-    DomainSpec("toys", tuple(name for name, _ in TOY_CLASSES), (400, 100, 200), (1, 1), draw_toy),
+    DomainSpec("textures", TEXTURE_CLASSES, (200, 100, 500), (2, 3), draw_texture),
+    DomainSpec("toys", tuple(name for name, _ in TOY_CLASSES), (200, 100, 500), (1, 1), draw_toy),
 )
 
 

@@ -1,0 +1,1 @@
+"""Models: timm-registered decathlon ResNets, backbones by name, alignment adapters, the network."""
