@@ -15,9 +15,9 @@ from unirep.pipeline import distill, make_accelerator, prepare_run_dir, resolve_
 def main() -> None:
     cfg = parse_args(prog="distill.py")
     accelerator = make_accelerator(cfg)
+    domains = resolve_domains(cfg, accelerator)  # bad data fails before anything is written
     run_dir = prepare_run_dir(cfg, accelerator)
     accelerator.print(f"run directory: {run_dir}  (processes: {accelerator.num_processes})")
-    domains = resolve_domains(cfg, accelerator)
     teacher_seconds = ensure_teachers(cfg, accelerator, domains, run_dir)
     metrics = distill(cfg, accelerator, domains, run_dir, teacher_seconds)
     s = metrics["summary"]

@@ -8,7 +8,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from unirep.cli import parse_args, run
-from unirep.config import ConfigError
 from unirep.pipeline import evaluate_student, make_accelerator, prepare_run_dir, resolve_domains
 
 
@@ -23,13 +22,9 @@ def main() -> None:
         raise SystemExit(f"evaluate.py: {str(student_dir)!r} holds no student manifest.json")
     cfg.name = cfg.name or f"eval-{student_dir.resolve().parent.name}-{cfg.split}"
     accelerator = make_accelerator(cfg)
+    domains = resolve_domains(cfg, accelerator)  # bad data fails before anything is written
     run_dir = prepare_run_dir(cfg, accelerator)
-    try:
-        metrics = evaluate_student(
-            cfg, accelerator, resolve_domains(cfg, accelerator), run_dir, student_dir
-        )
-    except ConfigError as err:
-        raise SystemExit(f"evaluate.py: {err}") from None
+    metrics = evaluate_student(cfg, accelerator, domains, run_dir, student_dir)
     accelerator.print(f"mean accuracy {metrics['summary']['mean_accuracy']:.4f} on {cfg.split}")
     accelerator.print(f"metrics: {run_dir / 'metrics.json'}")
 

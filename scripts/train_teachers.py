@@ -13,8 +13,8 @@ from unirep.pipeline import make_accelerator, prepare_run_dir, resolve_domains, 
 def main() -> None:
     cfg = parse_args(prog="train_teachers.py")
     accelerator = make_accelerator(cfg)
+    domains = resolve_domains(cfg, accelerator)  # bad data fails before anything is written
     run_dir = prepare_run_dir(cfg, accelerator)
-    domains = resolve_domains(cfg, accelerator)
     seconds = ensure_teachers(cfg, accelerator, domains, run_dir)
     accelerator.print(
         f"teachers in {teacher_root(cfg) / cfg.preset} ({seconds:.1f} s of training this run)"
