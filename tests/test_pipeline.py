@@ -104,6 +104,20 @@ def test_evaluate_reproduces_the_run(
         assert again["tasks"][domain]["student"] == pytest.approx(task["student"])
         assert again["tasks"][domain]["teacher"] == pytest.approx(task["teacher"])
     assert (eval_dir / "metrics.json").is_file()
+    # the submission file: every test image once, official-style global ids, scores as metrics
+    entries = json.loads((eval_dir / "results.json").read_text())
+    domains = resolve_domains(cfg, accelerator)
+    truth = {}
+    for domain in metrics["tasks"]:
+        annotations = json.loads(
+            (domains.root / "annotations" / f"{domain}_test.json").read_text()
+        )["annotations"]
+        truth.update({a["image_id"]: (domain, a["category_id"]) for a in annotations})
+    assert sorted(e["image_id"] for e in entries) == sorted(truth)
+    for domain, task in metrics["tasks"].items():
+        mine = [e for e in entries if truth[e["image_id"]][0] == domain]
+        correct = sum(e["category_id"] == truth[e["image_id"]][1] for e in mine)
+        assert correct / len(mine) == pytest.approx(task["student"]["accuracy"])
 
 
 def test_resume_continues_an_interrupted_run(

@@ -46,6 +46,7 @@ class DataConfig:
     domains: list[str] = field(default_factory=list)  # empty: every domain the source has
     resize: int = 32  # shorter side after resizing
     crop: int = 28  # training / evaluation crop
+    crops: dict[str, int] = field(default_factory=dict)  # per-domain crop (Decathlon: ImageNet 72)
     no_flip: list[str] = field(default_factory=list)  # domains where a flip changes the class
     square_resize: list[str] = field(default_factory=list)  # domains resized to resize x resize
     batch_size: int = 32  # per domain and per process, unless batch_sizes names the domain
@@ -343,11 +344,14 @@ def _validate(cfg: Config) -> None:
     }.items():
         if value <= 0:
             raise ConfigError(f"config key {key!r}: must be positive, got {value}")
-    if cfg.data.crop > cfg.data.resize:
-        raise ConfigError(
-            f"config key 'data.crop' ({cfg.data.crop}) must not exceed 'data.resize' "
-            f"({cfg.data.resize})"
-        )
+    crops = {"data.crop": cfg.data.crop}
+    crops.update({f"data.crops.{d}": c for d, c in cfg.data.crops.items()})
+    for key, crop in crops.items():
+        if not 0 < crop <= cfg.data.resize:
+            raise ConfigError(
+                f"config key {key!r} ({crop}) must be positive and not exceed 'data.resize' "
+                f"({cfg.data.resize})"
+            )
     check_names(cfg)
 
 

@@ -29,6 +29,7 @@ from unirep.tracking import read_curves, report_curves
 from unirep.trainer import Evaluator, FitResult, Phase, fit, mean_metric
 
 STUDENT_MANIFEST = "manifest.json"
+SUBMISSION = "results.json"
 
 
 # --------------------------------------------------------------------------------------------
@@ -274,13 +275,25 @@ def build_metrics(
         prefix = "" if role == "student" else "baseline_"
         summary[f"{prefix}mean_accuracy"] = mean_metric(results[role], "accuracy")
         if teacher:
-            reference = {d: r["accuracy"] for d, r in teacher.items()}
-            acc = {d: r["accuracy"] for d, r in results[role].items()}
+            # only tasks measured for both (an unlabelled split has no accuracy)
+            pairs = {
+                d: (r["accuracy"], teacher[d]["accuracy"])
+                for d, r in results[role].items()
+                if r.get("accuracy") is not None and teacher.get(d, {}).get("accuracy") is not None
+            }
+            acc = {d: {"accuracy": a} for d, (a, _) in pairs.items()}
+            ref = {d: {"accuracy": t} for d, (_, t) in pairs.items()}
             try:
-                summary[f"{prefix}delta_m_vs_teachers"] = delta_m(results[role], teacher)
+                summary[f"{prefix}delta_m_vs_teachers"] = delta_m(acc, ref) if pairs else None
             except ValueError:  # a teacher at 0: the relative change is undefined
                 summary[f"{prefix}delta_m_vs_teachers"] = None
-            summary[f"{prefix}decathlon_score"] = decathlon_score(acc, reference)[0]
+            summary[f"{prefix}decathlon_score"] = (
+                decathlon_score(
+                    {d: a for d, (a, _) in pairs.items()}, {d: t for d, (_, t) in pairs.items()}
+                )[0]
+                if pairs
+                else None
+            )
     if teacher:
         summary["teacher_mean_accuracy"] = mean_metric(teacher, "accuracy")
     summary["params"] = params
@@ -316,6 +329,24 @@ def evaluate_teachers(
     return results
 
 
+def submission_entries(
+    sets: dict[str, Any], predictions: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> list[dict[str, int]]:
+    """The Visual Decathlon submission: ``[{"image_id", "category_id"}]`` over all domains.
+
+    Ids are the annotation files' own (official global ids for the real benchmark); entries are
+    sorted by image id. Predictions were gathered over all processes, without padding duplicates.
+    """
+    entries = []
+    for domain, (preds, _, ids) in predictions.items():
+        dataset = sets[domain]
+        entries += [
+            {"image_id": int(i), "category_id": dataset.category_id(int(p))}
+            for p, i in zip(preds.tolist(), ids.tolist(), strict=True)
+        ]
+    return sorted(entries, key=lambda e: e["image_id"])
+
+
 def evaluate_student(
     cfg: Config, accelerator: Accelerator, domains: DomainSet, run_dir: Path, student_dir: Path
 ) -> dict[str, Any]:
@@ -336,7 +367,10 @@ def evaluate_student(
                 f"for {d!r}, the data has {ds.num_classes}"
             )
     evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
-    results: dict[str, Any] = {"student": evaluator.accuracy(net.classify, cfg.split, sets)}
+    predictions: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    results: dict[str, Any] = {
+        "student": evaluator.accuracy(net.classify, cfg.split, sets, keep=predictions)
+    }
     teachers: dict[str, Teacher] = {}
     try:
         teachers = {d: t for d, t in load_teachers(cfg, domains).items() if d in sets}
@@ -360,6 +394,7 @@ def evaluate_student(
     metrics["student"] = str(student_dir)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "metrics.json", metrics)
+        atomic_write_json(run_dir / SUBMISSION, submission_entries(sets, predictions))
     accelerator.wait_for_everyone()
     return metrics
 

@@ -112,19 +112,27 @@ class Evaluator:
         classify: Callable[[Tensor, str], Tensor],
         split: str,
         datasets: dict[str, Dataset],
-    ) -> dict[str, dict[str, float]]:
-        """``{domain: {"accuracy": fraction}}`` for every domain of ``datasets``."""
-        results = {}
+        keep: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
+    ) -> dict[str, dict[str, float | None]]:
+        """``{domain: {"accuracy": fraction}}``, ``None`` for an unlabelled split (stripped test).
+
+        With ``keep``, each domain's (predictions, labels, image ids) are stored in it.
+        """
+        results: dict[str, dict[str, float | None]] = {}
         for domain, dataset in datasets.items():
-            preds, labels, _ = self.predict(classify, split, domain, dataset)
+            preds, labels, ids = self.predict(classify, split, domain, dataset)
+            if keep is not None:
+                keep[domain] = (preds, labels, ids)
             meter = AccuracyMeter()
             meter.update(preds, labels)
-            results[domain] = {"accuracy": meter.compute()}
+            results[domain] = {"accuracy": meter.compute() if meter.count else None}
         return results
 
 
-def mean_metric(results: dict[str, dict[str, float]], metric: str) -> float:
-    return float(np.mean([r[metric] for r in results.values()]))
+def mean_metric(results: dict[str, dict[str, float | None]], metric: str) -> float | None:
+    """Mean of ``metric`` over the tasks that have it (None where no task was measured)."""
+    values = [r[metric] for r in results.values() if r.get(metric) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def _classifier(accelerator: Accelerator, net: torch.nn.Module) -> Callable[[Tensor, str], Tensor]:

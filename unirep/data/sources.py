@@ -46,7 +46,7 @@ class DomainSet:
         mean, std = self.mean_std(domain)
         return {
             "resize": self.cfg.resize,
-            "crop": self.cfg.crop,
+            "crop": self.crop(domain),
             "square_resize": domain in self.cfg.square_resize,
             "mean": mean,
             "std": std,
@@ -58,7 +58,7 @@ class DomainSet:
         transform = build_transform(
             train=train,
             resize=self.cfg.resize,
-            crop=self.cfg.crop,
+            crop=self.crop(domain),
             mean=mean,
             std=std,
             flip=domain not in self.cfg.no_flip,
@@ -71,6 +71,10 @@ class DomainSet:
     def datasets(self, split: str, train: bool = False) -> dict[str, Dataset]:
         """Every domain's ``split``, in domain order."""
         return {d: self.dataset(d, split, train) for d in self.domains}
+
+    def crop(self, domain: str) -> int:
+        """The domain's crop size (``data.crops.<domain>``, else ``data.crop``)."""
+        return self.cfg.crops.get(domain, self.cfg.crop)
 
     def batch_size(self, domain: str) -> int:
         return self.cfg.batch_sizes.get(domain, self.cfg.batch_size)
