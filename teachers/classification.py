@@ -9,6 +9,7 @@ that domain's teacher is trained first from scratch and initialises the others, 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -62,7 +63,9 @@ def train_teacher(
     if init_from is not None:
         source = load_teacher(init_from, cfg.teachers.finetune_from or "")
         net.backbone.load_state_dict(source.net.backbone.state_dict(), strict=True)
-        recipe = cfg.teachers.finetune_train or recipe
+        recipe = copy.deepcopy(cfg.teachers.finetune_train or recipe)
+        if domain in cfg.teachers.finetune_lr:  # e.g. 0.1 or 0.01 per domain in the reference
+            recipe.optim.optimizer.kwargs["lr"] = cfg.teachers.finetune_lr[domain]
     name = f"teacher-{domain}"
     phase = Phase(
         name=name,

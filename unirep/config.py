@@ -122,6 +122,7 @@ class TeachersConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune_from: str | None = None  # domain whose teacher initialises the others (Decathlon)
     finetune_train: TrainConfig | None = None  # recipe for the fine-tuned teachers
+    finetune_lr: dict[str, float] = field(default_factory=dict)  # per-domain lr of that recipe
     retrain: bool = False
 
 

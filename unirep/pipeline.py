@@ -230,13 +230,15 @@ def distill(
     results = {"teacher": evaluate_teachers(evaluator, teachers, cfg.split, split_sets)}
     fits: dict[str, FitResult] = {}
     nets: dict[str, MultiDomainNet] = {}
+    predictions: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     for role, is_distilled in (("baseline", False), ("student", True)):
         if role == "baseline" and not cfg.baseline:
             continue
         phase = _student_phase(cfg, role, domains, run_dir, teachers, is_distilled)
         fits[role] = fit(accelerator, phase, evaluator, progress=cfg.progress)
         nets[role] = phase.net
-        results[role] = evaluator.accuracy(phase.net.classify, cfg.split, split_sets)
+        keep = predictions if role == "student" else None
+        results[role] = evaluator.accuracy(phase.net.classify, cfg.split, split_sets, keep=keep)
 
     student = nets["student"]
     export_student(
@@ -246,6 +248,7 @@ def distill(
     metrics = build_metrics(cfg, accelerator.num_processes, results, params, fits, teacher_seconds)
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "metrics.json", metrics)
+        atomic_write_json(run_dir / SUBMISSION, submission_entries(split_sets, predictions))
         write_report(run_dir, metrics, report_curves(read_curves(run_dir / "logs")))
     accelerator.wait_for_everyone()
     return metrics

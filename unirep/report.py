@@ -222,7 +222,8 @@ def _per_task_figure(tasks: Mapping[str, Mapping[str, Mapping[str, float]]]) -> 
         ax.set_xticks(range(len(metric_tasks)), metric_tasks, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel(_metric_label(metric))
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:  # nothing measured (an unlabelled split): no legend
+            ax.legend(fontsize=7)
     return _figure_png(fig)
 
 

@@ -1,0 +1,64 @@
+"""The `decathlon` preset end to end on a tiny tree in the official format (all 10 domains)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from teachers.classification import ensure_teachers
+from tests.decathlon_fixture import SIZES, write_official_fixture
+from unirep.config import load_config
+from unirep.data.decathlon import DECATHLON_DOMAINS
+from unirep.pipeline import distill, make_accelerator, prepare_run_dir, resolve_domains
+
+pytestmark = pytest.mark.slow
+
+TINY = [
+    "model.backbone=resnet_decathlon_tiny",
+    "data.batch_size=4",
+    "data.batch_sizes={}",
+    "data.eval_batch_size=16",
+    "data.num_workers=0",
+    "progress=false",
+    *[
+        f"{phase}.{key}={value}"
+        for phase in ("teachers.train", "teachers.finetune_train", "train")
+        for key, value in (("max_steps", 2), ("eval_every", 2), ("checkpoint_every", 2))
+    ],
+]
+
+
+@pytest.mark.parametrize("labelled_test", [False, True])
+def test_decathlon_preset_end_to_end(tmp_path: Path, labelled_test: bool) -> None:
+    root = write_official_fixture(tmp_path / "decathlon-1.0", labelled_test=labelled_test)
+    cfg = load_config(
+        "decathlon",
+        [*TINY, f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}",
+         f"output_dir={tmp_path / 'runs'}", "name=vd"],
+    )  # fmt: skip
+    accelerator = make_accelerator(cfg)
+    domains = resolve_domains(cfg, accelerator)
+    assert domains.domains == list(DECATHLON_DOMAINS)
+    assert domains.crop("imagenet12") == 72 and domains.crop("dtd") == 64
+    assert domains.dataset("imagenet12", "train", train=True)[0]["image"].shape == (3, 72, 72)
+    assert domains.dataset("aircraft", "val")[0]["image"].shape == (3, 64, 64)
+    run_dir = prepare_run_dir(cfg, accelerator)
+    seconds = ensure_teachers(cfg, accelerator, domains, run_dir)
+    teacher = json.loads(
+        (tmp_path / "cache" / "teachers" / "decathlon" / "dtd" / "teacher.json").read_text()
+    )
+    assert teacher["training"]["finetuned_from"].endswith("imagenet12")
+    metrics = distill(cfg, accelerator, domains, run_dir, seconds)
+
+    assert set(metrics["tasks"]) == set(DECATHLON_DOMAINS)
+    accuracy = metrics["tasks"]["dtd"]["student"]["accuracy"]
+    assert (accuracy is None) != labelled_test  # a stripped test split has no labels
+    assert (metrics["summary"]["decathlon_score"] is None) != labelled_test
+    entries = json.loads((run_dir / "results.json").read_text())
+    assert len(entries) == len(DECATHLON_DOMAINS) * SIZES["test"]
+    for entry in entries:  # official global ids: the domain index d is encoded in both
+        d = entry["image_id"] // 10**7
+        assert entry["category_id"] // 10**7 == d and 1 <= entry["category_id"] % 10**7 <= 2
+    assert (run_dir / "report.md").is_file()
