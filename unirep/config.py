@@ -33,6 +33,20 @@ class Spec:
 
 
 @dataclass
+class HFDomainConfig:
+    """A domain read with Hugging Face ``datasets`` (a local folder, or a Hub name when online)."""
+
+    path: str
+    config_name: str | None = None
+    splits: dict[str, str] = field(
+        default_factory=lambda: {"train": "train", "val": "validation", "test": "test"}
+    )  # unirep split -> the dataset's split name
+    image_column: str = "image"
+    label_column: str = "label"
+    id_column: str | None = None
+
+
+@dataclass
 class DataConfig:
     """Where the domains come from and how they are read.
 
@@ -55,6 +69,7 @@ class DataConfig:
     num_workers: int = 0
     on_corrupt: str = "error"  # "error" or "skip"
     generator: dict[str, Any] = field(default_factory=dict)  # kwargs of the synthetic generator
+    hf_domains: dict[str, HFDomainConfig] = field(default_factory=dict)  # extra domains
 
 
 @dataclass

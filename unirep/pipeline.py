@@ -122,7 +122,7 @@ def resolve_domains(cfg: Config, accelerator: Accelerator) -> DomainSet:
 
 def data_fingerprint(domains: DomainSet, domain: str) -> str:
     """sha256 of the domain's training annotations: ties a teacher to the data it saw."""
-    return file_sha256(domains.root / "annotations" / f"{domain}_train.json")
+    return domains.fingerprint(domain)
 
 
 def architecture(cfg: Config) -> dict[str, Any]:

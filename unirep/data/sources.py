@@ -7,6 +7,7 @@ samples as ``{"image": [3, crop, crop], "label": int, "image_id": int}``.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,11 @@ from torch.utils.data import Dataset
 
 from unirep.config import DataConfig
 from unirep.data.decathlon import DataRootError, DecathlonDomain
+from unirep.data.hf import HFDomain
 from unirep.data.stats import domain_mean_std
 from unirep.data.synthetic import ensure_mini_decathlon
 from unirep.data.transforms import build_transform
+from unirep.io import file_sha256
 from unirep.registry import Registry
 
 DATA_SOURCES: Registry[Any] = Registry("data source")
@@ -38,8 +41,42 @@ class DomainSet:
     def mean_std(self, domain: str) -> tuple[list[float], list[float]]:
         """Per-domain normalisation (reference figures, or computed once from train and cached)."""
         if domain not in self._stats:
-            self._stats[domain] = domain_mean_std(self.root, domain, self.cache_dir)
+            if domain in self.cfg.hf_domains:
+                spec = self.cfg.hf_domains[domain]
+                train = self._hf(domain, "train", transform=None)
+                stats = domain_mean_std(spec.path, domain, self.cache_dir, train_set=train)
+            else:
+                stats = domain_mean_std(self.root, domain, self.cache_dir)
+            self._stats[domain] = stats
         return self._stats[domain]
+
+    def _hf(self, domain: str, split: str, transform: Any) -> HFDomain:
+        spec = self.cfg.hf_domains[domain]
+        if split not in spec.splits:
+            raise DataRootError(
+                f"config key 'data.hf_domains.{domain}.splits' has no {split!r} entry "
+                f"(it maps unirep's train/val/test to the dataset's split names)"
+            )
+        return HFDomain(
+            spec.path,
+            spec.splits[split],
+            image_column=spec.image_column,
+            label_column=spec.label_column,
+            transform=transform,
+            config_name=spec.config_name,
+            cache_dir=self.cache_dir / "hf",
+            id_column=spec.id_column,
+        )
+
+    def fingerprint(self, domain: str) -> str:
+        """Identifies the training data a teacher saw (annotation file or dataset fingerprint)."""
+        if domain in self.cfg.hf_domains:
+            train = self._hf(domain, "train", transform=None)
+            text = (
+                f"{self.cfg.hf_domains[domain].path}|{train.split}|{train.hf_dataset._fingerprint}"
+            )
+            return hashlib.sha256(text.encode()).hexdigest()
+        return file_sha256(self.root / "annotations" / f"{domain}_train.json")
 
     def preprocessing(self, domain: str) -> dict[str, Any]:
         """What an exported model needs to preprocess this domain's images at test time."""
@@ -52,7 +89,7 @@ class DomainSet:
             "std": std,
         }
 
-    def dataset(self, domain: str, split: str, train: bool = False) -> DecathlonDomain:
+    def dataset(self, domain: str, split: str, train: bool = False) -> DecathlonDomain | HFDomain:
         """Domain ``domain``'s ``split``; ``train`` turns on random crops and flips."""
         mean, std = self.mean_std(domain)
         transform = build_transform(
@@ -64,6 +101,8 @@ class DomainSet:
             flip=domain not in self.cfg.no_flip,
             square_resize=domain in self.cfg.square_resize,
         )
+        if domain in self.cfg.hf_domains:
+            return self._hf(domain, split, transform)
         return DecathlonDomain(
             self.root, domain, split, transform=transform, on_corrupt=self.cfg.on_corrupt
         )
@@ -92,15 +131,13 @@ def _domains_in(root: Path) -> list[str]:
     return found
 
 
-def _select(root: Path, wanted: list[str]) -> list[str]:
-    available = _domains_in(root)
+def _select(available: list[str], wanted: list[str], where: str) -> list[str]:
     if not wanted:
         return available
     missing = [d for d in wanted if d not in available]
     if missing:
         raise DataRootError(
-            f"domain(s) {missing} not found under {str(root)!r} "
-            f"(no annotations/<domain>_train.json); available: {', '.join(available)}"
+            f"domain(s) {missing} not found in {where}; available: {', '.join(available)}"
         )
     return list(wanted)
 
@@ -116,7 +153,37 @@ def decathlon_source(cfg: DataConfig, cache_dir: Path) -> DomainSet:
     root = Path(cfg.root).expanduser()
     if not root.is_dir():
         raise DataRootError(f"data root {str(root)!r} does not exist; expected {LAYOUT}")
-    return DomainSet(root, _select(root, cfg.domains), cfg, cache_dir)
+    return DomainSet(
+        root,
+        _with_hf(_domains_in(root), cfg, f"{str(root)!r} (annotations/<domain>_train.json)"),
+        cfg,
+        cache_dir,
+    )
+
+
+def _with_hf(available: list[str], cfg: DataConfig, where: str) -> list[str]:
+    """The run's domains: those of the tree plus ``data.hf_domains``, filtered by data.domains."""
+    clash = sorted(set(available) & set(cfg.hf_domains))
+    if clash:
+        raise DataRootError(
+            f"data.hf_domains {clash} have the names of domains already under {where}; rename them"
+        )
+    everything = available + list(cfg.hf_domains)
+    return _select(everything, cfg.domains, f"{where} or data.hf_domains")
+
+
+@DATA_SOURCES.register("hf")
+def hf_source(cfg: DataConfig, cache_dir: Path) -> DomainSet:
+    """Only Hugging Face ``datasets`` domains (``data.hf_domains``), no Decathlon tree."""
+    if not cfg.hf_domains:
+        raise DataRootError(
+            "data.source=hf needs data.hf_domains, e.g. "
+            'data.hf_domains="{pets: {path: /data/pets, splits: {train: train, val: val, '
+            'test: test}}}"'
+        )
+    return DomainSet(
+        cache_dir, _with_hf([], cfg, "data.source=hf (no Decathlon tree)"), cfg, cache_dir
+    )
 
 
 def synthetic_root(cfg: DataConfig, cache_dir: Path) -> Path:
@@ -132,7 +199,12 @@ def synthetic_decathlon_source(cfg: DataConfig, cache_dir: Path) -> DomainSet:
     """The embedded mini-decathlon, generated deterministically on first use (no download)."""
     root = synthetic_root(cfg, cache_dir)
     ensure_mini_decathlon(root, **cfg.generator)
-    return DomainSet(root, _select(root, cfg.domains), cfg, cache_dir)
+    return DomainSet(
+        root,
+        _with_hf(_domains_in(root), cfg, f"{str(root)!r} (annotations/<domain>_train.json)"),
+        cfg,
+        cache_dir,
+    )
 
 
 def build_domains(cfg: DataConfig, cache_dir: Path) -> DomainSet:

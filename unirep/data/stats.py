@@ -16,6 +16,7 @@ import tempfile
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -69,8 +70,10 @@ def _write_atomically(path: Path, entry: dict) -> None:
         raise
 
 
-def _compute(root: Path, domain: str, max_images: int) -> tuple[list[float], list[float], int]:
-    dataset = DecathlonDomain(root, domain, "train")
+def _compute(
+    root: Path, domain: str, max_images: int, dataset: Any = None
+) -> tuple[list[float], list[float], int]:
+    dataset = dataset if dataset is not None else DecathlonDomain(root, domain, "train")
     n = len(dataset)
     if n == 0:
         raise ValueError(f"domain {domain!r} has no train images under {root}")
@@ -96,7 +99,11 @@ def _compute(root: Path, domain: str, max_images: int) -> tuple[list[float], lis
 
 
 def domain_mean_std(
-    root: str | Path, domain: str, cache_dir: Path, max_images: int = 2000
+    root: str | Path,
+    domain: str,
+    cache_dir: Path,
+    max_images: int = 2000,
+    train_set: Any = None,
 ) -> tuple[list[float], list[float]]:
     """Per-channel (mean, std) of a domain's [0, 1] RGB pixels.
 
@@ -107,6 +114,8 @@ def domain_mean_std(
             keyed by the absolute data root and the domain; written atomically.
         max_images: At most this many train images, evenly spaced over the id-sorted split
             (deterministic), are read; undecodable ones are left out.
+        train_set: The domain's train split returning PIL images (e.g. a Hugging Face domain);
+            by default the Decathlon reader's train split under ``root``.
 
     Returns:
         ``(mean, std)``, three floats each.
@@ -122,7 +131,7 @@ def domain_mean_std(
     cached = _read_cache(path, abs_root, domain, max_images)
     if cached is not None:
         return list(cached["mean"]), list(cached["std"])
-    mean, std, pixels = _compute(abs_root, domain, max_images)
+    mean, std, pixels = _compute(abs_root, domain, max_images, train_set)
     entry = {
         "root": str(abs_root),
         "domain": domain,

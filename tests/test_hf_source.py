@@ -1,0 +1,78 @@
+"""A Hugging Face `datasets` folder as a domain of a run, beside or instead of a Decathlon tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from PIL import Image
+
+from teachers.classification import ensure_teachers
+from tests.conftest import tiny_config
+from unirep.data.decathlon import DataRootError
+from unirep.pipeline import distill, make_accelerator, prepare_run_dir, resolve_domains
+
+pytestmark = pytest.mark.slow
+
+
+def _saved_dataset(folder: Path) -> Path:
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> datasets.Dataset:
+        labels = [i % 3 for i in range(n)]
+        images = []
+        for label in labels:
+            pixels = rng.integers(0, 80, (36, 40, 3)).astype(np.uint8)
+            pixels[..., label] += 150
+            images.append(Image.fromarray(pixels))
+        features = datasets.Features(
+            {"img": datasets.Image(), "kind": datasets.ClassLabel(names=["r", "g", "b"])}
+        )
+        return datasets.Dataset.from_dict({"img": images, "kind": labels}, features=features)
+
+    splits = {"train": split(24), "validation": split(9), "test": split(9)}
+    datasets.DatasetDict(splits).save_to_disk(str(folder))
+    return folder
+
+
+HF = "data.hf_domains={{pets: {{path: {path}, image_column: img, label_column: kind}}}}"
+
+
+def test_hf_domain_joins_a_run(tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    path = _saved_dataset(tmp_path / "pets")
+    cfg = tiny_config(
+        tiny_cache,
+        tmp_path / "runs",
+        "data.domains=[objects, pets]",
+        HF.format(path=path),
+        f"teachers.root={tmp_path / 'teachers'}",
+        "name=hf",
+    )
+    accelerator = make_accelerator(cfg)
+    domains = resolve_domains(cfg, accelerator)
+    assert domains.domains == ["objects", "pets"]
+    assert domains.dataset("pets", "val")[0]["image"].shape == (3, 28, 28)
+    run_dir = prepare_run_dir(cfg, accelerator)
+    metrics = distill(
+        cfg, accelerator, domains, run_dir, ensure_teachers(cfg, accelerator, domains, run_dir)
+    )
+    assert set(metrics["tasks"]) == {"objects", "pets"}
+    assert metrics["tasks"]["pets"]["student"]["accuracy"] is not None
+
+
+def test_hf_only_source_and_errors(tiny_cache: Path, tmp_path: Path) -> None:
+    path = _saved_dataset(tmp_path / "pets")
+    cfg = tiny_config(
+        tiny_cache, tmp_path, "data.source=hf", "data.domains=[]", HF.format(path=path)
+    )
+    domains = resolve_domains(cfg, make_accelerator(cfg))
+    assert domains.domains == ["pets"] and domains.dataset("pets", "train").num_classes == 3
+    empty = tiny_config(tiny_cache, tmp_path, "data.source=hf", "data.domains=[]")
+    with pytest.raises(DataRootError, match="hf_domains"):
+        resolve_domains(empty, make_accelerator(empty))
+    clash = tiny_config(tiny_cache, tmp_path, HF.replace("pets", "digits").format(path=path))
+    with pytest.raises(DataRootError, match="digits"):
+        resolve_domains(clash, make_accelerator(clash))
