@@ -11,7 +11,13 @@ from teachers.classification import ensure_teachers
 from tests.decathlon_fixture import SIZES, write_official_fixture
 from unirep.config import load_config
 from unirep.data.decathlon import DECATHLON_DOMAINS
-from unirep.pipeline import distill, make_accelerator, prepare_run_dir, resolve_domains
+from unirep.pipeline import (
+    distill,
+    load_student,
+    make_accelerator,
+    prepare_run_dir,
+    resolve_domains,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -30,11 +36,14 @@ TINY = [
 ]
 
 
-@pytest.mark.parametrize("labelled_test", [False, True])
-def test_decathlon_preset_end_to_end(tmp_path: Path, labelled_test: bool) -> None:
+@pytest.mark.parametrize(
+    ("preset", "labelled_test"),
+    [("decathlon", False), ("decathlon", True), ("decathlon-ra", True)],
+)
+def test_decathlon_preset_end_to_end(tmp_path: Path, preset: str, labelled_test: bool) -> None:
     root = write_official_fixture(tmp_path / "decathlon-1.0", labelled_test=labelled_test)
     cfg = load_config(
-        "decathlon",
+        preset,
         [*TINY, f"data.root={root}", f"data.cache_dir={tmp_path / 'cache'}",
          f"output_dir={tmp_path / 'runs'}", "name=vd"],
     )  # fmt: skip
@@ -47,7 +56,7 @@ def test_decathlon_preset_end_to_end(tmp_path: Path, labelled_test: bool) -> Non
     run_dir = prepare_run_dir(cfg, accelerator)
     seconds = ensure_teachers(cfg, accelerator, domains, run_dir)
     teacher = json.loads(
-        (tmp_path / "cache" / "teachers" / "decathlon" / "dtd" / "teacher.json").read_text()
+        (tmp_path / "cache" / "teachers" / preset / "dtd" / "teacher.json").read_text()
     )
     assert teacher["training"]["finetuned_from"].endswith("imagenet12")
     metrics = distill(cfg, accelerator, domains, run_dir, seconds)
@@ -62,3 +71,10 @@ def test_decathlon_preset_end_to_end(tmp_path: Path, labelled_test: bool) -> Non
         d = entry["image_id"] // 10**7
         assert entry["category_id"] // 10**7 == d and 1 <= entry["category_id"] % 10**7 <= 2
     assert (run_dir / "report.md").is_file()
+    multiplier = metrics["summary"]["backbone_multiplier"]
+    if preset == "decathlon-ra":  # 10 domains of 1x1 adapters and BN copies beside the 3x3s
+        assert 1.9 < multiplier < 2.5
+        student, _ = load_student(run_dir / "student")
+        assert student.domain_specific
+    else:
+        assert multiplier == 1.0

@@ -94,3 +94,38 @@ def test_unknown_domain_is_an_error() -> None:
     net = build_network("resnet_decathlon_tiny", {}, {"a": 3})
     with pytest.raises(KeyError, match="zzz"):
         net({"zzz": torch.randn(1, 3, 28, 28)})
+
+
+def test_residual_adapter_network_forwards_each_domain_through_its_own_parts() -> None:
+    torch.manual_seed(0)
+    teacher = build_network("resnet_decathlon_tiny", {}, {"a": 3})
+    net = build_network(
+        "resnet_decathlon_tiny",
+        {},
+        {"a": 3, "b": 5},
+        adapter="linear",
+        residual_adapters=True,
+        backbone_state=teacher.backbone.state_dict(),
+    )
+    assert net.domain_specific
+    images = {"a": torch.randn(4, 3, 28, 28), "b": torch.randn(4, 3, 28, 28)}
+    out = net(images)
+    sum(o["logits"].square().mean() for o in out.values()).backward()
+    grads = {n: p.grad for n, p in net.backbone.named_parameters()}
+    assert all(g is not None for n, g in grads.items() if ".adapters." in n or ".norms." in n)
+    net.eval()
+    with torch.no_grad():
+        together = net(images)["b"]["logits"]
+        alone = net.classify(images["b"], "b")
+    torch.testing.assert_close(together, alone)
+    # at attachment the adapters are zero and BN copies equal: domain a matches the teacher
+    fresh = build_network(
+        "resnet_decathlon_tiny", {}, {"a": 3}, residual_adapters=True,
+        backbone_state=teacher.backbone.state_dict(),
+    ).eval()  # fmt: skip
+    teacher.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            fresh({"a": images["a"]})["a"]["features"],
+            teacher({"a": images["a"]})["a"]["features"],
+        )

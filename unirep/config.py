@@ -79,6 +79,7 @@ class ModelConfig:
     backbone: str = "resnet_decathlon_tiny"  # a unirep backbone or any timm model name
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     adapter: Spec = field(default_factory=lambda: Spec("linear"))
+    residual_adapters: bool = False  # student only: parallel 1x1 adapters + per-domain BN (RA)
 
 
 @dataclass
@@ -304,7 +305,25 @@ def _read_yaml(preset_or_path: str) -> tuple[str, dict[str, Any]]:
         raise ConfigError(f"config {preset_or_path!r} is not valid YAML: {err}") from err
     if not isinstance(values, dict):
         raise ConfigError(f"config {preset_or_path!r} must be a mapping at the top level")
+    base = values.pop("base", None)
+    if base is not None:  # a preset written as changes to another preset
+        if not isinstance(base, str) or base == preset_or_path:
+            raise ConfigError(f"config {preset_or_path!r}: 'base' must name another preset or file")
+        _, inherited = _read_yaml(base)
+        inherited.pop("preset", None)
+        values = _merge(inherited, values)
     return name, values
+
+
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    """``changes`` over ``base``, recursively for nested mappings."""
+    merged = dict(base)
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def apply_override(values: dict[str, Any], override: str) -> None:

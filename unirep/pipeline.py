@@ -174,14 +174,7 @@ def _student_phase(
 ) -> Phase:
     set_seed(cfg.seed)  # baseline and student share their initialisation and data order
     num_classes = {d: t.manifest["num_classes"] for d, t in teachers.items()}
-    net = build_network(
-        cfg.model.backbone,
-        cfg.model.backbone_kwargs,
-        num_classes,
-        adapter=cfg.model.adapter.name if distill else None,
-        adapter_kwargs=cfg.model.adapter.kwargs,
-        teacher_dims={d: t.feature_dim for d, t in teachers.items()},
-    )
+    backbone_state = None
     if cfg.distill.init_from_teacher:
         source = cfg.distill.init_from_teacher
         if source not in teachers:
@@ -189,12 +182,17 @@ def _student_phase(
                 f"config key 'distill.init_from_teacher': {source!r} is not a domain of this run "
                 f"({', '.join(teachers)})"
             )
-        backbone = {
-            k[len("backbone.") :]: v
-            for k, v in teachers[source].net.state_dict().items()
-            if k.startswith("backbone.")
-        }
-        net.backbone.load_state_dict(backbone, strict=True)
+        backbone_state = teachers[source].net.backbone.state_dict()
+    net = build_network(
+        cfg.model.backbone,
+        cfg.model.backbone_kwargs,
+        num_classes,
+        adapter=cfg.model.adapter.name if distill else None,
+        adapter_kwargs=cfg.model.adapter.kwargs,
+        teacher_dims={d: t.feature_dim for d, t in teachers.items()},
+        residual_adapters=cfg.model.residual_adapters,
+        backbone_state=backbone_state,
+    )
     checkpoint_dir = run_dir / "checkpoints" / name
     return Phase(
         name=name,
@@ -258,7 +256,7 @@ def build_metrics(
     cfg: Config,
     num_processes: int,
     results: dict[str, dict[str, dict[str, float]]],
-    params: dict[str, int],
+    params: dict[str, float],
     fits: dict[str, FitResult] | None = None,
     teacher_seconds: float = 0.0,
 ) -> dict[str, Any]:
@@ -299,7 +297,9 @@ def build_metrics(
             )
     if teacher:
         summary["teacher_mean_accuracy"] = mean_metric(teacher, "accuracy")
-    summary["params"] = params
+    summary["params"] = {k: v for k, v in params.items() if k != "backbone_multiplier"}
+    if "backbone_multiplier" in params:
+        summary["backbone_multiplier"] = params["backbone_multiplier"]
     fits = fits or {}
     summary["train_seconds"] = teacher_seconds + sum(f.seconds for f in fits.values())
     if fits:
@@ -315,11 +315,15 @@ def build_metrics(
 def parameter_counts(student: MultiDomainNet, teachers: dict[str, Teacher]) -> dict[str, int]:
     """Exported student (no adapters), its alignment adapters, and all teachers together."""
     exported = count_parameters(student, exclude_prefix="adapters.")
-    return {
+    counts: dict[str, float] = {
         "student": exported,
         "adapters": count_parameters(student) - exported,
         "teachers_total": sum(count_parameters(t.net) for t in teachers.values()),
     }
+    if teachers:  # the "#par" column of the Decathlon tables: student backbone / one backbone
+        one = count_parameters(next(iter(teachers.values())).net.backbone)
+        counts["backbone_multiplier"] = count_parameters(student.backbone) / one
+    return counts
 
 
 def evaluate_teachers(
@@ -423,7 +427,10 @@ def export_student(
             "format": "unirep-student/1",
             "unirep_version": __version__,
             "preset": cfg.preset,
-            "architecture": architecture(cfg),
+            "architecture": {
+                **architecture(cfg),
+                "residual_adapters": cfg.model.residual_adapters,
+            },
             "feature_dim": net.feature_dim,
             "tasks": {
                 d: {
@@ -464,6 +471,7 @@ def load_student(directory: Path) -> tuple[MultiDomainNet, dict[str, Any]]:
         arch["backbone"],
         arch.get("backbone_kwargs", {}),
         {d: t["num_classes"] for d, t in manifest["tasks"].items()},
+        residual_adapters=arch.get("residual_adapters", False),
     )
     net.load_state_dict(load_weights(weights), strict=True)
     net.eval()

@@ -14,6 +14,11 @@ from torch import Tensor, nn
 
 from unirep.models.adapters import ADAPTERS
 from unirep.models.backbones import build_backbone
+from unirep.models.residual_adapters import (
+    active_domain,
+    attach_parallel_adapters,
+    domain_specific_modules,
+)
 
 
 class MultiDomainNet(nn.Module):
@@ -37,6 +42,7 @@ class MultiDomainNet(nn.Module):
         self.feature_dim = feature_dim
         self.heads = nn.ModuleDict({d: nn.Linear(feature_dim, k) for d, k in num_classes.items()})
         self.adapters = nn.ModuleDict(adapters or {})
+        self._domain_specific = any(True for _ in domain_specific_modules(backbone))
 
     @property
     def domains(self) -> list[str]:
@@ -54,7 +60,18 @@ class MultiDomainNet(nn.Module):
                 out[domain]["aligned"] = self.adapters[domain](feat)
         return out
 
+    @property
+    def domain_specific(self) -> bool:
+        """Whether the backbone has per-domain parts (residual adapters, per-domain BN)."""
+        return self._domain_specific
+
     def _shared_features(self, images: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.domain_specific:  # URL (RA): each domain through its own adapters and BN
+            out = {}
+            for d, x in images.items():
+                with active_domain(self.backbone, d):
+                    out[d] = self.backbone(x)
+            return out
         shapes = {tuple(x.shape[1:]) for x in images.values()}
         if len(shapes) == 1 and len(images) > 1:
             sizes = [x.shape[0] for x in images.values()]
@@ -64,6 +81,9 @@ class MultiDomainNet(nn.Module):
 
     def classify(self, images: Tensor, domain: str) -> Tensor:
         """Logits ``[B, K_d]`` for one domain's images ``[B, 3, H, W]`` (evaluation path)."""
+        if self.domain_specific:
+            with active_domain(self.backbone, domain):
+                return self.heads[domain](self.backbone(images))
         return self.heads[domain](self.backbone(images))
 
     def head_and_backbone_state(self) -> dict[str, Tensor]:
@@ -78,9 +98,20 @@ def build_network(
     adapter: str | None = None,
     adapter_kwargs: dict[str, Any] | None = None,
     teacher_dims: dict[str, int] | None = None,
+    residual_adapters: bool = False,
+    backbone_state: dict[str, Tensor] | None = None,
 ) -> MultiDomainNet:
-    """Build a :class:`MultiDomainNet`; with ``adapter``, one per domain to ``teacher_dims[d]``."""
+    """Build a :class:`MultiDomainNet`; with ``adapter``, one per domain to ``teacher_dims[d]``.
+
+    ``backbone_state`` (e.g. a teacher's backbone) is loaded strictly before, with
+    ``residual_adapters``, parallel 1×1 adapters and per-domain batch-norm are attached to the
+    backbone (Rebuffi et al. 2018; URL (RA)); those stay in the model at test time.
+    """
     net, dim = build_backbone(backbone, **backbone_kwargs)
+    if backbone_state is not None:
+        net.load_state_dict(backbone_state, strict=True)
+    if residual_adapters:
+        attach_parallel_adapters(net, list(num_classes))
     adapters = None
     if adapter is not None:
         dims = teacher_dims or {}
