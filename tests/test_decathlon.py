@@ -70,7 +70,13 @@ def test_decathlon_preset_end_to_end(tmp_path: Path, preset: str, labelled_test:
     for entry in entries:  # official global ids: the domain index d is encoded in both
         d = entry["image_id"] // 10**7
         assert entry["category_id"] // 10**7 == d and 1 <= entry["category_id"] % 10**7 <= 2
-    assert (run_dir / "report.md").is_file()
+    report = (run_dir / "report.md").read_text()
+    official = metrics["summary"].get("official_decathlon_score")
+    if labelled_test:
+        assert set(official) == {"student", "teacher", "baseline"}
+        assert "published: URL (RA)" in report and "published: Parallel RA" in report
+    else:
+        assert official is None and "published:" not in report
     multiplier = metrics["summary"]["backbone_multiplier"]
     if preset == "decathlon-ra":  # 10 domains of 1x1 adapters and BN copies beside the 3x3s
         assert 1.9 < multiplier < 2.5

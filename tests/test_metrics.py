@@ -197,3 +197,15 @@ def test_delta_m_invalid_inputs() -> None:
 def test_standard_metric_directions() -> None:
     assert all(METRIC_HIGHER_IS_BETTER[m] for m in ("accuracy", "miou", "within_11.25"))
     assert not any(METRIC_HIGHER_IS_BETTER[m] for m in ("abs_err", "rel_err", "angle_median"))
+
+
+def test_official_score_uses_the_finetune_reference() -> None:
+    from unirep.metrics import official_decathlon_score
+
+    url = {d: a / 100 for d, a in PUBLISHED_ACCURACY["URL"].items()}
+    assert official_decathlon_score(url) == pytest.approx(3626, abs=1)
+    assert official_decathlon_score({"aircraft": url["aircraft"]}) == pytest.approx(
+        decathlon_score({"aircraft": url["aircraft"]}, {"aircraft": 0.6034})[0]
+    )
+    assert official_decathlon_score({"digits": 0.5}) is None
+    assert official_decathlon_score({"aircraft": None}) is None

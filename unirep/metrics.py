@@ -255,3 +255,15 @@ def delta_m(
     if not terms:
         raise ValueError("results and reference share no (task, metric) pair")
     return 100.0 * sum(terms) / len(terms)
+
+
+def official_decathlon_score(accuracy: dict[str, float | None]) -> float | None:
+    """The Codalab score (reference: the published ResNet-26 Finetune errors), or None.
+
+    Defined only when every domain is an official Visual Decathlon domain with a measured
+    accuracy (fraction); a subset of the ten domains scores out of 1000 per domain present.
+    """
+    if not accuracy or any(d not in FINETUNE_ACCURACY or a is None for d, a in accuracy.items()):
+        return None
+    reference = {d: FINETUNE_ACCURACY[d] / 100 for d in accuracy}
+    return decathlon_score({d: float(a) for d, a in accuracy.items()}, reference)[0]

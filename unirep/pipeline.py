@@ -20,7 +20,12 @@ from unirep import __version__
 from unirep.config import Config, ConfigError, cache_dir, save_config, to_dict
 from unirep.data.sources import DomainSet, build_domains
 from unirep.io import atomic_write_json, file_sha256, load_weights, read_json, save_weights
-from unirep.metrics import decathlon_score, delta_m
+from unirep.metrics import (
+    PUBLISHED_ACCURACY,
+    decathlon_score,
+    delta_m,
+    official_decathlon_score,
+)
 from unirep.models.network import MultiDomainNet, build_network, count_parameters
 from unirep.objective import build_objective
 from unirep.report import write_report
@@ -247,7 +252,12 @@ def distill(
     if accelerator.is_main_process:
         atomic_write_json(run_dir / "metrics.json", metrics)
         atomic_write_json(run_dir / SUBMISSION, submission_entries(split_sets, predictions))
-        write_report(run_dir, metrics, report_curves(read_curves(run_dir / "logs")))
+        write_report(
+            run_dir,
+            metrics,
+            report_curves(read_curves(run_dir / "logs")),
+            extra_sections=[s for s in [published_comparison(metrics)] if s],
+        )
     accelerator.wait_for_everyone()
     return metrics
 
@@ -295,6 +305,10 @@ def build_metrics(
                 if pairs
                 else None
             )
+    for role in roles:  # the official score, for runs on the real Visual Decathlon domains
+        official = official_decathlon_score({d: r["accuracy"] for d, r in results[role].items()})
+        if official is not None:
+            summary.setdefault("official_decathlon_score", {})[role] = official
     if teacher:
         summary["teacher_mean_accuracy"] = mean_metric(teacher, "accuracy")
     summary["params"] = {k: v for k, v in params.items() if k != "backbone_multiplier"}
@@ -310,6 +324,40 @@ def build_metrics(
         }
     summary["num_processes"] = num_processes
     return {"preset": cfg.preset, "split": cfg.split, "tasks": tasks, "summary": summary}
+
+
+def published_comparison(metrics: dict[str, Any]) -> str:
+    """Markdown: our per-domain accuracies beside the published ResNet-26 rows (URL, IJCV 2023).
+
+    Empty unless the run's tasks are official Visual Decathlon domains with measured accuracy.
+    """
+    tasks = metrics["tasks"]
+    official = metrics["summary"].get("official_decathlon_score")
+    if not official:
+        return ""
+    domains = list(tasks)
+    header = "| model | " + " | ".join(domains) + " | mean | score |"
+    rows = [header, "|:---|" + "---:|" * (len(domains) + 2)]
+    for role, score in official.items():
+        accs = [tasks[d][role]["accuracy"] * 100 for d in domains]
+        cells = " | ".join(f"{a:.2f}" for a in accs)
+        rows.append(f"| ours: {role} | {cells} | {sum(accs) / len(accs):.2f} | {score:.0f} |")
+    for name in ("Finetune", "Parallel RA", "URL", "URL (RA)"):
+        accs = [PUBLISHED_ACCURACY[name][d] for d in domains]
+        cells = " | ".join(f"{a:.2f}" for a in accs)
+        score = official_decathlon_score({d: PUBLISHED_ACCURACY[name][d] / 100 for d in domains})
+        rows.append(f"| published: {name} | {cells} | {sum(accs) / len(accs):.2f} | {score:.0f} |")
+    note = (
+        "Scores use the official constants (γ = 2, E_max = 2 × the published Finetune error, "
+        "1000 per domain); published rows are ResNet-26 test accuracies from Li, Liu & Bilen "
+        "(IJCV 2023, Table 2), rescored on the domains of this run."
+    )
+    return (
+        "## Visual Decathlon: ours beside the published results\n\n"
+        + "\n".join(rows)
+        + "\n\n"
+        + note
+    )
 
 
 def parameter_counts(student: MultiDomainNet, teachers: dict[str, Teacher]) -> dict[str, int]:
