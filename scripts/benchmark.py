@@ -10,17 +10,25 @@ from __future__ import annotations
 from unirep.benchmark import run_benchmark
 from unirep.cli import parse_args
 from unirep.config import cache_dir
+from unirep.data.decathlon import DECATHLON_NUM_CLASSES
 from unirep.data.sources import build_domains
 
 
 def main() -> None:
     cfg = parse_args(prog="benchmark.py")
-    domains = build_domains(cfg.data, cache_dir(cfg))
-    classes = {d: domains.dataset(d, "val").num_classes for d in domains.domains}
-    batch = {d: domains.batch_size(d) for d in domains.domains}
+    if cfg.data.source == "decathlon" and not cfg.data.root:
+        # no data needed to time a step: the official domains' class counts
+        names = cfg.data.domains or list(DECATHLON_NUM_CLASSES)
+        classes = {d: DECATHLON_NUM_CLASSES[d] for d in names}
+    else:
+        domains = build_domains(cfg.data, cache_dir(cfg))
+        classes = {d: domains.dataset(d, "val").num_classes for d in domains.domains}
+    batch = {d: cfg.data.batch_sizes.get(d, cfg.data.batch_size) for d in classes}
+    crops = {d: cfg.data.crops.get(d, cfg.data.crop) for d in classes}
     print(
-        f"preset {cfg.preset}: backbone {cfg.model.backbone}, {len(classes)} domains, "
-        f"batch per domain {batch}, crop {cfg.data.crop} px"
+        f"preset {cfg.preset}: backbone {cfg.model.backbone}"
+        f"{' + residual adapters' if cfg.model.residual_adapters else ''}, {len(classes)} domains, "
+        f"batch per domain {batch}, crops {crops}"
     )
     results = run_benchmark(cfg, classes)
     for name in ("task_only", "distillation"):

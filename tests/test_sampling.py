@@ -59,3 +59,13 @@ def test_stream_gives_one_batch_per_domain() -> None:
     assert batch["a"]["label"].shape == (2,) and batch["b"]["label"].shape == (5,)
     for _ in range(20):  # domains of different sizes cycle independently
         next(stream)
+
+
+def test_worker_processes_give_the_same_batches() -> None:
+    data = {"a": _Numbers(10), "b": _Numbers(30)}
+    inline = MultiDomainStream(data, {"a": 2, "b": 5}, seed=0, num_workers=0)
+    workers = MultiDomainStream(data, {"a": 2, "b": 5}, seed=0, num_workers=2)
+    for _ in range(12):
+        x, y = next(inline), next(workers)
+        for d in data:
+            assert torch.equal(x[d]["label"], y[d]["label"])

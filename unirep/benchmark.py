@@ -25,7 +25,12 @@ from unirep.optim import build_optimizer
 
 
 def measure_step(
-    cfg: Config, distill: bool, domains: dict[str, int], steps: int, warmup: int
+    cfg: Config,
+    distill: bool,
+    domains: dict[str, int],
+    steps: int,
+    warmup: int,
+    chunk_seconds: float = 10.0,
 ) -> dict[str, Any]:
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
@@ -46,13 +51,14 @@ def measure_step(
         adapter=cfg.model.adapter.name if distill else None,
         adapter_kwargs=cfg.model.adapter.kwargs,
         teacher_dims=feature_dims,
+        residual_adapters=cfg.model.residual_adapters,
     ).to(device)
     spec = cfg.train.optim.optimizer
     optimizer = build_optimizer(spec.name, student.parameters(), spec.kwargs)
     objective = build_objective(cfg.distill, distill)
-    size = cfg.data.crop
     batch = {d: cfg.data.batch_sizes.get(d, cfg.data.batch_size) for d in domains}
-    images = {d: torch.randn(b, 3, size, size, device=device) for d, b in batch.items()}
+    crop = {d: cfg.data.crops.get(d, cfg.data.crop) for d in domains}
+    images = {d: torch.randn(b, 3, crop[d], crop[d], device=device) for d, b in batch.items()}
     labels = {d: torch.randint(0, domains[d], (b,), device=device) for d, b in batch.items()}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -69,18 +75,21 @@ def measure_step(
 
     for _ in range(warmup):
         step()
-    # the median of five timed chunks: robust to a busy core now and then
+    # the median of five timed chunks (each at most `chunk_seconds`, so that large models on a
+    # CPU finish): robust to a busy core now and then
     chunk = max(1, steps // 5)
     rates = []
     for _ in range(5):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        for _ in range(chunk):
+        done = 0
+        while done < chunk and (done == 0 or time.perf_counter() - t0 < chunk_seconds):
             step()
+            done += 1
         if device.type == "cuda":
             torch.cuda.synchronize()
-        rates.append(chunk / (time.perf_counter() - t0))
+        rates.append(done / (time.perf_counter() - t0))
     steps_per_second = statistics.median(rates)
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
@@ -105,7 +114,7 @@ def _child(
 
 
 def run_benchmark(
-    cfg: Config, domains: dict[str, int], steps: int = 150, warmup: int = 5
+    cfg: Config, domains: dict[str, int], steps: int = 150, warmup: int = 2
 ) -> dict[str, Any]:
     """``{"task_only": ..., "distillation": ..., "ratio": ...}``, each mode in a fresh process."""
     ctx = mp.get_context("spawn")

@@ -44,6 +44,19 @@ DECATHLON_DOMAINS: tuple[str, ...] = (
     "ucf101",
     "vgg-flowers",
 )
+#: Class counts of the official domains (devkit test annotations).
+DECATHLON_NUM_CLASSES: dict[str, int] = {
+    "aircraft": 100,
+    "cifar100": 100,
+    "daimlerpedcls": 2,
+    "dtd": 47,
+    "gtsrb": 43,
+    "imagenet12": 1000,
+    "omniglot": 1623,
+    "svhn": 10,
+    "ucf101": 101,
+    "vgg-flowers": 102,
+}
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 ON_CORRUPT_CHOICES: tuple[str, ...] = ("error", "skip")
 
