@@ -19,6 +19,7 @@ Domain Learning", IJCV 2023 (arXiv 2204.02744); the L2 loss is from its ECCV-W 2
 
 from __future__ import annotations
 
+import abc
 import contextlib
 from collections.abc import Iterator
 
@@ -235,15 +236,16 @@ def rbf_cka(x: Tensor, y: Tensor, normalize: bool = True, sigma_scale: float = 1
     return _cka_from_centred(kc, lc, x_informative & y_informative)
 
 
-class _CKALoss(nn.Module):
+class _CKALoss(nn.Module, abc.ABC):
     """Shared plumbing for the CKA losses: checks, detaching, float32, ``1 − CKA``."""
 
     def __init__(self, normalize: bool = True) -> None:
         super().__init__()
         self.normalize = normalize
 
+    @abc.abstractmethod
     def _cka(self, s: Tensor, t: Tensor) -> Tensor:
-        raise NotImplementedError
+        """CKA of the two batches (a scalar in [0, 1])."""
 
     def forward(self, s: Tensor, t: Tensor) -> Tensor:
         """Return ``1 − CKA(s, t)`` for student ``s`` and teacher ``t`` (teacher is detached)."""

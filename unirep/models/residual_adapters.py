@@ -23,6 +23,7 @@ so under DDP the others are unused parameters (``find_unused_parameters=True``).
 
 from __future__ import annotations
 
+import abc
 import copy
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -31,7 +32,7 @@ from typing import TypeGuard
 from torch import Tensor, nn
 
 
-class DomainSpecificModule(nn.Module):
+class DomainSpecificModule(nn.Module, abc.ABC):
     """A module with one sub-module per domain, of which the active one (``self.domain``) runs.
 
     ``domain`` is a plain attribute (``None`` until set), written by :func:`set_domain`; no
@@ -45,9 +46,9 @@ class DomainSpecificModule(nn.Module):
         self.domain = None
 
     @property
+    @abc.abstractmethod
     def per_domain(self) -> nn.ModuleDict:
         """The per-domain sub-modules, keyed by domain name."""
-        raise NotImplementedError
 
     @property
     def domains(self) -> list[str]:
