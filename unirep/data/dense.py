@@ -1,0 +1,305 @@
+"""Reader for the MTAN-preprocessed dense benchmarks (NYUv2, Cityscapes), with MTAN's augmentation.
+
+On-disk layout (Liu, Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019;
+the ``nyuv2`` and ``cityscapes`` folders of the MTAN release; also written by
+:func:`write_mtan_fixture`)::
+
+    <root>/<split>/image/<i>.npy     float, H×W×3 (NYUv2 288×384×3), values as stored
+    <root>/<split>/label/<i>.npy     H×W class ids, -1 = ignore (Cityscapes: label_7, label_19)
+    <root>/<split>/depth/<i>.npy     H×W×1, 0 = invalid (NYUv2 metres, Cityscapes inverse depth)
+    <root>/<split>/normal/<i>.npy    H×W×3 unit vectors, all-zero = invalid (NYUv2 only)
+
+with ``i = 0..N-1``. NYUv2 has 795 ``train`` and 654 ``val`` images, and ``val`` *is* the
+standard test set.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from unirep.data.decathlon import DataRootError
+
+__all__ = [
+    "DENSE_TASKS",
+    "DEPTH_KINDS",
+    "MTANDense",
+    "ScaleCrop",
+    "apply_scale_crop",
+    "hflip",
+    "sample_scale_crop",
+    "write_mtan_fixture",
+]
+
+#: Task names of a sample, in MTAN's order.
+DENSE_TASKS: tuple[str, ...] = ("semantic", "depth", "normal")
+#: ``"depth"``: metric depth (divided by the zoom factor); ``"inverse_depth"``: multiplied.
+DEPTH_KINDS: tuple[str, ...] = ("depth", "inverse_depth")
+
+
+def _layout(root: Path, split: str, label_dir: str) -> str:
+    return (
+        f"expected {root}/{split}/{{image,{label_dir},depth,normal}}/<i>.npy with i = 0..N-1 "
+        "(MTAN preprocessed layout)"
+    )
+
+
+class ScaleCrop(NamedTuple):
+    """Window ``[top:top+height, left:left+width]`` of the random scale-crop, zoom ``scale``."""
+
+    scale: float
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+def sample_scale_crop(
+    height: int,
+    width: int,
+    scales: tuple[float, ...] | list[float],
+    generator: torch.Generator | None = None,
+) -> ScaleCrop:
+    """Draw MTAN's random scale-crop window for an ``height × width`` map.
+
+    Picks ``s`` uniformly from ``scales``, then a window of ``(int(H/s), int(W/s))`` at a uniform
+    position. Draws from ``generator`` (the global torch RNG when None) in a fixed order: scale
+    index, top, left.
+    """
+    s = float(scales[int(torch.randint(len(scales), (1,), generator=generator))])
+    crop_h, crop_w = int(height / s), int(width / s)
+    top = int(torch.randint(height - crop_h + 1, (1,), generator=generator))
+    left = int(torch.randint(width - crop_w + 1, (1,), generator=generator))
+    return ScaleCrop(s, top, left, crop_h, crop_w)
+
+
+def apply_scale_crop(
+    sample: dict[str, Any], crop: ScaleCrop, depth_kind: str = "depth"
+) -> dict[str, Any]:
+    """Crop every map of ``sample`` to ``crop`` and resize it back to the full size.
+
+    The image ``[3,H,W]`` is resized bilinearly (``align_corners=True``, as MTAN); semantic
+    ``[H,W]``, depth ``[1,H,W]`` and normal ``[3,H,W]`` by nearest neighbour, so invalid pixels
+    (-1, 0, all-zero) are never blended with valid ones. Zooming in by ``s`` brings the scene
+    ``s`` times closer: metric depth is divided by ``s``, inverse depth multiplied; normals are
+    unchanged. Other keys are passed through. Returns a new dict.
+    """
+    if depth_kind not in DEPTH_KINDS:
+        raise ValueError(f"unknown depth_kind {depth_kind!r}; valid: {', '.join(DEPTH_KINDS)}")
+    out = dict(sample)
+    height, width = sample["image"].shape[-2:]
+    rows = slice(crop.top, crop.top + crop.height)
+    cols = slice(crop.left, crop.left + crop.width)
+
+    def resize(x: torch.Tensor, mode: str) -> torch.Tensor:
+        window = x[None, :, rows, cols]
+        if mode == "bilinear":
+            return F.interpolate(window, (height, width), mode=mode, align_corners=True)[0]
+        return F.interpolate(window, (height, width), mode=mode)[0]
+
+    out["image"] = resize(sample["image"], "bilinear")
+    if "semantic" in sample:
+        semantic = sample["semantic"][None].to(torch.float64)  # float64 keeps ids exact
+        out["semantic"] = resize(semantic, "nearest")[0].to(torch.int64)
+    if "depth" in sample:
+        depth = resize(sample["depth"], "nearest")
+        out["depth"] = depth / crop.scale if depth_kind == "depth" else depth * crop.scale
+    if "normal" in sample:
+        out["normal"] = resize(sample["normal"], "nearest")
+    return out
+
+
+def hflip(sample: dict[str, Any]) -> dict[str, Any]:
+    """Mirror every map of ``sample`` left-right; the normal's x component (channel 0) flips sign.
+
+    Other keys are passed through. Returns a new dict.
+    """
+    out = dict(sample)
+    for key in ("image", "semantic", "depth", "normal"):
+        if key in sample:
+            out[key] = torch.flip(sample[key], dims=[-1])
+    if "normal" in sample:
+        # 0 - x rather than -x so that invalid (all-zero) normals do not become -0.0
+        out["normal"][0] = 0.0 - out["normal"][0]
+    return out
+
+
+class MTANDense(torch.utils.data.Dataset):
+    """One split of an MTAN-preprocessed dense benchmark (NYUv2 or Cityscapes), read lazily.
+
+    Each sample is a dict with ``"image"``: ``[3,H,W]`` float32 (values as stored, not
+    normalised), ``"index"``: int, and for the requested tasks only ``"semantic"``: ``[H,W]``
+    int64 (-1 = ignore), ``"depth"``: ``[1,H,W]`` float32 (0 = invalid), ``"normal"``:
+    ``[3,H,W]`` float32 (all-zero = invalid).
+
+    With ``augment=True`` (meant for the training split) each sample gets MTAN's random
+    scale-crop (:func:`sample_scale_crop`, :func:`apply_scale_crop`) and then, when ``flip``,
+    a horizontal flip with probability 0.5 (:func:`hflip`). Random draws come from
+    ``generator``, or the global torch RNG when None; the latter is what a multi-worker
+    DataLoader seeds per worker, whereas a generator passed here is copied into every worker
+    with the same state.
+
+    Args:
+        root: Folder holding ``<split>/`` (e.g. ``nyuv2`` or ``cityscapes``).
+        split: Sub-folder, e.g. ``"train"`` or ``"val"``.
+        tasks: Subset of :data:`DENSE_TASKS`.
+        label_dir: Folder of the semantic labels: ``"label"`` (NYUv2, 13 classes),
+            ``"label_7"`` or ``"label_19"`` (Cityscapes).
+        depth_kind: ``"depth"`` for metric depth (NYUv2) or ``"inverse_depth"`` (Cityscapes);
+            only decides how the scale-crop rescales depth values.
+        augment: Apply the random scale-crop and flip.
+        scales: Zoom factors the scale-crop draws from (1.0 = no crop).
+        flip: Include the random horizontal flip when augmenting.
+        generator: Source of the augmentation's randomness.
+
+    Raises:
+        ValueError: Unknown task or ``depth_kind``, or an empty ``scales``.
+        DataRootError: The root, the split, a task folder or one of the files ``0..N-1`` is
+            missing (the message names the path and the expected layout).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        tasks: list[str],
+        label_dir: str = "label",
+        depth_kind: str = "depth",
+        augment: bool = False,
+        scales: tuple[float, ...] = (1.0, 1.2, 1.5),
+        flip: bool = True,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        unknown = [t for t in tasks if t not in DENSE_TASKS]
+        if unknown:
+            raise ValueError(f"unknown dense tasks {unknown}; valid: {', '.join(DENSE_TASKS)}")
+        if depth_kind not in DEPTH_KINDS:
+            raise ValueError(f"unknown depth_kind {depth_kind!r}; valid: {', '.join(DEPTH_KINDS)}")
+        if augment and not scales:
+            raise ValueError("scales must list at least one zoom factor")
+        if any(s < 1.0 for s in scales):
+            raise ValueError(f"scales must be >= 1.0 (the crop is at most the image): {scales}")
+        self.root = Path(root)
+        self.split = split
+        self.tasks = [t for t in DENSE_TASKS if t in tasks]
+        self.label_dir = label_dir
+        self.depth_kind = depth_kind
+        self.augment = augment
+        self.scales = tuple(float(s) for s in scales)
+        self.flip = flip
+        self.generator = generator
+
+        layout = _layout(self.root, split, label_dir)
+        if not self.root.is_dir():
+            raise DataRootError(f"data root {self.root} does not exist; {layout}")
+        split_dir = self.root / split
+        if not split_dir.is_dir():
+            raise DataRootError(f"split folder {split_dir} does not exist; {layout}")
+        folder_of = {"semantic": label_dir, "depth": "depth", "normal": "normal"}
+        self._dirs: dict[str, Path] = {"image": split_dir / "image"}
+        self._dirs.update({t: split_dir / folder_of[t] for t in self.tasks})
+        listings: dict[str, set[str]] = {}
+        for key, folder in self._dirs.items():
+            if not folder.is_dir():
+                raise DataRootError(f"folder {folder} for {key!r} does not exist; {layout}")
+            listings[key] = {p.name for p in folder.iterdir() if p.suffix == ".npy"}
+        self._length = len(listings["image"])
+        if self._length == 0:
+            raise DataRootError(f"image folder {self._dirs['image']} has no .npy files; {layout}")
+        for key, names in listings.items():
+            for i in range(self._length):
+                if f"{i}.npy" not in names:
+                    raise DataRootError(
+                        f"missing file {self._dirs[key] / f'{i}.npy'} ({len(names)} .npy files "
+                        f"in the folder, image folder has {self._length}); {layout}"
+                    )
+
+    def __len__(self) -> int:
+        return self._length
+
+    def _load(self, key: str, index: int) -> np.ndarray:
+        return np.load(self._dirs[key] / f"{index}.npy")
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self._length:
+            raise IndexError(f"index {index} out of range [0, {self._length})")
+        image = self._load("image", index)
+        sample: dict[str, Any] = {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32))
+        }
+        if "semantic" in self.tasks:
+            label = self._load("semantic", index)
+            if np.issubdtype(label.dtype, np.floating):
+                label = np.rint(label)
+            sample["semantic"] = torch.from_numpy(label.astype(np.int64).reshape(label.shape[:2]))
+        if "depth" in self.tasks:
+            depth = self._load("depth", index).astype(np.float32)
+            sample["depth"] = torch.from_numpy(depth.reshape(1, *depth.shape[:2]).copy())
+        if "normal" in self.tasks:
+            normal = self._load("normal", index)
+            sample["normal"] = torch.from_numpy(
+                np.ascontiguousarray(normal.transpose(2, 0, 1), np.float32)
+            )
+        if self.augment:
+            sample = self._augment(sample)
+        sample["index"] = index
+        return sample
+
+    def _augment(self, sample: dict[str, Any]) -> dict[str, Any]:
+        height, width = sample["image"].shape[-2:]
+        crop = sample_scale_crop(height, width, self.scales, self.generator)
+        if crop.scale != 1.0:
+            sample = apply_scale_crop(sample, crop, self.depth_kind)
+        if self.flip and float(torch.rand((), generator=self.generator)) < 0.5:
+            sample = hflip(sample)
+        return sample
+
+    def __repr__(self) -> str:
+        return (
+            f"MTANDense(root={str(self.root)!r}, split={self.split!r}, tasks={self.tasks}, "
+            f"n={self._length}, augment={self.augment})"
+        )
+
+
+def write_mtan_fixture(
+    root: str | Path,
+    split: str,
+    n: int,
+    height: int,
+    width: int,
+    classes: int,
+    with_normals: bool = True,
+    label_dir: str = "label",
+    seed: int = 0,
+) -> Path:
+    """Write ``n`` random samples in the MTAN-preprocessed format under ``<root>/<split>/``.
+
+    ``image`` is float32 ``[H,W,3]`` in [0, 1]; ``<label_dir>`` float32 ``[H,W]`` ids in
+    ``0..classes-1`` (stored as float, as the MTAN release does) with about 10% set to -1;
+    ``depth`` float32 ``[H,W,1]`` in [0.5, 10) with about 10% set to 0; ``normal`` float32
+    ``[H,W,3]`` unit vectors with about 10% all-zero. Returns ``<root>/<split>``.
+    """
+    rng = np.random.default_rng(seed)
+    split_dir = Path(root) / split
+    folders = ["image", label_dir, "depth"] + (["normal"] if with_normals else [])
+    for folder in folders:
+        (split_dir / folder).mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        image = rng.random((height, width, 3), dtype=np.float32)
+        label = rng.integers(0, classes, (height, width)).astype(np.float32)
+        label[rng.random((height, width)) < 0.1] = -1
+        depth = rng.uniform(0.5, 10.0, (height, width, 1)).astype(np.float32)
+        depth[rng.random((height, width)) < 0.1] = 0
+        np.save(split_dir / "image" / f"{i}.npy", image)
+        np.save(split_dir / label_dir / f"{i}.npy", label)
+        np.save(split_dir / "depth" / f"{i}.npy", depth)
+        if with_normals:
+            normal = rng.normal(size=(height, width, 3)).astype(np.float32)
+            normal /= np.linalg.norm(normal, axis=-1, keepdims=True)
+            normal[rng.random((height, width)) < 0.1] = 0
+            np.save(split_dir / "normal" / f"{i}.npy", normal)
+    return split_dir
