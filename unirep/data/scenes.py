@@ -49,17 +49,15 @@ give byte-identical files.
 from __future__ import annotations
 
 import colorsys
-import json
 import math
-import os
-import secrets
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+
+from unirep.data.generated import read_marker, write_tree
 
 __all__ = [
     "FOCAL_PER_WIDTH",
@@ -73,7 +71,6 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
-COMPLETE_MARKER = ".complete"
 
 #: Semantic class names, indexed by label id.
 SCENE_CLASSES: tuple[str, ...] = (
@@ -554,13 +551,6 @@ def _marker(seed: int, height: int, width: int, scale: float) -> dict:
     }
 
 
-def _read_marker(root: Path) -> dict | None:
-    try:
-        return json.loads((root / COMPLETE_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def _write_split(root: Path, split_index: int, split: str, count: int, seed: int,
                  height: int, width: int) -> None:  # fmt: skip
     folders = {"image": "image", "label": "label", "depth": "depth", "normal": "normal"}
@@ -593,38 +583,12 @@ def generate_mini_scenes(
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     root = Path(root)
-    if root.exists() and any(root.iterdir()) and _read_marker(root) is None:
-        raise FileExistsError(
-            f"{root} exists and is not a mini-scenes tree (no {COMPLETE_MARKER} marker); "
-            "refusing to replace it"
-        )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         for split_index, (split, count) in enumerate(_split_counts(scale).items()):
             _write_split(tmp, split_index, split, count, seed, height, width)
-        marker = _marker(seed, height, width, scale)
-        (tmp / COMPLETE_MARKER).write_text(json.dumps(marker), encoding="utf-8")
-        _move_into_place(tmp, root, marker)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _move_into_place(tmp: Path, root: Path, marker: dict) -> None:
-    try:
-        os.rename(tmp, root)  # atomic; succeeds when root is absent or an empty folder
-        return
-    except OSError:
-        pass
-    if _read_marker(root) == marker:
-        return  # another process finished the same benchmark meanwhile
-    old = root.parent / f".{root.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    os.rename(root, old)
-    try:
-        os.rename(tmp, root)
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    write_tree(root, _marker(seed, height, width, scale), write, "mini-scenes tree")
 
 
 def ensure_mini_scenes(
@@ -635,6 +599,6 @@ def ensure_mini_scenes(
     Generation happens only when ``root/.complete`` is missing or records other parameters.
     """
     root = Path(root)
-    if _read_marker(root) != _marker(seed, height, width, scale):
+    if read_marker(root) != _marker(seed, height, width, scale):
         generate_mini_scenes(root, seed=seed, height=height, width=width, scale=scale)
     return root

@@ -43,9 +43,6 @@ from __future__ import annotations
 import colorsys
 import json
 import math
-import os
-import secrets
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -53,6 +50,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from unirep.data.generated import read_marker, write_tree
 
 __all__ = [
     "MINI_DECATHLON_DOMAINS",
@@ -66,7 +65,6 @@ SPLITS = ("train", "val", "test")
 JPEG_QUALITY = 90
 ID_DOMAIN_STRIDE = 10_000_000
 IMAGE_ID_OFFSET = 200_000
-COMPLETE_MARKER = ".complete"
 
 Array = np.ndarray
 
@@ -890,13 +888,6 @@ def _marker(seed: int, image_size: int, scale: float) -> dict:
     }
 
 
-def _read_marker(root: Path) -> dict | None:
-    try:
-        return json.loads((root / COMPLETE_MARKER).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-
-
 def generate_mini_decathlon(
     root: Path, seed: int = 0, image_size: int = 32, scale: float = 1.0
 ) -> None:
@@ -917,39 +908,13 @@ def generate_mini_decathlon(
     if not scale > 0:
         raise ValueError(f"scale must be positive, got {scale}")
     root = Path(root)
-    if root.exists() and any(root.iterdir()) and _read_marker(root) is None:
-        raise FileExistsError(
-            f"{root} exists and is not a mini-decathlon (no {COMPLETE_MARKER} marker); "
-            "refusing to replace it"
-        )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         (tmp / "annotations").mkdir()
         for d, spec in enumerate(MINI_DECATHLON_DOMAINS, start=1):
             _write_domain(tmp, d, spec, seed, image_size, scale)
-        marker = _marker(seed, image_size, scale)
-        _write_json(tmp / COMPLETE_MARKER, marker)
-        _move_into_place(tmp, root, marker)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
-
-def _move_into_place(tmp: Path, root: Path, marker: dict) -> None:
-    try:
-        os.rename(tmp, root)  # atomic; succeeds when root is absent or an empty folder
-        return
-    except OSError:
-        pass
-    if _read_marker(root) == marker:
-        return  # another process finished the same benchmark meanwhile
-    old = root.parent / f".{root.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
-    os.rename(root, old)
-    try:
-        os.rename(tmp, root)
-    finally:
-        shutil.rmtree(old, ignore_errors=True)
+    write_tree(root, _marker(seed, image_size, scale), write, "mini-decathlon")
 
 
 def ensure_mini_decathlon(
@@ -960,6 +925,6 @@ def ensure_mini_decathlon(
     Generation happens only when ``root/.complete`` is missing or records other parameters.
     """
     root = Path(root)
-    if _read_marker(root) != _marker(seed, image_size, scale):
+    if read_marker(root) != _marker(seed, image_size, scale):
         generate_mini_decathlon(root, seed=seed, image_size=image_size, scale=scale)
     return root

@@ -1,0 +1,66 @@
+"""Generated data trees (the embedded benchmarks), written atomically and tagged with a marker.
+
+A generator writes into a temporary folder beside the target and renames it into place, so an
+interrupted generation never leaves a half tree; ``.complete`` records the generation parameters,
+so a tree is regenerated only when they change, and a folder without it is never replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+COMPLETE_MARKER = ".complete"
+
+
+def read_marker(root: Path) -> dict[str, Any] | None:
+    """The generation parameters recorded in ``root``, or None when absent or unreadable."""
+    try:
+        return json.loads((Path(root) / COMPLETE_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def write_tree(
+    root: Path, marker: dict[str, Any], write: Callable[[Path], None], what: str
+) -> None:
+    """Run ``write(tmp)`` into a temporary folder, tag it with ``marker``, move it to ``root``.
+
+    An existing non-empty ``root`` without a marker is refused (it is not ours to replace).
+    """
+    root = Path(root)
+    if root.exists() and any(root.iterdir()) and read_marker(root) is None:
+        raise FileExistsError(
+            f"{root} exists and is not a {what} (no {COMPLETE_MARKER} marker); "
+            "refusing to replace it"
+        )
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        (tmp / COMPLETE_MARKER).write_text(json.dumps(marker), encoding="utf-8")
+        _move_into_place(tmp, root, marker)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _move_into_place(tmp: Path, root: Path, marker: dict[str, Any]) -> None:
+    try:
+        os.rename(tmp, root)  # atomic; succeeds when root is absent or an empty folder
+        return
+    except OSError:
+        pass
+    if read_marker(root) == marker:
+        return  # another process finished the same tree meanwhile
+    old = root.parent / f".{root.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(root, old)
+    try:
+        os.rename(tmp, root)
+    finally:
+        shutil.rmtree(old, ignore_errors=True)
