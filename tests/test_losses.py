@@ -121,8 +121,8 @@ def _ref_cross_entropy(logits: Tensor, labels: Tensor, smoothing: float, ignore:
 
 def test_registries_hold_expected_names() -> None:
     assert FEATURE_LOSSES.names() == ["cka_linear", "cka_rbf", "l2"]
-    assert PREDICTION_LOSSES.names() == ["kl"]
-    assert TASK_LOSSES.names() == ["cross_entropy"]
+    assert PREDICTION_LOSSES.names() == ["dense_l1", "kl"]
+    assert TASK_LOSSES.names() == ["cross_entropy", "depth_berhu", "depth_l1", "normal_cosine"]
 
 
 @pytest.mark.parametrize("registry", [FEATURE_LOSSES, PREDICTION_LOSSES, TASK_LOSSES])
