@@ -1,0 +1,382 @@
+"""Dense multi-task networks: an encoder, one light decoder and head per task, alignment adapters.
+
+The dense counterpart of :mod:`unirep.models.network`. Teachers (one task) and the distilled
+student (all tasks) are the same :class:`DenseMultiTaskNet`; everything trainable, the alignment
+adapters included, lives in this one module, so it alone goes to the optimizer and to
+``accelerator.prepare``.
+
+Encoders come from :data:`DENSE_ENCODERS`:
+
+- ``"segnet"``: :class:`SegNetEncoder`, the encoder of MTAN's SegNet (Liu, Johns & Davison,
+  "End-to-End Multi-Task Learning with Attention", CVPR 2019), which URL also uses for NYUv2.
+- ``"timm"``: :class:`TimmDenseEncoder`, any timm model with ``features_only=True``.
+
+Both map images ``[B, 3, H, W]`` to a list of stage features ``[B, C_i, H_i, W_i]`` and expose
+``channels`` (the ``C_i``) and ``reductions`` (``H / H_i``, nominal).
+
+Alignment adapters follow Universal Representations (Li, Liu & Bilen, IJCV 2023, §3, NYUv2
+setting): per task, one bias-free 1×1 conv on the student's bottleneck and one on its last decoder
+feature, both mapped to the teacher's last decoder feature width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unirep.models.backbones import check_backbone
+from unirep.models.cross_task import CROSS_TASK
+from unirep.registry import Registry
+
+DENSE_ENCODERS: Registry[nn.Module] = Registry("dense encoder")
+
+#: Tasks whose prediction is a unit vector per pixel (surface normals): L2-normalised along
+#: channels after upsampling, as in MTAN and URL.
+UNIT_VECTOR_TASKS: frozenset[str] = frozenset({"normal", "normals"})
+
+#: Prefix of every alignment-adapter parameter; :meth:`DenseMultiTaskNet.export_state` drops them.
+ALIGN_PREFIX = "align"
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    """3×3 conv (no bias: BN follows)–BN–ReLU, keeping the spatial size."""
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+        nn.BatchNorm2d(out_channels),
+        nn.ReLU(inplace=True),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Encoders
+# --------------------------------------------------------------------------------------------
+
+SEGNET_WIDTHS: tuple[int, ...] = (64, 128, 256, 512, 512)
+SEGNET_DEPTHS: tuple[int, ...] = (2, 2, 3, 3, 3)
+
+
+@DENSE_ENCODERS.register("segnet")
+class SegNetEncoder(nn.Module):
+    """The SegNet encoder of MTAN (Liu et al. CVPR 2019), as used by URL on NYUv2.
+
+    Five stages of 3×3 conv–BN–ReLU blocks (2, 2, 3, 3, 3 blocks; widths 64, 128, 256, 512, 512
+    times ``width_mult``), each followed by a 2×2 max-pool that keeps its indices (for a SegNet
+    unpooling decoder). Stage ``i`` outputs the pooled feature ``[B, C_i, ⌊H/2^{i+1}⌋,
+    ⌊W/2^{i+1}⌋]``, so the last one is MTAN's/URL's bottleneck ``g_maxpool[4]`` at 1/32.
+
+    Args:
+        width_mult: scales every width (``round(c · width_mult)``, at least 1); 1.0 is the
+            paper's network, 0.25 a CPU-sized one.
+        in_channels: image channels.
+
+    Forward: ``[B, in_channels, H, W]`` with ``H, W ≥ 32`` -> list of 5 ``[B, C_i, H_i, W_i]``.
+    """
+
+    def __init__(self, width_mult: float = 1.0, in_channels: int = 3) -> None:
+        super().__init__()
+        if width_mult <= 0:
+            raise ValueError(f"width_mult must be positive, got {width_mult}")
+        self.channels: list[int] = [max(1, round(c * width_mult)) for c in SEGNET_WIDTHS]
+        self.reductions: list[int] = [2 ** (i + 1) for i in range(len(self.channels))]
+        stages = []
+        c_in = in_channels
+        for width, depth in zip(self.channels, SEGNET_DEPTHS, strict=True):
+            blocks = [_conv_bn_relu(c_in if b == 0 else width, width) for b in range(depth)]
+            stages.append(nn.Sequential(*blocks))
+            c_in = width
+        self.stages = nn.ModuleList(stages)
+        self.pool = nn.MaxPool2d(kernel_size=2, stride=2, return_indices=True)
+
+    def forward_with_indices(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """Pooled stage features and the max-pool indices ``[B, C_i, H_i, W_i]`` of each stage."""
+        min_side = self.reductions[-1]
+        if images.dim() != 4 or min(images.shape[-2:]) < min_side:
+            raise ValueError(
+                f"segnet expects [B, C, H, W] with H, W >= {min_side}, got {list(images.shape)}"
+            )
+        feats: list[Tensor] = []
+        indices: list[Tensor] = []
+        x = images
+        for stage in self.stages:
+            x, idx = self.pool(stage(x))
+            feats.append(x)
+            indices.append(idx)
+        return feats, indices
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        return self.forward_with_indices(images)[0]
+
+
+@DENSE_ENCODERS.register("timm")
+class TimmDenseEncoder(nn.Module):
+    """Any timm model as a multi-scale encoder (``features_only=True``); weights never downloaded.
+
+    Args:
+        model_name: a timm model name supporting ``features_only`` (e.g. ``"resnet50"``,
+            ``"mobilenetv3_small_050"``). Not ``name``, which ``Registry.build`` takes itself.
+        out_indices: which feature levels to return (timm's default: all of them).
+        pretrained: must be False; pretrained weights are refused.
+        **kwargs: passed to ``timm.create_model``.
+
+    Forward: ``[B, 3, H, W]`` -> list of ``[B, C_i, H_i, W_i]`` (channels first, even for models
+    whose features are channels-last, which are permuted).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        out_indices: list[int] | tuple[int, ...] | None = None,
+        pretrained: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if pretrained:
+            raise ValueError("pretrained weights are never downloaded; set pretrained=false")
+        check_backbone(model_name)
+        if out_indices is not None:
+            kwargs["out_indices"] = tuple(out_indices)
+        try:
+            self.model = timm.create_model(
+                model_name, pretrained=False, features_only=True, **kwargs
+            )
+        except (RuntimeError, ValueError, TypeError, NotImplementedError, AssertionError) as err:
+            raise ValueError(
+                f"timm model {model_name!r} cannot be built with features_only=True "
+                f"and {kwargs}: {err}"
+            ) from err
+        self.model_name = model_name
+        self.channels: list[int] = list(self.model.feature_info.channels())
+        self.reductions: list[int] = list(self.model.feature_info.reduction())
+
+    def forward(self, images: Tensor) -> list[Tensor]:
+        feats = []
+        for x, c in zip(self.model(images), self.channels, strict=True):
+            if x.shape[1] != c and x.shape[-1] == c:  # channels-last features (e.g. Swin)
+                x = x.permute(0, 3, 1, 2).contiguous()
+            feats.append(x)
+        return feats
+
+
+# --------------------------------------------------------------------------------------------
+# Decoder and head
+# --------------------------------------------------------------------------------------------
+
+
+class PyramidDecoder(nn.Module):
+    """A light FPN-like decoder for one task (Lin et al., "Feature Pyramid Networks", CVPR 2017).
+
+    Each stage ``i`` goes through a 1×1 lateral conv ``C_i → D``; going top-down from the last
+    stage, the running sum is upsampled bilinearly to the next stage's size and added to its
+    lateral, down to the first (highest-resolution) stage; a 3×3 conv–BN–ReLU ``D → D`` ends it.
+
+    Forward: list of ``[B, C_i, H_i, W_i]`` -> ``[B, D, H_0, W_0]``.
+    """
+
+    def __init__(self, channels: list[int], out_channels: int) -> None:
+        super().__init__()
+        self.laterals = nn.ModuleList(nn.Conv2d(c, out_channels, kernel_size=1) for c in channels)
+        self.fuse = _conv_bn_relu(out_channels, out_channels)
+
+    def forward(self, stages: list[Tensor]) -> Tensor:
+        if len(stages) != len(self.laterals):
+            raise ValueError(f"expected {len(self.laterals)} stages, got {len(stages)}")
+        x = self.laterals[-1](stages[-1])
+        for lateral, feat in zip(self.laterals[-2::-1], stages[-2::-1], strict=True):
+            x = F.interpolate(x, size=feat.shape[-2:], mode="bilinear", align_corners=False)
+            x = x + lateral(feat)
+        return self.fuse(x)
+
+
+class DenseHead(nn.Sequential):
+    """MTAN's/URL's ``SegNet_head``: 3×3 conv–BN–ReLU ``D → D`` then 1×1 conv ``D → K``.
+
+    ``[B, D, h, w] -> [B, K, h, w]`` (upsampling to the input size is done by the network).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__(
+            _conv_bn_relu(in_channels, in_channels),
+            nn.Conv2d(in_channels, out_channels, kernel_size=1),
+        )
+
+
+def _align_conv(in_channels: int, out_channels: int) -> nn.Conv2d:
+    """URL's alignment adapter: a bias-free 1×1 conv with Xavier-normal init."""
+    conv = nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False)
+    nn.init.xavier_normal_(conv.weight)
+    return conv
+
+
+# --------------------------------------------------------------------------------------------
+# The network
+# --------------------------------------------------------------------------------------------
+
+
+class DenseMultiTaskNet(nn.Module):
+    """Shared encoder → per-task decoder → per-task head, with optional cross-task modules.
+
+    Pipeline for images ``[B, 3, H, W]``:
+
+    1. the encoder gives shared stages ``g_i`` ``[B, C_i, H_i, W_i]``;
+    2. with ``cross_task="mtan"``, each task reads its own attended stages ``a_i^t ⊙ g_i``
+       (:class:`~unirep.models.cross_task.TaskAttentionMasks`, MTAN, CVPR 2019); otherwise every
+       task reads the shared ``g_i``;
+    3. a :class:`PyramidDecoder` per task gives ``[B, D, H_0, W_0]`` (``D = decoder_channels``);
+    4. with ``cross_task="densemtl"``, the per-task decoder features are exchanged by
+       :class:`~unirep.models.cross_task.CrossTaskExchange` (DenseMTL, WACV 2023; the identity at
+       initialisation);
+    5. a :class:`DenseHead` per task, upsampled bilinearly to ``H × W``. Tasks named in
+       :data:`UNIT_VECTOR_TASKS` (``"normal"``) are then L2-normalised along channels; every other
+       output is raw: segmentation logits (the loss applies the softmax) and depth as an
+       unconstrained regression (no positivity activation, as in MTAN and URL; the L1 loss only
+       looks at valid pixels).
+
+    Alignment adapters (only with ``align_dims``; used by the distillation loss only and left out
+    by :meth:`export_state`): per task ``t``, ``align_bottleneck[t]`` is a bias-free 1×1 conv
+    ``C_last → align_dims[t]`` and ``align_features[t]`` one ``D → align_dims[t]`` (URL's two
+    branches; both are compared with the teacher's last decoder feature, the bottleneck one after
+    the loss upsamples it to the teacher's size).
+
+    Args:
+        encoder: a module mapping images to a list of stage features, with ``channels`` and
+            ``reductions`` attributes (see :data:`DENSE_ENCODERS`).
+        tasks: ``{task: output channels}``, e.g. ``{"semantic": 13, "depth": 1, "normal": 3}``.
+        decoder_channels: width ``D`` of every task's decoder and head.
+        cross_task: ``"mtan"``, ``"densemtl"`` or None (a key of ``CROSS_TASK``).
+        cross_task_kwargs: extra arguments of the cross-task module (``reduction`` for MTAN,
+            ``pool``/``heads`` for DenseMTL).
+        align_dims: ``{task: teacher feature width}``; one pair of adapters per listed task.
+
+    Forward returns, per task, ``{"pred": [B, K_t, H, W], "features": [B, D, H_0, W_0]`` (the last
+    decoder feature, after any exchange), ``"bottleneck": [B, C_last, H_last, W_last]`` (the
+    last-stage feature the task's decoder reads: shared, or the task's attended one with MTAN)``}``
+    plus ``"aligned_bottleneck": [B, A_t, H_last, W_last]`` and ``"aligned_features":
+    [B, A_t, H_0, W_0]`` for tasks with adapters.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        tasks: dict[str, int],
+        decoder_channels: int = 64,
+        cross_task: str | None = None,
+        cross_task_kwargs: dict[str, Any] | None = None,
+        align_dims: dict[str, int] | None = None,
+    ) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("at least one task is needed")
+        bad = {t: k for t, k in tasks.items() if k < 1}
+        if bad:
+            raise ValueError(f"output channels must be positive, got {bad}")
+        channels = getattr(encoder, "channels", None)
+        if not channels or not hasattr(encoder, "reductions"):
+            raise TypeError(
+                "the encoder must expose `channels` and `reductions` (see DENSE_ENCODERS), "
+                f"got {type(encoder).__name__}"
+            )
+        unknown = set(align_dims or {}) - set(tasks)
+        if unknown:
+            raise KeyError(
+                f"align_dims for unknown task(s) {sorted(unknown)}; tasks: {list(tasks)}"
+            )
+        self.encoder = encoder
+        self.task_channels = dict(tasks)
+        self.decoder_channels = decoder_channels
+        self.cross_task_name = cross_task
+        names = list(tasks)
+
+        self.attention: nn.Module | None = None  # MTAN masks, before the decoders
+        self.exchange: nn.Module | None = None  # DenseMTL exchange, after the decoders
+        if cross_task is not None:
+            kwargs = dict(cross_task_kwargs or {})
+            if cross_task == "mtan":
+                self.attention = CROSS_TASK.build(
+                    cross_task, tasks=names, channels=list(channels), **kwargs
+                )
+            elif cross_task == "densemtl":
+                self.exchange = CROSS_TASK.build(
+                    cross_task, tasks=names, channels=decoder_channels, **kwargs
+                )
+            else:
+                CROSS_TASK.get(cross_task)  # unknown names fail with the choices
+                raise ValueError(f"cross-task module {cross_task!r} is not wired into dense nets")
+        elif cross_task_kwargs:
+            raise ValueError(f"cross_task_kwargs {cross_task_kwargs} given without cross_task")
+
+        self.decoders = nn.ModuleDict(
+            {t: PyramidDecoder(list(channels), decoder_channels) for t in names}
+        )
+        self.heads = nn.ModuleDict({t: DenseHead(decoder_channels, k) for t, k in tasks.items()})
+        dims = align_dims or {}
+        self.align_bottleneck = nn.ModuleDict(
+            {t: _align_conv(channels[-1], d) for t, d in dims.items()}
+        )
+        self.align_features = nn.ModuleDict(
+            {t: _align_conv(decoder_channels, d) for t, d in dims.items()}
+        )
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.heads.keys())
+
+    def forward(self, images: Tensor) -> dict[str, dict[str, Tensor]]:
+        shared = self.encoder(images)
+        if self.attention is not None:
+            _, masks = self.attention.forward_with_masks(shared)
+            stages = {t: [m * g for m, g in zip(masks[t], shared, strict=True)] for t in masks}
+        else:
+            stages = {t: shared for t in self.tasks}
+        feats = {t: self.decoders[t](stages[t]) for t in self.tasks}
+        if self.exchange is not None:
+            feats = self.exchange(feats)
+
+        out: dict[str, dict[str, Tensor]] = {}
+        for task in self.tasks:
+            pred = self.heads[task](feats[task])
+            pred = F.interpolate(pred, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            if task in UNIT_VECTOR_TASKS:
+                pred = F.normalize(pred, p=2, dim=1)
+            bottleneck = stages[task][-1]
+            out[task] = {"pred": pred, "features": feats[task], "bottleneck": bottleneck}
+            if task in self.align_features:
+                out[task]["aligned_bottleneck"] = self.align_bottleneck[task](bottleneck)
+                out[task]["aligned_features"] = self.align_features[task](feats[task])
+        return out
+
+    def export_state(self) -> dict[str, Tensor]:
+        """The exported weights: everything but the alignment adapters (keys ``align*``)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(ALIGN_PREFIX)}
+
+
+def build_dense_encoder(name: str, **kwargs: Any) -> nn.Module:
+    """Build the encoder registered as ``name`` in :data:`DENSE_ENCODERS`."""
+    return DENSE_ENCODERS.build(name, **kwargs)
+
+
+def build_dense_network(
+    encoder: str,
+    encoder_kwargs: dict[str, Any],
+    tasks: dict[str, int],
+    decoder_channels: int = 64,
+    cross_task: str | None = None,
+    cross_task_kwargs: dict[str, Any] | None = None,
+    align_dims: dict[str, int] | None = None,
+) -> DenseMultiTaskNet:
+    """Build a :class:`DenseMultiTaskNet`; a single-task teacher is the same with one task.
+
+    ``encoder`` is a :data:`DENSE_ENCODERS` key (``"segnet"`` or ``"timm"``) built with
+    ``encoder_kwargs`` (e.g. ``{"width_mult": 0.25}`` or ``{"model_name": "resnet50"}``).
+    """
+    net = build_dense_encoder(encoder, **encoder_kwargs)
+    return DenseMultiTaskNet(
+        net,
+        tasks,
+        decoder_channels=decoder_channels,
+        cross_task=cross_task,
+        cross_task_kwargs=cross_task_kwargs,
+        align_dims=align_dims,
+    )
