@@ -122,7 +122,10 @@ def _check_same_config(cfg: Config, saved_path: Path) -> None:
 def resolve_domains(cfg: Config, accelerator: Accelerator) -> DomainSet:
     """The run's domains; a synthetic benchmark is generated once, by the main process."""
     with accelerator.main_process_first():
-        return build_domains(cfg.data, cache_dir(cfg))
+        domains = build_domains(cfg.data, cache_dir(cfg))
+        for domain in domains.domains:  # computed (and cached) once, then read by the others
+            domains.mean_std(domain)
+    return domains
 
 
 def data_fingerprint(domains: DomainSet, domain: str) -> str:
