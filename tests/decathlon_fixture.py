@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unirep.data.decathlon import DECATHLON_DOMAINS
+from unirep.data.decathlon import DECATHLON_DOMAINS, coco_annotation
 
 SIZES = {"train": 8, "val": 4, "test": 4}
 
@@ -41,17 +41,7 @@ def write_official_fixture(root: Path, classes: int = 2, labelled_test: bool = F
                 Image.fromarray(pixels).save(root / name, quality=90)
                 image_id = d * 10**7 + 200000 + k
                 images.append({"id": image_id, "width": width, "height": 72, "file_name": name})
-                annotations.append(
-                    {
-                        "id": image_id,
-                        "image_id": image_id,
-                        "category_id": categories[label]["id"],
-                        "segmentation": [],
-                        "area": 0,
-                        "bbox": [],
-                        "iscrowd": 0,
-                    }
-                )
+                annotations.append(coco_annotation(image_id, categories[label]["id"]))
             content = {
                 "info": {"year": 2017, "version": 1, "description": "Decathlon"},
                 "images": images,

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 import unirep.models.resnet_decathlon  # noqa: F401  (registers the decathlon ResNets in timm)
+from unirep.data.decathlon import DECATHLON_DOMAINS
 from unirep.models.residual_adapters import (
     DomainBatchNorm2d,
     ParallelAdapterConv,
@@ -20,18 +21,7 @@ from unirep.models.residual_adapters import (
 )
 
 DOMAINS = ["digits", "objects", "textures"]
-DECATHLON = [
-    "imagenet12",
-    "aircraft",
-    "cifar100",
-    "daimlerpedcls",
-    "dtd",
-    "gtsrb",
-    "omniglot",
-    "svhn",
-    "ucf101",
-    "vgg-flowers",
-]
+DECATHLON = list(DECATHLON_DOMAINS)
 
 
 def _tiny(domains: list[str] = DOMAINS, share_bn: bool = False) -> nn.Module:

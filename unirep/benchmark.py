@@ -22,6 +22,7 @@ from unirep.config import Config
 from unirep.models.network import build_network
 from unirep.objective import build_objective
 from unirep.optim import build_optimizer
+from unirep.pipeline import build_student
 
 
 def measure_step(
@@ -44,15 +45,7 @@ def measure_step(
                 .eval()
             )
             feature_dims[d] = teachers[d].feature_dim
-    student = build_network(
-        cfg.model.backbone,
-        cfg.model.backbone_kwargs,
-        domains,
-        adapter=cfg.model.adapter.name if distill else None,
-        adapter_kwargs=cfg.model.adapter.kwargs,
-        teacher_dims=feature_dims,
-        residual_adapters=cfg.model.residual_adapters,
-    ).to(device)
+    student = build_student(cfg, domains, feature_dims, distill).to(device)
     spec = cfg.train.optim.optimizer
     optimizer = build_optimizer(spec.name, student.parameters(), spec.kwargs)
     objective = build_objective(cfg.distill, distill)

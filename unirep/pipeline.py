@@ -172,6 +172,26 @@ def load_teachers(cfg: Config, domains: DomainSet) -> dict[str, Teacher]:
     return {domain: load_domain_teacher(cfg, domains, domain) for domain in domains.domains}
 
 
+def build_student(
+    cfg: Config,
+    num_classes: dict[str, int],
+    teacher_dims: dict[str, int],
+    distill: bool,
+    backbone_state: dict[str, torch.Tensor] | None = None,
+) -> MultiDomainNet:
+    """The run's student (``distill``: with alignment adapters) or its no-distillation twin."""
+    return build_network(
+        cfg.model.backbone,
+        cfg.model.backbone_kwargs,
+        num_classes,
+        adapter=cfg.model.adapter.name if distill else None,
+        adapter_kwargs=cfg.model.adapter.kwargs,
+        teacher_dims=teacher_dims,
+        residual_adapters=cfg.model.residual_adapters,
+        backbone_state=backbone_state,
+    )
+
+
 def _student_phase(
     cfg: Config,
     name: str,
@@ -191,16 +211,8 @@ def _student_phase(
                 f"({', '.join(teachers)})"
             )
         backbone_state = teachers[source].net.backbone.state_dict()
-    net = build_network(
-        cfg.model.backbone,
-        cfg.model.backbone_kwargs,
-        num_classes,
-        adapter=cfg.model.adapter.name if distill else None,
-        adapter_kwargs=cfg.model.adapter.kwargs,
-        teacher_dims={d: t.feature_dim for d, t in teachers.items()},
-        residual_adapters=cfg.model.residual_adapters,
-        backbone_state=backbone_state,
-    )
+    teacher_dims = {d: t.feature_dim for d, t in teachers.items()}
+    net = build_student(cfg, num_classes, teacher_dims, distill, backbone_state)
     checkpoint_dir = run_dir / "checkpoints" / name
     return Phase(
         name=name,

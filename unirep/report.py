@@ -155,7 +155,7 @@ def _curves_figure(curves: Mapping[str, Mapping[str, list[tuple[int, float]]]]) 
     nrows = math.ceil(len(series_names) / ncols)
     fig = Figure(figsize=(4.5 * ncols, 3.2 * nrows), layout="constrained")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    for ax, name in zip(axes, series_names, strict=False):
+    for ax, name in zip(axes[: len(series_names)], series_names, strict=True):
         values_seen: list[float] = []
         for k, (phase, series) in enumerate(curves.items()):
             points = series.get(name)

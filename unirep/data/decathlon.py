@@ -29,6 +29,7 @@ __all__ = [
     "CorruptImageError",
     "DataRootError",
     "DecathlonDomain",
+    "coco_annotation",
 ]
 
 #: The ten official domains in alphabetical order; index + 1 is the d of the id encoding.
@@ -59,6 +60,19 @@ DECATHLON_NUM_CLASSES: dict[str, int] = {
 }
 SPLITS: tuple[str, ...] = ("train", "val", "test")
 ON_CORRUPT_CHOICES: tuple[str, ...] = ("error", "skip")
+
+
+def coco_annotation(image_id: int, category_id: int) -> dict[str, Any]:
+    """One entry of a Decathlon ``annotations`` list, with the devkit's fields (id = image id)."""
+    return {
+        "id": image_id,
+        "image_id": image_id,
+        "category_id": category_id,
+        "segmentation": [],
+        "area": 0,
+        "bbox": [],
+        "iscrowd": 0,
+    }
 
 
 class DataRootError(FileNotFoundError):

@@ -37,18 +37,26 @@ class DomainSet:
     cfg: DataConfig
     cache_dir: Path
     _stats: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
+    # built once: reading an annotation file (1.2 M entries for ImageNet) is not free
+    _datasets: dict[tuple[str, str, bool], Any] = field(default_factory=dict)
+    _raw_hf_train: dict[str, HFDomain] = field(default_factory=dict)
 
     def mean_std(self, domain: str) -> tuple[list[float], list[float]]:
         """Per-domain normalisation (reference figures, or computed once from train and cached)."""
         if domain not in self._stats:
             if domain in self.cfg.hf_domains:
                 spec = self.cfg.hf_domains[domain]
-                train = self._hf(domain, "train", transform=None)
+                train = self._untransformed_hf_train(domain)
                 stats = domain_mean_std(spec.path, domain, self.cache_dir, train_set=train)
             else:
                 stats = domain_mean_std(self.root, domain, self.cache_dir)
             self._stats[domain] = stats
         return self._stats[domain]
+
+    def _untransformed_hf_train(self, domain: str) -> HFDomain:
+        if domain not in self._raw_hf_train:
+            self._raw_hf_train[domain] = self._hf(domain, "train", transform=None)
+        return self._raw_hf_train[domain]
 
     def _hf(self, domain: str, split: str, transform: Any) -> HFDomain:
         spec = self.cfg.hf_domains[domain]
@@ -71,7 +79,7 @@ class DomainSet:
     def fingerprint(self, domain: str) -> str:
         """Identifies the training data a teacher saw (annotation file or dataset fingerprint)."""
         if domain in self.cfg.hf_domains:
-            train = self._hf(domain, "train", transform=None)
+            train = self._untransformed_hf_train(domain)
             text = (
                 f"{self.cfg.hf_domains[domain].path}|{train.split}|{train.hf_dataset._fingerprint}"
             )
@@ -90,7 +98,16 @@ class DomainSet:
         }
 
     def dataset(self, domain: str, split: str, train: bool = False) -> DecathlonDomain | HFDomain:
-        """Domain ``domain``'s ``split``; ``train`` turns on random crops and flips."""
+        """Domain ``domain``'s ``split``; ``train`` turns on random crops and flips.
+
+        Built once per (domain, split, train) and shared by every phase of the run.
+        """
+        key = (domain, split, train)
+        if key not in self._datasets:
+            self._datasets[key] = self._build_dataset(domain, split, train)
+        return self._datasets[key]
+
+    def _build_dataset(self, domain: str, split: str, train: bool) -> DecathlonDomain | HFDomain:
         mean, std = self.mean_std(domain)
         transform = build_transform(
             train=train,

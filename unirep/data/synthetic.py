@@ -51,6 +51,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from unirep.data.decathlon import coco_annotation
 from unirep.data.generated import read_marker, write_tree
 
 __all__ = [
@@ -853,17 +854,7 @@ def _write_domain(
             images.append(
                 {"id": image_id, "width": width, "height": height, "file_name": file_name}
             )
-            annotations.append(
-                {
-                    "id": image_id,
-                    "image_id": image_id,
-                    "category_id": categories[label]["id"],
-                    "segmentation": [],
-                    "area": 0,
-                    "bbox": [],
-                    "iscrowd": 0,
-                }
-            )
+            annotations.append(coco_annotation(image_id, categories[label]["id"]))
         licenses = [{"id": 1, "name": "decathlon"}]
         labelled = {
             "info": _info(seed),

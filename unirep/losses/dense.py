@@ -63,6 +63,17 @@ def _masked_mean(values: Tensor, valid: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def _valid_residual(pred: Tensor, target: Tensor, invalid_value: float) -> tuple[Tensor, Tensor]:
+    """``(|pred − target|, valid)`` in float32, residual 0 where the target is invalid.
+
+    Masking before any arithmetic keeps NaN or inf predictions on invalid pixels out of the loss
+    and its gradient.
+    """
+    pred, target = _float_pair(pred, target)
+    valid = target != invalid_value
+    return torch.where(valid, pred - target, torch.zeros_like(pred)).abs(), valid
+
+
 @TASK_LOSSES.register("depth_l1")
 class L1DepthLoss(nn.Module):
     """Mean absolute depth error over valid pixels (MTAN, CVPR 2019; URL on NYU-v2).
@@ -81,10 +92,8 @@ class L1DepthLoss(nn.Module):
         """Return the mean L1 depth error over valid pixels."""
         pred, target = _depth_pair(pred, target)
         with _full_precision(pred.device):
-            pred, target = _float_pair(pred, target)
-            valid = target != self.invalid_value
-            residual = torch.where(valid, pred - target, torch.zeros_like(pred))
-            return _masked_mean(residual.abs(), valid)
+            r, valid = _valid_residual(pred, target, self.invalid_value)
+            return _masked_mean(r, valid)
 
 
 @TASK_LOSSES.register("depth_berhu")
@@ -110,9 +119,7 @@ class BerHuDepthLoss(nn.Module):
         """Return the mean berHu depth loss over valid pixels."""
         pred, target = _depth_pair(pred, target)
         with _full_precision(pred.device):
-            pred, target = _float_pair(pred, target)
-            valid = target != self.invalid_value
-            r = torch.where(valid, pred - target, torch.zeros_like(pred)).abs()
+            r, valid = _valid_residual(pred, target, self.invalid_value)
             c = self.threshold * r.detach().max()  # invalid residuals are 0, so they never win
             # Divide by a positive number even when c = 0, where the quadratic branch is unused.
             quadratic = (r.pow(2) + c.pow(2)) / (2.0 * c.clamp_min(torch.finfo(r.dtype).tiny))
@@ -182,11 +189,7 @@ class DenseL1Loss(nn.Module):
 
     def forward(self, s: Tensor, t: Tensor) -> Tensor:
         """Return the mean per-pixel L1 distance for student ``s`` and teacher ``t``."""
-        _check_batch(s, t, min_dim=2)
-        if s.shape != t.shape:
-            raise ValueError(
-                f"student {tuple(s.shape)} and teacher {tuple(t.shape)} predictions must match"
-            )
+        _check_batch(s, t, min_dim=2, same_shape="predictions")
         with _full_precision(s.device):
             s, t = _upcast(s, t)
             if self.normalize_channels:

@@ -66,7 +66,8 @@ def _upcast(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
     return s.to(dtype), t.detach().to(dtype)
 
 
-def _check_batch(s: Tensor, t: Tensor, min_dim: int) -> None:
+def _check_batch(s: Tensor, t: Tensor, min_dim: int, same_shape: str | None = None) -> None:
+    """Shape checks shared by the losses; ``same_shape`` names what must match exactly."""
     if s.dim() < min_dim or t.dim() < min_dim:
         raise ValueError(
             f"expected tensors with at least {min_dim} dims, got student {tuple(s.shape)} "
@@ -75,6 +76,10 @@ def _check_batch(s: Tensor, t: Tensor, min_dim: int) -> None:
     if s.shape[0] != t.shape[0]:
         raise ValueError(
             f"student and teacher batch sizes differ: {tuple(s.shape)} vs {tuple(t.shape)}"
+        )
+    if same_shape is not None and s.shape != t.shape:
+        raise ValueError(
+            f"student {tuple(s.shape)} and teacher {tuple(t.shape)} {same_shape} must match"
         )
 
 
@@ -317,11 +322,7 @@ class KLDivergenceLoss(nn.Module):
 
     def forward(self, s: Tensor, t: Tensor) -> Tensor:
         """Return the scalar loss for student logits ``s`` and teacher logits ``t``."""
-        _check_batch(s, t, min_dim=2)
-        if s.shape != t.shape:
-            raise ValueError(
-                f"student {tuple(s.shape)} and teacher {tuple(t.shape)} logits must match"
-            )
+        _check_batch(s, t, min_dim=2, same_shape="logits")
         with _full_precision(s.device):
             s, t = _upcast(s, t)
             temp = self.temperature
