@@ -41,3 +41,30 @@ def tiny_config(cache: Path, out: Path, *extra: str) -> Config:
         "mini-decathlon",
         [*TINY, f"data.cache_dir={cache}", f"output_dir={out}", *extra],
     )
+
+
+TINY_DENSE = [
+    "data.generator={seed: 0, height: 32, width: 48, scale: 0.05}",  # 12 / 3 / 6 scenes
+    "data.batch_size=4",
+    "data.eval_batch_size=4",
+    "dense.encoder.kwargs={width_mult: 0.125}",
+    "dense.decoder_channels=8",
+    "teachers.train.max_steps=20",  # enough for non-zero test scores (Δm divides by them)
+    "teachers.train.eval_every=10",
+    "teachers.train.checkpoint_every=10",
+    "teachers.train.log_every=5",
+    "teachers.train.optim.optimizer.kwargs={lr: 0.01}",
+    "train.max_steps=4",
+    "train.eval_every=2",
+    "train.checkpoint_every=2",
+    "train.log_every=2",
+    "progress=false",
+]
+
+
+def tiny_dense_config(cache: Path, out: Path, *extra: str, preset: str = "mini-scenes") -> Config:
+    """A dense preset shrunk to a few small images and steps."""
+    return load_config(
+        preset,
+        [*TINY_DENSE, f"data.cache_dir={cache}", f"output_dir={out}", *extra],
+    )

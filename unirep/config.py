@@ -143,6 +143,46 @@ class TeachersConfig:
 
 
 @dataclass
+class DenseTaskConfig:
+    """One dense task of a multi-task run: its supervised loss, weight and prediction distillation.
+
+    ``loss`` is a task-loss registry name (``cross_entropy`` for ``semantic``, ``depth_l1`` or
+    ``depth_berhu`` for ``depth``, ``normal_cosine`` for ``normal``). ``prediction_loss`` (optional)
+    distils the teacher's prediction of this task: ``kl`` on segmentation logits, ``dense_l1`` on
+    depth or normals; None leaves it out (URL's NYUv2 recipe has none).
+    """
+
+    loss: Spec
+    weight: float = 1.0
+    prediction_loss: Spec | None = None
+
+
+@dataclass
+class DenseConfig:
+    """Multi-task dense prediction (NYUv2, Cityscapes, mini-scenes) in the MTAN file format.
+
+    Setting this section makes a run dense: one teacher per task, then a multi-task student with
+    a shared encoder, per-task decoders and heads, optional cross-task attention and URL's two
+    alignment adapters per task. ``data.source`` is then ``mtan`` (a folder at ``data.root``) or
+    ``mini-scenes`` (generated on first use with ``data.generator`` arguments).
+    """
+
+    tasks: dict[str, DenseTaskConfig] = field(default_factory=dict)  # semantic, depth, normal
+    num_classes: int = 13  # semantic classes (NYUv2 13, Cityscapes 7 or 19, mini-scenes 7)
+    label_dir: str = "label"  # Cityscapes: label_7 or label_19
+    depth_kind: str = "depth"  # "depth" (metres) or "inverse_depth" (Cityscapes)
+    scales: list[float] = field(default_factory=lambda: [1.0, 1.2, 1.5])  # MTAN scale-crop
+    flip: bool = True
+    augment: bool = True
+    val_folder: str | None = None  # None: carve val_fraction of the training folder
+    val_fraction: float = 0.1
+    test_folder: str = "val"  # MTAN's "val" folder is the standard test set
+    encoder: Spec = field(default_factory=lambda: Spec("segnet"))  # segnet or timm
+    decoder_channels: int = 64
+    cross_task: Spec | None = None  # mtan or densemtl (kwargs: reduction / pool, heads)
+
+
+@dataclass
 class Config:
     """A whole run: data, model, teachers, student objective and training, outputs."""
 
@@ -162,6 +202,7 @@ class Config:
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    dense: DenseConfig | None = None  # set: a dense multi-task run (see DenseConfig)
 
 
 CHOICES: dict[str, tuple[str, ...]] = {
@@ -169,7 +210,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "mixed_precision": ("no", "fp16", "bf16"),
     "data.on_corrupt": ("error", "skip"),
     "distill.annealing": ("linear", "none"),
-    "train.selection_metric": ("accuracy",),
+    "train.selection_metric": ("accuracy", "delta_m"),
 }
 
 
@@ -387,7 +428,62 @@ def _validate(cfg: Config) -> None:
                 f"config key {key!r} ({crop}) must be positive and not exceed 'data.resize' "
                 f"({cfg.data.resize})"
             )
+    if cfg.dense is not None:
+        _validate_dense(cfg)
+    elif cfg.train.selection_metric != "accuracy":
+        raise ConfigError(
+            "config key 'train.selection_metric': 'delta_m' is for dense runs (a 'dense' section); "
+            "classification selects on 'accuracy'"
+        )
     check_names(cfg)
+
+
+def _validate_dense(cfg: Config) -> None:
+    dense = cfg.dense
+    assert dense is not None
+    from unirep.data.dense import DENSE_TASKS, DEPTH_KINDS
+
+    if not dense.tasks:
+        raise ConfigError(
+            f"config key 'dense.tasks': name at least one of {', '.join(DENSE_TASKS)}"
+        )
+    for task in dense.tasks:
+        if task not in DENSE_TASKS:
+            raise ConfigError(
+                f"config key 'dense.tasks.{task}': unknown dense task; "
+                f"valid: {', '.join(DENSE_TASKS)}"
+            )
+    if dense.depth_kind not in DEPTH_KINDS:
+        raise ConfigError(
+            f"config key 'dense.depth_kind': {dense.depth_kind!r} is not valid; choices: "
+            f"{', '.join(DEPTH_KINDS)}"
+        )
+    if "semantic" in dense.tasks and dense.num_classes < 2:
+        raise ConfigError(f"config key 'dense.num_classes': must be >= 2, got {dense.num_classes}")
+    if not dense.scales or any(s < 1.0 for s in dense.scales):
+        raise ConfigError(
+            f"config key 'dense.scales': zoom factors >= 1.0 expected, got {dense.scales}"
+        )
+    if dense.val_folder is None and not 0.0 < dense.val_fraction < 1.0:
+        raise ConfigError(
+            f"config key 'dense.val_fraction': must be in (0, 1), got {dense.val_fraction}"
+        )
+    if dense.decoder_channels <= 0:
+        raise ConfigError(
+            f"config key 'dense.decoder_channels': must be positive, got {dense.decoder_channels}"
+        )
+    if cfg.train.selection_metric != "delta_m":
+        raise ConfigError(
+            "config key 'train.selection_metric': dense runs select on 'delta_m' (Δm against the "
+            f"teachers on the validation split), got {cfg.train.selection_metric!r}"
+        )
+    if cfg.distill.init_from_teacher is not None:
+        raise ConfigError(
+            "config key 'distill.init_from_teacher': not used by dense runs (the student is "
+            "trained from scratch, as in URL on NYUv2); remove it"
+        )
+    if cfg.teachers.finetune_from is not None:
+        raise ConfigError("config key 'teachers.finetune_from': not used by dense runs; remove it")
 
 
 def load_config(preset_or_path: str | None = None, overrides: list[str] | None = None) -> Config:

@@ -21,7 +21,15 @@ from matplotlib.figure import Figure
 
 from unirep.metrics import METRIC_HIGHER_IS_BETTER
 
-__all__ = ["CURVES_FIGURE", "PER_TASK_FIGURE", "REPORT_FILE", "format_metric", "write_report"]
+__all__ = [
+    "CURVES_FIGURE",
+    "PER_TASK_FIGURE",
+    "REPORT_FILE",
+    "dense_grid_figure",
+    "format_metric",
+    "write_figure",
+    "write_report",
+]
 
 REPORT_FILE = "report.md"
 CURVES_FIGURE = "training_curves.png"
@@ -242,6 +250,107 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_figure(path: Path, png: bytes) -> None:
+    """Write a PNG produced by this module atomically (readers see the old or the new file)."""
+    _atomic_write(Path(path), png)
+
+
+def _semantic_rgb(labels: Any, num_classes: int) -> Any:
+    """``[H, W]`` class ids -> ``[H, W, 3]`` colours (tab20); -1 (ignore) is black."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    ids = np.asarray(labels).round().astype(int)
+    palette = colormaps["tab20"](np.arange(max(num_classes, 1)) % 20)[:, :3]
+    rgb = palette[np.clip(ids, 0, max(num_classes - 1, 0))]
+    rgb[(ids < 0) | (ids >= num_classes)] = 0.0
+    return rgb
+
+
+def _depth_rgb(depth: Any, reference: Any) -> Any:
+    """``[1, H, W]`` depth -> viridis ``[H, W, 3]``, scaled by the ground truth's valid range."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    d = np.asarray(depth)[0]
+    ref = d if reference is None else np.asarray(reference)[0]
+    valid = ref[ref > 0]
+    lo, hi = (float(valid.min()), float(valid.max())) if valid.size else (0.0, 1.0)
+    rgb = colormaps["viridis"](np.clip((d - lo) / max(hi - lo, 1e-6), 0, 1))[..., :3]
+    rgb[d <= 0] = 0.0
+    return rgb
+
+
+def _normal_rgb(normal: Any) -> Any:
+    """``[3, H, W]`` unit normals -> ``(n + 1) / 2`` as RGB; all-zero (invalid) is black."""
+    import numpy as np
+
+    n = np.asarray(normal).transpose(1, 2, 0)
+    rgb = np.clip((n + 1.0) / 2.0, 0, 1)
+    rgb[~np.any(n != 0, axis=-1)] = 0.0
+    return rgb
+
+
+def dense_grid_figure(
+    images: Any,
+    columns: Mapping[str, Mapping[str, Any]],
+    tasks: list[str],
+    num_classes: int,
+) -> bytes:
+    """PNG grid of dense predictions: one row per (image, task), one column per source.
+
+    Args:
+        images: ``[N, 3, H, W]`` input images (min-max scaled per image for display).
+        columns: ``{source: {task: maps}}``, e.g. ``"ground truth"``, ``"teacher"``,
+            ``"baseline"``, ``"student"``; maps are semantic ``[N, H, W]`` class ids, depth
+            ``[N, 1, H, W]``, normal ``[N, 3, H, W]``. A source without a task leaves a blank cell.
+        tasks: the tasks, in row order within each image.
+        num_classes: semantic classes (colour table size).
+    """
+    import numpy as np
+
+    render = {
+        "semantic": lambda m, gt: _semantic_rgb(m, num_classes),
+        "depth": _depth_rgb,
+        "normal": lambda m, gt: _normal_rgb(m),
+    }
+    images = np.asarray(images)
+    n = images.shape[0]
+    sources = list(columns)
+    ncols = 1 + len(sources)
+    nrows = n * len(tasks)
+    h, w = images.shape[-2:]
+    cell = 1.6
+    fig = Figure(figsize=(ncols * cell * w / h, nrows * cell + 0.4), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ground_truth = columns.get("ground truth", {})
+    for i in range(n):
+        image = images[i].transpose(1, 2, 0)
+        image = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
+        for j, task in enumerate(tasks):
+            row = i * len(tasks) + j
+            if j == 0:
+                axes[row, 0].imshow(image)
+            else:
+                axes[row, 0].axis("off")
+            axes[row, 1].set_ylabel(task, fontsize=8)
+            for k, source in enumerate(sources):
+                ax = axes[row, k + 1]
+                maps = columns[source].get(task)
+                if maps is None:
+                    ax.axis("off")
+                    continue
+                gt = ground_truth.get(task)
+                ax.imshow(render[task](np.asarray(maps[i]), None if gt is None else gt[i]))
+                if row == 0:
+                    ax.set_title(source, fontsize=9)
+    axes[0, 0].set_title("image", fontsize=9)
+    return _figure_png(fig)
 
 
 def write_report(

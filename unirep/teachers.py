@@ -102,26 +102,33 @@ def _check_state(path: Path, net: nn.Module, state: dict[str, torch.Tensor]) -> 
         )
 
 
-def load_teacher(
+def _verified_manifest(
     directory: Path,
     domain: str,
-    num_classes: int | None = None,
-    architecture: dict[str, Any] | None = None,
-    data_fingerprint: str | None = None,
-) -> Teacher:
-    """Load and verify a teacher; each expectation given is checked, naming file and mismatch."""
+    architecture: dict[str, Any] | None,
+    data_fingerprint: str | None,
+    expected: dict[str, Any],
+) -> tuple[dict[str, Any], Path]:
+    """The manifest and weights path of a teacher, after checking each expectation given.
+
+    ``expected`` maps manifest keys (e.g. ``num_classes``) to the values the run needs; None
+    values are not checked. Errors name the file and the mismatch.
+    """
     directory = Path(directory)
     manifest = read_manifest(directory)
     where = str(directory / MANIFEST)
+    kind = "task" if manifest.get("type") == "dense" else "domain"
     if manifest.get("domain") != domain:
         raise TeacherMismatchError(
-            f"teacher {where!r} is for domain {manifest.get('domain')!r}, expected {domain!r}"
+            f"teacher {where!r} is for {kind} {manifest.get('domain')!r}, expected {domain!r}"
         )
-    if num_classes is not None and manifest.get("num_classes") != num_classes:
-        raise TeacherMismatchError(
-            f"teacher {where!r} has {manifest.get('num_classes')} classes but domain {domain!r} "
-            f"has {num_classes} in the data"
-        )
+    for key, value in expected.items():
+        if value is not None and manifest.get(key) != value:
+            what = key.replace("num_", "").replace("_", " ")
+            raise TeacherMismatchError(
+                f"teacher {where!r} has {manifest.get(key)} {what} but {kind} {domain!r} has "
+                f"{value} in the data (set teachers.retrain=true or another teachers.root)"
+            )
     if architecture is not None and manifest.get("architecture") != architecture:
         raise TeacherMismatchError(
             f"teacher {where!r} is a {manifest.get('architecture')} but the config asks for "
@@ -130,7 +137,7 @@ def load_teacher(
     recorded = manifest.get("data", {}).get("fingerprint")
     if data_fingerprint is not None and recorded != data_fingerprint:
         raise TeacherMismatchError(
-            f"teacher {where!r} was trained on other data for {domain!r} (annotation fingerprint "
+            f"teacher {where!r} was trained on other data for {domain!r} (data fingerprint "
             f"{recorded} vs {data_fingerprint}); set teachers.retrain=true or another teachers.root"
         )
     weights = directory / WEIGHTS
@@ -142,14 +149,103 @@ def load_teacher(
             f"teacher weights {str(weights)!r} have sha256 {digest[:12]}…, but {where!r} records "
             f"{str(manifest.get('weights_sha256'))[:12]}…: the file was replaced or corrupted"
         )
+    return manifest, weights
+
+
+def _load_strict(weights: Path, net: nn.Module) -> None:
+    state = load_weights(weights)
+    _check_state(weights, net, state)
+    net.load_state_dict(state, strict=True)
+
+
+def load_teacher(
+    directory: Path,
+    domain: str,
+    num_classes: int | None = None,
+    architecture: dict[str, Any] | None = None,
+    data_fingerprint: str | None = None,
+) -> Teacher:
+    """Load and verify a teacher; each expectation given is checked, naming file and mismatch."""
+    manifest, weights = _verified_manifest(
+        directory, domain, architecture, data_fingerprint, {"num_classes": num_classes}
+    )
     arch = manifest["architecture"]
     net = build_network(
         arch["backbone"], arch.get("backbone_kwargs", {}), {domain: manifest["num_classes"]}
     )
-    state = load_weights(weights)
-    _check_state(weights, net, state)
-    net.load_state_dict(state, strict=True)
+    _load_strict(weights, net)
     return Teacher(domain, freeze(net), manifest)
+
+
+# --------------------------------------------------------------------------------------------
+# Dense teachers: one single-task DenseMultiTaskNet per task
+
+
+@dataclass
+class DenseTeacher:
+    """A frozen single-task dense network (:class:`~unirep.models.dense.DenseMultiTaskNet`)."""
+
+    task: str
+    net: Any
+    manifest: dict[str, Any]
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of its last decoder feature, the target of the student's alignment adapters."""
+        return int(self.net.decoder_channels)
+
+
+def save_dense_teacher(
+    directory: Path,
+    net: nn.Module,
+    task: str,
+    architecture: dict[str, Any],
+    preprocessing: dict[str, Any],
+    data: dict[str, Any],
+    val_metrics: dict[str, float],
+    training: dict[str, Any],
+) -> dict[str, Any]:
+    """Write a dense teacher's weights, then its manifest (each atomically)."""
+    digest = save_weights(Path(directory) / WEIGHTS, net.state_dict())
+    manifest = {
+        "type": "dense",
+        "domain": task,
+        "architecture": architecture,
+        "out_channels": net.task_channels[task],
+        "feature_dim": net.decoder_channels,
+        "preprocessing": preprocessing,
+        "data": data,
+        "val_metrics": val_metrics,
+        "training": training,
+        "weights_sha256": digest,
+        "unirep_version": __version__,
+    }
+    atomic_write_json(Path(directory) / MANIFEST, manifest)
+    return manifest
+
+
+def load_dense_teacher(
+    directory: Path,
+    task: str,
+    out_channels: int | None = None,
+    architecture: dict[str, Any] | None = None,
+    data_fingerprint: str | None = None,
+) -> DenseTeacher:
+    """Load and verify a dense teacher (task, output channels, architecture, data, weights)."""
+    from unirep.models.dense import build_dense_network
+
+    manifest, weights = _verified_manifest(
+        directory, task, architecture, data_fingerprint, {"out_channels": out_channels}
+    )
+    arch = manifest["architecture"]
+    net = build_dense_network(
+        arch["encoder"],
+        arch.get("encoder_kwargs", {}),
+        {task: manifest["out_channels"]},
+        decoder_channels=arch["decoder_channels"],
+    )
+    _load_strict(weights, net)
+    return DenseTeacher(task, freeze(net), manifest)
 
 
 def freeze(net: nn.Module) -> Any:

@@ -8,6 +8,7 @@ method: the objective decides what the loss is; teachers are given only when it 
 
 from __future__ import annotations
 
+import math
 import random
 import shutil
 import time
@@ -19,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 from accelerate import Accelerator
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -27,14 +28,56 @@ from unirep.config import TrainConfig
 from unirep.data.sampling import MultiDomainStream
 from unirep.io import atomic_write_json, load_weights, read_json, save_weights
 from unirep.metrics import AccuracyMeter
-from unirep.models.network import MultiDomainNet
 from unirep.objective import TaskObjective
 from unirep.optim import build_optimizer, build_scheduler
-from unirep.teachers import Teacher
 from unirep.tracking import CSVLog
 
 DONE = "done.json"
 BEST = "best.safetensors"
+
+
+class ClassificationIO:
+    """How a multi-domain classification batch feeds the network and its teachers.
+
+    A batch is ``{domain: {"image": [B, 3, H, W], "label": [B], ...}}``; the network takes
+    ``{domain: images}`` and each teacher its own domain's images.
+    """
+
+    def split(
+        self, batch: dict[str, dict[str, Tensor]], device: torch.device
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(inputs for the network, targets for the objective), on ``device``."""
+        images = {d: b["image"].to(device, non_blocking=True) for d, b in batch.items()}
+        labels = {d: b["label"].to(device, non_blocking=True) for d, b in batch.items()}
+        return images, labels
+
+    def teacher_outputs(self, teachers: dict[str, nn.Module], inputs: dict[str, Tensor]) -> Any:
+        """``{domain: teacher output}``: each teacher sees its own domain's batch."""
+        return {d: teachers[d]({d: x})[d] for d, x in inputs.items()}
+
+
+class DenseIO:
+    """How a dense multi-task batch feeds the network and the per-task teachers.
+
+    A batch is ``{stream: {"image": [B, 3, H, W], "semantic": [B, H, W], "depth": [B, 1, H, W],
+    "normal": [B, 3, H, W], "index": [B]}}`` with a single stream; the network and every
+    teacher see the same images.
+    """
+
+    def __init__(self, tasks: list[str]) -> None:
+        self.tasks = list(tasks)
+
+    def split(
+        self, batch: dict[str, dict[str, Tensor]], device: torch.device
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        (sample,) = batch.values()
+        images = sample["image"].to(device, non_blocking=True)
+        targets = {t: sample[t].to(device, non_blocking=True) for t in self.tasks}
+        return images, targets
+
+    def teacher_outputs(self, teachers: dict[str, nn.Module], inputs: Tensor) -> Any:
+        """``{task: {"pred", "features", "bottleneck"}}`` of each single-task teacher."""
+        return {t: net(inputs)[t] for t, net in teachers.items()}
 
 
 @dataclass
@@ -42,7 +85,7 @@ class Phase:
     """One network to train: its data, objective, teachers and where its state goes."""
 
     name: str  # "teacher/<domain>", "baseline", "student"
-    net: MultiDomainNet
+    net: nn.Module
     objective: TaskObjective
     train_sets: dict[str, Dataset]
     val_sets: dict[str, Dataset]
@@ -51,9 +94,13 @@ class Phase:
     checkpoint_dir: Path
     log_dir: Path
     seed: int = 0
-    teachers: dict[str, Teacher] = field(default_factory=dict)
+    teachers: dict[str, Any] = field(default_factory=dict)  # objects with a frozen ``.net``
     resume_from: Path | None = None  # a specific checkpoint; else the latest one, if any
     num_workers: int = 0
+    batch_io: ClassificationIO | DenseIO = field(default_factory=ClassificationIO)
+    # validation results -> selection score (higher is better); None: mean of selection_metric
+    score: Callable[[dict[str, dict[str, Any]]], float] | None = None
+    score_name: str | None = None  # logged as val/<score_name>; None: train.selection_metric
 
 
 @dataclass
@@ -128,20 +175,17 @@ class Evaluator:
             results[domain] = {"accuracy": meter.compute() if meter.count else None}
         return results
 
+    def evaluate(
+        self, net: nn.Module, split: str, datasets: dict[str, Dataset]
+    ) -> dict[str, dict[str, float | None]]:
+        """The trainer's entry point: :meth:`accuracy` of ``net.classify``."""
+        return self.accuracy(net.classify, split, datasets)
+
 
 def mean_metric(results: dict[str, dict[str, float | None]], metric: str) -> float | None:
     """Mean of ``metric`` over the tasks that have it (None where no task was measured)."""
     values = [r[metric] for r in results.values() if r.get(metric) is not None]
     return float(np.mean(values)) if values else None
-
-
-def _classifier(accelerator: Accelerator, net: torch.nn.Module) -> Callable[[Tensor, str], Tensor]:
-    model = accelerator.unwrap_model(net)
-
-    def classify(images: Tensor, domain: str) -> Tensor:
-        return model.classify(images, domain)
-
-    return classify
 
 
 # --------------------------------------------------------------------------------------------
@@ -230,19 +274,17 @@ def _restore_rng(accelerator: Accelerator, path: Path) -> None:
 # The loop
 
 
-def _to_device(batch: dict[str, dict[str, Tensor]], device: torch.device) -> tuple[dict, dict]:
-    images = {d: b["image"].to(device, non_blocking=True) for d, b in batch.items()}
-    labels = {d: b["label"].to(device, non_blocking=True) for d, b in batch.items()}
-    return images, labels
-
-
 def fit(
     accelerator: Accelerator,
     phase: Phase,
-    evaluator: Evaluator,
+    evaluator: Any,
     progress: bool = True,
 ) -> FitResult:
-    """Train ``phase.net`` in place and leave it holding its best validation weights."""
+    """Train ``phase.net`` in place and leave it holding its best validation weights.
+
+    ``evaluator`` has ``evaluate(net, split, datasets) -> {task: {metric: value}}``
+    (:class:`Evaluator`, or :class:`unirep.dense_eval.DenseEvaluator` for dense runs).
+    """
     cfg, ckpt_dir = phase.cfg, Path(phase.checkpoint_dir)
     unwrapped = phase.net
 
@@ -279,7 +321,7 @@ def fit(
     teachers = {d: t.net.to(accelerator.device) for d, t in phase.teachers.items()}
 
     # Resume: weights, optimizer and schedule state, RNG; the data position follows from the step.
-    start, best_val, best_step, seconds = 0, -1.0, -1, 0.0
+    start, best_val, best_step, seconds = 0, -math.inf, -1, 0.0
     resume_path = phase.resume_from or latest_checkpoint(ckpt_dir)
     if resume_path is not None:
         state = _load_checkpoint(accelerator, resume_path, net, optimizers, schedulers)
@@ -314,14 +356,14 @@ def fit(
     for step in range(start, cfg.max_steps):
         # Forward / backward over `accum` micro-batches, one batch per domain each.
         for _ in range(accum):
-            images, labels = _to_device(next(stream), accelerator.device)
+            inputs, targets = phase.batch_io.split(next(stream), accelerator.device)
             teacher_out = None
             if needs_teachers:
                 with torch.no_grad(), accelerator.autocast():
-                    teacher_out = {d: teachers[d]({d: x})[d] for d, x in images.items()}
+                    teacher_out = phase.batch_io.teacher_outputs(teachers, inputs)
             with accelerator.accumulate(net):
-                outputs = net(images)
-                terms = phase.objective(outputs, labels, teacher_out, step, cfg.max_steps)
+                outputs = net(inputs)
+                terms = phase.objective(outputs, targets, teacher_out, step, cfg.max_steps)
                 accelerator.backward(terms["loss"])
                 if accelerator.sync_gradients and cfg.grad_clip:
                     accelerator.clip_grad_norm_(net.parameters(), cfg.grad_clip)
@@ -350,10 +392,13 @@ def fit(
         # Evaluate on the validation split; keep the best weights (never chosen on test).
         if done_steps % cfg.eval_every == 0 or done_steps == cfg.max_steps:
             net.eval()
-            val = evaluator.accuracy(_classifier(accelerator, net), "val", phase.val_sets)
+            val = evaluator.evaluate(accelerator.unwrap_model(net), "val", phase.val_sets)
             net.train()
-            score = mean_metric(val, cfg.selection_metric)
-            log.log(done_steps, {f"val/{cfg.selection_metric}": score})
+            if phase.score is not None:
+                score = phase.score(val)
+            else:
+                score = mean_metric(val, cfg.selection_metric)
+            log.log(done_steps, {f"val/{phase.score_name or cfg.selection_metric}": score})
             if score > best_val:
                 best_val, best_step = score, done_steps
                 if accelerator.is_main_process:
