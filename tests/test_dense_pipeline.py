@@ -281,3 +281,19 @@ def test_mini_scenes_class_count_is_checked(tiny_cache: Path, tmp_path: Path) ->
     cfg = tiny_dense_config(tiny_cache, tmp_path, "dense.num_classes=13")
     with pytest.raises(ConfigError, match="mini-scenes has 7 classes"):
         resolve_dense_data(cfg, make_accelerator(cfg))
+
+
+def test_timm_encoder_student_and_teachers(tiny_cache: Path, tmp_path: Path) -> None:
+    cfg = tiny_dense_config(
+        tiny_cache, tmp_path, "name=timm", "baseline=false",
+        "dense.encoder={name: timm, kwargs: {model_name: resnet10t}}",
+        f"teachers.root={tmp_path / 'teachers'}", "teachers.train.max_steps=2",
+        "teachers.train.eval_every=2", "train.max_steps=2",
+    )  # fmt: skip
+    run_dir, metrics = _run(cfg)
+    manifest = json.loads((run_dir / "student" / "manifest.json").read_text())
+    assert manifest["architecture"]["encoder"] == "timm"
+    assert manifest["architecture"]["encoder_kwargs"] == {"model_name": "resnet10t"}
+    net, _ = load_dense_student(run_dir / "student")
+    assert type(net.encoder).__name__ == "TimmDenseEncoder"
+    assert set(metrics["tasks"]) == {"semantic", "depth", "normal"}

@@ -405,17 +405,18 @@ def write_report(
 def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
     """A markdown table of mean ± std over runs (e.g. seeds) of the headline figures.
 
-    Rows: each task's accuracy-like main metric per role, then the summary's mean accuracy,
-    Δm vs teachers and decathlon score for student and baseline.
+    Rows: each task's main metric per role (accuracy; mIoU, depth abs err, normal mean angle for
+    dense tasks), then whichever of the summary's mean accuracy, Δm vs teachers (main and all
+    metrics) and decathlon score the runs report, for student and baseline.
     """
     import statistics
 
-    def stat(values: list[float]) -> str:
+    def stat(values: list[float], digits: int = 2) -> str:
         if not values:
             return "–"
         mean = statistics.fmean(values)
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{mean:.2f} ± {spread:.2f}"
+        return f"{mean:.{digits}f} ± {spread:.{digits}f}"
 
     roles = ("teacher", "baseline", "student")
     rows: list[list[str]] = []
@@ -423,6 +424,7 @@ def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
     for task in tasks:
         metric = _main_metric(metrics[0]["tasks"][task]) or "accuracy"
         scale = 100.0 if metric in PERCENT_METRICS else 1.0
+        digits = 4 if metric in ("abs_err", "rel_err") else 2  # depth errors are small numbers
         cells = []
         for role in roles:
             values = [
@@ -430,24 +432,26 @@ def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
                 for m in metrics
                 if role in m["tasks"].get(task, {})
             ]
-            cells.append(stat(values))
+            cells.append(stat(values, digits))
         rows.append([task, _metric_label(metric), *cells])
     for label, key, scale in (
         ("mean accuracy (%)", "mean_accuracy", 100.0),
         ("Δm vs teachers (%)", "delta_m_vs_teachers", 1.0),
+        ("Δm vs teachers, all metrics (%)", "delta_m_all_metrics_vs_teachers", 1.0),
         ("decathlon score", "decathlon_score", 1.0),
     ):
-        student = [m["summary"][key] * scale for m in metrics if key in m["summary"]]
+        student = [m["summary"][key] * scale for m in metrics if m["summary"].get(key) is not None]
         baseline = [
             m["summary"][f"baseline_{key}"] * scale
             for m in metrics
-            if f"baseline_{key}" in m["summary"]
+            if m["summary"].get(f"baseline_{key}") is not None
         ]
-        teacher = (
-            [m["summary"]["teacher_mean_accuracy"] * 100 for m in metrics]
-            if key == "mean_accuracy"
-            else []
-        )
-        rows.append(["**summary**", label, stat(teacher), stat(baseline), stat(student)])
+        teacher = [
+            m["summary"]["teacher_mean_accuracy"] * 100
+            for m in metrics
+            if key == "mean_accuracy" and m["summary"].get("teacher_mean_accuracy") is not None
+        ]
+        if student or baseline or teacher:  # dense runs have no accuracy or decathlon score
+            rows.append(["**summary**", label, stat(teacher), stat(baseline), stat(student)])
     header = ["task", "metric", "teacher", "baseline", "student"]
     return f"{len(metrics)} runs, mean ± std\n\n" + _table(header, rows, ["l", "l", "r", "r", "r"])
