@@ -25,6 +25,59 @@ from unirep.optim import build_optimizer
 from unirep.pipeline import build_student
 
 
+def _dense_step(
+    cfg: Config, distill: bool, size: tuple[int, int], device: torch.device
+) -> tuple[Any, int]:
+    """A dense training step on a random batch (the student, and online teachers if distilled)."""
+    from unirep.dense_pipeline import task_channels_for
+    from unirep.models.dense import build_dense_network
+    from unirep.objective import build_dense_objective
+
+    assert cfg.dense is not None
+    dense = cfg.dense
+    channels = task_channels_for(list(dense.tasks), dense.num_classes)
+    teachers = {}
+    if distill:
+        for task, k in channels.items():
+            teachers[task] = build_dense_network(
+                dense.encoder.name, dense.encoder.kwargs, {task: k},
+                decoder_channels=dense.decoder_channels,
+            ).to(device).eval()  # fmt: skip
+    cross = dense.cross_task
+    student = build_dense_network(
+        dense.encoder.name,
+        dense.encoder.kwargs,
+        channels,
+        decoder_channels=dense.decoder_channels,
+        cross_task=cross.name if cross else None,
+        cross_task_kwargs=dict(cross.kwargs) if cross and cross.kwargs else None,
+        align_dims={t: dense.decoder_channels for t in channels} if distill else None,
+    ).to(device)
+    spec = cfg.train.optim.optimizer
+    optimizer = build_optimizer(spec.name, student.parameters(), spec.kwargs)
+    objective = build_dense_objective(dense.tasks, cfg.distill, distill)
+    b, (h, w) = cfg.data.batch_size, size
+    images = torch.rand(b, 3, h, w, device=device)
+    targets = {
+        "semantic": torch.randint(0, dense.num_classes, (b, h, w), device=device),
+        "depth": torch.rand(b, 1, h, w, device=device) + 0.5,
+        "normal": torch.nn.functional.normalize(torch.randn(b, 3, h, w, device=device), dim=1),
+    }
+    targets = {t: targets[t] for t in channels}
+
+    def step() -> None:
+        teacher_out = None
+        if distill:
+            with torch.no_grad():
+                teacher_out = {t: m(images)[t] for t, m in teachers.items()}
+        loss = objective(student(images), targets, teacher_out, 0, 1)["loss"]
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step, b
+
+
 def measure_step(
     cfg: Config,
     distill: bool,
@@ -32,9 +85,18 @@ def measure_step(
     steps: int,
     warmup: int,
     chunk_seconds: float = 10.0,
+    dense_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
+    """Steps/s, images/s and peak memory of one mode (``domains`` unused for dense configs)."""
     torch.manual_seed(0)
     device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
+    if cfg.dense is not None:
+        if dense_size is None:
+            raise ValueError("dense configs need dense_size=(height, width)")
+        step, images_per_step = _dense_step(cfg, distill, dense_size, device)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        return _time(step, images_per_step, steps, warmup, chunk_seconds, device)
     feature_dims: dict[str, int] = {}
     teachers = {}
     if distill:
@@ -66,6 +128,17 @@ def measure_step(
         loss.backward()
         optimizer.step()
 
+    return _time(step, sum(batch.values()), steps, warmup, chunk_seconds, device)
+
+
+def _time(
+    step: Any,
+    images_per_step: int,
+    steps: int,
+    warmup: int,
+    chunk_seconds: float,
+    device: torch.device,
+) -> dict[str, Any]:
     for _ in range(warmup):
         step()
     # the median of five timed chunks (each at most `chunk_seconds`, so that large models on a
@@ -92,7 +165,7 @@ def measure_step(
         memory_kind = "process RSS"
     return {
         "steps_per_second": steps_per_second,
-        "images_per_second": steps_per_second * sum(batch.values()),
+        "images_per_second": steps_per_second * images_per_step,
         "peak_memory_mib": peak_mib,
         "memory": memory_kind,
         "device": str(device),
@@ -101,20 +174,34 @@ def measure_step(
 
 
 def _child(
-    queue: Any, cfg: Config, distill: bool, domains: dict[str, int], steps: int, warmup: int
+    queue: Any,
+    cfg: Config,
+    distill: bool,
+    domains: dict[str, int],
+    steps: int,
+    warmup: int,
+    dense_size: tuple[int, int] | None,
 ) -> None:
-    queue.put(measure_step(cfg, distill, domains, steps, warmup))
+    queue.put(measure_step(cfg, distill, domains, steps, warmup, dense_size=dense_size))
 
 
 def run_benchmark(
-    cfg: Config, domains: dict[str, int], steps: int = 150, warmup: int = 2
+    cfg: Config,
+    domains: dict[str, int],
+    steps: int = 150,
+    warmup: int = 2,
+    dense_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """``{"task_only": ..., "distillation": ..., "ratio": ...}``, each mode in a fresh process."""
+    """``{"task_only": ..., "distillation": ..., "ratio": ...}``, each mode in a fresh process.
+
+    ``dense_size`` is the ``(height, width)`` of a dense config's images.
+    """
     ctx = mp.get_context("spawn")
     results = {}
     for name, distill in (("task_only", False), ("distillation", True)):
         queue = ctx.Queue()
-        proc = ctx.Process(target=_child, args=(queue, cfg, distill, domains, steps, warmup))
+        args = (queue, cfg, distill, domains, steps, warmup, dense_size)
+        proc = ctx.Process(target=_child, args=args)
         proc.start()
         results[name] = queue.get()
         proc.join()

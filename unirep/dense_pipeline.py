@@ -69,9 +69,15 @@ def dense_architecture(cfg: Config) -> dict[str, Any]:
     }
 
 
+def task_channels_for(tasks: list[str], num_classes: int) -> dict[str, int]:
+    """Output channels per task, in MTAN order: ``num_classes`` logits, 1 depth, a 3-D normal."""
+    channels = {"semantic": num_classes, "depth": 1, "normal": 3}
+    return {t: channels[t] for t in ("semantic", "depth", "normal") if t in tasks}
+
+
 def task_channels(data: DenseData) -> dict[str, int]:
-    """Output channels per task: ``num_classes`` logits, 1 depth value, a 3-D normal."""
-    return {t: {"semantic": data.num_classes, "depth": 1, "normal": 3}[t] for t in data.tasks}
+    """Output channels per task of the run's data."""
+    return task_channels_for(data.tasks, data.num_classes)
 
 
 def sets(data: DenseData, split: str, train: bool = False) -> dict[str, Any]:
