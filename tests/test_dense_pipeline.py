@@ -93,6 +93,13 @@ def test_mini_scenes_run_directory(scenes_run: tuple[Path, dict]) -> None:
     manifest = json.loads((run_dir / "student" / "manifest.json").read_text())
     assert set(manifest["teachers"]) == set(metrics["tasks"])
     assert (run_dir / "logs" / "teacher-normal.csv").is_file()
+    # the 6 alignment adapters (2 per task) have their own optimizer (URL: Adam 1e-2)
+    step = sorted((run_dir / "checkpoints" / "student").glob("step_*"))[-1]
+    optim = torch.load(step / "optim.pt", weights_only=False)["optimizers"]
+    assert len(optim) == 2
+    assert len(optim[1]["state"]) == 6 and optim[1]["param_groups"][0]["initial_lr"] == 0.01
+    step = sorted((run_dir / "checkpoints" / "baseline").glob("step_*"))[-1]
+    assert len(torch.load(step / "optim.pt", weights_only=False)["optimizers"]) == 1
     report = (run_dir / "report.md").read_text()
     assert "qualitative.png" in report and "Δm against the teachers" in report
     assert "baseline (no distillation)" in report

@@ -34,6 +34,9 @@ from unirep.tracking import CSVLog
 
 DONE = "done.json"
 BEST = "best.safetensors"
+#: Parameter-name prefixes of the alignment adapters (classification ``adapters.<domain>``, dense
+#: ``align_bottleneck.<task>`` / ``align_features.<task>``): trained by ``train.adapter_optim``.
+ADAPTER_PREFIXES: tuple[str, ...] = ("adapters.", "align_bottleneck.", "align_features.")
 
 
 class ClassificationIO:
@@ -296,8 +299,8 @@ def fit(
         return FitResult(done["best_val"], done["best_step"], done["seconds"], done["steps"])
 
     # Setup: shared weights and heads get the main optimizer; alignment adapters their own.
-    adapter_params = [p for n, p in unwrapped.named_parameters() if n.startswith("adapters.")]
-    main_params = [p for n, p in unwrapped.named_parameters() if not n.startswith("adapters.")]
+    adapter_params = [p for n, p in unwrapped.named_parameters() if n.startswith(ADAPTER_PREFIXES)]
+    main_params = [p for n, p in unwrapped.named_parameters() if not n.startswith(ADAPTER_PREFIXES)]
     optimizers = [
         build_optimizer(cfg.optim.optimizer.name, main_params, cfg.optim.optimizer.kwargs)
     ]
