@@ -31,12 +31,12 @@ from unirep.dense_eval import (
     main_metrics,
     selection_delta_m,
 )
-from unirep.io import atomic_write_json, file_sha256, load_weights, read_json, save_weights
+from unirep.io import atomic_write_json, read_json, save_weights
 from unirep.metrics import delta_m
 from unirep.models.dense import ALIGN_PREFIX, DenseMultiTaskNet, build_dense_network
 from unirep.models.network import count_parameters
 from unirep.objective import build_dense_objective
-from unirep.pipeline import STUDENT_MANIFEST, resume_point, teacher_root
+from unirep.pipeline import STUDENT_MANIFEST, read_student, resume_point, teacher_root
 from unirep.report import dense_grid_figure, write_figure, write_report
 from unirep.teachers import DenseTeacher, load_dense_teacher, teacher_dir
 from unirep.tracking import read_curves, report_curves
@@ -431,11 +431,7 @@ def is_dense_student(directory: Path) -> bool:
 
 def load_dense_student(directory: Path) -> tuple[DenseMultiTaskNet, dict[str, Any]]:
     """Rebuild an exported dense student (strict load, hash checked); returns (net, manifest)."""
-    directory = Path(directory)
-    manifest = read_json(directory / STUDENT_MANIFEST, what="student manifest")
-    weights = directory / "model.safetensors"
-    if file_sha256(weights) != manifest.get("weights_sha256"):
-        raise ValueError(f"student weights {str(weights)!r} do not match the hash in its manifest")
+    manifest, state = read_student(directory)
     arch = manifest["architecture"]
     net = build_dense_network(
         arch["encoder"],
@@ -445,7 +441,7 @@ def load_dense_student(directory: Path) -> tuple[DenseMultiTaskNet, dict[str, An
         cross_task=arch.get("cross_task"),
         cross_task_kwargs=arch.get("cross_task_kwargs") or None,
     )
-    net.load_state_dict(load_weights(weights), strict=True)
+    net.load_state_dict(state, strict=True)
     net.eval()
     return net, manifest
 

@@ -522,13 +522,19 @@ def export_student(
     accelerator.wait_for_everyone()
 
 
-def load_student(directory: Path) -> tuple[MultiDomainNet, dict[str, Any]]:
-    """Rebuild an exported student (strict load, hash checked); returns (net, manifest)."""
+def read_student(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """An exported student's manifest and weights, the weights checked against its hash."""
     directory = Path(directory)
     manifest = read_json(directory / STUDENT_MANIFEST, what="student manifest")
     weights = directory / "model.safetensors"
     if file_sha256(weights) != manifest.get("weights_sha256"):
         raise ValueError(f"student weights {str(weights)!r} do not match the hash in its manifest")
+    return manifest, load_weights(weights)
+
+
+def load_student(directory: Path) -> tuple[MultiDomainNet, dict[str, Any]]:
+    """Rebuild an exported student (strict load, hash checked); returns (net, manifest)."""
+    manifest, state = read_student(directory)
     arch = manifest["architecture"]
     net = build_network(
         arch["backbone"],
@@ -536,6 +542,6 @@ def load_student(directory: Path) -> tuple[MultiDomainNet, dict[str, Any]]:
         {d: t["num_classes"] for d, t in manifest["tasks"].items()},
         residual_adapters=arch.get("residual_adapters", False),
     )
-    net.load_state_dict(load_weights(weights), strict=True)
+    net.load_state_dict(state, strict=True)
     net.eval()
     return net, manifest
