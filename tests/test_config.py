@@ -100,3 +100,9 @@ def test_yaml_file_and_missing_file(tmp_path: Path) -> None:
     path.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match="YAML"):
         load_config(str(path))
+
+
+def test_delta_m_selection_is_for_dense_runs_only() -> None:
+    with pytest.raises(ConfigError, match=r"'delta_m' is for dense runs"):
+        load_config("mini-decathlon", ["train.selection_metric=delta_m"])
+    assert load_config("mini-scenes").train.selection_metric == "delta_m"
