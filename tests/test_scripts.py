@@ -18,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
         (["distill.feature_loss=cka_rbff"], "cka_rbf"),
         (["data.source=decathlon", "data.root={tmp}/missing"], "missing"),
         (["--verbose"], "unexpected argument"),
+        (["--config", "nyuv2"], "data.root"),
+        (["--config", "nyuv2", "data.root={tmp}/nyu"], "nyu"),
+        (["--config", "mini-scenes", "dense.tasks.edges={loss: cross_entropy}"], "edges"),
     ],
 )
 @pytest.mark.parametrize("script", ["distill.py", "train_teachers.py"])
