@@ -48,6 +48,9 @@ MAIN_METRIC_ORDER: tuple[str, ...] = ("accuracy", "miou", "abs_err", "angle_mean
 
 _MISSING = "–"
 
+# Summary keys ``<role>_<task>_<main metric>`` of dense runs, already in the per-task table.
+DENSE_MAIN_SUFFIXES: tuple[str, ...] = ("semantic_miou", "depth_abs_err", "normal_angle_mean")
+
 
 # --------------------------------------------------------------------------------------------
 # Formatting
@@ -138,6 +141,8 @@ def _summary_table(summary: Mapping[str, Any]) -> str:
     known = {"delta_m_vs_teachers", "decathlon_score", "params", "train_seconds", "num_processes"}
     for key, value in summary.items():
         if key in known or value is None or isinstance(value, Mapping | list):
+            continue
+        if key.endswith(DENSE_MAIN_SUFFIXES):  # repeated from the per-task table
             continue
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         rows.append([key, text])
