@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Any
 
 from unirep.cli import parse_args, run
-from unirep.config import Config
 from unirep.pipeline import make_accelerator, prepare_run_dir
 
 
@@ -19,52 +18,45 @@ def _fmt(value: Any, spec: str) -> str:
     return "–" if value is None else format(value, spec)
 
 
-def classification(cfg: Config) -> None:
-    from teachers.classification import ensure_teachers
-    from unirep.pipeline import distill, resolve_domains
-
-    accelerator = make_accelerator(cfg)
-    domains = resolve_domains(cfg, accelerator)  # bad data fails before anything is written
-    run_dir = prepare_run_dir(cfg, accelerator)
-    accelerator.print(f"run directory: {run_dir}  (processes: {accelerator.num_processes})")
-    teacher_seconds = ensure_teachers(cfg, accelerator, domains, run_dir)
-    metrics = distill(cfg, accelerator, domains, run_dir, teacher_seconds)
-    s = metrics["summary"]
-    accelerator.print(
+def classification_line(s: dict[str, Any]) -> str:
+    baseline = s.get("baseline_mean_accuracy")
+    return (
         f"student mean accuracy {s['mean_accuracy']:.4f}"
-        + (
-            f" | baseline {s['baseline_mean_accuracy']:.4f}"
-            if "baseline_mean_accuracy" in s
-            else ""
-        )
+        + (f" | baseline {baseline:.4f}" if "baseline_mean_accuracy" in s else "")
         + f" | teachers {s['teacher_mean_accuracy']:.4f} | score {s['decathlon_score']:.0f}"
     )
-    accelerator.print(f"report: {run_dir / 'report.md'}")
-    accelerator.end_training()
 
 
-def dense(cfg: Config) -> None:
-    from teachers.dense import ensure_dense_teachers
-    from unirep.dense_pipeline import distill_dense, resolve_dense_data
-
-    accelerator = make_accelerator(cfg)
-    data = resolve_dense_data(cfg, accelerator)  # bad data fails before anything is written
-    run_dir = prepare_run_dir(cfg, accelerator)
-    accelerator.print(f"run directory: {run_dir}  (processes: {accelerator.num_processes})")
-    teacher_seconds = ensure_dense_teachers(cfg, accelerator, data, run_dir)
-    metrics = distill_dense(cfg, accelerator, data, run_dir, teacher_seconds)
-    s = metrics["summary"]
+def dense_line(s: dict[str, Any]) -> str:
     line = f"student Δm vs teachers {_fmt(s.get('delta_m_vs_teachers'), '+.2f')} %"
     if "baseline_delta_m_vs_teachers" in s:
         line += f" | baseline {_fmt(s['baseline_delta_m_vs_teachers'], '+.2f')} %"
-    accelerator.print(line)
-    accelerator.print(f"report: {run_dir / 'report.md'}")
-    accelerator.end_training()
+    return line
 
 
 def main() -> None:
     cfg = parse_args(prog="distill.py")
-    (dense if cfg.dense is not None else classification)(cfg)
+    if cfg.dense is not None:
+        from teachers.dense import ensure_dense_teachers as ensure
+        from unirep.dense_pipeline import distill_dense as stage_two
+        from unirep.dense_pipeline import resolve_dense_data as resolve
+
+        summary_line = dense_line
+    else:
+        from teachers.classification import ensure_teachers as ensure
+        from unirep.pipeline import distill as stage_two
+        from unirep.pipeline import resolve_domains as resolve
+
+        summary_line = classification_line
+    accelerator = make_accelerator(cfg)
+    data = resolve(cfg, accelerator)  # bad data fails before anything is written
+    run_dir = prepare_run_dir(cfg, accelerator)
+    accelerator.print(f"run directory: {run_dir}  (processes: {accelerator.num_processes})")
+    teacher_seconds = ensure(cfg, accelerator, data, run_dir)
+    metrics = stage_two(cfg, accelerator, data, run_dir, teacher_seconds)
+    accelerator.print(summary_line(metrics["summary"]))
+    accelerator.print(f"report: {run_dir / 'report.md'}")
+    accelerator.end_training()
 
 
 if __name__ == "__main__":

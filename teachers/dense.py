@@ -21,16 +21,16 @@ from unirep.dense_eval import MAIN_METRIC, DenseEvaluator, task_score
 from unirep.dense_pipeline import (
     STREAM,
     dense_architecture,
-    load_dense_teachers,
+    load_task_teacher,
     make_evaluator,
     sets,
     task_channels,
 )
 from unirep.metrics import METRIC_HIGHER_IS_BETTER
-from unirep.models.dense import build_dense_network
+from unirep.models.dense import build_dense_from_architecture
 from unirep.objective import DenseTaskObjective
 from unirep.pipeline import teacher_root
-from unirep.teachers import MANIFEST, load_dense_teacher, save_dense_teacher, teacher_dir
+from unirep.teachers import MANIFEST, save_dense_teacher, teacher_dir
 from unirep.trainer import DenseIO, Phase, fit
 
 
@@ -41,18 +41,12 @@ def train_dense_teacher(
     task: str,
     run_dir: Path,
     evaluator: DenseEvaluator,
-    fingerprint: str,
 ) -> float:
     """Train and save one task's teacher; returns the training seconds."""
     assert cfg.dense is not None
     set_seed(cfg.seed)
     arch = dense_architecture(cfg)
-    net = build_dense_network(
-        arch["encoder"],
-        arch["encoder_kwargs"],
-        {task: task_channels(data)[task]},
-        decoder_channels=arch["decoder_channels"],
-    )
+    net = build_dense_from_architecture(arch, {task: task_channels(data)[task]})
     metric = MAIN_METRIC[task]
     name = f"teacher-{task}"
     phase = Phase(
@@ -86,7 +80,7 @@ def train_dense_teacher(
                 "split": "train",
                 "selection_split": "val",
                 "num_samples": len(train_set),  # type: ignore[arg-type]
-                "fingerprint": fingerprint,
+                "fingerprint": data.fingerprint(),
             },
             val_metrics=val_metrics,
             training={
@@ -106,25 +100,17 @@ def ensure_dense_teachers(
 ) -> float:
     """Train every missing task teacher (verifying the existing ones); returns the seconds."""
     evaluator = make_evaluator(cfg, accelerator, data)
-    fingerprint = data.fingerprint()
     seconds = 0.0
     for task in data.tasks:
         directory = teacher_dir(teacher_root(cfg), cfg.preset, task)
         if not cfg.teachers.retrain and (directory / MANIFEST).exists():
-            load_dense_teacher(  # a mismatch is an error naming the file, never a silent retrain
-                directory,
-                task,
-                out_channels=task_channels(data)[task],
-                architecture=dense_architecture(cfg),
-                data_fingerprint=fingerprint,
-            )
+            # a mismatch is an error naming the file, never a silent retrain
+            load_task_teacher(cfg, data, task)
             accelerator.print(f"[teacher-{task}] found {directory}")
             continue
-        seconds += train_dense_teacher(
-            cfg, accelerator, data, task, run_dir, evaluator, fingerprint
-        )
+        seconds += train_dense_teacher(cfg, accelerator, data, task, run_dir, evaluator)
         accelerator.print(f"[teacher-{task}] saved {directory}")
     return seconds
 
 
-__all__ = ["ensure_dense_teachers", "load_dense_teachers", "train_dense_teacher"]
+__all__ = ["ensure_dense_teachers", "train_dense_teacher"]

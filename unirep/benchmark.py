@@ -29,8 +29,8 @@ def _dense_step(
     cfg: Config, distill: bool, size: tuple[int, int], device: torch.device
 ) -> tuple[Any, int]:
     """A dense training step on a random batch (the student, and online teachers if distilled)."""
-    from unirep.dense_pipeline import task_channels_for
-    from unirep.models.dense import build_dense_network
+    from unirep.dense_pipeline import build_dense_student, dense_architecture, task_channels_for
+    from unirep.models.dense import build_dense_from_architecture
     from unirep.objective import build_dense_objective
 
     assert cfg.dense is not None
@@ -39,20 +39,10 @@ def _dense_step(
     teachers = {}
     if distill:
         for task, k in channels.items():
-            teachers[task] = build_dense_network(
-                dense.encoder.name, dense.encoder.kwargs, {task: k},
-                decoder_channels=dense.decoder_channels,
-            ).to(device).eval()  # fmt: skip
-    cross = dense.cross_task
-    student = build_dense_network(
-        dense.encoder.name,
-        dense.encoder.kwargs,
-        channels,
-        decoder_channels=dense.decoder_channels,
-        cross_task=cross.name if cross else None,
-        cross_task_kwargs=dict(cross.kwargs) if cross and cross.kwargs else None,
-        align_dims={t: dense.decoder_channels for t in channels} if distill else None,
-    ).to(device)
+            net = build_dense_from_architecture(dense_architecture(cfg), {task: k})
+            teachers[task] = net.to(device).eval()
+    align = {t: dense.decoder_channels for t in channels} if distill else None
+    student = build_dense_student(cfg, channels, align).to(device)
     spec = cfg.train.optim.optimizer
     optimizer = build_optimizer(spec.name, student.parameters(), spec.kwargs)
     objective = build_dense_objective(dense.tasks, cfg.distill, distill)

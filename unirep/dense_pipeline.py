@@ -33,10 +33,17 @@ from unirep.dense_eval import (
 )
 from unirep.io import atomic_write_json, read_json, save_weights
 from unirep.metrics import delta_m
-from unirep.models.dense import ALIGN_PREFIX, DenseMultiTaskNet, build_dense_network
+from unirep.models.dense import ALIGN_PREFIX, DenseMultiTaskNet, build_dense_from_architecture
 from unirep.models.network import count_parameters
 from unirep.objective import build_dense_objective
-from unirep.pipeline import STUDENT_MANIFEST, read_student, resume_point, teacher_root
+from unirep.pipeline import (
+    STUDENT_MANIFEST,
+    read_student,
+    resume_point,
+    teacher_records,
+    teacher_root,
+    teachers_of_student,
+)
 from unirep.report import dense_grid_figure, write_figure, write_report
 from unirep.teachers import DenseTeacher, load_dense_teacher, teacher_dir
 from unirep.tracking import read_curves, report_curves
@@ -91,37 +98,45 @@ def make_evaluator(cfg: Config, accelerator: Accelerator, data: DenseData) -> De
     )
 
 
-def load_dense_teachers(cfg: Config, data: DenseData) -> dict[str, DenseTeacher]:
-    """Every task's teacher, verified (task, channels, architecture, data fingerprint, weights)."""
-    fingerprint = data.fingerprint()
-    channels = task_channels(data)
+def student_architecture(cfg: Config) -> dict[str, Any]:
+    """The student's architecture record: the teachers' plus the cross-task module."""
+    assert cfg.dense is not None
+    cross = cfg.dense.cross_task
     return {
-        task: load_dense_teacher(
-            teacher_dir(teacher_root(cfg), cfg.preset, task),
-            task,
-            out_channels=channels[task],
-            architecture=dense_architecture(cfg),
-            data_fingerprint=fingerprint,
-        )
-        for task in data.tasks
+        **dense_architecture(cfg),
+        "cross_task": cross.name if cross else None,
+        "cross_task_kwargs": dict(cross.kwargs) if cross else {},
     }
 
 
-def build_dense_student(
-    cfg: Config, data: DenseData, align_dims: dict[str, int] | None = None
-) -> DenseMultiTaskNet:
-    """The run's multi-task student (with alignment adapters when ``align_dims``)."""
-    assert cfg.dense is not None
-    cross = cfg.dense.cross_task
-    return build_dense_network(
-        cfg.dense.encoder.name,
-        dict(cfg.dense.encoder.kwargs),
-        task_channels(data),
-        decoder_channels=cfg.dense.decoder_channels,
-        cross_task=cross.name if cross else None,
-        cross_task_kwargs=dict(cross.kwargs) if cross and cross.kwargs else None,
-        align_dims=align_dims,
+def load_task_teacher(cfg: Config, data: DenseData, task: str) -> DenseTeacher:
+    """One task's teacher, verified (task, channels, architecture, data fingerprint, weights)."""
+    return load_dense_teacher(
+        teacher_dir(teacher_root(cfg), cfg.preset, task),
+        task,
+        out_channels=task_channels(data)[task],
+        architecture=dense_architecture(cfg),
+        data_fingerprint=data.fingerprint(),
     )
+
+
+def load_dense_teachers(cfg: Config, data: DenseData) -> dict[str, DenseTeacher]:
+    """Every task's teacher, verified (see :func:`load_task_teacher`)."""
+    return {task: load_task_teacher(cfg, data, task) for task in data.tasks}
+
+
+def evaluate_dense_teachers(
+    evaluator: DenseEvaluator, teachers: dict[str, DenseTeacher], split: str, data: DenseData
+) -> dict[str, dict[str, Any]]:
+    """Each single-task teacher's metrics for its own task on ``split``."""
+    return {t: evaluator.evaluate(m.net, split, sets(data, split))[t] for t, m in teachers.items()}
+
+
+def build_dense_student(
+    cfg: Config, channels: dict[str, int], align_dims: dict[str, int] | None = None
+) -> DenseMultiTaskNet:
+    """The run's multi-task student for ``{task: output channels}`` (adapters: ``align_dims``)."""
+    return build_dense_from_architecture(student_architecture(cfg), channels, align_dims)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,7 +155,7 @@ def _student_phase(
     assert cfg.dense is not None
     set_seed(cfg.seed)  # baseline and student share their initialisation and data order
     align = {t: teacher.feature_dim for t, teacher in teachers.items()} if distill else None
-    net = build_dense_student(cfg, data, align)
+    net = build_dense_student(cfg, task_channels(data), align)
     checkpoint_dir = run_dir / "checkpoints" / name
     return Phase(
         name=name,
@@ -174,14 +189,10 @@ def distill_dense(
     teachers = load_dense_teachers(cfg, data)
     for t in teachers.values():
         t.net.to(accelerator.device)
-    teacher_val = {
-        t: evaluator.evaluate(m.net, "val", sets(data, "val"))[t] for t, m in teachers.items()
-    }
+    teacher_val = evaluate_dense_teachers(evaluator, teachers, "val", data)
     split_sets = sets(data, cfg.split)
     results: dict[str, dict[str, Any]] = {
-        "teacher": {
-            t: evaluator.evaluate(m.net, cfg.split, split_sets)[t] for t, m in teachers.items()
-        }
+        "teacher": evaluate_dense_teachers(evaluator, teachers, cfg.split, data)
     }
     fits: dict[str, FitResult] = {}
     nets: dict[str, DenseMultiTaskNet] = {}
@@ -389,29 +400,18 @@ def export_dense_student(
     assert cfg.dense is not None
     if accelerator.is_main_process:
         digest = save_weights(directory / "model.safetensors", net.export_state())
-        cross = cfg.dense.cross_task
         manifest = {
             "format": DENSE_FORMAT,
             "unirep_version": __version__,
             "preset": cfg.preset,
-            "architecture": {
-                **dense_architecture(cfg),
-                "cross_task": cross.name if cross else None,
-                "cross_task_kwargs": dict(cross.kwargs) if cross else {},
-            },
+            "architecture": student_architecture(cfg),
             "tasks": {
                 t: {"type": "dense", "out_channels": k, "main_metric": MAIN_METRIC[t]}
                 for t, k in task_channels(data).items()
             },
             "class_names": data.class_names,
             "preprocessing": data.preprocessing(),
-            "teachers": {
-                t: {
-                    "weights_sha256": m.manifest["weights_sha256"],
-                    "val_metrics": m.manifest["val_metrics"],
-                }
-                for t, m in teachers.items()
-            },
+            "teachers": teacher_records(teachers),
             "selection": {
                 "split": "val",
                 "best_step": result.best_step,
@@ -432,15 +432,8 @@ def is_dense_student(directory: Path) -> bool:
 def load_dense_student(directory: Path) -> tuple[DenseMultiTaskNet, dict[str, Any]]:
     """Rebuild an exported dense student (strict load, hash checked); returns (net, manifest)."""
     manifest, state = read_student(directory)
-    arch = manifest["architecture"]
-    net = build_dense_network(
-        arch["encoder"],
-        arch.get("encoder_kwargs", {}),
-        {t: spec["out_channels"] for t, spec in manifest["tasks"].items()},
-        decoder_channels=arch["decoder_channels"],
-        cross_task=arch.get("cross_task"),
-        cross_task_kwargs=arch.get("cross_task_kwargs") or None,
-    )
+    channels = {t: spec["out_channels"] for t, spec in manifest["tasks"].items()}
+    net = build_dense_from_architecture(manifest["architecture"], channels)
     net.load_state_dict(state, strict=True)
     net.eval()
     return net, manifest
@@ -462,22 +455,11 @@ def evaluate_dense_student(
     evaluator = make_evaluator(cfg, accelerator, data)
     split_sets = sets(data, cfg.split)
     results: dict[str, Any] = {"student": evaluator.evaluate(net, cfg.split, split_sets)}
-    teachers: dict[str, DenseTeacher] = {}
-    try:
-        teachers = load_dense_teachers(cfg, data)
-    except (FileNotFoundError, ValueError) as err:
-        accelerator.print(f"teachers not evaluated: {err}")
-    recorded = {t: m["weights_sha256"] for t, m in manifest.get("teachers", {}).items()}
-    if teachers and all(
-        recorded.get(t) == m.manifest["weights_sha256"] for t, m in teachers.items()
-    ):
-        results["teacher"] = {}
-        for task, teacher in teachers.items():
+    teachers = teachers_of_student(accelerator, manifest, lambda: load_dense_teachers(cfg, data))
+    if teachers:
+        for teacher in teachers.values():
             teacher.net.to(accelerator.device)
-            results["teacher"][task] = evaluator.evaluate(teacher.net, cfg.split, split_sets)[task]
-    elif teachers:
-        accelerator.print("teachers not evaluated: they are not the ones this student learnt from")
-        teachers = {}
+        results["teacher"] = evaluate_dense_teachers(evaluator, teachers, cfg.split, data)
     metrics = build_dense_metrics(
         cfg, accelerator.num_processes, results, dense_parameter_counts(net, teachers)
     )

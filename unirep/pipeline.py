@@ -7,9 +7,10 @@ no CUDA exists so that ``accelerate launch --multi_gpu --num_processes 2`` reall
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import yaml
@@ -34,6 +35,7 @@ from unirep.tracking import read_curves, report_curves
 from unirep.trainer import Evaluator, FitResult, Phase, fit, mean_metric
 
 STUDENT_MANIFEST = "manifest.json"
+T = TypeVar("T")
 SUBMISSION = "results.json"
 
 
@@ -441,23 +443,15 @@ def evaluate_student(
     results: dict[str, Any] = {
         "student": evaluator.accuracy(net.classify, cfg.split, sets, keep=predictions)
     }
-    teachers: dict[str, Teacher] = {}
-    try:
-        teachers = {d: t for d, t in load_teachers(cfg, domains).items() if d in sets}
-    except (FileNotFoundError, ValueError) as err:
-        accelerator.print(f"teachers not evaluated: {err}")
-    recorded = {d: t["weights_sha256"] for d, t in manifest.get("teachers", {}).items()}
-    if teachers and all(
-        recorded.get(d) == t.manifest["weights_sha256"] for d, t in teachers.items()
-    ):
+    teachers = teachers_of_student(
+        accelerator,
+        manifest,
+        lambda: {d: t for d, t in load_teachers(cfg, domains).items() if d in sets},
+    )
+    if teachers:
         for t in teachers.values():
             t.net.to(accelerator.device)
         results["teacher"] = evaluate_teachers(evaluator, teachers, cfg.split, sets)
-    elif teachers:
-        accelerator.print(
-            "teachers not evaluated: they are not the ones this student was distilled from"
-        )
-        teachers = {}
     metrics = build_metrics(
         cfg, accelerator.num_processes, results, parameter_counts(net, teachers)
     )
@@ -469,8 +463,41 @@ def evaluate_student(
     return metrics
 
 
+def teachers_of_student(
+    accelerator: Accelerator, manifest: dict[str, Any], load: Callable[[], dict[str, T]]
+) -> dict[str, T]:
+    """The teachers ``load`` finds, if they are the ones the exported student records; else {}.
+
+    Any teacher missing or not verifying, or a weights hash other than the student manifest's,
+    leaves the teachers out (saying why): an exported student is evaluated without them.
+    """
+    try:
+        teachers = load()
+    except (FileNotFoundError, ValueError) as err:
+        accelerator.print(f"teachers not evaluated: {err}")
+        return {}
+    recorded = {d: t["weights_sha256"] for d, t in manifest.get("teachers", {}).items()}
+    if not all(recorded.get(d) == t.manifest["weights_sha256"] for d, t in teachers.items()):
+        accelerator.print(
+            "teachers not evaluated: they are not the ones this student was distilled from"
+        )
+        return {}
+    return teachers
+
+
 # --------------------------------------------------------------------------------------------
 # Export: the student without its alignment adapters
+
+
+def teacher_records(teachers: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The student manifest's record of each teacher: its weights hash and validation metrics."""
+    return {
+        d: {
+            "weights_sha256": t.manifest["weights_sha256"],
+            "val_metrics": t.manifest["val_metrics"],
+        }
+        for d, t in teachers.items()
+    }
 
 
 def export_student(
@@ -504,13 +531,7 @@ def export_student(
                 }
                 for d in domains.domains
             },
-            "teachers": {
-                d: {
-                    "weights_sha256": t.manifest["weights_sha256"],
-                    "val_metrics": t.manifest["val_metrics"],
-                }
-                for d, t in teachers.items()
-            },
+            "teachers": teacher_records(teachers),
             "selection": {
                 "split": "val",
                 "best_step": result.best_step,

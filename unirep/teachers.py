@@ -56,20 +56,27 @@ def save_teacher(
     class_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write the weights, then the manifest (each atomically); returns the manifest."""
+    return _write_teacher(
+        directory,
+        net,
+        {
+            "domain": domain,
+            "architecture": architecture,
+            "num_classes": net.heads[domain].out_features,
+            "feature_dim": net.feature_dim,
+            "class_names": class_names,
+            "preprocessing": preprocessing,
+            "data": data,
+            "val_metrics": val_metrics,
+            "training": training,
+        },
+    )
+
+
+def _write_teacher(directory: Path, net: nn.Module, fields: dict[str, Any]) -> dict[str, Any]:
+    """Weights first, then the manifest (``fields`` + weights hash + version), each atomically."""
     digest = save_weights(Path(directory) / WEIGHTS, net.state_dict())
-    manifest = {
-        "domain": domain,
-        "architecture": architecture,
-        "num_classes": net.heads[domain].out_features,
-        "feature_dim": net.feature_dim,
-        "class_names": class_names,
-        "preprocessing": preprocessing,
-        "data": data,
-        "val_metrics": val_metrics,
-        "training": training,
-        "weights_sha256": digest,
-        "unirep_version": __version__,
-    }
+    manifest = {**fields, "weights_sha256": digest, "unirep_version": __version__}
     atomic_write_json(Path(directory) / MANIFEST, manifest)
     return manifest
 
@@ -206,22 +213,21 @@ def save_dense_teacher(
     training: dict[str, Any],
 ) -> dict[str, Any]:
     """Write a dense teacher's weights, then its manifest (each atomically)."""
-    digest = save_weights(Path(directory) / WEIGHTS, net.state_dict())
-    manifest = {
-        "type": "dense",
-        "domain": task,
-        "architecture": architecture,
-        "out_channels": net.task_channels[task],
-        "feature_dim": net.decoder_channels,
-        "preprocessing": preprocessing,
-        "data": data,
-        "val_metrics": val_metrics,
-        "training": training,
-        "weights_sha256": digest,
-        "unirep_version": __version__,
-    }
-    atomic_write_json(Path(directory) / MANIFEST, manifest)
-    return manifest
+    return _write_teacher(
+        directory,
+        net,
+        {
+            "type": "dense",
+            "domain": task,
+            "architecture": architecture,
+            "out_channels": net.task_channels[task],
+            "feature_dim": net.decoder_channels,
+            "preprocessing": preprocessing,
+            "data": data,
+            "val_metrics": val_metrics,
+            "training": training,
+        },
+    )
 
 
 def load_dense_teacher(
@@ -232,18 +238,12 @@ def load_dense_teacher(
     data_fingerprint: str | None = None,
 ) -> DenseTeacher:
     """Load and verify a dense teacher (task, output channels, architecture, data, weights)."""
-    from unirep.models.dense import build_dense_network
+    from unirep.models.dense import build_dense_from_architecture
 
     manifest, weights = _verified_manifest(
         directory, task, architecture, data_fingerprint, {"out_channels": out_channels}
     )
-    arch = manifest["architecture"]
-    net = build_dense_network(
-        arch["encoder"],
-        arch.get("encoder_kwargs", {}),
-        {task: manifest["out_channels"]},
-        decoder_channels=arch["decoder_channels"],
-    )
+    net = build_dense_from_architecture(manifest["architecture"], {task: manifest["out_channels"]})
     _load_strict(weights, net)
     return DenseTeacher(task, freeze(net), manifest)
 

@@ -65,6 +65,7 @@ class DenseData:
     def __post_init__(self) -> None:
         self._cache: dict[tuple[str, bool], Dataset] = {}
         self._carve: tuple[list[int], list[int]] | None = None
+        self._fingerprint: str | None = None
 
     # -- splits ------------------------------------------------------------------------------
 
@@ -123,8 +124,11 @@ class DenseData:
 
         Covers the source, tasks and label folder, the training indices, every training file's
         size and the bytes of :data:`FINGERPRINT_SAMPLES` evenly spaced files per folder (hashing
-        all of NYUv2 would read 1 GB at every start).
+        all of NYUv2 would read 1 GB at every start). Computed once per object: teacher training,
+        teacher loading and export all ask for it.
         """
+        if self._fingerprint is not None:
+            return self._fingerprint
         digest = hashlib.sha256()
         train = self.dataset("train")
         indices = list(train.indices) if isinstance(train, Subset) else list(range(len(train)))
@@ -145,7 +149,8 @@ class DenseData:
                 digest.update(f"{key}/{i}:{path.stat().st_size}".encode())
                 if j in picks:
                     digest.update(path.read_bytes())
-        return digest.hexdigest()
+        self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def preprocessing(self) -> dict[str, Any]:
         """What a user of the exported student must feed it (stored in manifests)."""

@@ -380,3 +380,24 @@ def build_dense_network(
         cross_task_kwargs=cross_task_kwargs,
         align_dims=align_dims,
     )
+
+
+def build_dense_from_architecture(
+    architecture: dict[str, Any],
+    tasks: dict[str, int],
+    align_dims: dict[str, int] | None = None,
+) -> DenseMultiTaskNet:
+    """Build the network an architecture record describes (teacher/student manifests, config).
+
+    ``architecture`` holds ``encoder``, ``encoder_kwargs``, ``decoder_channels`` and, for a
+    student, optionally ``cross_task`` and ``cross_task_kwargs``.
+    """
+    return build_dense_network(
+        architecture["encoder"],
+        dict(architecture.get("encoder_kwargs", {})),
+        tasks,
+        decoder_channels=architecture["decoder_channels"],
+        cross_task=architecture.get("cross_task"),
+        cross_task_kwargs=dict(architecture.get("cross_task_kwargs") or {}) or None,
+        align_dims=align_dims,
+    )
