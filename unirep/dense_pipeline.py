@@ -38,6 +38,7 @@ from unirep.models.network import count_parameters
 from unirep.objective import build_dense_objective
 from unirep.pipeline import (
     STUDENT_MANIFEST,
+    fit_records,
     read_student,
     resume_point,
     teacher_records,
@@ -292,14 +293,7 @@ def build_dense_metrics(
         summary["cross_task_attention_bytes_per_image"] = pairs * exchange.attention_bytes(
             1, h // reduction, w // reduction
         )
-    fits = fits or {}
-    summary["train_seconds"] = teacher_seconds + sum(f.seconds for f in fits.values())
-    if fits:
-        summary["phase_seconds"] = {role: f.seconds for role, f in fits.items()}
-        summary["selection"] = {
-            role: {"split": "val", "best_step": f.best_step, "val_delta_m": f.best_val}
-            for role, f in fits.items()
-        }
+    summary.update(fit_records(fits or {}, teacher_seconds, "val_delta_m"))
     summary["num_processes"] = num_processes
     return {"preset": cfg.preset, "split": cfg.split, "tasks": tasks, "summary": summary}
 

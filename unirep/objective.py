@@ -27,6 +27,13 @@ def annealing_factor(kind: str, step: int, total_steps: int) -> float:
     raise ValueError(f"unknown annealing {kind!r}; valid choices: linear, none")
 
 
+def distillation_weights(cfg: DistillConfig, key: str) -> tuple[float, float]:
+    """(λ_f·σ, λ_p·β) for a domain or dense task ``key`` before annealing."""
+    lam_f = cfg.lambda_feature.get(key, cfg.default_lambda)
+    lam_p = cfg.lambda_prediction.get(key, cfg.default_lambda)
+    return lam_f * cfg.feature_scale, lam_p * cfg.prediction_scale
+
+
 class TaskObjective(nn.Module):
     """Sum over domains of the supervised loss (teachers and the no-distillation baseline)."""
 
@@ -68,9 +75,7 @@ class DistillationObjective(TaskObjective):
 
     def weights(self, domain: str) -> tuple[float, float]:
         """(λ_f·σ, λ_p·β) for ``domain`` before annealing."""
-        lam_f = self.cfg.lambda_feature.get(domain, self.cfg.default_lambda)
-        lam_p = self.cfg.lambda_prediction.get(domain, self.cfg.default_lambda)
-        return lam_f * self.cfg.feature_scale, lam_p * self.cfg.prediction_scale
+        return distillation_weights(self.cfg, domain)
 
     def forward(
         self,
@@ -188,15 +193,14 @@ class DenseDistillationObjective(DenseTaskObjective):
         anneal = annealing_factor(self.cfg.annealing, step, total_steps)
         for task, out in outputs.items():
             teacher = teacher_outputs[task]
-            lam_f = self.cfg.lambda_feature.get(task, self.cfg.default_lambda)
+            w_f, w_p = distillation_weights(self.cfg, task)
             feat = self.feature_loss(out["aligned_bottleneck"], teacher["features"])
             feat = feat + self.feature_loss(out["aligned_features"], teacher["features"])
-            total = total + anneal * self.cfg.feature_scale * lam_f * feat
+            total = total + anneal * w_f * feat
             result[f"feature/{task}"] = feat.detach()
             if task in self.prediction_losses:
-                lam_p = self.cfg.lambda_prediction.get(task, self.cfg.default_lambda)
                 pred = self.prediction_losses[task](out["pred"], teacher["pred"])
-                total = total + anneal * self.cfg.prediction_scale * lam_p * pred
+                total = total + anneal * w_p * pred
                 result[f"prediction/{task}"] = pred.detach()
         result["loss"] = total
         result["anneal"] = torch.tensor(anneal)

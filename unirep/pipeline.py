@@ -331,16 +331,25 @@ def build_metrics(
     summary["params"] = {k: v for k, v in params.items() if k != "backbone_multiplier"}
     if "backbone_multiplier" in params:
         summary["backbone_multiplier"] = params["backbone_multiplier"]
-    fits = fits or {}
-    summary["train_seconds"] = teacher_seconds + sum(f.seconds for f in fits.values())
-    if fits:
-        summary["phase_seconds"] = {role: f.seconds for role, f in fits.items()}
-        summary["selection"] = {
-            role: {"split": "val", "best_step": f.best_step, "val_accuracy": f.best_val}
-            for role, f in fits.items()
-        }
+    summary.update(fit_records(fits or {}, teacher_seconds, "val_accuracy"))
     summary["num_processes"] = num_processes
     return {"preset": cfg.preset, "split": cfg.split, "tasks": tasks, "summary": summary}
+
+
+def fit_records(
+    fits: dict[str, FitResult], teacher_seconds: float, score_key: str
+) -> dict[str, Any]:
+    """Summary entries of the trained phases: total and per-phase seconds, the val selection."""
+    records: dict[str, Any] = {
+        "train_seconds": teacher_seconds + sum(f.seconds for f in fits.values())
+    }
+    if fits:
+        records["phase_seconds"] = {role: f.seconds for role, f in fits.items()}
+        records["selection"] = {
+            role: {"split": "val", "best_step": f.best_step, score_key: f.best_val}
+            for role, f in fits.items()
+        }
+    return records
 
 
 def published_comparison(metrics: dict[str, Any]) -> str:
