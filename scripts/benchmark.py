@@ -1,77 +1,74 @@
-"""Print the student's training-step speed and peak memory, (a) task loss alone vs (b) distillation.
+"""Time the real training step against a minimal loop; split a phase into its parts.
 
-    python scripts/benchmark.py [--config PRESET_OR_PATH] [key=value ...]
+    python scripts/benchmark.py [--steps N] [--warmup N] [--json PATH] [--run-dir DIR]
+        [--untrained-teachers] [--config PRESET_OR_PATH] [key=value ...]
 
-Uses the preset's model, domains (their class counts) and per-domain batch sizes; for a dense
-preset, its encoder, tasks, cross-task module and batch at the benchmark's image size.
+For the baseline and the distilled student of the config (any preset, any ``weighting=``), times
+``unirep.trainer.train_step`` (what ``fit`` runs) split into data / teachers / step, one
+validation pass and one checkpoint write, beside a hand-written torch loop on the same network
+and batches; prints markdown tables and the projected split of a whole phase
+(see :mod:`unirep.benchmark`). Run it with ``python`` (one process); each measurement runs in a
+fresh process of its own.
+
+Flags (read before the config arguments): ``--steps`` timed steps (default 20), ``--warmup``
+untimed steps first (default 3), ``--json`` writes every figure there, ``--run-dir`` keeps the
+benchmark's teachers there (default: a temporary folder), ``--untrained-teachers`` times with
+untrained teachers (same cost, no training; say so where you quote the numbers). Otherwise the
+config's teachers are used when they verify, else trained into the run dir with the config's
+teacher recipe, which overrides can shorten, e.g. ``teachers.train.max_steps=50``.
 """
 
 from __future__ import annotations
 
-from unirep.benchmark import run_benchmark
-from unirep.cli import parse_args
-from unirep.config import Config, cache_dir
-from unirep.data.decathlon import DECATHLON_NUM_CLASSES
-from unirep.data.sources import build_domains
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
 
-#: Image size of the MTAN releases, by label folder (no data needed to time a step).
-MTAN_SIZES = {"label": (288, 384), "label_7": (128, 256), "label_19": (128, 256)}
-
-
-def dense_main(cfg: Config) -> None:
-    assert cfg.dense is not None
-    if cfg.data.source == "mini-scenes":
-        g = {"height": 48, "width": 64, **cfg.data.generator}
-        size = (int(g["height"]), int(g["width"]))
-    else:
-        size = MTAN_SIZES.get(cfg.dense.label_dir, (288, 384))
-    cross = cfg.dense.cross_task
-    print(
-        f"preset {cfg.preset}: encoder {cfg.dense.encoder.name} {cfg.dense.encoder.kwargs}, "
-        f"tasks {list(cfg.dense.tasks)}, cross-task {cross.name if cross else None}, "
-        f"batch {cfg.data.batch_size} at {size[0]}x{size[1]}"
-    )
-    report(run_benchmark(cfg, {}, dense_size=size))
+from teachers.recipe import ensure_teachers
+from unirep.benchmark import format_report, run_benchmark, teacher_config
+from unirep.cli import parse_args, run
+from unirep.recipe import resolve_data
+from unirep.rundir import make_accelerator
 
 
-def report(results: dict) -> None:
-    for name in ("task_only", "distillation"):
-        r = results[name]
-        label = "(a)" if name == "task_only" else "(b)"
-        print(
-            f"{label} {name:13s} {r['steps_per_second']:7.2f} steps/s "
-            f"{r['images_per_second']:8.0f} img/s  "
-            f"peak {r['memory']} {r['peak_memory_mib']:8.1f} MiB "
-            f"[{r['device']}, {r['threads']} threads]"
-        )
-    ratio = results["ratio"]
-    print(
-        f"ratio (b)/(a): time per step x{ratio['time_per_step']:.2f}, "
-        f"peak memory x{ratio['peak_memory']:.2f}"
-    )
+def split_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    """(the benchmark's flags, the arguments left for ``unirep.cli.parse_args``)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--run-dir", type=Path)
+    parser.add_argument("--untrained-teachers", action="store_true")
+    return parser.parse_known_args(argv)
 
 
 def main() -> None:
-    cfg = parse_args(prog="benchmark.py")
-    if cfg.dense is not None:
-        dense_main(cfg)
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(__doc__)
         return
-    if cfg.data.source == "decathlon" and not cfg.data.root:
-        # no data needed to time a step: the official domains' class counts
-        names = cfg.data.domains or list(DECATHLON_NUM_CLASSES)
-        classes = {d: DECATHLON_NUM_CLASSES[d] for d in names}
-    else:
-        domains = build_domains(cfg.data, cache_dir(cfg))
-        classes = {d: domains.dataset(d, "val").num_classes for d in domains.domains}
-    batch = {d: cfg.data.batch_sizes.get(d, cfg.data.batch_size) for d in classes}
-    crops = {d: cfg.data.crops.get(d, cfg.data.crop) for d in classes}
-    print(
-        f"preset {cfg.preset}: backbone {cfg.model.backbone}"
-        f"{' + residual adapters' if cfg.model.residual_adapters else ''}, {len(classes)} domains, "
-        f"batch per domain {batch}, crops {crops}"
-    )
-    report(run_benchmark(cfg, classes))
+    flags, rest = split_flags(sys.argv[1:])
+    cfg = parse_args(rest, prog="benchmark.py")
+    with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
+        run_dir = flags.run_dir or Path(tmp)
+        accelerator = make_accelerator(cfg)
+        data = resolve_data(cfg, accelerator)
+        source = "untrained (random weights)"
+        if not flags.untrained_teachers:
+            cfg, source = teacher_config(cfg, data, run_dir)
+            ensure_teachers(cfg, accelerator, data, run_dir)
+        print(f"teachers: {source}")
+        results = run_benchmark(
+            cfg, flags.steps, flags.warmup, flags.untrained_teachers, data=data,
+            accelerator=accelerator,
+        )  # fmt: skip
+    results["info"]["teachers"] = source
+    print(format_report(results))
+    if flags.json:
+        flags.json.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {flags.json}")
 
 
 if __name__ == "__main__":
-    main()
+    run(main, "benchmark.py")

@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from unirep.cli import parse_args, run
-from unirep.pipeline import make_accelerator, prepare_run_dir
+from unirep.recipe import evaluate_student, resolve_data
+from unirep.rundir import make_accelerator, prepare_run_dir
 
 
 def main() -> None:
@@ -22,37 +23,12 @@ def main() -> None:
         raise SystemExit(f"evaluate.py: {str(student_dir)!r} holds no student manifest.json")
     cfg.name = cfg.name or f"eval-{student_dir.resolve().parent.name}-{cfg.split}"
     accelerator = make_accelerator(cfg)
-    if cfg.dense is not None:
-        from unirep.dense_pipeline import (
-            evaluate_dense_student,
-            is_dense_student,
-            resolve_dense_data,
-        )
-
-        if not is_dense_student(student_dir):
-            raise SystemExit(
-                f"evaluate.py: {str(student_dir)!r} is not a dense student but the config "
-                f"{cfg.preset!r} is dense"
-            )
-        data = resolve_dense_data(cfg, accelerator)
-        run_dir = prepare_run_dir(cfg, accelerator)
-        metrics = evaluate_dense_student(cfg, accelerator, data, run_dir, student_dir)
-        for task, entry in metrics["tasks"].items():
-            values = ", ".join(f"{k} {v:.4f}" for k, v in entry["student"].items() if v is not None)
-            accelerator.print(f"{task}: {values}")
-    else:
-        from unirep.dense_pipeline import is_dense_student
-        from unirep.pipeline import evaluate_student, resolve_domains
-
-        if is_dense_student(student_dir):
-            raise SystemExit(
-                f"evaluate.py: {str(student_dir)!r} is a dense student; pass its dense preset "
-                "(e.g. --config mini-scenes)"
-            )
-        domains = resolve_domains(cfg, accelerator)  # bad data fails before anything is written
-        run_dir = prepare_run_dir(cfg, accelerator)
-        metrics = evaluate_student(cfg, accelerator, domains, run_dir, student_dir)
-        accelerator.print(f"mean accuracy {metrics['summary']['mean_accuracy']:.4f} on {cfg.split}")
+    data = resolve_data(cfg, accelerator)  # bad data fails before anything is written
+    run_dir = prepare_run_dir(cfg, accelerator)
+    metrics = evaluate_student(cfg, accelerator, data, run_dir, student_dir)
+    for task, entry in metrics["tasks"].items():
+        values = ", ".join(f"{k} {v:.4f}" for k, v in entry["student"].items() if v is not None)
+        accelerator.print(f"{task}: {values or 'not measured (unlabelled split)'}")
     accelerator.print(f"metrics: {run_dir / 'metrics.json'}")
 
 

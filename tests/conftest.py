@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from unirep.config import Config, load_config
+from unirep.config import Config
+from unirep.validate import load_config
 
 TINY = [
     "data.generator={seed: 0, image_size: 32, scale: 0.1}",

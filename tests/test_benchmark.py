@@ -1,31 +1,146 @@
-"""The benchmark measures and reports sane figures (the numbers themselves go to the README)."""
+"""The benchmark times the trainer's own step, for any weighting and either kind of run.
+
+The figures must be finite and positive for every part of the split (data, teachers, step,
+validation, checkpoint); the numbers themselves go to the README.
+"""
 
 from __future__ import annotations
 
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
 import pytest
 
-from unirep.benchmark import measure_step
-from unirep.config import load_config
+import unirep.trainer
+from teachers.recipe import ensure_teachers
+from tests.conftest import tiny_config, tiny_dense_config
+from unirep.benchmark import format_report, measure, run_benchmark, teacher_config
+from unirep.config import Config
+from unirep.recipe import resolve_data
+from unirep.rundir import make_accelerator
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST_DENSE_TEACHERS = [
+    "teachers.train.max_steps=2",
+    "teachers.train.eval_every=2",
+    "teachers.train.checkpoint_every=2",
+]
 
 
-@pytest.mark.parametrize("distill", [False, True])
-def testmeasure_step_reports_positive_figures(distill: bool) -> None:
-    cfg = load_config(None, ["data.batch_size=4", "cpu=true"])
-    result = measure_step(cfg, distill, {"a": 3, "b": 5}, steps=2, warmup=1)
-    assert result["steps_per_second"] > 0 and result["peak_memory_mib"] > 0
-    assert result["images_per_second"] == pytest.approx(8 * result["steps_per_second"])
+def _with_teachers(cfg: Config, run_dir: Path) -> Config:
+    """The config pointing at verified teachers, trained into ``run_dir`` when missing."""
+    accelerator = make_accelerator(cfg)
+    data = resolve_data(cfg, accelerator)
+    cfg, _ = teacher_config(cfg, data, run_dir)
+    ensure_teachers(cfg, accelerator, data, run_dir)
+    return cfg
 
 
-@pytest.mark.parametrize("cross", ["null", "{name: densemtl, kwargs: {pool: 4}}"])
-@pytest.mark.parametrize("distill", [False, True])
-def test_dense_step_is_measured(distill: bool, cross: str) -> None:
-    cfg = load_config(
-        "mini-scenes",
-        ["data.batch_size=2", "cpu=true", "dense.encoder.kwargs={width_mult: 0.125}",
-         "dense.decoder_channels=8", f"dense.cross_task={cross}"],
+@pytest.fixture(scope="module")
+def tiny(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Config:
+    out = tmp_path_factory.mktemp("bench")
+    return _with_teachers(tiny_config(tiny_cache, out, "cpu=true"), out)
+
+
+def _finite_positive(value: float) -> bool:
+    return math.isfinite(value) and value > 0
+
+
+def _check(result: dict[str, Any], teachers: bool, real: bool) -> None:
+    s = result["seconds"]
+    parts = ["data", "step", "total"] + (["teachers"] if teachers else [])
+    assert all(_finite_positive(s[k]) for k in parts), s
+    assert teachers or s["teachers"] < 1e-3  # two clock reads, nothing between
+    assert s["total"] == pytest.approx(s["data"] + s["teachers"] + s["step"] + s["other"])
+    assert _finite_positive(result["steps_per_second"])
+    assert result["images_per_second"] == pytest.approx(
+        result["images_per_step"] * result["steps_per_second"]
+    )
+    assert _finite_positive(result["peak_mib"])
+    if real:
+        assert _finite_positive(result["validation_s"]) and result["val_images"] > 0
+        assert _finite_positive(result["checkpoint_s"]) and result["checkpoint_mib"] > 0
+
+
+def test_real_loop_is_the_trainers_train_step(
+    tiny: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    original = unirep.trainer.train_step
+
+    def spy(ctx: Any, step: int, timings: dict[str, float] | None = None) -> dict[str, float]:
+        calls.append(step)
+        assert timings is not None  # the benchmark reads the trainer's own split
+        return original(ctx, step, timings)
+
+    monkeypatch.setattr(unirep.trainer, "train_step", spy)
+    result = measure(tiny, "student", "real", steps=2, warmup=1)
+    assert calls == [0, 1, 2]
+    _check(result, teachers=True, real=True)
+    assert result["images_per_step"] == 3 * 8  # one batch of 8 per domain
+
+
+def test_minimal_loop_never_calls_the_trainer(
+    tiny: Config, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def forbidden(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the minimal loop must not use the trainer")
+
+    monkeypatch.setattr(unirep.trainer, "train_step", forbidden)
+    monkeypatch.setattr(unirep.trainer, "setup", forbidden)
+    _check(measure(tiny, "student", "minimal", steps=2, warmup=0), teachers=True, real=False)
+    _check(measure(tiny, "baseline", "minimal", steps=1, warmup=0), teachers=False, real=False)
+
+
+def _check_benchmark(results: dict[str, Any]) -> None:
+    for mode, loops in results["results"].items():
+        for loop, result in loops.items():
+            _check(result, teachers=mode == "student", real=loop == "real")
+    for mode in ("baseline", "student"):
+        assert all(_finite_positive(v) for v in results["overhead"][mode].values())
+        phase = results["phase"][mode]
+        assert phase["total"] == pytest.approx(
+            sum(phase[k] for k in ("step", "teachers", "data", "validation", "checkpoint"))
+        )
+    table = format_report(results)
+    assert "| student | real |" in table and "| baseline | minimal |" in table
+
+
+@pytest.mark.slow
+def test_pcgrad_benchmark(tiny: Config) -> None:
+    cfg = tiny_config(
+        Path(tiny.data.cache_dir or ""), Path(tiny.output_dir), "cpu=true", "weighting=pcgrad",
+        f"teachers.root={tiny.teachers.root}",
     )  # fmt: skip
-    result = measure_step(cfg, distill, {}, steps=2, warmup=1, dense_size=(32, 48))
-    assert result["steps_per_second"] > 0 and result["peak_memory_mib"] > 0
-    assert result["images_per_second"] == pytest.approx(2 * result["steps_per_second"])
-    with pytest.raises(ValueError, match="dense_size"):
-        measure_step(cfg, distill, {}, steps=1, warmup=0)
+    results = run_benchmark(cfg, steps=1, warmup=1, spawn=False)
+    assert results["info"]["weighting"] == "pcgrad"
+    _check_benchmark(results)
+
+
+@pytest.mark.slow
+def test_dense_benchmark(tiny_cache: Path, tmp_path: Path) -> None:
+    cfg = tiny_dense_config(tiny_cache, tmp_path, "cpu=true", *FAST_DENSE_TEACHERS)
+    cfg = _with_teachers(cfg, tmp_path)
+    results = run_benchmark(cfg, steps=1, warmup=1, spawn=False)
+    assert results["info"]["tasks"] == ["semantic", "depth", "normal"]
+    _check_benchmark(results)
+
+
+@pytest.mark.slow
+def test_script_spawns_every_measurement_and_writes_json(tiny_cache: Path, tmp_path: Path) -> None:
+    from tests.conftest import TINY
+
+    out = tmp_path / "bench.json"
+    args = [sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--steps", "1", "--warmup=0",
+            "--json", str(out), "--untrained-teachers", *TINY, f"data.cache_dir={tiny_cache}",
+            "cpu=true"]  # fmt: skip
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| student | real |" in proc.stdout and "UNTRAINED" in proc.stdout
+    results = json.loads(out.read_text())
+    assert results["info"]["spawned"] and results["info"]["untrained_teachers"]
+    _check_benchmark(results)

@@ -5,27 +5,75 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
-from unirep.config import Config, ConfigError, apply_override, load_config, preset_names
-from unirep.models.network import build_network
-from unirep.objective import build_objective
+from unirep.config import (
+    Config,
+    ConfigError,
+    Spec,
+    apply_override,
+    preset_names,
+    save_config,
+    to_dict,
+)
+from unirep.validate import NOT_FOR_DENSE, load_config
+from unirep.weighting import WEIGHTINGS
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_every_preset_loads(preset: str) -> None:
+    cfg = load_config(preset)
+    assert isinstance(cfg, Config)
+    assert cfg.preset == preset
+
+
+def _preset_tasks(cfg: Config) -> dict:
+    """The tasks the run's data would give, through the real config → task mapping, for two
+    made-up domains (classification) or the dense tasks of the preset (no data is read)."""
+    from types import SimpleNamespace
+
+    from unirep.data.streams import DomainStreams, SceneStreams
+
+    if cfg.dense is not None:
+        dense = SimpleNamespace(
+            root=Path("."), tasks=list(cfg.dense.tasks), num_classes=cfg.dense.num_classes,
+            class_names=None,
+        )  # fmt: skip
+        return SceneStreams(dense, cfg).tasks()  # type: ignore[arg-type]
+    classes = {"a": 3, "b": 5}
+    domains = SimpleNamespace(
+        root=Path("."),
+        domains=list(classes),
+        dataset=lambda d, split: SimpleNamespace(num_classes=classes[d], class_names=None),
+    )
+    return DomainStreams(domains, cfg).tasks()  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("preset", preset_names())
 def test_every_preset_loads_and_builds(preset: str) -> None:
+    # imported here: the config tests above do not need the builders
+    from unirep.models.build import architecture, build_network
+    from unirep.objective import Objective
+    from unirep.trainable import TrainableModule
+    from unirep.weighting import build_weighting
+
     cfg = load_config(preset)
-    assert isinstance(cfg, Config)
-    assert cfg.preset == preset
-    net = build_network(
-        cfg.model.backbone,
-        cfg.model.backbone_kwargs,
-        {"a": 3, "b": 5},
-        adapter=cfg.model.adapter.name,
-        adapter_kwargs=cfg.model.adapter.kwargs,
+    tasks = _preset_tasks(cfg)
+    expected = set(cfg.dense.tasks) if cfg.dense is not None else {"a", "b"}
+    assert set(tasks) == expected
+    teachers = {t: build_network(architecture(cfg), {t: task}) for t, task in tasks.items()}
+    net = build_network(architecture(cfg, student=True), tasks)
+    assert set(net.tasks) == expected
+    spec = cfg.model.adapter
+    aligners = net.build_aligners(
+        {t: teacher.feature_dim for t, teacher in teachers.items()}, spec.name, **spec.kwargs
     )
-    assert set(net.heads) == {"a", "b"} and set(net.adapters) == {"a", "b"}
-    objective = build_objective(cfg.distill, distill=True)
+    assert set(aligners) == expected
+    objective = Objective(tasks, cfg.distill)
     assert objective.needs_teachers
+    weighting = build_weighting(cfg.weighting.name, list(tasks), **cfg.weighting.kwargs)
+    main, adapters = TrainableModule(net, objective, weighting, aligners).parameter_groups()
+    assert main and adapters
 
 
 def test_default_is_mini_decathlon() -> None:
@@ -106,3 +154,119 @@ def test_delta_m_selection_is_for_dense_runs_only() -> None:
     with pytest.raises(ConfigError, match=r"'delta_m' is for dense runs"):
         load_config("mini-decathlon", ["train.selection_metric=delta_m"])
     assert load_config("mini-scenes").train.selection_metric == "delta_m"
+
+
+@pytest.mark.parametrize("preset", preset_names())
+def test_saved_config_of_every_preset_loads_again(preset: str, tmp_path: Path) -> None:
+    cfg = load_config(preset)
+    path = tmp_path / "config.yaml"  # what every run writes next to its checkpoints
+    save_config(cfg, path)
+    assert yaml.safe_load(path.read_text()) == to_dict(cfg)
+    again = load_config(str(path))
+    assert to_dict(again) == to_dict(cfg)
+
+
+# --------------------------------------------------------------------------------------------
+# weighting: the task-balancing method, {name, kwargs} like every other choice
+
+
+def test_weighting_defaults_to_sum_and_takes_a_bare_name() -> None:
+    assert load_config().weighting == Spec("sum")
+    assert load_config(None, ["weighting=uncertainty"]).weighting == Spec("uncertainty")
+    dense = load_config("mini-scenes", ["weighting=pcgrad"])
+    assert dense.weighting == Spec("pcgrad")
+
+
+def test_weighting_with_kwargs(tmp_path: Path) -> None:
+    path = tmp_path / "w.yaml"
+    path.write_text("base: mini-scenes\nweighting: {name: uncertainty, kwargs: {init: 0.5}}\n")
+    assert load_config(str(path)).weighting == Spec("uncertainty", {"init": 0.5})
+    cfg = load_config(None, ["weighting=pcgrad", "weighting.kwargs.seed=3"])
+    assert cfg.weighting == Spec("pcgrad", {"seed": 3})
+
+
+def test_unknown_weighting_lists_the_choices() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["weighting=nash_mtl"])
+    message = str(info.value)
+    assert "weighting.name" in message and "nash_mtl" in message
+    assert WEIGHTINGS.names() and all(name in message for name in WEIGHTINGS.names())
+
+
+# --------------------------------------------------------------------------------------------
+# dense task kinds
+
+
+def test_dense_task_kind_defaults_to_its_name() -> None:
+    cfg = load_config("mini-scenes")
+    assert cfg.dense is not None
+    assert all(task.kind is None for task in cfg.dense.tasks.values())
+    cfg = load_config(
+        "mini-scenes",
+        ["dense.tasks={seg: {loss: cross_entropy, kind: semantic}, depth: {loss: depth_l1}}"],
+    )
+    assert cfg.dense is not None and cfg.dense.tasks["seg"].kind == "semantic"
+
+
+@pytest.mark.parametrize(
+    ("override", "needles"),
+    [
+        ("dense.tasks.depth.kind=disparity", ["dense.tasks.depth.kind", "disparity", "normal"]),
+        ("dense.tasks.edges={loss: cross_entropy}", ["dense.tasks.edges", "kind", "semantic"]),
+    ],
+)
+def test_bad_dense_task_kind_names_the_key(override: str, needles: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("mini-scenes", [override])
+    for needle in needles:
+        assert needle in str(info.value), str(info.value)
+
+
+# --------------------------------------------------------------------------------------------
+# keys that do not apply to the run's kind
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.backbone=resnet18", "model.backbone"),
+        ("data.crop=16", "data.crop"),
+        ("distill.task_loss=depth_l1", "distill.task_loss"),
+        ("teachers.finetune_from=semantic", "teachers.finetune_from"),
+    ],
+)
+def test_classification_keys_are_refused_in_dense_runs(override: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("mini-scenes", [override])
+    message = str(info.value)
+    assert f"{key!r} does not apply to dense runs" in message, message
+    assert "remove" in message and NOT_FOR_DENSE[key] in message
+
+
+def test_defaults_of_refused_keys_are_accepted_in_dense_runs() -> None:
+    defaults = Config()
+    cfg = load_config(
+        "mini-scenes",
+        [
+            f"model.backbone={defaults.model.backbone}",
+            f"data.crop={defaults.data.crop}",
+            f"distill.task_loss={defaults.distill.task_loss.name}",
+        ],
+    )
+    assert cfg.dense is not None
+
+
+@pytest.mark.parametrize(
+    ("preset", "kind", "key"),
+    [
+        ("mini-decathlon", "classification", "teachers.train.selection_metric"),
+        ("mini-decathlon", "classification", "teachers.finetune_train.selection_metric"),
+        ("mini-scenes", "dense", "teachers.train.selection_metric"),
+    ],
+)
+def test_teacher_selection_metric_is_refused(preset: str, kind: str, key: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(preset, [f"{key}=delta_m"])
+    message = str(info.value)
+    assert f"'{key}' does not apply to {kind} runs" in message, message
+    assert "main metric on the validation split" in message and "remove it" in message

@@ -7,17 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from teachers.classification import ensure_teachers
+from teachers.recipe import ensure_teachers
 from tests.decathlon_fixture import SIZES, write_official_fixture
-from unirep.config import load_config
 from unirep.data.decathlon import DECATHLON_DOMAINS
-from unirep.pipeline import (
-    distill,
-    load_student,
-    make_accelerator,
-    prepare_run_dir,
-    resolve_domains,
-)
+from unirep.export import load_student
+from unirep.recipe import distill, resolve_data
+from unirep.rundir import make_accelerator, prepare_run_dir
+from unirep.validate import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -48,18 +44,19 @@ def test_decathlon_preset_end_to_end(tmp_path: Path, preset: str, labelled_test:
          f"output_dir={tmp_path / 'runs'}", "name=vd"],
     )  # fmt: skip
     accelerator = make_accelerator(cfg)
-    domains = resolve_domains(cfg, accelerator)
-    assert domains.domains == list(DECATHLON_DOMAINS)
-    assert domains.crop("imagenet12") == 72 and domains.crop("dtd") == 64
-    assert domains.dataset("imagenet12", "train", train=True)[0]["image"].shape == (3, 72, 72)
-    assert domains.dataset("aircraft", "val")[0]["image"].shape == (3, 64, 64)
+    data = resolve_data(cfg, accelerator)
+    assert list(data.tasks()) == data.streams() == list(DECATHLON_DOMAINS)
+    assert data.preprocessing("imagenet12")["crop"] == 72
+    assert data.preprocessing("dtd")["crop"] == 64
+    assert data.datasets("train", train=True)["imagenet12"][0]["image"].shape == (3, 72, 72)
+    assert data.datasets("val")["aircraft"][0]["image"].shape == (3, 64, 64)
     run_dir = prepare_run_dir(cfg, accelerator)
-    seconds = ensure_teachers(cfg, accelerator, domains, run_dir)
+    seconds = ensure_teachers(cfg, accelerator, data, run_dir)
     teacher = json.loads(
         (tmp_path / "cache" / "teachers" / preset / "dtd" / "teacher.json").read_text()
     )
     assert teacher["training"]["finetuned_from"].endswith("imagenet12")
-    metrics = distill(cfg, accelerator, domains, run_dir, seconds)
+    metrics = distill(cfg, accelerator, data, run_dir, seconds)
 
     assert set(metrics["tasks"]) == set(DECATHLON_DOMAINS)
     accuracy = metrics["tasks"]["dtd"]["student"]["accuracy"]

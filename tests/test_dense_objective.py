@@ -9,21 +9,41 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 
-from unirep.config import DenseTaskConfig, DistillConfig, Spec
-from unirep.dense_eval import DenseEvaluator, selection_delta_m, task_score
+from unirep.batch import Batch
+from unirep.config import DistillConfig, Spec
 from unirep.dense_metrics import DepthMeter, NormalMeter, SegmentationMeter
+from unirep.evaluate import Evaluator, delta_m_score
 from unirep.models.dense import build_dense_network
-from unirep.objective import DenseDistillationObjective, DenseTaskObjective
-from unirep.report import dense_grid_figure
+from unirep.objective import Objective
+from unirep.report import prediction_grid_figure
+from unirep.tasks import TASK_KINDS, Task, task_score
 
-TASKS = {
-    "semantic": DenseTaskConfig(Spec("cross_entropy")),
-    "depth": DenseTaskConfig(Spec("depth_l1"), weight=0.5),
-    "normal": DenseTaskConfig(Spec("normal_cosine")),
-}
+STREAM = "images"
+CHANNELS = {"semantic": 5, "depth": 1, "normal": 3}
 
 
-def _batch(b: int = 2, h: int = 32, w: int = 32, k: int = 5) -> tuple[torch.Tensor, dict]:
+def _tasks(**prediction_losses: tuple[str, dict]) -> dict[str, Task]:
+    """semantic (cross-entropy), depth (L1, weight 0.5), normal (cosine) on one image stream."""
+    losses = {"semantic": "cross_entropy", "depth": "depth_l1", "normal": "normal_cosine"}
+    weights = {"depth": 0.5}
+    return {
+        name: Task(
+            name=name,
+            kind=TASK_KINDS.build(name),
+            stream=STREAM,
+            num_classes=CHANNELS["semantic"] if name == "semantic" else None,
+            loss=(loss, {}),
+            prediction_loss=prediction_losses.get(name),
+            weight=weights.get(name, 1.0),
+        )
+        for name, loss in losses.items()
+    }
+
+
+TASKS = _tasks()
+
+
+def _batch(b: int = 2, h: int = 32, w: int = 32, k: int = 5) -> Batch:
     g = torch.Generator().manual_seed(0)
     images = torch.rand(b, 3, h, w, generator=g)
     normal = F.normalize(torch.randn(b, 3, h, w, generator=g), dim=1)
@@ -32,41 +52,47 @@ def _batch(b: int = 2, h: int = 32, w: int = 32, k: int = 5) -> tuple[torch.Tens
         "depth": torch.rand(b, 1, h, w, generator=g) * 5,
         "normal": normal,
     }
-    return images, targets
+    mask = {t: torch.ones(b, dtype=torch.bool) for t in targets}
+    return Batch(inputs={STREAM: images}, targets=targets, label_mask=mask)
 
 
-def _net(align: dict[str, int] | None = None, seed: int = 0):
+def _net(seed: int = 0):
     torch.manual_seed(seed)
     return build_dense_network(
-        "segnet",
-        {"width_mult": 0.125},
-        {"semantic": 5, "depth": 1, "normal": 3},
-        decoder_channels=8,
-        align_dims=align,
+        "segnet", {"width_mult": 0.125}, CHANNELS, decoder_channels=8, unit_vector=["normal"]
     )
 
 
 def _teacher(task: str, seed: int):
     torch.manual_seed(seed)
-    channels = {"semantic": 5, "depth": 1, "normal": 3}[task]
-    net = build_dense_network("segnet", {"width_mult": 0.125}, {task: channels}, decoder_channels=6)
+    net = build_dense_network(
+        "segnet",
+        {"width_mult": 0.125},
+        {task: CHANNELS[task]},
+        decoder_channels=6,
+        unit_vector=["normal"] if task == "normal" else [],
+    )
     return net.eval()
 
 
 def test_task_objective_is_the_weighted_sum_of_task_losses() -> None:
-    images, targets = _batch()
-    out = _net()(images)
-    terms = DenseTaskObjective(TASKS)(out, targets)
+    batch = _batch()
+    out = _net()(batch.inputs)
+    bundle = Objective(TASKS)(out, {}, batch)
+    targets = batch.targets
     valid = targets["semantic"] != -1
     ce = F.cross_entropy(out["semantic"]["pred"], targets["semantic"], ignore_index=-1)
     d_valid = targets["depth"] != 0
     l1 = (out["depth"]["pred"] - targets["depth"]).abs()[d_valid].mean()
     cos = 1 - (out["normal"]["pred"] * targets["normal"]).sum(1).mean()
     assert valid.any()
-    torch.testing.assert_close(terms["task/semantic"], ce.detach())
-    torch.testing.assert_close(terms["task/depth"], l1.detach())
-    torch.testing.assert_close(terms["task/normal"], cos.detach(), rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(terms["loss"], ce + 0.5 * l1 + cos, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(bundle.logs["task/semantic"], ce.detach())
+    torch.testing.assert_close(bundle.logs["task/depth"], l1.detach())
+    torch.testing.assert_close(bundle.logs["task/normal"], cos.detach(), rtol=1e-4, atol=1e-5)
+    # the per-task losses carry the configured weight; no distillation without a config
+    torch.testing.assert_close(bundle.supervised["depth"], 0.5 * l1)
+    assert bundle.distill == {} and bundle.joint == {}
+    torch.testing.assert_close(bundle.total(), ce + 0.5 * l1 + cos, rtol=1e-4, atol=1e-5)
 
 
 def _normalized_l2(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -75,16 +101,15 @@ def _normalized_l2(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def test_distillation_objective_matches_url_by_hand() -> None:
-    images, targets = _batch()
+    batch = _batch()
     teachers = {t: _teacher(t, i + 10) for i, t in enumerate(TASKS)}
-    net = _net({t: 6 for t in TASKS})
-    out = net(images)
+    net = _net()
+    aligners = net.build_aligners({t: 6 for t in TASKS})
+    out = net(batch.inputs)
+    aligned = {t: aligners[t](out[t]) for t in aligners}
     with torch.no_grad():
-        teacher_out = {t: m(images)[t] for t, m in teachers.items()}
-    tasks = dict(TASKS)
-    tasks["semantic"] = DenseTaskConfig(
-        Spec("cross_entropy"), prediction_loss=Spec("kl", {"temperature": 2.0})
-    )
+        teacher_out = {t: m(batch.inputs)[t] for t, m in teachers.items()}
+    tasks = _tasks(semantic=("kl", {"temperature": 2.0}))
     cfg = DistillConfig(
         feature_loss=Spec("l2"),
         lambda_feature={"semantic": 1.0, "depth": 1.0, "normal": 2.0},
@@ -93,56 +118,72 @@ def test_distillation_objective_matches_url_by_hand() -> None:
         prediction_scale=1.0,
         annealing="linear",
     )
-    objective = DenseDistillationObjective(tasks, cfg)
-    terms = objective(out, targets, teacher_out, step=1, total_steps=4)  # annealing 0.75
-    expected = DenseTaskObjective(tasks)(out, targets)["loss"]
+    objective = Objective(tasks, cfg)
+    bundle = objective(out, aligned, batch, teacher_out, step=1, total_steps=4)  # anneal 0.75
+    expected = Objective(tasks)(out, {}, batch).total()
     for task, lam in cfg.lambda_feature.items():
         t_feat = teacher_out[task]["features"]
-        feat = _normalized_l2(out[task]["aligned_bottleneck"], t_feat) + _normalized_l2(
-            out[task]["aligned_features"], t_feat
+        bottleneck, features = aligned[task]
+        assert bottleneck.shape[-2:] == out[task]["bottleneck"].shape[-2:]
+        feat = _normalized_l2(bottleneck, t_feat) + _normalized_l2(features, t_feat)
+        torch.testing.assert_close(
+            bundle.logs[f"feature/{task}"], feat.detach(), rtol=1e-4, atol=1e-6
         )
-        torch.testing.assert_close(terms[f"feature/{task}"], feat.detach(), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            bundle.distill[task]["feature"], 0.75 * 1.5 * lam * feat, rtol=1e-4, atol=1e-6
+        )
         expected = expected + 0.75 * 1.5 * lam * feat
     s, t = out["semantic"]["pred"] / 2, teacher_out["semantic"]["pred"] / 2
     kl = (F.softmax(t, 1) * (F.log_softmax(t, 1) - F.log_softmax(s, 1))).sum(1).mean() * 4
-    torch.testing.assert_close(terms["prediction/semantic"], kl.detach(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        bundle.logs["prediction/semantic"], kl.detach(), rtol=1e-4, atol=1e-6
+    )
     expected = expected + 0.75 * 0.5 * kl
-    assert "prediction/depth" not in terms
-    torch.testing.assert_close(terms["loss"], expected, rtol=1e-4, atol=1e-5)
+    assert "prediction/depth" not in bundle.logs
+    assert set(bundle.distill["depth"]) == {"feature"}
+    assert float(bundle.logs["anneal"]) == pytest.approx(0.75)
+    torch.testing.assert_close(bundle.total(), expected, rtol=1e-4, atol=1e-5)
     # gradients reach the adapters, never the teachers
-    terms["loss"].backward()
-    assert net.align_bottleneck["normal"].weight.grad.abs().sum() > 0
-    assert net.align_features["depth"].weight.grad.abs().sum() > 0
+    bundle.total().backward()
+    assert aligners["normal"].bottleneck.weight.grad.abs().sum() > 0
+    assert aligners["depth"].features.weight.grad.abs().sum() > 0
     assert all(p.grad is None for m in teachers.values() for p in m.parameters())
 
 
 def test_distillation_needs_teacher_outputs() -> None:
-    images, targets = _batch()
-    net = _net({t: 6 for t in TASKS})
-    objective = DenseDistillationObjective(TASKS, DistillConfig(feature_loss=Spec("l2")))
+    batch = _batch()
+    net = _net()
+    aligners = net.build_aligners({t: 6 for t in TASKS})
+    out = net(batch.inputs)
+    aligned = {t: aligners[t](out[t]) for t in aligners}
+    objective = Objective(TASKS, DistillConfig(feature_loss=Spec("l2")))
     with pytest.raises(ValueError, match="teachers"):
-        objective(net(images), targets)
+        objective(out, aligned, batch)
 
 
 def test_selection_scores() -> None:
+    tasks = {t: TASKS[t] for t in ("semantic", "depth")}
     teacher = {"semantic": {"miou": 0.5, "pixel_acc": 0.8}, "depth": {"abs_err": 1.0}}
     better = {"semantic": {"miou": 0.55, "pixel_acc": 0.1}, "depth": {"abs_err": 0.9}}
     # main metrics only: (+10% + 10%) / 2; pixel accuracy does not count
-    assert selection_delta_m(teacher)(better) == pytest.approx(10.0)
+    assert delta_m_score(tasks, teacher)(better) == pytest.approx(10.0)
     # a teacher at 0 leaves its task out instead of failing
     zero = {"semantic": {"miou": 0.0}, "depth": {"abs_err": 1.0}}
-    assert selection_delta_m(zero)(better) == pytest.approx(10.0)
-    assert task_score("semantic", better) == 0.55 and task_score("depth", better) == -0.9
+    assert delta_m_score(tasks, zero)(better) == pytest.approx(10.0)
+    assert task_score(TASKS["semantic"], better) == 0.55
+    assert task_score(TASKS["depth"], better) == -0.9
 
 
 def test_evaluator_equals_meters_over_the_whole_split() -> None:
-    images, targets = _batch(b=5, k=5)
+    batch = _batch(b=5, k=5)
+    images, targets = batch.inputs[STREAM], batch.targets
     samples = [
         {"image": images[i], **{t: v[i] for t, v in targets.items()}, "index": i} for i in range(5)
     ]
     net = _net().eval()
-    evaluator = DenseEvaluator(Accelerator(cpu=True), batch_size=2, num_classes=5)
-    results = evaluator.evaluate(net, "test", {"dense": samples})
+    evaluator = Evaluator(Accelerator(cpu=True), batch_size=2)
+    keep: dict = {}
+    results = evaluator.evaluate(net, "test", {STREAM: samples}, TASKS, keep=keep)
     with torch.no_grad():
         out = net(images)
     seg, depth, normal = SegmentationMeter(5), DepthMeter(), NormalMeter()
@@ -152,13 +193,20 @@ def test_evaluator_equals_meters_over_the_whole_split() -> None:
     assert results["semantic"] == pytest.approx(seg.compute())
     assert results["depth"] == pytest.approx(depth.compute(), rel=1e-5)
     assert results["normal"] == pytest.approx(normal.compute(), rel=1e-4)
+    # kept over the whole split: predictions, targets and the samples' ids, in order
+    preds, kept_targets, ids = keep["semantic"]
+    assert ids.tolist() == [0, 1, 2, 3, 4]
+    assert torch.equal(preds, out["semantic"]["pred"].argmax(1))
+    assert torch.equal(kept_targets, targets["semantic"])
 
 
 def test_qualitative_grid_is_a_png_with_a_row_per_image_and_task() -> None:
     from PIL import Image
 
-    images, targets = _batch(b=2, k=5)
+    batch = _batch(b=2, k=5)
+    images, targets = batch.inputs[STREAM], batch.targets
     columns = {"ground truth": targets, "student": {**targets, "depth": targets["depth"] * 2}}
-    png = dense_grid_figure(images, columns, ["semantic", "depth", "normal"], num_classes=5)
+    render = {t: task.render for t, task in TASKS.items()}
+    png = prediction_grid_figure(images, columns, ["semantic", "depth", "normal"], render)
     picture = Image.open(io.BytesIO(png))
     assert picture.format == "PNG" and picture.height > picture.width  # 6 rows, 3 columns

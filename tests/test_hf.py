@@ -16,7 +16,7 @@ from unirep.data.decathlon import CorruptImageError, DataRootError
 from unirep.data.hf import HFDomain
 
 CLASSES = ["cat", "dog", "fox"]
-SAMPLE_KEYS = {"image", "label", "image_id"}
+SAMPLE_KEYS = {"image", "label", "image_id", "id", "aug"}
 
 
 @pytest.fixture(autouse=True)
@@ -79,7 +79,7 @@ def test_save_to_disk_dataset(saved_dataset: Path) -> None:
 
     sample = domain[5]
     assert set(sample) == SAMPLE_KEYS
-    assert sample["label"] == 2 and sample["image_id"] == 5
+    assert sample["label"] == 2 and sample["image_id"] == sample["id"] == 5
     image = sample["image"]
     assert isinstance(image, Image.Image) and image.mode == "RGB" and image.size == (8, 6)
     assert image.getpixel((0, 0)) == (50, 50, 50)
@@ -100,6 +100,7 @@ def test_save_to_disk_dataset_dict(saved_dict: Path) -> None:
     test = HFDomain(str(saved_dict), "test", id_column="uid")
     assert len(test) == 5
     assert test.image_ids == [1012, 1013, 1014, 1015, 1016]
+    assert test[0]["id"] == test[0]["image_id"] == 1012
     assert test.labels == [0, 1, 2, 0, 1]
     assert test[0]["image"].getpixel((0, 0)) == (120, 120, 120)
     assert len(HFDomain(str(saved_dict), "train")) == 12
@@ -127,6 +128,7 @@ def test_dataloader_batches_and_pickling(saved_dataset: Path) -> None:
     batch = next(iter(torch.utils.data.DataLoader(domain, batch_size=4)))
     assert batch["image"].shape == (4, 3, 2, 2)
     assert batch["label"].tolist() == [0, 1, 2, 0]
+    assert batch["id"].tolist() == batch["image_id"].tolist() == [0, 1, 2, 3]
     # DataLoader workers receive a pickled copy.
     plain = HFDomain(str(saved_dataset), "train")
     copy = pickle.loads(pickle.dumps(plain))

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from teachers.classification import ensure_teachers
+from teachers.recipe import ensure_teachers
 from tests.conftest import tiny_config
 from unirep.data.decathlon import DataRootError
-from unirep.pipeline import distill, make_accelerator, prepare_run_dir, resolve_domains
+from unirep.recipe import distill, resolve_data
+from unirep.rundir import make_accelerator, prepare_run_dir
 
 pytestmark = pytest.mark.slow
 
@@ -52,12 +53,12 @@ def test_hf_domain_joins_a_run(tiny_cache: Path, tmp_path: Path, monkeypatch: py
         "name=hf",
     )
     accelerator = make_accelerator(cfg)
-    domains = resolve_domains(cfg, accelerator)
-    assert domains.domains == ["objects", "pets"]
-    assert domains.dataset("pets", "val")[0]["image"].shape == (3, 28, 28)
+    data = resolve_data(cfg, accelerator)
+    assert list(data.tasks()) == data.streams() == ["objects", "pets"]
+    assert data.datasets("val")["pets"][0]["image"].shape == (3, 28, 28)
     run_dir = prepare_run_dir(cfg, accelerator)
     metrics = distill(
-        cfg, accelerator, domains, run_dir, ensure_teachers(cfg, accelerator, domains, run_dir)
+        cfg, accelerator, data, run_dir, ensure_teachers(cfg, accelerator, data, run_dir)
     )
     assert set(metrics["tasks"]) == {"objects", "pets"}
     assert metrics["tasks"]["pets"]["student"]["accuracy"] is not None
@@ -68,11 +69,12 @@ def test_hf_only_source_and_errors(tiny_cache: Path, tmp_path: Path) -> None:
     cfg = tiny_config(
         tiny_cache, tmp_path, "data.source=hf", "data.domains=[]", HF.format(path=path)
     )
-    domains = resolve_domains(cfg, make_accelerator(cfg))
-    assert domains.domains == ["pets"] and domains.dataset("pets", "train").num_classes == 3
+    data = resolve_data(cfg, make_accelerator(cfg))
+    assert list(data.tasks()) == ["pets"] and data.tasks()["pets"].num_classes == 3
+    assert data.datasets("train")["pets"].num_classes == 3
     empty = tiny_config(tiny_cache, tmp_path, "data.source=hf", "data.domains=[]")
     with pytest.raises(DataRootError, match="hf_domains"):
-        resolve_domains(empty, make_accelerator(empty))
+        resolve_data(empty, make_accelerator(empty))
     clash = tiny_config(tiny_cache, tmp_path, HF.replace("pets", "digits").format(path=path))
     with pytest.raises(DataRootError, match="digits"):
-        resolve_domains(clash, make_accelerator(clash))
+        resolve_data(clash, make_accelerator(clash))

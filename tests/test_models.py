@@ -6,10 +6,20 @@ import pytest
 import timm
 import torch
 
+from pathlib import Path
+
+from unirep.export import export_student, load_student
+from unirep.io import load_weights
 from unirep.models.adapters import ADAPTERS
 from unirep.models.backbones import build_backbone
-from unirep.models.network import build_network, count_parameters
+from unirep.models.build import count_parameters
+from unirep.models.network import build_network
+from unirep.objective import Objective
+from unirep.recipe import parameter_counts
 from unirep.registry import UnknownNameError
+from unirep.tasks import TASK_KINDS, Task
+from unirep.trainable import TrainableModule
+from unirep.weighting import build_weighting
 
 
 def test_decathlon_resnets_are_timm_models() -> None:
@@ -58,36 +68,60 @@ def test_linear_adapter_starts_as_identity_when_square() -> None:
 
 
 def test_network_outputs_per_domain_and_every_parameter_learns() -> None:
-    net = build_network(
-        "resnet_decathlon_tiny",
-        {},
-        {"a": 3, "b": 5},
-        adapter="linear",
-        teacher_dims={"a": 64, "b": 32},
-    )
+    net = build_network("resnet_decathlon_tiny", {}, {"a": 3, "b": 5})
+    aligners = net.build_aligners({"a": 64, "b": 32}, "linear")
     images = {"a": torch.randn(4, 3, 28, 28), "b": torch.randn(2, 3, 28, 28)}
     out = net(images)
-    assert out["a"]["logits"].shape == (4, 3) and out["b"]["logits"].shape == (2, 5)
-    assert out["a"]["aligned"].shape == (4, 64) and out["b"]["aligned"].shape == (2, 32)
-    loss = sum(o["logits"].square().mean() + o["aligned"].square().mean() for o in out.values())
+    aligned = {d: aligners[d](out[d]) for d in out}
+    assert out["a"]["pred"].shape == (4, 3) and out["b"]["pred"].shape == (2, 5)
+    assert [a.shape for a in aligned["a"]] == [(4, 64)]
+    assert [a.shape for a in aligned["b"]] == [(2, 32)]
+    loss = sum(o["pred"].square().mean() + aligned[d][0].square().mean() for d, o in out.items())
     loss.backward()
-    for name, p in net.named_parameters():
+    for name, p in [*net.named_parameters(), *aligners.named_parameters()]:
         assert p.grad is not None and p.grad.abs().sum() > 0, name
     # batched (same shape) and per-domain paths agree in eval mode
     net.eval()
     with torch.no_grad():
-        together = net(images)["b"]["logits"]
+        together = net(images)["b"]["pred"]
         alone = net.classify(images["b"], "b")
     torch.testing.assert_close(together, alone, rtol=1e-4, atol=1e-5)
 
 
-def test_export_state_has_no_adapters() -> None:
-    net = build_network("resnet_decathlon_tiny", {}, {"a": 3}, adapter="linear")
-    state = net.head_and_backbone_state()
-    assert state and not any(k.startswith("adapters.") for k in state)
-    assert count_parameters(net, "adapters.") == sum(
+def test_export_holds_only_the_students_state(tmp_path: Path) -> None:
+    """The phase's trainable module holds student, aligners, objective and weighting state; the
+    export is the student's weights alone, and it loads back into the student's architecture."""
+    arch = {"backbone": "resnet_decathlon_tiny", "backbone_kwargs": {}, "residual_adapters": False}
+    tasks = {"a": Task("a", TASK_KINDS.build("classification"), "a", num_classes=3)}
+    net = build_network("resnet_decathlon_tiny", {}, {"a": 3})
+    aligners = net.build_aligners({"a": 32}, "linear")
+    module = TrainableModule(
+        net, Objective(tasks), build_weighting("uncertainty", list(tasks)), aligners
+    )
+    extra = {k for k in module.state_dict() if not k.startswith("student.")}
+    assert any(k.startswith("aligners.") for k in extra)
+    assert any(k.startswith("weighting.") for k in extra)
+    export_student(
+        tmp_path, module.student, preset="p", architecture=arch, tasks=tasks,
+        preprocessing={"a": {}}, teachers={}, selection={},
+    )  # fmt: skip
+    state = load_weights(tmp_path / "model.safetensors")
+    assert set(state) == set(net.state_dict())
+    assert not any(k.split(".")[0] in {"student", "aligners", "objective", "weighting"} for k in state)
+    assert count_parameters(net) == sum(
         v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k
     )
+    assert count_parameters(module) == count_parameters(net) + count_parameters(
+        aligners
+    ) + count_parameters(module.weighting)
+    loaded, _ = load_student(tmp_path)
+    for k, v in net.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[k], v)
+    assert parameter_counts(net, {}, module) == {
+        "student": count_parameters(net),
+        "adapters": count_parameters(aligners),
+        "teachers_total": 0,
+    }
 
 
 def test_unknown_domain_is_an_error() -> None:
@@ -103,19 +137,18 @@ def test_residual_adapter_network_forwards_each_domain_through_its_own_parts() -
         "resnet_decathlon_tiny",
         {},
         {"a": 3, "b": 5},
-        adapter="linear",
         residual_adapters=True,
         backbone_state=teacher.backbone.state_dict(),
     )
     assert net.domain_specific
     images = {"a": torch.randn(4, 3, 28, 28), "b": torch.randn(4, 3, 28, 28)}
     out = net(images)
-    sum(o["logits"].square().mean() for o in out.values()).backward()
+    sum(o["pred"].square().mean() for o in out.values()).backward()
     grads = {n: p.grad for n, p in net.backbone.named_parameters()}
     assert all(g is not None for n, g in grads.items() if ".adapters." in n or ".norms." in n)
     net.eval()
     with torch.no_grad():
-        together = net(images)["b"]["logits"]
+        together = net(images)["b"]["pred"]
         alone = net.classify(images["b"], "b")
     torch.testing.assert_close(together, alone)
     # at attachment the adapters are zero and BN copies equal: domain a matches the teacher

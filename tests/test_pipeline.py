@@ -9,21 +9,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from teachers.classification import ensure_teachers
+from teachers.recipe import ensure_teachers
 from tests.conftest import tiny_config
+from unirep.checkpoint import BEST, DONE
 from unirep.config import ConfigError
 from unirep.data.decathlon import DataRootError
+from unirep.export import STUDENT_FORMAT, student_tasks
 from unirep.io import load_weights
-from unirep.pipeline import (
-    distill,
-    evaluate_student,
-    make_accelerator,
-    prepare_run_dir,
-    resolve_domains,
-    teacher_root,
-)
+from unirep.models.build import build_network
+from unirep.recipe import build_metrics, distill, evaluate_student, resolve_data
+from unirep.rundir import make_accelerator, prepare_run_dir, teacher_root
+from unirep.tasks import TASK_KINDS, Task
 from unirep.teachers import TeacherMismatchError
-from unirep.trainer import BEST, DONE
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +29,9 @@ def _run(cache: Path, out: Path, *extra: str) -> tuple[Path, dict]:
     cfg = tiny_config(cache, out, *extra)
     accelerator = make_accelerator(cfg)
     run_dir = prepare_run_dir(cfg, accelerator)
-    domains = resolve_domains(cfg, accelerator)
-    seconds = ensure_teachers(cfg, accelerator, domains, run_dir)
-    return run_dir, distill(cfg, accelerator, domains, run_dir, seconds)
+    data = resolve_data(cfg, accelerator)
+    seconds = ensure_teachers(cfg, accelerator, data, run_dir)
+    return run_dir, distill(cfg, accelerator, data, run_dir, seconds)
 
 
 @pytest.fixture(scope="module")
@@ -64,20 +61,35 @@ def test_run_directory_contract(finished_run: tuple[Path, dict]) -> None:
     summary = metrics["summary"]
     for key in (
         "delta_m_vs_teachers",
+        "delta_m_all_metrics_vs_teachers",
         "decathlon_score",
         "train_seconds",
         "num_processes",
         "baseline_delta_m_vs_teachers",
         "mean_accuracy",
+        "teacher_mean_accuracy",
     ):
         assert key in summary, key
-    assert summary["num_processes"] == 1
+    assert summary["num_processes"] == 1 and summary["weighting"] == "sum"
+    assert summary["delta_m_metrics"] == [f"{t}/accuracy" for t in metrics["tasks"]]
     assert summary["params"]["student"] > 0 and summary["params"]["teachers_total"] > 0
     assert summary["selection"]["student"]["split"] == "val"
-    # the export has no alignment adapters; the manifest ties it to its teachers
-    weights = load_weights(run_dir / "student" / "model.safetensors")
-    assert not any(k.startswith("adapters.") for k in weights)
+    # the export holds only the student's state (the checkpoints of the phase's trainable module
+    # also hold its alignment adapters); the manifest ties it to its teachers
     manifest = json.loads((run_dir / "student" / "manifest.json").read_text())
+    assert manifest["format"] == STUDENT_FORMAT
+    weights = load_weights(run_dir / "student" / "model.safetensors")
+    student = build_network(manifest["architecture"], student_tasks(manifest))
+    assert set(weights) == set(student.state_dict())
+    checkpoint = load_weights(
+        run_dir / "checkpoints" / "student" / "step_000004" / "model.safetensors"
+    )
+    assert {k for k in checkpoint if k.startswith("student.")} == {f"student.{k}" for k in weights}
+    assert any(k.startswith("aligners.") for k in checkpoint)
+    assert summary["params"]["adapters"] > 0
+    for name, task in manifest["tasks"].items():
+        assert task["kind"] == "classification" and task["stream"] == name
+        assert set(manifest["preprocessing"][name]) >= {"resize", "crop", "mean", "std"}
     assert set(manifest["teachers"]) == set(metrics["tasks"])
     assert all(len(t["weights_sha256"]) == 64 for t in manifest["teachers"].values())
     # checkpoints: latest k kept, best and done records; logs per phase
@@ -97,20 +109,18 @@ def test_evaluate_reproduces_the_run(
     cfg = tiny_config(tiny_cache, tmp_path, "name=eval")
     accelerator = make_accelerator(cfg)
     eval_dir = prepare_run_dir(cfg, accelerator)
-    again = evaluate_student(
-        cfg, accelerator, resolve_domains(cfg, accelerator), eval_dir, run_dir / "student"
-    )
+    data = resolve_data(cfg, accelerator)
+    again = evaluate_student(cfg, accelerator, data, eval_dir, run_dir / "student")
     for domain, task in metrics["tasks"].items():
         assert again["tasks"][domain]["student"] == pytest.approx(task["student"])
         assert again["tasks"][domain]["teacher"] == pytest.approx(task["teacher"])
     assert (eval_dir / "metrics.json").is_file()
     # the submission file: every test image once, official-style global ids, scores as metrics
     entries = json.loads((eval_dir / "results.json").read_text())
-    domains = resolve_domains(cfg, accelerator)
     truth = {}
     for domain in metrics["tasks"]:
         annotations = json.loads(
-            (domains.root / "annotations" / f"{domain}_test.json").read_text()
+            (data.root / "annotations" / f"{domain}_test.json").read_text()
         )["annotations"]
         truth.update({a["image_id"]: (domain, a["category_id"]) for a in annotations})
     assert sorted(e["image_id"] for e in entries) == sorted(truth)
@@ -125,21 +135,23 @@ def test_resume_continues_an_interrupted_run(
 ) -> None:
     # an uninterrupted run, then the same run killed after step 4 and resumed
     full_dir, full = _run(tiny_cache, tmp_path, "name=full", "baseline=false")
-    from unirep import objective as objective_module
+    from unirep.objective import Objective
 
-    original = objective_module.DistillationObjective.forward
+    original = Objective.forward
 
-    def crash_at_step_4(self, outputs, labels, teacher_outputs=None, step=0, total_steps=1):
-        if step == 4:
+    def crash_at_step_4(
+        self, outputs, aligned, batch, teacher_outputs=None, step=0, total_steps=1
+    ):
+        if step == 4 and self.distill is not None:  # the distilled student's phase only
             raise KeyboardInterrupt("simulated interruption")
-        return original(self, outputs, labels, teacher_outputs, step, total_steps)
+        return original(self, outputs, aligned, batch, teacher_outputs, step, total_steps)
 
-    monkeypatch.setattr(objective_module.DistillationObjective, "forward", crash_at_step_4)
+    monkeypatch.setattr(Objective, "forward", crash_at_step_4)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny_cache, tmp_path, "name=cut", "baseline=false")
     cut = tmp_path / "cut" / "checkpoints" / "student"
     assert not (cut / DONE).exists() and (cut / "step_000004").is_dir()
-    monkeypatch.setattr(objective_module.DistillationObjective, "forward", original)
+    monkeypatch.setattr(Objective, "forward", original)
     with pytest.raises(ConfigError, match="baseline"):  # resuming with another config is refused
         _run(tiny_cache, tmp_path, "name=cut", "resume=true")
     resumed_dir, resumed = _run(tiny_cache, tmp_path, "name=cut", "baseline=false", "resume=true")
@@ -159,7 +171,7 @@ def test_missing_data_root_names_path_and_layout(tiny_cache: Path, tmp_path: Pat
     missing = tmp_path / "nowhere" / "decathlon-1.0"
     cfg = tiny_config(tiny_cache, tmp_path, "data.source=decathlon", f"data.root={missing}")
     with pytest.raises(DataRootError) as info:
-        resolve_domains(cfg, make_accelerator(cfg))
+        resolve_data(cfg, make_accelerator(cfg))
     assert str(missing) in str(info.value) and "annotations" in str(info.value)
 
 
@@ -173,22 +185,24 @@ def test_teacher_of_another_domain_is_refused(
     shutil.copytree(teacher_root(cfg) / "mini-decathlon" / "digits", target)
     accelerator = make_accelerator(cfg)
     with pytest.raises(TeacherMismatchError) as info:
-        ensure_teachers(cfg, accelerator, resolve_domains(cfg, accelerator), tmp_path)
+        ensure_teachers(cfg, accelerator, resolve_data(cfg, accelerator), tmp_path)
     assert str(target / "teacher.json") in str(info.value)
 
 
 def test_metrics_with_a_zero_teacher_leave_delta_m_undefined(
     tiny_cache: Path, tmp_path: Path
 ) -> None:
-    from unirep.pipeline import build_metrics
-
     cfg = tiny_config(tiny_cache, tmp_path)
+    kind = TASK_KINDS.build("classification")
+    tasks = {t: Task(t, kind, t, num_classes=2) for t in ("a", "b")}
     results = {
         "student": {"a": {"accuracy": 0.5}, "b": {"accuracy": 0.5}},
         "teacher": {"a": {"accuracy": 0.0}, "b": {"accuracy": 0.5}},
     }
-    metrics = build_metrics(cfg, 1, results, {"student": 1, "adapters": 0, "teachers_total": 2})
+    params = {"student": 1, "adapters": 0, "teachers_total": 2}
+    metrics = build_metrics(cfg, tasks, 1, results, params)
     assert metrics["summary"]["delta_m_vs_teachers"] is None
+    assert metrics["summary"]["delta_m_all_metrics_vs_teachers"] is None
     assert metrics["summary"]["decathlon_score"] == pytest.approx(
         250 * 1.5**2 + 250
     )  # E_max = 2 × teacher error

@@ -1,203 +1,485 @@
-"""Step throughput and peak memory of the student's training step, with and without distillation.
+"""Where a training phase spends its time: the real step against a minimal loop, per mode.
 
-(a) the student on the task loss alone (the no-distillation baseline's step);
-(b) the distillation step: the same student plus alignment adapters, with every domain's frozen
-teacher run online on the same batch, and the feature and prediction losses.
-Batches are random tensors of the preset's shape (one batch per domain, the preset's batch
-sizes), so the figures measure the step, not the data loading. Each mode runs in its own process
-so that peak memory (CUDA: ``max_memory_allocated``; CPU: peak resident set size) is its own.
+For a config (any preset, any ``weighting``) the benchmark builds what a run builds — the run's
+data (:func:`~unirep.recipe.resolve_data`), its teachers, and the baseline
+(``student_phase(..., distill=False)``) and the distilled student (``distill=True``) — and, for
+each of these two *modes*, measures two *loops* on the same network and the same batches:
+
+- ``real``: :func:`unirep.trainer.setup`, then :func:`unirep.trainer.train_step` (the function
+  :func:`~unirep.trainer.fit` runs) with its ``timings``: seconds per step in **data** (draw the
+  batch of every stream, move it to the device), **teachers** (the frozen teachers' forward) and
+  **step** (forward, the weighting's backward, clip, optimizer); **other** is the rest of the
+  call (schedules). After the steps, one **validation** pass
+  (:meth:`~unirep.evaluate.Evaluator.evaluate` of the student on the val split) and one
+  **checkpoint** write (:func:`~unirep.checkpoint.save_checkpoint` into a temporary folder).
+- ``minimal``: a hand-written torch loop with no accelerate, no weighting, no clipping and no
+  schedule: ``bundle = module(batch, teachers' outputs); bundle.total().backward();
+  opt.step()`` with the phase's optimizers (teachers under ``no_grad``; ``torch.autocast`` and,
+  for fp16, a ``GradScaler`` when ``mixed_precision`` asks for them). Batches come from the same
+  step-indexed stream (same samples; random augmentation may draw differently).
+
+``real / minimal`` over teachers + step is the overhead of our machinery (accelerate, the
+weighting — e.g. PCGrad's per-task backward passes —, logging); with data it is the whole step.
+A phase's projected time splits into step / teachers / data / validation / checkpoint from the
+measured means and the config's ``train.max_steps``, ``eval_every`` and ``checkpoint_every``
+(the best-weights write after an improved validation is not counted).
+
+Each (mode, loop) runs in a fresh process (``spawn``), so that its peak memory is its own: CUDA
+``max_memory_allocated`` since the phase was set up (models, optimizer state, activations), or
+the process's peak resident set size on CPU (Linux ``ru_maxrss``; includes the data and the
+interpreter). Peaks are read after the timed steps, before validation and the checkpoint.
+
+Teachers come from the config's teacher root when they verify, else from a benchmark folder
+(:func:`teacher_config`; the caller trains them there, ``scripts/benchmark.py`` with
+``teachers.recipe.ensure_teachers`` and the config's teacher recipe, which overrides can shorten),
+never into the shared cache. ``random_teachers=True`` uses untrained teachers of the run's
+architecture instead: the same cost per step, but not trained weights (say so where quoted).
+Run it as one process (``python``, not ``accelerate launch``); the device is the accelerator's
+(CUDA when present, ``cpu=true`` forces CPU).
 """
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import math
 import multiprocessing as mp
 import resource
+import shutil
 import statistics
+import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import set_seed
 
+import unirep.trainer as trainer
+from unirep.batch import make_batch
+from unirep.checkpoint import save_checkpoint
 from unirep.config import Config
-from unirep.models.network import build_network
-from unirep.objective import build_objective
+from unirep.data.sampling import MultiDomainStream
+from unirep.data.streams import RunData
+from unirep.evaluate import Evaluator, Results
+from unirep.models.build import architecture, build_network
 from unirep.optim import build_optimizer
-from unirep.pipeline import build_student
+from unirep.recipe import evaluate_teachers, load_teachers, resolve_data, student_phase
+from unirep.rundir import make_accelerator, teacher_root
+from unirep.teachers import Teacher, TeacherMismatchError, freeze
+from unirep.trainer import Phase, teacher_outputs
+
+MODES = {"baseline": False, "student": True}  # mode -> distill
+LOOPS = ("real", "minimal")
+SPLITS = ("data", "teachers", "step", "other")  # per training step
+BENCH_TEACHERS = "bench-teachers"  # <run_dir>/bench-teachers: teachers trained for a benchmark
 
 
-def _dense_step(
-    cfg: Config, distill: bool, size: tuple[int, int], device: torch.device
-) -> tuple[Any, int]:
-    """A dense training step on a random batch (the student, and online teachers if distilled)."""
-    from unirep.dense_pipeline import build_dense_student, dense_architecture, task_channels_for
-    from unirep.models.dense import build_dense_from_architecture
-    from unirep.objective import build_dense_objective
-
-    assert cfg.dense is not None
-    dense = cfg.dense
-    channels = task_channels_for(list(dense.tasks), dense.num_classes)
-    teachers = {}
-    if distill:
-        for task, k in channels.items():
-            net = build_dense_from_architecture(dense_architecture(cfg), {task: k})
-            teachers[task] = net.to(device).eval()
-    align = {t: dense.decoder_channels for t in channels} if distill else None
-    student = build_dense_student(cfg, channels, align).to(device)
-    spec = cfg.train.optim.optimizer
-    optimizer = build_optimizer(spec.name, student.parameters(), spec.kwargs)
-    objective = build_dense_objective(dense.tasks, cfg.distill, distill)
-    b, (h, w) = cfg.data.batch_size, size
-    images = torch.rand(b, 3, h, w, device=device)
-    targets = {
-        "semantic": torch.randint(0, dense.num_classes, (b, h, w), device=device),
-        "depth": torch.rand(b, 1, h, w, device=device) + 0.5,
-        "normal": torch.nn.functional.normalize(torch.randn(b, 3, h, w, device=device), dim=1),
-    }
-    targets = {t: targets[t] for t in channels}
-
-    def step() -> None:
-        teacher_out = None
-        if distill:
-            with torch.no_grad():
-                teacher_out = {t: m(images)[t] for t, m in teachers.items()}
-        loss = objective(student(images), targets, teacher_out, 0, 1)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return step, b
+# --------------------------------------------------------------------------------------------
+# Teachers
 
 
-def measure_step(
-    cfg: Config,
-    distill: bool,
-    domains: dict[str, int],
-    steps: int,
-    warmup: int,
-    chunk_seconds: float = 10.0,
-    dense_size: tuple[int, int] | None = None,
-) -> dict[str, Any]:
-    """Steps/s, images/s and peak memory of one mode (``domains`` unused for dense configs)."""
-    torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() and not cfg.cpu else "cpu")
-    if cfg.dense is not None:
-        if dense_size is None:
-            raise ValueError("dense configs need dense_size=(height, width)")
-        step, images_per_step = _dense_step(cfg, distill, dense_size, device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        return _time(step, images_per_step, steps, warmup, chunk_seconds, device)
-    feature_dims: dict[str, int] = {}
-    teachers = {}
-    if distill:
-        for d, k in domains.items():
-            teachers[d] = (
-                build_network(cfg.model.backbone, cfg.model.backbone_kwargs, {d: k})
-                .to(device)
-                .eval()
-            )
-            feature_dims[d] = teachers[d].feature_dim
-    student = build_student(cfg, domains, feature_dims, distill).to(device)
-    spec = cfg.train.optim.optimizer
-    optimizer = build_optimizer(spec.name, student.parameters(), spec.kwargs)
-    objective = build_objective(cfg.distill, distill)
-    batch = {d: cfg.data.batch_sizes.get(d, cfg.data.batch_size) for d in domains}
-    crop = {d: cfg.data.crops.get(d, cfg.data.crop) for d in domains}
-    images = {d: torch.randn(b, 3, crop[d], crop[d], device=device) for d, b in batch.items()}
-    labels = {d: torch.randint(0, domains[d], (b,), device=device) for d, b in batch.items()}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+def teacher_config(cfg: Config, data: RunData, run_dir: Path) -> tuple[Config, str]:
+    """(config whose teacher root holds the teachers to use, where they come from).
 
-    def step() -> None:
-        teacher_out = None
-        if distill:
-            with torch.no_grad():
-                teacher_out = {d: teachers[d]({d: x})[d] for d, x in images.items()}
-        loss = objective(student(images), labels, teacher_out, 0, 1)["loss"]
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-
-    return _time(step, sum(batch.values()), steps, warmup, chunk_seconds, device)
+    The config's own teachers when every one verifies against the data (and ``teachers.retrain``
+    is off); otherwise a copy whose ``teachers.root`` is ``<run_dir>/bench-teachers``, where the
+    caller trains the missing ones (``ensure_teachers``), so that short benchmark teachers never
+    land in the shared cache.
+    """
+    if not cfg.teachers.retrain:
+        try:
+            load_teachers(cfg, data, data.tasks())
+            return cfg, f"found in {teacher_root(cfg) / cfg.preset}"
+        except (FileNotFoundError, ValueError, TeacherMismatchError):
+            pass
+    bench = copy.deepcopy(cfg)
+    bench.teachers.root = str(Path(run_dir) / BENCH_TEACHERS)
+    bench.teachers.retrain = False
+    return bench, f"trained for the benchmark in {teacher_root(bench) / cfg.preset}"
 
 
-def _time(
-    step: Any,
-    images_per_step: int,
-    steps: int,
-    warmup: int,
-    chunk_seconds: float,
-    device: torch.device,
-) -> dict[str, Any]:
-    for _ in range(warmup):
-        step()
-    # the median of five timed chunks (each at most `chunk_seconds`, so that large models on a
-    # CPU finish): robust to a busy core now and then
-    chunk = max(1, steps // 5)
-    rates = []
-    for _ in range(5):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        done = 0
-        while done < chunk and (done == 0 or time.perf_counter() - t0 < chunk_seconds):
-            step()
-            done += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        rates.append(done / (time.perf_counter() - t0))
-    steps_per_second = statistics.median(rates)
-    if device.type == "cuda":
-        peak_mib = torch.cuda.max_memory_allocated() / 2**20
-        memory_kind = "CUDA allocated"
-    else:
-        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        memory_kind = "process RSS"
+def random_teachers(cfg: Config, data: RunData) -> dict[str, Teacher]:
+    """Untrained teachers of the run's architecture (same cost as trained ones, not their
+    weights): for timing where training the teachers is out of reach."""
+    set_seed(cfg.seed)
     return {
-        "steps_per_second": steps_per_second,
-        "images_per_second": steps_per_second * images_per_step,
-        "peak_memory_mib": peak_mib,
-        "memory": memory_kind,
-        "device": str(device),
-        "threads": torch.get_num_threads(),
+        name: Teacher(name, freeze(build_network(architecture(cfg), {name: task})), {})
+        for name, task in data.tasks().items()
     }
 
 
-def _child(
-    queue: Any,
+def _teachers(cfg: Config, data: RunData, untrained: bool) -> dict[str, Teacher]:
+    return random_teachers(cfg, data) if untrained else load_teachers(cfg, data, data.tasks())
+
+
+# --------------------------------------------------------------------------------------------
+# Measuring one (mode, loop) in this process
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> tuple[float, str]:
+    """(peak MiB, what was measured)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max_memory_allocated"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+
+
+def _means(per_step: list[dict[str, float]]) -> dict[str, float]:
+    """Mean seconds per step of each split and of the total (means add up: total = Σ splits)."""
+    means = {k: statistics.fmean(t.get(k, 0.0) for t in per_step) for k in (*SPLITS, "total")}
+    means["total_median"] = statistics.median(t["total"] for t in per_step)
+    return means
+
+
+def _bench_phase(phase: Phase, work: Path) -> Phase:
+    """The phase with its checkpoints in a fresh folder: never resumes, never touches a run."""
+    return dataclasses.replace(phase, checkpoint_dir=work / "checkpoints" / phase.name,
+                               log_dir=work / "logs", resume_from=None)  # fmt: skip
+
+
+def _real(accelerator: Any, phase: Phase, steps: int, warmup: int) -> dict[str, Any]:
+    """``trainer.setup``, then ``trainer.train_step`` with its timings at every step."""
+    device = accelerator.device
+    ctx, _ = trainer.setup(accelerator, phase)
+    ctx.module.train()
+    _reset_peak(device)
+    per_step = []
+    for step in range(warmup + steps):
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        trainer.train_step(ctx, step, timings)
+        _sync(device)
+        total = time.perf_counter() - t0
+        if step >= warmup:
+            timings["other"] = total - sum(timings.get(k, 0.0) for k in SPLITS[:3])
+            per_step.append({**timings, "total": total})
+    peak, memory = _peak(device)
+    return {"per_step": per_step, "peak_mib": peak, "memory": memory, "ctx": ctx}
+
+
+def _validation_and_checkpoint(
+    accelerator: Any, phase: Phase, ctx: Any, evaluator: Evaluator, step: int, work: Path
+) -> dict[str, float]:
+    """Seconds of one validation pass and of one checkpoint write (and its size)."""
+    device = accelerator.device
+    _sync(device)
+    t0 = time.perf_counter()
+    evaluator.evaluate(ctx.unwrapped.student, "val", phase.val_sets, phase.tasks)
+    _sync(device)
+    validation = time.perf_counter() - t0
+    state = {"best_val": -math.inf, "best_step": -1, "seconds": 0.0}
+    folder = work / "checkpoint-write"
+    t0 = time.perf_counter()
+    save_checkpoint(
+        accelerator, folder, step, ctx.module, ctx.optimizers, ctx.schedulers, state,
+        phase.cfg.keep_checkpoints,
+    )  # fmt: skip
+    checkpoint = time.perf_counter() - t0
+    size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+    shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "validation_s": validation,
+        "val_images": float(sum(len(d) for d in phase.val_sets.values())),  # type: ignore[arg-type]
+        "checkpoint_s": checkpoint,
+        "checkpoint_mib": size / 2**20,
+    }
+
+
+def _autocast(cfg: Config, device: torch.device) -> tuple[AbstractContextManager[Any], Any]:
+    """(autocast context, GradScaler or None) of ``mixed_precision``, in plain torch."""
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.mixed_precision)
+    if dtype is None:
+        return nullcontext(), None
+    scaler = torch.amp.GradScaler(device.type) if dtype is torch.float16 else None
+    return torch.autocast(device.type, dtype=dtype), scaler
+
+
+def _minimal(
+    cfg: Config, device: torch.device, phase: Phase, steps: int, warmup: int
+) -> dict[str, Any]:
+    """The hand-written loop: plain sum of the losses, ``backward``, ``step``; torch only."""
+    module = phase.module.to(device).train()
+    teachers = {t: net.to(device) for t, net in phase.teachers.items()}
+    main, adapters = module.parameter_groups()
+    train = phase.cfg
+    specs = [(train.optim, main)] + ([(train.adapter_optim, adapters)] if adapters else [])
+    optimizers = [build_optimizer(s.optimizer.name, p, s.optimizer.kwargs) for s, p in specs]
+    stream = MultiDomainStream(
+        phase.train_sets, phase.batch_sizes, seed=phase.seed, num_workers=phase.num_workers
+    )
+    accum = train.gradient_accumulation_steps
+    autocast, scaler = _autocast(cfg, device)
+    _reset_peak(device)
+    per_step = []
+    clock = time.perf_counter
+    for step in range(warmup + steps):
+        split = dict.fromkeys(SPLITS, 0.0)
+        for micro in range(accum):  # the same clock points as trainer.train_step
+            t0 = clock()
+            batch = make_batch(next(stream), phase.tasks).to(device)
+            t1 = clock()
+            teacher_out = None
+            if teachers:
+                with torch.no_grad(), autocast:
+                    teacher_out = teacher_outputs(teachers, phase.tasks, batch)
+                _sync(device)
+            t2 = clock()
+            with autocast:
+                loss = module(batch, teacher_out, step, train.max_steps).total() / accum
+            (scaler.scale(loss) if scaler else loss).backward()
+            if micro == accum - 1:
+                for opt in optimizers:
+                    if scaler:
+                        scaler.step(opt)
+                    else:
+                        opt.step()
+                    opt.zero_grad(set_to_none=True)
+                if scaler:
+                    scaler.update()
+            _sync(device)
+            t3 = clock()
+            for key, dt in (("data", t1 - t0), ("teachers", t2 - t1), ("step", t3 - t2)):
+                split[key] += dt
+        if step >= warmup:
+            per_step.append({**split, "total": sum(split.values())})
+    peak, memory = _peak(device)
+    return {"per_step": per_step, "peak_mib": peak, "memory": memory}
+
+
+def measure(
     cfg: Config,
-    distill: bool,
-    domains: dict[str, int],
+    mode: str,
+    loop: str,
     steps: int,
     warmup: int,
-    dense_size: tuple[int, int] | None,
-) -> None:
-    queue.put(measure_step(cfg, distill, domains, steps, warmup, dense_size=dense_size))
+    teacher_val: Results | None = None,
+    untrained_teachers: bool = False,
+) -> dict[str, Any]:
+    """Time ``loop`` (``real`` or ``minimal``) of ``mode`` (``baseline`` or ``student``) here.
+
+    Builds the accelerator, the data, the teachers (from ``teacher_root(cfg)``, or untrained)
+    and the phase exactly as a run does; checkpoints go to a temporary folder.
+
+    Returns:
+        ``seconds`` (mean seconds per step of ``data``, ``teachers``, ``step``, ``other``,
+        ``total``; ``total_median``), ``steps_per_second``, ``images_per_second``,
+        ``images_per_step``, ``peak_mib`` and ``memory``, ``device``, ``threads``; for ``real``
+        also ``validation_s``, ``val_images``, ``checkpoint_s``, ``checkpoint_mib``.
+    """
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup})")
+    accelerator = make_accelerator(cfg)
+    data = resolve_data(cfg, accelerator)
+    tasks = data.tasks()
+    teachers = _teachers(cfg, data, untrained_teachers)
+    with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
+        work = Path(tmp)
+        phase = student_phase(cfg, mode, data, tasks, work, teachers, teacher_val, MODES[mode])
+        phase = _bench_phase(phase, work)
+        accum = phase.cfg.gradient_accumulation_steps
+        images = sum(phase.batch_sizes.values()) * accum
+        if loop == "real":
+            out = _real(accelerator, phase, steps, warmup)
+            evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
+            out.update(_validation_and_checkpoint(
+                accelerator, phase, out.pop("ctx"), evaluator, warmup + steps, work
+            ))  # fmt: skip
+        elif loop == "minimal":
+            out = _minimal(cfg, accelerator.device, phase, steps, warmup)
+        else:
+            raise ValueError(f"unknown loop {loop!r}; valid choices: {', '.join(LOOPS)}")
+    seconds = _means(out.pop("per_step"))
+    return {
+        "seconds": seconds,
+        "steps_per_second": 1.0 / seconds["total"],
+        "images_per_step": images,
+        "images_per_second": images / seconds["total"],
+        "device": str(accelerator.device),
+        "threads": torch.get_num_threads(),
+        **out,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The whole benchmark
+
+
+def _child(queue: Any, args: tuple[Any, ...]) -> None:
+    try:
+        queue.put(("ok", measure(*args)))
+    except BaseException as err:  # report it to the parent, which raises it
+        queue.put(("error", f"{type(err).__name__}: {err}"))
+        raise
+
+
+def _spawned(args: tuple[Any, ...]) -> dict[str, Any]:
+    """``measure(*args)`` in a fresh process (its own peak memory)."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(queue, args))
+    proc.start()
+    try:
+        status, value = queue.get()
+    finally:
+        proc.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmark process {args[1]}/{args[2]} failed: {value}")
+    return value
+
+
+def phase_split(cfg: Config, real: dict[str, Any]) -> dict[str, float]:
+    """Projected seconds of a whole phase (``cfg.train``) by part, from one mode's real loop."""
+    train = cfg.train
+    n = train.max_steps
+    evals = n // train.eval_every + (1 if n % train.eval_every else 0)  # as trainer.fit
+    checkpoints = (n - 1) // train.checkpoint_every  # none at the last step
+    s = real["seconds"]
+    split = {
+        "step": n * (s["step"] + s["other"]),
+        "teachers": n * s["teachers"],
+        "data": n * s["data"],
+        "validation": evals * real["validation_s"],
+        "checkpoint": checkpoints * real["checkpoint_s"],
+    }
+    return {**split, "total": sum(split.values()), "evaluations": evals,
+            "checkpoints": checkpoints}  # fmt: skip
 
 
 def run_benchmark(
     cfg: Config,
-    domains: dict[str, int],
-    steps: int = 150,
-    warmup: int = 2,
-    dense_size: tuple[int, int] | None = None,
+    steps: int = 20,
+    warmup: int = 3,
+    untrained_teachers: bool = False,
+    spawn: bool = True,
+    data: RunData | None = None,
+    accelerator: Any = None,
 ) -> dict[str, Any]:
-    """``{"task_only": ..., "distillation": ..., "ratio": ...}``, each mode in a fresh process.
+    """Both modes, both loops; teachers must be under ``teacher_root(cfg)`` unless untrained.
 
-    ``dense_size`` is the ``(height, width)`` of a dense config's images.
+    ``spawn=False`` measures in this process (peak memory is then shared by every measurement).
+
+    Returns:
+        ``info`` (preset, tasks, batch sizes, weighting, device, ...), ``results[mode][loop]``
+        (see :func:`measure`), ``overhead[mode]`` (real / minimal seconds per step, over
+        ``teachers+step`` and over ``total``) and ``phase[mode]`` (:func:`phase_split`).
     """
-    ctx = mp.get_context("spawn")
-    results = {}
-    for name, distill in (("task_only", False), ("distillation", True)):
-        queue = ctx.Queue()
-        args = (queue, cfg, distill, domains, steps, warmup, dense_size)
-        proc = ctx.Process(target=_child, args=args)
-        proc.start()
-        results[name] = queue.get()
-        proc.join()
-    a, b = results["task_only"], results["distillation"]
-    results["ratio"] = {
-        "time_per_step": a["steps_per_second"] / b["steps_per_second"],
-        "peak_memory": b["peak_memory_mib"] / a["peak_memory_mib"],
+    accelerator = accelerator or make_accelerator(cfg)
+    data = data or resolve_data(cfg, accelerator)
+    tasks = data.tasks()
+    teacher_val = None
+    if cfg.train.selection_metric == "delta_m":  # the student's selection score needs them
+        teachers = _teachers(cfg, data, untrained_teachers)
+        for t in teachers.values():
+            t.net.to(accelerator.device)
+        evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
+        teacher_val = evaluate_teachers(evaluator, teachers, tasks, "val", data)
+        del teachers, evaluator
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    results: dict[str, dict[str, Any]] = {}
+    for mode in MODES:
+        for loop in LOOPS:
+            args = (cfg, mode, loop, steps, warmup, teacher_val, untrained_teachers)
+            results.setdefault(mode, {})[loop] = _spawned(args) if spawn else measure(*args)
+    overhead = {}
+    for mode, r in results.items():
+        real, minimal = r["real"]["seconds"], r["minimal"]["seconds"]
+        compute = (real["teachers"] + real["step"] + real["other"]) / (
+            minimal["teachers"] + minimal["step"]
+        )
+        overhead[mode] = {"teachers+step": compute, "total": real["total"] / minimal["total"]}
+    info = {
+        "preset": cfg.preset,
+        "tasks": list(tasks),
+        "batch_sizes": data.batch_sizes(),
+        "gradient_accumulation_steps": cfg.train.gradient_accumulation_steps,
+        "weighting": cfg.weighting.name,
+        "mixed_precision": cfg.mixed_precision,
+        "device": results["baseline"]["real"]["device"],
+        "threads": results["baseline"]["real"]["threads"],
+        "steps": steps,
+        "warmup": warmup,
+        "untrained_teachers": untrained_teachers,
+        "spawned": spawn,
+        "torch": torch.__version__,
     }
-    return results
+    phase = {mode: phase_split(cfg, r["real"]) for mode, r in results.items()}
+    return {"info": info, "results": results, "overhead": overhead, "phase": phase}
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def _rows(results: dict[str, Any]) -> Iterator[str]:
+    ms = 1000.0
+    yield (
+        "| mode | loop | steps/s | img/s | data ms | teachers ms | step ms | other ms | peak MiB |"
+    )
+    yield "|:---|:---|---:|---:|---:|---:|---:|---:|---:|"
+    for mode, loops in results["results"].items():
+        for loop, r in loops.items():
+            s = r["seconds"]
+            yield (
+                f"| {mode} | {loop} | {r['steps_per_second']:.2f} | "
+                f"{r['images_per_second']:.0f} | {s['data'] * ms:.1f} | "
+                f"{s['teachers'] * ms:.1f} | {s['step'] * ms:.1f} | {s['other'] * ms:.1f} | "
+                f"{r['peak_mib']:.0f} |"
+            )
+
+
+def format_report(results: dict[str, Any]) -> str:
+    """Markdown tables: per-step split and peaks, overhead, and the projected phase split."""
+    info = results["info"]
+    memory = results["results"]["baseline"]["real"]["memory"]
+    lines = [
+        f"preset {info['preset']} | tasks {', '.join(info['tasks'])} | batch per stream "
+        f"{info['batch_sizes']} x {info['gradient_accumulation_steps']} accumulation | "
+        f"weighting {info['weighting']} | mixed precision {info['mixed_precision']} | "
+        f"{info['device']}, {info['threads']} threads | torch {info['torch']}",
+        f"{info['steps']} timed steps after {info['warmup']} warm-up; means per step; "
+        f"peak: {memory}"
+        + ("; UNTRAINED teachers" if info["untrained_teachers"] else "")
+        + ("" if info["spawned"] else "; one process (peaks shared)"),
+        "",
+        *_rows(results),
+        "",
+        "| mode | real / minimal (teachers + step) | real / minimal (with data) | "
+        "validation s (images) | checkpoint s (MiB) |",
+        "|:---|---:|---:|---:|---:|",
+    ]
+    for mode, o in results["overhead"].items():
+        r = results["results"][mode]["real"]
+        lines.append(
+            f"| {mode} | x{o['teachers+step']:.2f} | x{o['total']:.2f} | "
+            f"{r['validation_s']:.2f} ({r['val_images']:.0f}) | "
+            f"{r['checkpoint_s']:.3f} ({r['checkpoint_mib']:.1f}) |"
+        )
+    any_phase = next(iter(results["phase"].values()))
+    lines += [
+        "",
+        f"Projected phase ({any_phase['evaluations']:.0f} validations, "
+        f"{any_phase['checkpoints']:.0f} checkpoints), seconds (share):",
+        "",
+        "| mode | step | teachers | data | validation | checkpoint | total |",
+        "|:---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for mode, p in results["phase"].items():
+        cells = [
+            f"{p[k]:.1f} ({100 * p[k] / p['total']:.0f}%)"
+            for k in ("step", "teachers", "data", "validation", "checkpoint")
+        ]
+        lines.append(f"| {mode} | {' | '.join(cells)} | {p['total']:.1f} |")
+    return "\n".join(lines)

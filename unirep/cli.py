@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable
 
-from unirep.config import Config, ConfigError, load_config, preset_names
+from unirep.config import Config, ConfigError, preset_names
+from unirep.validate import load_config
 
 USAGE = (
     "usage: {prog} [--config PRESET_OR_PATH] [key=value ...]\n"

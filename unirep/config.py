@@ -1,8 +1,10 @@
 """Typed configuration: dataclasses are the schema, YAML presets are instances of it.
 
-``load_config("mini-decathlon", ["train.max_steps=100"])`` reads a preset shipped in
+``read_config("mini-decathlon", ["train.max_steps=100"])`` reads a preset shipped in
 ``unirep/presets/`` (or a YAML path), applies dotted ``key=value`` overrides and checks every key
-and type before any work starts. Errors name the key, the value and the valid choices.
+and type. Values, cross-field rules and registry names are checked in :mod:`unirep.validate`,
+whose ``load_config`` (read + validate) is what scripts call. Errors name the key, the value and
+the valid choices.
 """
 
 from __future__ import annotations
@@ -108,7 +110,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     # "accuracy" (mean over domains) for classification; "delta_m" (vs the teachers) for dense
-    # students. Always on the validation split; dense teachers select on their main metric.
+    # students. Always on the validation split. Teachers always select on their task's main
+    # metric, so teachers.train leaves it at its default (unirep.validate refuses other values).
     selection_metric: str = "accuracy"
 
 
@@ -151,12 +154,14 @@ class DenseTaskConfig:
     ``loss`` is a task-loss registry name (``cross_entropy`` for ``semantic``, ``depth_l1`` or
     ``depth_berhu`` for ``depth``, ``normal_cosine`` for ``normal``). ``prediction_loss`` (optional)
     distils the teacher's prediction of this task: ``kl`` on segmentation logits, ``dense_l1`` on
-    depth or normals; None leaves it out (URL's NYUv2 recipe has none).
+    depth or normals; None leaves it out (URL's NYUv2 recipe has none). ``kind`` says what the
+    task predicts (``semantic``, ``depth`` or ``normal``); None means the task's name is its kind.
     """
 
     loss: Spec
     weight: float = 1.0
     prediction_loss: Spec | None = None
+    kind: str | None = None  # semantic, depth or normal; None: the task's name is its kind
 
 
 @dataclass
@@ -203,17 +208,11 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     teachers: TeachersConfig = field(default_factory=TeachersConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    weighting: Spec = field(
+        default_factory=lambda: Spec("sum")
+    )  # task balancing: sum, uncertainty...
     train: TrainConfig = field(default_factory=TrainConfig)
     dense: DenseConfig | None = None  # set: a dense multi-task run (see DenseConfig)
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "split": ("train", "val", "test"),
-    "mixed_precision": ("no", "fp16", "bf16"),
-    "data.on_corrupt": ("error", "skip"),
-    "distill.annealing": ("linear", "none"),
-    "train.selection_metric": ("accuracy", "delta_m"),
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -318,7 +317,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 
 
 # --------------------------------------------------------------------------------------------
-# Presets, overrides and validation
+# Presets, overrides and saving
 
 
 def preset_names() -> list[str]:
@@ -395,108 +394,17 @@ def apply_override(values: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _validate(cfg: Config) -> None:
-    """Cross-field checks and registry names, run before any work starts."""
-    # imported here: the registries import torch-heavy modules
-    from unirep.components import check_names
+def read_config(preset_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a preset name or YAML path (default ``mini-decathlon``) and apply overrides.
 
-    flat = {
-        "split": cfg.split,
-        "mixed_precision": cfg.mixed_precision,
-        "data.on_corrupt": cfg.data.on_corrupt,
-        "distill.annealing": cfg.distill.annealing,
-        "train.selection_metric": cfg.train.selection_metric,
-    }
-    for key, value in flat.items():
-        if value not in CHOICES[key]:
-            raise ConfigError(
-                f"config key {key!r}: {value!r} is not valid; choices: {', '.join(CHOICES[key])}"
-            )
-    for key, value in {
-        "train.max_steps": cfg.train.max_steps,
-        "teachers.train.max_steps": cfg.teachers.train.max_steps,
-        "data.batch_size": cfg.data.batch_size,
-        "data.eval_batch_size": cfg.data.eval_batch_size,
-        "data.crop": cfg.data.crop,
-        "data.resize": cfg.data.resize,
-    }.items():
-        if value <= 0:
-            raise ConfigError(f"config key {key!r}: must be positive, got {value}")
-    crops = {"data.crop": cfg.data.crop}
-    crops.update({f"data.crops.{d}": c for d, c in cfg.data.crops.items()})
-    for key, crop in crops.items():
-        if not 0 < crop <= cfg.data.resize:
-            raise ConfigError(
-                f"config key {key!r} ({crop}) must be positive and not exceed 'data.resize' "
-                f"({cfg.data.resize})"
-            )
-    if cfg.dense is not None:
-        _validate_dense(cfg)
-    elif cfg.train.selection_metric != "accuracy":
-        raise ConfigError(
-            "config key 'train.selection_metric': 'delta_m' is for dense runs (a 'dense' section); "
-            "classification selects on 'accuracy'"
-        )
-    check_names(cfg)
-
-
-def _validate_dense(cfg: Config) -> None:
-    dense = cfg.dense
-    assert dense is not None
-    from unirep.data.dense import DENSE_TASKS, DEPTH_KINDS
-
-    if not dense.tasks:
-        raise ConfigError(
-            f"config key 'dense.tasks': name at least one of {', '.join(DENSE_TASKS)}"
-        )
-    for task in dense.tasks:
-        if task not in DENSE_TASKS:
-            raise ConfigError(
-                f"config key 'dense.tasks.{task}': unknown dense task; "
-                f"valid: {', '.join(DENSE_TASKS)}"
-            )
-    if dense.depth_kind not in DEPTH_KINDS:
-        raise ConfigError(
-            f"config key 'dense.depth_kind': {dense.depth_kind!r} is not valid; choices: "
-            f"{', '.join(DEPTH_KINDS)}"
-        )
-    if "semantic" in dense.tasks and dense.num_classes < 2:
-        raise ConfigError(f"config key 'dense.num_classes': must be >= 2, got {dense.num_classes}")
-    if not dense.scales or any(s < 1.0 for s in dense.scales):
-        raise ConfigError(
-            f"config key 'dense.scales': zoom factors >= 1.0 expected, got {dense.scales}"
-        )
-    if dense.val_folder is None and not 0.0 < dense.val_fraction < 1.0:
-        raise ConfigError(
-            f"config key 'dense.val_fraction': must be in (0, 1), got {dense.val_fraction}"
-        )
-    if dense.decoder_channels <= 0:
-        raise ConfigError(
-            f"config key 'dense.decoder_channels': must be positive, got {dense.decoder_channels}"
-        )
-    if cfg.train.selection_metric != "delta_m":
-        raise ConfigError(
-            "config key 'train.selection_metric': dense runs select on 'delta_m' (Δm against the "
-            f"teachers on the validation split), got {cfg.train.selection_metric!r}"
-        )
-    if cfg.distill.init_from_teacher is not None:
-        raise ConfigError(
-            "config key 'distill.init_from_teacher': not used by dense runs (the student is "
-            "trained from scratch, as in URL on NYUv2); remove it"
-        )
-    if cfg.teachers.finetune_from is not None:
-        raise ConfigError("config key 'teachers.finetune_from': not used by dense runs; remove it")
-
-
-def load_config(preset_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a preset name or YAML path (default ``mini-decathlon``), apply overrides, validate."""
+    Keys and types are checked here; values, cross-field rules and registry names are checked by
+    :func:`unirep.validate.load_config`, the entry point scripts use.
+    """
     name, values = _read_yaml(preset_or_path or "mini-decathlon")
     values.setdefault("preset", name)
     for override in overrides or []:
         apply_override(values, override)
-    cfg = from_dict(Config, values)
-    _validate(cfg)
-    return cfg
+    return from_dict(Config, values)
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -1,7 +1,10 @@
 """Markdown run report: metric tables plus training-curve and per-task figures.
 
 :func:`write_report` turns the ``metrics.json`` dict of a run (schema in the architecture notes)
-and its logged curves into ``report.md`` with two PNG figures beside it. Figures are drawn on
+and its logged curves into ``report.md`` with its PNG figures beside it (training curves, the main
+metric per task and, when the task-balancing method logs them, task weights and gradient
+cosines). Nothing here knows a task by name: per-task colouring of prediction maps comes from the
+caller (``Task.render``). Figures are drawn on
 matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``), so no display is needed and
 the process-wide pyplot backend is left untouched.
 """
@@ -12,7 +15,7 @@ import io
 import math
 import os
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +28,10 @@ __all__ = [
     "CURVES_FIGURE",
     "PER_TASK_FIGURE",
     "REPORT_FILE",
-    "dense_grid_figure",
+    "WEIGHTING_FIGURE",
+    "aggregate_runs",
     "format_metric",
+    "prediction_grid_figure",
     "write_figure",
     "write_report",
 ]
@@ -34,6 +39,7 @@ __all__ = [
 REPORT_FILE = "report.md"
 CURVES_FIGURE = "training_curves.png"
 PER_TASK_FIGURE = "per_task_metrics.png"
+WEIGHTING_FIGURE = "weighting.png"
 
 ROLES: tuple[str, ...] = ("teacher", "baseline", "student")
 """Columns of the per-task table, in order."""
@@ -47,9 +53,6 @@ PERCENT_METRICS = frozenset(
 MAIN_METRIC_ORDER: tuple[str, ...] = ("accuracy", "miou", "abs_err", "angle_mean")
 
 _MISSING = "–"
-
-# Summary keys ``<role>_<task>_<main metric>`` of dense runs, already in the per-task table.
-DENSE_MAIN_SUFFIXES: tuple[str, ...] = ("semantic_miou", "depth_abs_err", "normal_angle_mean")
 
 
 # --------------------------------------------------------------------------------------------
@@ -142,8 +145,6 @@ def _summary_table(summary: Mapping[str, Any]) -> str:
     for key, value in summary.items():
         if key in known or value is None or isinstance(value, Mapping | list):
             continue
-        if key.endswith(DENSE_MAIN_SUFFIXES):  # repeated from the per-task table
-            continue
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
         rows.append([key, text])
     return _table(["quantity", "value"], rows, ["l", "r"])
@@ -203,7 +204,7 @@ def _per_task_figure(tasks: Mapping[str, Mapping[str, Mapping[str, float]]]) -> 
     """Grouped bars (teacher / baseline / student) of each task's main metric.
 
     Tasks are grouped by main metric, one subplot per metric, so that unlike scales (accuracy
-    vs depth error vs angle) never share an axis. ``None`` when no task has a metric.
+    vs an error vs an angle) never share an axis. ``None`` when no task has a metric.
     """
     by_metric: dict[str, list[str]] = {}
     for task, entry in tasks.items():
@@ -240,6 +241,68 @@ def _per_task_figure(tasks: Mapping[str, Mapping[str, Mapping[str, float]]]) -> 
     return _figure_png(fig)
 
 
+def _has_points(by_name: Mapping[str, list[tuple[int, float]]]) -> bool:
+    return any(points for points in by_name.values())
+
+
+def _weighting_figure(
+    weighting: Mapping[str, Mapping[str, Mapping[str, list[tuple[int, float]]]]],
+) -> bytes | None:
+    """One row per phase: effective task weights (one line per task) and gradient cosines (one
+    line per task pair, with the zero line). ``None`` when no phase logged any point."""
+    phases = [
+        phase
+        for phase, terms in weighting.items()
+        if _has_points(terms.get("weight", {})) or _has_points(terms.get("gradcos", {}))
+    ]
+    if not phases:
+        return None
+    fig = Figure(figsize=(11.0, 3.4 * len(phases)), layout="constrained")
+    axes = fig.subplots(len(phases), 2, squeeze=False)
+    panels = (
+        ("weight", "effective task weight", "task"),
+        ("gradcos", "gradient cosine", "task pair"),
+    )
+    for row, phase in enumerate(phases):
+        for col, (term, ylabel, what) in enumerate(panels):
+            ax = axes[row, col]
+            lines = {name: pts for name, pts in weighting[phase].get(term, {}).items() if pts}
+            ax.set_title(f"{phase}: {ylabel}s", fontsize=10)
+            if not lines:
+                ax.text(0.5, 0.5, f"no {ylabel}s logged", ha="center", va="center", fontsize=9)
+                ax.set_axis_off()
+                continue
+            for k, (name, points) in enumerate(lines.items()):
+                steps, values = zip(*points, strict=True)
+                marker = "o" if len(points) <= 30 else None
+                style = ("-", "--", ":", "-.")[k // 10 % 4]  # colours repeat after ten
+                ax.plot(
+                    steps,
+                    values,
+                    label=name,
+                    color=f"C{k % 10}",
+                    linestyle=style,
+                    linewidth=1.1,
+                    marker=marker,
+                    ms=3,
+                )
+            if term == "gradcos":
+                ax.axhline(0.0, color="black", linewidth=0.9)
+                ax.set_ylim(-1.05, 1.05)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(
+                fontsize=6,
+                ncols=1 + len(lines) // 16,
+                title=what,
+                title_fontsize=7,
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),  # outside: pairs grow quadratically with tasks
+            )
+    return _figure_png(fig)
+
+
 # --------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------
@@ -262,66 +325,44 @@ def write_figure(path: Path, png: bytes) -> None:
     _atomic_write(Path(path), png)
 
 
-def _semantic_rgb(labels: Any, num_classes: int) -> Any:
-    """``[H, W]`` class ids -> ``[H, W, 3]`` colours (tab20); -1 (ignore) is black."""
-    import numpy as np
-    from matplotlib import colormaps
-
-    ids = np.asarray(labels).round().astype(int)
-    palette = colormaps["tab20"](np.arange(max(num_classes, 1)) % 20)[:, :3]
-    rgb = palette[np.clip(ids, 0, max(num_classes - 1, 0))]
-    rgb[(ids < 0) | (ids >= num_classes)] = 0.0
-    return rgb
-
-
-def _depth_rgb(depth: Any, reference: Any) -> Any:
-    """``[1, H, W]`` depth -> viridis ``[H, W, 3]``, scaled by the ground truth's valid range."""
-    import numpy as np
-    from matplotlib import colormaps
-
-    d = np.asarray(depth)[0]
-    ref = d if reference is None else np.asarray(reference)[0]
-    valid = ref[ref > 0]
-    lo, hi = (float(valid.min()), float(valid.max())) if valid.size else (0.0, 1.0)
-    rgb = colormaps["viridis"](np.clip((d - lo) / max(hi - lo, 1e-6), 0, 1))[..., :3]
-    rgb[d <= 0] = 0.0
-    return rgb
-
-
-def _normal_rgb(normal: Any) -> Any:
-    """``[3, H, W]`` unit normals -> ``(n + 1) / 2`` as RGB; all-zero (invalid) is black."""
+def _array(x: Any) -> Any:
+    """A numpy view of an array-like (a torch tensor on any device included)."""
     import numpy as np
 
-    n = np.asarray(normal).transpose(1, 2, 0)
-    rgb = np.clip((n + 1.0) / 2.0, 0, 1)
-    rgb[~np.any(n != 0, axis=-1)] = 0.0
-    return rgb
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    return np.asarray(x)
 
 
-def dense_grid_figure(
+RenderFn = Callable[[Any, Any], Any]
+"""One sample's prediction map and its ground truth (or None) -> ``[H, W, 3]`` RGB in [0, 1]."""
+
+
+def prediction_grid_figure(
     images: Any,
     columns: Mapping[str, Mapping[str, Any]],
-    tasks: list[str],
-    num_classes: int,
+    tasks: Sequence[str],
+    render: Mapping[str, RenderFn],
 ) -> bytes:
-    """PNG grid of dense predictions: one row per (image, task), one column per source.
+    """PNG grid of per-pixel predictions: one row per (image, task), one column per source.
 
     Args:
         images: ``[N, 3, H, W]`` input images (min-max scaled per image for display).
         columns: ``{source: {task: maps}}``, e.g. ``"ground truth"``, ``"teacher"``,
-            ``"baseline"``, ``"student"``; maps are semantic ``[N, H, W]`` class ids, depth
-            ``[N, 1, H, W]``, normal ``[N, 3, H, W]``. A source without a task leaves a blank cell.
+            ``"baseline"``, ``"student"``; ``maps[i]`` is sample ``i``'s map in whatever layout
+            the task's ``render`` takes. A source without a task leaves a blank cell. The
+            ``"ground truth"`` column, when present, is also handed to ``render`` as the target
+            of every source's map (e.g. to share a colour scale).
         tasks: the tasks, in row order within each image.
-        num_classes: semantic classes (colour table size).
+        render: ``{task: fn(pred, target | None) -> [H, W, 3] RGB in [0, 1]}`` for every task
+            in ``tasks``, e.g. ``{name: task.render for name, task in run_tasks.items()}``.
     """
     import numpy as np
 
-    render = {
-        "semantic": lambda m, gt: _semantic_rgb(m, num_classes),
-        "depth": _depth_rgb,
-        "normal": lambda m, gt: _normal_rgb(m),
-    }
-    images = np.asarray(images)
+    missing = [task for task in tasks if task not in render]
+    if missing:
+        raise ValueError(f"no render function for task(s) {missing}")
+    images = _array(images)
     n = images.shape[0]
     sources = list(columns)
     ncols = 1 + len(sources)
@@ -344,17 +385,18 @@ def dense_grid_figure(
             else:
                 axes[row, 0].axis("off")
             axes[row, 1].set_ylabel(task, fontsize=8)
+            gt = ground_truth.get(task)
+            target = None if gt is None else _array(gt[i])
             for k, source in enumerate(sources):
                 ax = axes[row, k + 1]
                 maps = columns[source].get(task)
                 if maps is None:
                     ax.axis("off")
                     continue
-                gt = ground_truth.get(task)
-                ax.imshow(render[task](np.asarray(maps[i]), None if gt is None else gt[i]))
-                if row == 0:
-                    ax.set_title(source, fontsize=9)
+                ax.imshow(np.clip(render[task](_array(maps[i]), target), 0.0, 1.0))
     axes[0, 0].set_title("image", fontsize=9)
+    for k, source in enumerate(sources):
+        axes[0, k + 1].set_title(source, fontsize=9)
     return _figure_png(fig)
 
 
@@ -363,6 +405,7 @@ def write_report(
     metrics: dict[str, Any],
     curves: dict[str, dict[str, list[tuple[int, float]]]],
     extra_sections: list[str] | None = None,
+    weighting: Mapping[str, Mapping[str, Mapping[str, list[tuple[int, float]]]]] | None = None,
 ) -> Path:
     """Write ``run_dir/report.md`` and its figures; return the report's path.
 
@@ -372,8 +415,13 @@ def write_report(
             ``tasks: {task: {"student"|"teacher"|"baseline": {metric: value}}}`` (teacher and
             baseline optional) and ``summary``.
         curves: ``{phase: {series: [(step, value), ...]}}``, e.g.
-            ``{"student": {"train/loss": [(0, 2.3), ...]}, "teacher/svhn": {...}}``.
-        extra_sections: markdown blocks appended at the end, in order.
+            ``{"student": {"train/loss": [(0, 2.3), ...]}, "teacher-<task>": {...}}``.
+        extra_sections: markdown blocks appended at the end, in order; empty ones are skipped.
+        weighting: the task-balancing series, as :func:`unirep.tracking.weighting_curves`
+            returns them from the raw (not :func:`~unirep.tracking.report_curves`) curves:
+            ``{phase: {"weight": {task: points}, "gradcos": {"<a>~<b>": points}}}``. When any
+            point is present, :data:`WEIGHTING_FIGURE` is drawn and a "Task weighting" section
+            embeds it; otherwise (None, empty) there is no such section.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -400,7 +448,18 @@ def write_report(
         sections.append(f"## Training curves\n\n![Training curves]({CURVES_FIGURE})")
     else:
         sections.append("## Training curves\n\nNo training curves were recorded.")
-    sections.extend(block.strip() for block in extra_sections or [])
+    figure = _weighting_figure(weighting or {})
+    if figure is not None:
+        _atomic_write(run_dir / WEIGHTING_FIGURE, figure)
+        sections.append(
+            "## Task weighting\n\n"
+            "Left: the effective weight the task-balancing method gave each task's loss at each "
+            "step; right: the cosine between two tasks' gradients on the shared parameters "
+            "(below the black zero line the tasks pull the shared parameters in conflicting "
+            "directions).\n\n"
+            f"![Task weighting]({WEIGHTING_FIGURE})"
+        )
+    sections.extend(block.strip() for block in extra_sections or [] if block.strip())
 
     report = run_dir / REPORT_FILE
     _atomic_write(report, ("\n\n".join(sections) + "\n").encode("utf-8"))
@@ -410,9 +469,9 @@ def write_report(
 def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
     """A markdown table of mean ± std over runs (e.g. seeds) of the headline figures.
 
-    Rows: each task's main metric per role (accuracy; mIoU, depth abs err, normal mean angle for
-    dense tasks), then whichever of the summary's mean accuracy, Δm vs teachers (main and all
-    metrics) and decathlon score the runs report, for student and baseline.
+    Rows: each task's main metric per role (the first of :data:`MAIN_METRIC_ORDER` it has), then
+    whichever of the summary's mean accuracy, Δm vs teachers (main and all metrics) and decathlon
+    score the runs report, for student and baseline.
     """
     import statistics
 
@@ -429,7 +488,7 @@ def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
     for task in tasks:
         metric = _main_metric(metrics[0]["tasks"][task]) or "accuracy"
         scale = 100.0 if metric in PERCENT_METRICS else 1.0
-        digits = 4 if metric in ("abs_err", "rel_err") else 2  # depth errors are small numbers
+        digits = 4 if metric in ("abs_err", "rel_err") else 2  # small absolute errors
         cells = []
         for role in roles:
             values = [
@@ -456,7 +515,7 @@ def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
             for m in metrics
             if key == "mean_accuracy" and m["summary"].get("teacher_mean_accuracy") is not None
         ]
-        if student or baseline or teacher:  # dense runs have no accuracy or decathlon score
+        if student or baseline or teacher:  # not every run has accuracy or a decathlon score
             rows.append(["**summary**", label, stat(teacher), stat(baseline), stat(student)])
     header = ["task", "metric", "teacher", "baseline", "student"]
     return f"{len(metrics)} runs, mean ± std\n\n" + _table(header, rows, ["l", "l", "r", "r", "r"])

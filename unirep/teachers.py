@@ -17,7 +17,8 @@ from torch import nn
 
 from unirep import __version__
 from unirep.io import atomic_write_json, file_sha256, load_weights, read_json, save_weights
-from unirep.models.network import MultiDomainNet, build_network
+from unirep.models.build import build_network
+from unirep.tasks import Task
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "teacher.json"
@@ -29,52 +30,47 @@ class TeacherMismatchError(ValueError):
 
 @dataclass
 class Teacher:
-    """A frozen single-domain network and its manifest."""
+    """A frozen single-task network (a classification domain or a dense task) and its manifest."""
 
-    domain: str
-    net: MultiDomainNet
+    task: str
+    net: Any
     manifest: dict[str, Any]
 
     @property
     def feature_dim(self) -> int:
-        return self.net.feature_dim
+        """Width of the feature the student's alignment adapters map to."""
+        return int(self.net.feature_dim)
 
 
-def teacher_dir(root: Path, preset: str, domain: str) -> Path:
-    return Path(root) / preset / domain
+def teacher_dir(root: Path, preset: str, task: str) -> Path:
+    return Path(root) / preset / task
 
 
 def save_teacher(
     directory: Path,
-    net: MultiDomainNet,
-    domain: str,
+    net: nn.Module,
+    task: Task,
     architecture: dict[str, Any],
     preprocessing: dict[str, Any],
     data: dict[str, Any],
-    val_metrics: dict[str, float],
+    val_metrics: dict[str, float | None],
     training: dict[str, Any],
-    class_names: list[str] | None = None,
 ) -> dict[str, Any]:
     """Write the weights, then the manifest (each atomically); returns the manifest."""
-    return _write_teacher(
-        directory,
-        net,
-        {
-            "domain": domain,
-            "architecture": architecture,
-            "num_classes": net.heads[domain].out_features,
-            "feature_dim": net.feature_dim,
-            "class_names": class_names,
-            "preprocessing": preprocessing,
-            "data": data,
-            "val_metrics": val_metrics,
-            "training": training,
-        },
-    )
-
-
-def _write_teacher(directory: Path, net: nn.Module, fields: dict[str, Any]) -> dict[str, Any]:
-    """Weights first, then the manifest (``fields`` + weights hash + version), each atomically."""
+    fields: dict[str, Any] = {
+        "domain": task.name,  # the task's name (a Decathlon domain or a dense task)
+        "kind": task.kind.name,
+        "architecture": architecture,
+        "out_channels": task.out_channels,
+        "feature_dim": int(net.feature_dim),  # type: ignore[arg-type]
+        "preprocessing": preprocessing,
+        "data": data,
+        "val_metrics": val_metrics,
+        "training": training,
+    }
+    if task.num_classes is not None:
+        fields["num_classes"] = task.num_classes
+        fields["class_names"] = task.class_names
     digest = save_weights(Path(directory) / WEIGHTS, net.state_dict())
     manifest = {**fields, "weights_sha256": digest, "unirep_version": __version__}
     atomic_write_json(Path(directory) / MANIFEST, manifest)
@@ -111,7 +107,7 @@ def _check_state(path: Path, net: nn.Module, state: dict[str, torch.Tensor]) -> 
 
 def _verified_manifest(
     directory: Path,
-    domain: str,
+    task: str,
     architecture: dict[str, Any] | None,
     data_fingerprint: str | None,
     expected: dict[str, Any],
@@ -119,21 +115,21 @@ def _verified_manifest(
     """The manifest and weights path of a teacher, after checking each expectation given.
 
     ``expected`` maps manifest keys (e.g. ``num_classes``) to the values the run needs; None
-    values are not checked. Errors name the file and the mismatch.
+    values, and keys an older manifest does not have, are not checked. Errors name the file and
+    the mismatch.
     """
     directory = Path(directory)
     manifest = read_manifest(directory)
     where = str(directory / MANIFEST)
-    kind = "task" if manifest.get("type") == "dense" else "domain"
-    if manifest.get("domain") != domain:
+    if manifest.get("domain") != task:
         raise TeacherMismatchError(
-            f"teacher {where!r} is for {kind} {manifest.get('domain')!r}, expected {domain!r}"
+            f"teacher {where!r} is for task {manifest.get('domain')!r}, expected {task!r}"
         )
     for key, value in expected.items():
-        if value is not None and manifest.get(key) != value:
+        if value is not None and key in manifest and manifest[key] != value:
             what = key.replace("num_", "").replace("_", " ")
             raise TeacherMismatchError(
-                f"teacher {where!r} has {manifest.get(key)} {what} but {kind} {domain!r} has "
+                f"teacher {where!r} has {manifest.get(key)} {what} but task {task!r} has "
                 f"{value} in the data (set teachers.retrain=true or another teachers.root)"
             )
     if architecture is not None and manifest.get("architecture") != architecture:
@@ -144,7 +140,7 @@ def _verified_manifest(
     recorded = manifest.get("data", {}).get("fingerprint")
     if data_fingerprint is not None and recorded != data_fingerprint:
         raise TeacherMismatchError(
-            f"teacher {where!r} was trained on other data for {domain!r} (data fingerprint "
+            f"teacher {where!r} was trained on other data for {task!r} (data fingerprint "
             f"{recorded} vs {data_fingerprint}); set teachers.retrain=true or another teachers.root"
         )
     weights = directory / WEIGHTS
@@ -167,85 +163,22 @@ def _load_strict(weights: Path, net: nn.Module) -> None:
 
 def load_teacher(
     directory: Path,
-    domain: str,
-    num_classes: int | None = None,
+    task: Task,
     architecture: dict[str, Any] | None = None,
     data_fingerprint: str | None = None,
 ) -> Teacher:
-    """Load and verify a teacher; each expectation given is checked, naming file and mismatch."""
+    """Load and verify a teacher for ``task``; each expectation given is checked, naming the
+    file and the mismatch (task, classes / output channels, architecture, data, weights)."""
     manifest, weights = _verified_manifest(
-        directory, domain, architecture, data_fingerprint, {"num_classes": num_classes}
-    )
-    arch = manifest["architecture"]
-    net = build_network(
-        arch["backbone"], arch.get("backbone_kwargs", {}), {domain: manifest["num_classes"]}
-    )
-    _load_strict(weights, net)
-    return Teacher(domain, freeze(net), manifest)
-
-
-# --------------------------------------------------------------------------------------------
-# Dense teachers: one single-task DenseMultiTaskNet per task
-
-
-@dataclass
-class DenseTeacher:
-    """A frozen single-task dense network (:class:`~unirep.models.dense.DenseMultiTaskNet`)."""
-
-    task: str
-    net: Any
-    manifest: dict[str, Any]
-
-    @property
-    def feature_dim(self) -> int:
-        """Width of its last decoder feature, the target of the student's alignment adapters."""
-        return int(self.net.decoder_channels)
-
-
-def save_dense_teacher(
-    directory: Path,
-    net: nn.Module,
-    task: str,
-    architecture: dict[str, Any],
-    preprocessing: dict[str, Any],
-    data: dict[str, Any],
-    val_metrics: dict[str, float],
-    training: dict[str, Any],
-) -> dict[str, Any]:
-    """Write a dense teacher's weights, then its manifest (each atomically)."""
-    return _write_teacher(
         directory,
-        net,
-        {
-            "type": "dense",
-            "domain": task,
-            "architecture": architecture,
-            "out_channels": net.task_channels[task],
-            "feature_dim": net.decoder_channels,
-            "preprocessing": preprocessing,
-            "data": data,
-            "val_metrics": val_metrics,
-            "training": training,
-        },
+        task.name,
+        architecture,
+        data_fingerprint,
+        {"num_classes": task.num_classes, "out_channels": task.out_channels},
     )
-
-
-def load_dense_teacher(
-    directory: Path,
-    task: str,
-    out_channels: int | None = None,
-    architecture: dict[str, Any] | None = None,
-    data_fingerprint: str | None = None,
-) -> DenseTeacher:
-    """Load and verify a dense teacher (task, output channels, architecture, data, weights)."""
-    from unirep.models.dense import build_dense_from_architecture
-
-    manifest, weights = _verified_manifest(
-        directory, task, architecture, data_fingerprint, {"out_channels": out_channels}
-    )
-    net = build_dense_from_architecture(manifest["architecture"], {task: manifest["out_channels"]})
+    net = build_network(manifest["architecture"], {task.name: task})
     _load_strict(weights, net)
-    return DenseTeacher(task, freeze(net), manifest)
+    return Teacher(task.name, freeze(net), manifest)
 
 
 def freeze(net: nn.Module) -> Any:

@@ -5,6 +5,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+Curves = dict[str, dict[str, list[tuple[int, float]]]]
+"""``{phase: {series: [(step, value), ...]}}``, as :func:`read_curves` returns them."""
+
+WeightingCurves = dict[str, dict[str, dict[str, list[tuple[int, float]]]]]
+"""``{phase: {"weight": {task: points}, "gradcos": {"<a>~<b>": points}}}``
+(:func:`weighting_curves`)."""
+
 
 class CSVLog:
     """Appends ``step,series,value`` rows to ``<log_dir>/<phase>.csv`` (main process only).
@@ -23,7 +30,7 @@ class CSVLog:
         with open(self.path, "w", newline="") as f:
             writer = csv.writer(f)
             writer.writerow(["step", "series", "value"])
-            writer.writerows(kept)
+            writer.writerows([s, k, f"{v:.6g}"] for s, k, v in kept)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -40,9 +47,9 @@ def read_log(path: Path) -> list[tuple[int, str, float]]:
         return [(int(s), name, float(v)) for s, name, v in reader]
 
 
-def read_curves(log_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
+def read_curves(log_dir: Path) -> Curves:
     """``{phase: {series: [(step, value)]}}`` from every CSV in ``log_dir``."""
-    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    curves: Curves = {}
     for path in sorted(Path(log_dir).glob("*.csv")):
         phase = path.stem
         for step, series, value in read_log(path):
@@ -50,21 +57,30 @@ def read_curves(log_dir: Path) -> dict[str, dict[str, list[tuple[int, float]]]]:
     return curves
 
 
-def report_curves(
-    curves: dict[str, dict[str, list[tuple[int, float]]]],
-) -> dict[str, dict[str, list[tuple[int, float]]]]:
-    """The curves a report plots: per-domain terms averaged over domains, plus val accuracy and lr.
+WEIGHTING_TERMS: tuple[str, ...] = ("weight", "gradcos")
+"""Per-task terms of the task-balancing method: ``train/weight/<task>`` (effective loss weight)
+and ``train/gradcos/<a>~<b>`` (cosine between two tasks' shared gradients). They are per task or
+per pair by nature, so :func:`report_curves` never averages them; :func:`weighting_curves` keeps
+them apart."""
 
-    ``train/<term>/<domain>`` series become ``train/<term> (domain mean)``, so teachers (one
-    domain) and multi-domain students are on the same scale.
+
+def report_curves(curves: Curves) -> Curves:
+    """The curves a report plots: per-task terms averaged over tasks, plus val scores and lr.
+
+    ``train/<term>/<task>`` series become ``train/<term> (task mean)``, so teachers (one task) and
+    multi-task students are on the same scale. The task-balancing terms (:data:`WEIGHTING_TERMS`)
+    are left out: a mean of task weights or of pairwise gradient cosines says nothing; see
+    :func:`weighting_curves`.
     """
-    out: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    out: Curves = {}
     for phase, series in curves.items():
         grouped: dict[str, dict[int, list[float]]] = {}
         for name, points in series.items():
             parts = name.split("/")
             if len(parts) == 3 and parts[0] == "train":
-                key = f"train/{parts[1]} (domain mean)"
+                if parts[1] in WEIGHTING_TERMS:
+                    continue
+                key = f"train/{parts[1]} (task mean)"
             elif name.startswith("val/") or name == "train/lr":
                 key = name
             else:
@@ -75,4 +91,25 @@ def report_curves(
             key: [(s, sum(v) / len(v)) for s, v in sorted(by_step.items())]
             for key, by_step in sorted(grouped.items())
         }
+    return out
+
+
+def weighting_curves(curves: Curves) -> WeightingCurves:
+    """The task-balancing series of each phase, one curve per task or task pair, not averaged.
+
+    Returns:
+        ``{phase: {"weight": {task: [(step, value)]}, "gradcos": {"<a>~<b>": [(step, value)]}}}``
+        from the ``train/weight/<task>`` and ``train/gradcos/<a>~<b>`` series, points sorted by
+        step. Only phases that logged at least one point of either appear; both keys are always
+        present (an empty dict when the method logs no such term).
+    """
+    out: WeightingCurves = {}
+    for phase, series in curves.items():
+        terms: dict[str, dict[str, list[tuple[int, float]]]] = {t: {} for t in WEIGHTING_TERMS}
+        for name, points in series.items():
+            parts = name.split("/", 2)
+            if len(parts) == 3 and parts[0] == "train" and parts[1] in terms and points:
+                terms[parts[1]][parts[2]] = sorted(points)
+        if any(terms.values()):
+            out[phase] = {term: dict(sorted(by.items())) for term, by in terms.items()}
     return out

@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+from unirep.data.transforms import apply_transform
+
 __all__ = [
     "DECATHLON_DOMAINS",
     "ON_CORRUPT_CHOICES",
@@ -104,9 +106,13 @@ def _decode_rgb(path: Path) -> Image.Image:
 class DecathlonDomain(torch.utils.data.Dataset):
     """One Visual Decathlon domain and split, read lazily from disk.
 
-    Each sample is ``{"image": transform(RGB PIL image), "label": int, "image_id": int}`` (the
-    PIL image itself when ``transform`` is None). Images are sorted by image id and opened only
-    when indexed. Labels are ``-1`` for an unlabelled test split.
+    Each sample is ``{"image": transform(RGB PIL image), "label": int, "image_id": int,
+    "id": int, "aug": {"crop": int64 [4], "flip": bool ()}}`` (the PIL image itself when
+    ``transform`` is None). ``"id"`` is the image id (stable across epochs and processes);
+    ``"aug"`` is the crop box ``(top, left, height, width)`` in the resized image and the flip
+    drawn by the transform (see :func:`unirep.data.transforms.apply_transform`). Images are
+    sorted by image id and opened only when indexed. Labels are ``-1`` for an unlabelled test
+    split.
 
     Args:
         root: The ``decathlon-1.0`` folder (holding ``annotations/`` and ``data/``).
@@ -114,7 +120,8 @@ class DecathlonDomain(torch.utils.data.Dataset):
         split: ``"train"``, ``"val"`` or ``"test"``. The test split reads
             ``<domain>_test.json`` when present (labelled) and otherwise the devkit's
             ``<domain>_test_stripped.json`` (labels -1).
-        transform: Applied to the RGB PIL image.
+        transform: Applied to the RGB PIL image; one with a ``with_params`` method (see
+            :func:`~unirep.data.transforms.build_transform`) also reports the crop and flip.
         on_corrupt: ``"error"`` raises :class:`CorruptImageError` naming the file when an image
             cannot be decoded; ``"skip"`` decodes every file once in the constructor (one full
             pass over the split's files, which costs time on large domains), drops the
@@ -216,10 +223,15 @@ class DecathlonDomain(torch.utils.data.Dataset):
         return len(self._paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image = self._load(self._paths[index])
-        if self.transform is not None:
-            image = self.transform(image)
-        return {"image": image, "label": self.labels[index], "image_id": self.image_ids[index]}
+        image, aug = apply_transform(self.transform, self._load(self._paths[index]))
+        image_id = self.image_ids[index]
+        return {
+            "image": image,
+            "label": self.labels[index],
+            "image_id": image_id,
+            "id": image_id,
+            "aug": aug,
+        }
 
     def __repr__(self) -> str:
         return (

@@ -31,7 +31,9 @@ __all__ = [
     "ScaleCrop",
     "apply_scale_crop",
     "hflip",
+    "replay_augmentation",
     "sample_scale_crop",
+    "scale_crop_params",
     "write_mtan_fixture",
 ]
 
@@ -75,6 +77,39 @@ def sample_scale_crop(
     top = int(torch.randint(height - crop_h + 1, (1,), generator=generator))
     left = int(torch.randint(width - crop_w + 1, (1,), generator=generator))
     return ScaleCrop(s, top, left, crop_h, crop_w)
+
+
+def scale_crop_params(crop: ScaleCrop, flipped: bool) -> dict[str, torch.Tensor]:
+    """The ``"aug"`` dict of a dense sample.
+
+    Returns:
+        ``{"scale": float32 () zoom factor, "crop": int64 [4] (top, left, height, width) of the
+        zoomed window in the original image, "flip": bool ()}``.
+    """
+    return {
+        "scale": torch.tensor(crop.scale, dtype=torch.float32),
+        "crop": torch.tensor([crop.top, crop.left, crop.height, crop.width], dtype=torch.int64),
+        "flip": torch.tensor(bool(flipped)),
+    }
+
+
+def replay_augmentation(
+    sample: dict[str, Any], aug: dict[str, Any], depth_kind: str = "depth"
+) -> dict[str, Any]:
+    """Apply one sample's recorded ``aug`` (see :func:`scale_crop_params`) to its unaugmented maps.
+
+    Does what :class:`MTANDense` did when it drew ``aug``, without drawing: the scale-crop when
+    the scale is not 1, then the flip. ``sample`` holds ``"image"`` ``[3,H,W]`` and any of
+    ``"semantic"`` ``[H,W]``, ``"depth"`` ``[1,H,W]``, ``"normal"`` ``[3,H,W]``. Returns a new
+    dict.
+    """
+    top, left, height, width = (int(v) for v in aug["crop"])
+    scale = float(aug["scale"])
+    if scale != 1.0:
+        sample = apply_scale_crop(sample, ScaleCrop(scale, top, left, height, width), depth_kind)
+    if bool(aug["flip"]):
+        sample = hflip(sample)
+    return sample
 
 
 def apply_scale_crop(
@@ -132,9 +167,11 @@ class MTANDense(torch.utils.data.Dataset):
     """One split of an MTAN-preprocessed dense benchmark (NYUv2 or Cityscapes), read lazily.
 
     Each sample is a dict with ``"image"``: ``[3,H,W]`` float32 (values as stored, not
-    normalised), ``"index"``: int, and for the requested tasks only ``"semantic"``: ``[H,W]``
-    int64 (-1 = ignore), ``"depth"``: ``[1,H,W]`` float32 (0 = invalid), ``"normal"``:
-    ``[3,H,W]`` float32 (all-zero = invalid).
+    normalised), ``"index"``: int, ``"id"``: int (the same file index, stable across epochs and
+    processes), ``"aug"``: the augmentation drawn (see :func:`scale_crop_params`; scale 1, the
+    full image and no flip without augmentation), and for the requested tasks only
+    ``"semantic"``: ``[H,W]`` int64 (-1 = ignore), ``"depth"``: ``[1,H,W]`` float32
+    (0 = invalid), ``"normal"``: ``[3,H,W]`` float32 (all-zero = invalid).
 
     With ``augment=True`` (meant for the training split) each sample gets MTAN's random
     scale-crop (:func:`sample_scale_crop`, :func:`apply_scale_crop`) and then, when ``flip``,
@@ -225,6 +262,7 @@ class MTANDense(torch.utils.data.Dataset):
         return np.load(self._dirs[key] / f"{index}.npy")
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        index = int(index)
         if not 0 <= index < self._length:
             raise IndexError(f"index {index} out of range [0, {self._length})")
         image = self._load("image", index)
@@ -244,19 +282,25 @@ class MTANDense(torch.utils.data.Dataset):
             sample["normal"] = torch.from_numpy(
                 np.ascontiguousarray(normal.transpose(2, 0, 1), np.float32)
             )
+        height, width = sample["image"].shape[-2:]
+        crop, flipped = ScaleCrop(1.0, 0, 0, height, width), False
         if self.augment:
-            sample = self._augment(sample)
+            sample, crop, flipped = self._augment(sample)
         sample["index"] = index
+        sample["id"] = index
+        sample["aug"] = scale_crop_params(crop, flipped)
         return sample
 
-    def _augment(self, sample: dict[str, Any]) -> dict[str, Any]:
+    def _augment(self, sample: dict[str, Any]) -> tuple[dict[str, Any], ScaleCrop, bool]:
+        """MTAN's scale-crop then flip; returns the sample, the window drawn and the flip."""
         height, width = sample["image"].shape[-2:]
         crop = sample_scale_crop(height, width, self.scales, self.generator)
         if crop.scale != 1.0:
             sample = apply_scale_crop(sample, crop, self.depth_kind)
-        if self.flip and float(torch.rand((), generator=self.generator)) < 0.5:
+        flipped = self.flip and float(torch.rand((), generator=self.generator)) < 0.5
+        if flipped:
             sample = hflip(sample)
-        return sample
+        return sample, crop, flipped
 
     def __repr__(self) -> str:
         return (

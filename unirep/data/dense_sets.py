@@ -99,7 +99,9 @@ class DenseData:
         """``split`` in ``train`` / ``val`` / ``test``; ``train=True`` adds MTAN's augmentation.
 
         Samples are dicts (see :class:`~unirep.data.dense.MTANDense`): ``image`` ``[3, H, W]``,
-        ``semantic`` ``[H, W]``, ``depth`` ``[1, H, W]``, ``normal`` ``[3, H, W]``, ``index``.
+        ``semantic`` ``[H, W]``, ``depth`` ``[1, H, W]``, ``normal`` ``[3, H, W]``, ``index``,
+        ``id`` (= ``index``: the file index in its folder, so a validation split carved from
+        train keeps the training folder's indices) and ``aug`` (scale, crop box, flip drawn).
         """
         key = (split, train)
         if key in self._cache:

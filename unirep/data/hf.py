@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from unirep.data.decathlon import CorruptImageError, DataRootError
+from unirep.data.transforms import apply_transform
 
 __all__ = ["HFDomain"]
 
@@ -60,9 +61,11 @@ def _looks_like_hub_id(name: str) -> bool:
 class HFDomain(torch.utils.data.Dataset):
     """One split of a Hugging Face ``datasets`` dataset, as a domain.
 
-    Each sample is ``{"image": transform(RGB PIL image), "label": int, "image_id": int}`` (the
-    PIL image itself when ``transform`` is None), like
-    :class:`~unirep.data.decathlon.DecathlonDomain`.
+    Each sample is ``{"image": transform(RGB PIL image), "label": int, "image_id": int,
+    "id": int, "aug": {"crop": int64 [4], "flip": bool ()}}`` (the PIL image itself when
+    ``transform`` is None), like :class:`~unirep.data.decathlon.DecathlonDomain`: ``"id"`` is
+    the image id (``id_column``, else the row index; stable across epochs and processes) and
+    ``"aug"`` the crop box and flip the transform drew.
 
     Labels: a ``ClassLabel`` column gives the labels and :attr:`class_names` as they are (``-1``
     or null marks an unlabelled row). Any other scalar column is mapped to ``0..K-1`` in the
@@ -77,7 +80,8 @@ class HFDomain(torch.utils.data.Dataset):
             without a split name has the single split ``"train"``.
         image_column: Column of ``datasets.Image`` feature holding the images.
         label_column: Column holding one class per row.
-        transform: Applied to the RGB PIL image.
+        transform: Applied to the RGB PIL image; one with a ``with_params`` method (see
+            :func:`~unirep.data.transforms.build_transform`) also reports the crop and flip.
         config_name: Configuration of a ``load_dataset`` source (Hub datasets with several).
         cache_dir: Where ``load_dataset`` keeps its Arrow cache (and Hub downloads); the
             ``datasets`` default when None. Unused for ``save_to_disk`` folders, which are read
@@ -170,10 +174,15 @@ class HFDomain(torch.utils.data.Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         index %= len(self)
-        image = self._decode(index)
-        if self.transform is not None:
-            image = self.transform(image)
-        return {"image": image, "label": self.labels[index], "image_id": self.image_ids[index]}
+        image, aug = apply_transform(self.transform, self._decode(index))
+        image_id = self.image_ids[index]
+        return {
+            "image": image,
+            "label": self.labels[index],
+            "image_id": image_id,
+            "id": image_id,
+            "aug": aug,
+        }
 
     def __repr__(self) -> str:
         return (

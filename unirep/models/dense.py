@@ -21,6 +21,7 @@ feature, both mapped to the teacher's last decoder feature width.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import timm
@@ -32,13 +33,6 @@ from unirep.models.cross_task import CROSS_TASK
 from unirep.registry import Registry
 
 DENSE_ENCODERS: Registry[nn.Module] = Registry("dense encoder")
-
-#: Tasks whose prediction is a unit vector per pixel (surface normals): L2-normalised along
-#: channels after upsampling, as in MTAN and URL.
-UNIT_VECTOR_TASKS: frozenset[str] = frozenset({"normal", "normals"})
-
-#: Prefix of every alignment-adapter parameter; :meth:`DenseMultiTaskNet.export_state` drops them.
-ALIGN_PREFIX = "align"
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -229,16 +223,13 @@ class DenseMultiTaskNet(nn.Module):
        :class:`~unirep.models.cross_task.CrossTaskExchange` (DenseMTL, WACV 2023; the identity at
        initialisation);
     5. a :class:`DenseHead` per task, upsampled bilinearly to ``H × W``. Tasks named in
-       :data:`UNIT_VECTOR_TASKS` (``"normal"``) are then L2-normalised along channels; every other
+       ``unit_vector`` (surface normals) are then L2-normalised along channels; every other
        output is raw: segmentation logits (the loss applies the softmax) and depth as an
        unconstrained regression (no positivity activation, as in MTAN and URL; the L1 loss only
        looks at valid pixels).
 
-    Alignment adapters (only with ``align_dims``; used by the distillation loss only and left out
-    by :meth:`export_state`): per task ``t``, ``align_bottleneck[t]`` is a bias-free 1×1 conv
-    ``C_last → align_dims[t]`` and ``align_features[t]`` one ``D → align_dims[t]`` (URL's two
-    branches; both are compared with the teacher's last decoder feature, the bottleneck one after
-    the loss upsamples it to the teacher's size).
+    Alignment adapters are not part of the network (they are dropped at export): a distilled
+    student's come from :meth:`build_aligners` and live in the phase's trainable module.
 
     Args:
         encoder: a module mapping images to a list of stage features, with ``channels`` and
@@ -248,13 +239,12 @@ class DenseMultiTaskNet(nn.Module):
         cross_task: ``"mtan"``, ``"densemtl"`` or None (a key of ``CROSS_TASK``).
         cross_task_kwargs: extra arguments of the cross-task module (``reduction`` for MTAN,
             ``pool``/``heads`` for DenseMTL).
-        align_dims: ``{task: teacher feature width}``; one pair of adapters per listed task.
+        unit_vector: tasks whose prediction is a unit vector per pixel (from the task kind).
 
     Forward returns, per task, ``{"pred": [B, K_t, H, W], "features": [B, D, H_0, W_0]`` (the last
     decoder feature, after any exchange), ``"bottleneck": [B, C_last, H_last, W_last]`` (the
-    last-stage feature the task's decoder reads: shared, or the task's attended one with MTAN)``}``
-    plus ``"aligned_bottleneck": [B, A_t, H_last, W_last]`` and ``"aligned_features":
-    [B, A_t, H_0, W_0]`` for tasks with adapters.
+    last-stage feature the task's decoder reads: shared, or the task's attended one with MTAN)``}``.
+    The input is ``{stream: images [B, 3, H, W]}`` with a single stream (or the images tensor).
     """
 
     def __init__(
@@ -264,7 +254,7 @@ class DenseMultiTaskNet(nn.Module):
         decoder_channels: int = 64,
         cross_task: str | None = None,
         cross_task_kwargs: dict[str, Any] | None = None,
-        align_dims: dict[str, int] | None = None,
+        unit_vector: Iterable[str] = (),
     ) -> None:
         super().__init__()
         if not tasks:
@@ -278,13 +268,14 @@ class DenseMultiTaskNet(nn.Module):
                 "the encoder must expose `channels` and `reductions` (see DENSE_ENCODERS), "
                 f"got {type(encoder).__name__}"
             )
-        unknown = set(align_dims or {}) - set(tasks)
+        unknown = set(unit_vector) - set(tasks)
         if unknown:
             raise KeyError(
-                f"align_dims for unknown task(s) {sorted(unknown)}; tasks: {list(tasks)}"
+                f"unit_vector names unknown task(s) {sorted(unknown)}; tasks: {list(tasks)}"
             )
         self.encoder = encoder
         self.task_channels = dict(tasks)
+        self.unit_vector = [t for t in tasks if t in set(unit_vector)]
         self.decoder_channels = decoder_channels
         self.cross_task_name = cross_task
         names = list(tasks)
@@ -311,19 +302,18 @@ class DenseMultiTaskNet(nn.Module):
             {t: PyramidDecoder(list(channels), decoder_channels) for t in names}
         )
         self.heads = nn.ModuleDict({t: DenseHead(decoder_channels, k) for t, k in tasks.items()})
-        dims = align_dims or {}
-        self.align_bottleneck = nn.ModuleDict(
-            {t: _align_conv(channels[-1], d) for t, d in dims.items()}
-        )
-        self.align_features = nn.ModuleDict(
-            {t: _align_conv(decoder_channels, d) for t, d in dims.items()}
-        )
 
     @property
     def tasks(self) -> list[str]:
         return list(self.heads.keys())
 
-    def forward(self, images: Tensor) -> dict[str, dict[str, Tensor]]:
+    def forward(self, inputs: dict[str, Tensor] | Tensor) -> dict[str, dict[str, Tensor]]:
+        if isinstance(inputs, dict):
+            if len(inputs) != 1:
+                raise ValueError(f"a dense network reads one image stream, got {list(inputs)}")
+            (images,) = inputs.values()
+        else:
+            images = inputs
         shared = self.encoder(images)
         if self.attention is not None:
             _, masks = self.attention.forward_with_masks(shared)
@@ -338,18 +328,51 @@ class DenseMultiTaskNet(nn.Module):
         for task in self.tasks:
             pred = self.heads[task](feats[task])
             pred = F.interpolate(pred, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            if task in UNIT_VECTOR_TASKS:
+            if task in self.unit_vector:
                 pred = F.normalize(pred, p=2, dim=1)
             bottleneck = stages[task][-1]
             out[task] = {"pred": pred, "features": feats[task], "bottleneck": bottleneck}
-            if task in self.align_features:
-                out[task]["aligned_bottleneck"] = self.align_bottleneck[task](bottleneck)
-                out[task]["aligned_features"] = self.align_features[task](feats[task])
         return out
 
-    def export_state(self) -> dict[str, Tensor]:
-        """The exported weights: everything but the alignment adapters (keys ``align*``)."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith(ALIGN_PREFIX)}
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The encoder's trainable parameters: what every task's loss reaches."""
+        return [p for p in self.encoder.parameters() if p.requires_grad]
+
+    @property
+    def trunk(self) -> nn.Module:
+        """The shared encoder."""
+        return self.encoder
+
+    @property
+    def feature_dim(self) -> int:
+        """Width of the last decoder feature (what a teacher's feature distillation targets)."""
+        return self.decoder_channels
+
+    def build_aligners(
+        self, teacher_dims: dict[str, int], adapter: str = "linear", **kwargs: Any
+    ) -> nn.ModuleDict:
+        """URL's two 1×1 alignment adapters per task (Li, Liu & Bilen, IJCV 2023, NYUv2):
+        ``linear`` (a per-pixel linear map) from the bottleneck ``C_last → A_t`` and last decoder feature ``D → A_t``; each task's aligner
+        returns ``[aligned bottleneck [B, A_t, H_last, W_last], aligned features
+        [B, A_t, H_0, W_0]]``. All bottleneck convs are initialised before all feature convs
+        (the order of the networks that held them)."""
+        if adapter != "linear" or kwargs:
+            raise ValueError(f"dense alignment adapters are linear 1x1 convs, got {adapter!r}")
+        bottleneck = {t: _align_conv(self.encoder.channels[-1], d) for t, d in teacher_dims.items()}
+        features = {t: _align_conv(self.decoder_channels, d) for t, d in teacher_dims.items()}
+        return nn.ModuleDict({t: DenseAligner(bottleneck[t], features[t]) for t in teacher_dims})
+
+
+class DenseAligner(nn.Module):
+    """A task's two alignment adapters applied to its network output (see ``build_aligners``)."""
+
+    def __init__(self, bottleneck: nn.Module, features: nn.Module) -> None:
+        super().__init__()
+        self.bottleneck = bottleneck
+        self.features = features
+
+    def forward(self, output: dict[str, Tensor]) -> list[Tensor]:
+        return [self.bottleneck(output["bottleneck"]), self.features(output["features"])]
 
 
 def build_dense_encoder(name: str, **kwargs: Any) -> nn.Module:
@@ -364,7 +387,7 @@ def build_dense_network(
     decoder_channels: int = 64,
     cross_task: str | None = None,
     cross_task_kwargs: dict[str, Any] | None = None,
-    align_dims: dict[str, int] | None = None,
+    unit_vector: Iterable[str] = (),
 ) -> DenseMultiTaskNet:
     """Build a :class:`DenseMultiTaskNet`; a single-task teacher is the same with one task.
 
@@ -378,14 +401,14 @@ def build_dense_network(
         decoder_channels=decoder_channels,
         cross_task=cross_task,
         cross_task_kwargs=cross_task_kwargs,
-        align_dims=align_dims,
+        unit_vector=unit_vector,
     )
 
 
 def build_dense_from_architecture(
     architecture: dict[str, Any],
     tasks: dict[str, int],
-    align_dims: dict[str, int] | None = None,
+    unit_vector: Iterable[str] = (),
 ) -> DenseMultiTaskNet:
     """Build the network an architecture record describes (teacher/student manifests, config).
 
@@ -399,5 +422,5 @@ def build_dense_from_architecture(
         decoder_channels=architecture["decoder_channels"],
         cross_task=architecture.get("cross_task"),
         cross_task_kwargs=dict(architecture.get("cross_task_kwargs") or {}) or None,
-        align_dims=align_dims,
+        unit_vector=unit_vector,
     )

@@ -1,8 +1,8 @@
 """The multi-domain network shared by teachers (one domain) and the student (all domains).
 
-A shared backbone, one linear head per domain and, for a distilled student, one alignment adapter
-per domain (Universal Representations, Li, Liu & Bilen, IJCV 2023). Everything trainable lives in
-this one module, so it alone goes to the optimizer and to ``accelerator.prepare``.
+A shared backbone and one linear head per domain (Universal Representations, Li, Liu & Bilen,
+IJCV 2023). The alignment adapters of a distilled student are built by
+:meth:`MultiDomainNet.build_aligners` and live beside the network in the phase's trainable module.
 """
 
 from __future__ import annotations
@@ -22,43 +22,39 @@ from unirep.models.residual_adapters import (
 
 
 class MultiDomainNet(nn.Module):
-    """Backbone → per-domain head; adapters map features to each teacher's space.
+    """Backbone → one linear head per domain (a classification task bound to its own stream).
 
-    ``forward(images)`` takes ``{domain: [B_d, 3, H, W]}`` and returns, per domain,
-    ``{"features": [B_d, C], "logits": [B_d, K_d]}`` plus ``"aligned": [B_d, C_t]`` when the net
-    has adapters. Domains whose batches share a shape go through the backbone as one batch, as in
-    URL (so batch-norm statistics mix domains, as there).
+    ``forward(inputs)`` takes ``{domain: [B_d, 3, H, W]}`` and returns, per domain present,
+    ``{"features": [B_d, C], "pred": [B_d, K_d]}`` (``pred`` are logits). Domains whose batches
+    share a shape go through the backbone as one batch, as in URL (so batch-norm statistics mix
+    domains, as there). Alignment adapters are not part of the network: they belong to the phase
+    that trains it (:class:`~unirep.models.trainable.TrainableModule`), see :meth:`build_aligners`.
     """
 
-    def __init__(
-        self,
-        backbone: nn.Module,
-        feature_dim: int,
-        num_classes: dict[str, int],
-        adapters: dict[str, nn.Module] | None = None,
-    ) -> None:
+    def __init__(self, backbone: nn.Module, feature_dim: int, num_classes: dict[str, int]) -> None:
         super().__init__()
         self.backbone = backbone
         self.feature_dim = feature_dim
         self.heads = nn.ModuleDict({d: nn.Linear(feature_dim, k) for d, k in num_classes.items()})
-        self.adapters = nn.ModuleDict(adapters or {})
         self._domain_specific = any(True for _ in domain_specific_modules(backbone))
 
     @property
-    def domains(self) -> list[str]:
+    def tasks(self) -> list[str]:
         return list(self.heads.keys())
 
-    def forward(self, images: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
-        unknown = set(images) - set(self.heads)
+    @property
+    def domains(self) -> list[str]:
+        return self.tasks
+
+    def forward(self, inputs: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        unknown = set(inputs) - set(self.heads)
         if unknown:
             raise KeyError(f"no head for domain(s) {sorted(unknown)}; heads: {self.domains}")
-        features = self._shared_features(images)
-        out: dict[str, dict[str, Tensor]] = {}
-        for domain, feat in features.items():
-            out[domain] = {"features": feat, "logits": self.heads[domain](feat)}
-            if domain in self.adapters:
-                out[domain]["aligned"] = self.adapters[domain](feat)
-        return out
+        features = self._shared_features(inputs)
+        return {
+            domain: {"features": feat, "pred": self.heads[domain](feat)}
+            for domain, feat in features.items()
+        }
 
     @property
     def domain_specific(self) -> bool:
@@ -80,28 +76,52 @@ class MultiDomainNet(nn.Module):
         return {d: self.backbone(x) for d, x in images.items()}
 
     def classify(self, images: Tensor, domain: str) -> Tensor:
-        """Logits ``[B, K_d]`` for one domain's images ``[B, 3, H, W]`` (evaluation path)."""
-        if self.domain_specific:
-            with active_domain(self.backbone, domain):
-                return self.heads[domain](self.backbone(images))
-        return self.heads[domain](self.backbone(images))
+        """Logits ``[B, K_d]`` for one domain's images ``[B, 3, H, W]``."""
+        return self({domain: images})[domain]["pred"]
 
-    def head_and_backbone_state(self) -> dict[str, Tensor]:
-        """The exported weights: backbone and heads, without alignment adapters."""
-        return {k: v for k, v in self.state_dict().items() if not k.startswith("adapters.")}
+    @property
+    def trunk(self) -> nn.Module:
+        """The shared backbone."""
+        return self.backbone
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The backbone's trainable parameters: what every domain's loss reaches."""
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    def build_aligners(
+        self, teacher_dims: dict[str, int], adapter: str = "linear", **kwargs: Any
+    ) -> nn.ModuleDict:
+        """One alignment adapter per domain, pooled feature ``C`` → the teacher's width
+        (URL, Li, Liu & Bilen, IJCV 2023, §3); each returns ``[aligned [B_d, C_t]]``."""
+        return nn.ModuleDict(
+            {
+                d: FeatureAligner(
+                    ADAPTERS.build(adapter, in_dim=self.feature_dim, out_dim=dim, **kwargs)
+                )
+                for d, dim in teacher_dims.items()
+            }
+        )
+
+
+class FeatureAligner(nn.Module):
+    """Applies an adapter to a network output's ``"features"``: ``[A(features)]``."""
+
+    def __init__(self, adapter: nn.Module) -> None:
+        super().__init__()
+        self.adapter = adapter
+
+    def forward(self, output: dict[str, Tensor]) -> list[Tensor]:
+        return [self.adapter(output["features"])]
 
 
 def build_network(
     backbone: str,
     backbone_kwargs: dict[str, Any],
     num_classes: dict[str, int],
-    adapter: str | None = None,
-    adapter_kwargs: dict[str, Any] | None = None,
-    teacher_dims: dict[str, int] | None = None,
     residual_adapters: bool = False,
     backbone_state: dict[str, Tensor] | None = None,
 ) -> MultiDomainNet:
-    """Build a :class:`MultiDomainNet`; with ``adapter``, one per domain to ``teacher_dims[d]``.
+    """Build a :class:`MultiDomainNet` with one head per domain (``num_classes[d]`` classes).
 
     ``backbone_state`` (e.g. a teacher's backbone) is loaded strictly before, with
     ``residual_adapters``, parallel 1×1 adapters and per-domain batch-norm are attached to the
@@ -112,22 +132,4 @@ def build_network(
         net.load_state_dict(backbone_state, strict=True)
     if residual_adapters:
         attach_parallel_adapters(net, list(num_classes))
-    adapters = None
-    if adapter is not None:
-        dims = teacher_dims or {}
-        adapters = {
-            d: ADAPTERS.build(
-                adapter, in_dim=dim, out_dim=dims.get(d, dim), **(adapter_kwargs or {})
-            )
-            for d in num_classes
-        }
-    return MultiDomainNet(net, dim, num_classes, adapters)
-
-
-def count_parameters(module: nn.Module, exclude_prefix: str | None = None) -> int:
-    """Number of parameters, optionally leaving out those under ``exclude_prefix``."""
-    return sum(
-        p.numel()
-        for n, p in module.named_parameters()
-        if exclude_prefix is None or not n.startswith(exclude_prefix)
-    )
+    return MultiDomainNet(net, dim, num_classes)

@@ -1,0 +1,87 @@
+"""One batch type for every run: inputs per stream, targets and label masks per task.
+
+The training stream yields ``{stream: collated samples}`` (one batch per stream and step);
+:func:`make_batch` turns it into a :class:`Batch` for the run's tasks. Every sample of every
+dataset carries ``"image"``, its targets, ``"id"`` (stable across epochs: the image's id in its
+split) and ``"aug"`` (the augmentation parameters drawn for it), see :mod:`unirep.data`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from unirep.tasks import Task
+
+
+@dataclass
+class Batch:
+    """A training or evaluation batch.
+
+    Attributes:
+        inputs: ``{stream: images [B_s, 3, H, W]}``.
+        targets: ``{task: target}`` (``[B_s]`` labels, ``[B_s, H, W]`` class maps,
+            ``[B_s, C, H, W]`` regression maps), ``B_s`` of the task's stream.
+        label_mask: ``{task: bool [B_s]}``, True where the sample is labelled for the task
+            (all True unless the run uses partial labels).
+        ids: ``{stream: int64 [B_s]}`` stable sample ids.
+        aug: ``{stream: {name: tensor [B_s, ...]}}`` the augmentation drawn per sample
+            (crop box, scale, flip); empty where a dataset does not record it.
+    """
+
+    inputs: dict[str, Tensor]
+    targets: dict[str, Tensor]
+    label_mask: dict[str, Tensor]
+    ids: dict[str, Tensor] = field(default_factory=dict)
+    aug: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+
+    def to(self, device: torch.device) -> Batch:
+        """The batch on ``device`` (non-blocking copies)."""
+
+        def move(x: Tensor) -> Tensor:
+            return x.to(device, non_blocking=True)
+
+        return Batch(
+            inputs={s: move(x) for s, x in self.inputs.items()},
+            targets={t: move(x) for t, x in self.targets.items()},
+            label_mask={t: move(x) for t, x in self.label_mask.items()},
+            ids={s: move(x) for s, x in self.ids.items()},
+            aug={s: {k: move(v) for k, v in a.items()} for s, a in self.aug.items()},
+        )
+
+    def size(self, stream: str) -> int:
+        return int(self.inputs[stream].shape[0])
+
+
+def _ids(sample: dict[str, Any], n: int) -> Tensor:
+    for key in ("id", "image_id", "index"):
+        if key in sample:
+            return torch.as_tensor(sample[key], dtype=torch.int64)
+    return torch.full((n,), -1, dtype=torch.int64)
+
+
+def make_batch(raw: dict[str, dict[str, Any]], tasks: dict[str, Task]) -> Batch:
+    """Build a :class:`Batch` from ``{stream: collated samples}`` for the tasks whose stream
+    is present. A sample's ``"label_mask"`` entry (``{task: bool}``), when a dataset provides
+    one, marks partial labels; otherwise every sample is labelled for every task."""
+    inputs = {s: b["image"] for s, b in raw.items()}
+    targets: dict[str, Tensor] = {}
+    mask: dict[str, Tensor] = {}
+    for name, task in tasks.items():
+        if task.stream not in raw:
+            continue
+        sample = raw[task.stream]
+        n = inputs[task.stream].shape[0]
+        if task.target_key in sample:
+            targets[name] = sample[task.target_key]
+        given = sample.get("label_mask", {})
+        if name in given:
+            mask[name] = torch.as_tensor(given[name], dtype=torch.bool)
+        else:
+            mask[name] = torch.ones(n, dtype=torch.bool)
+    ids = {s: _ids(b, inputs[s].shape[0]) for s, b in raw.items()}
+    aug = {s: dict(b["aug"]) for s, b in raw.items() if isinstance(b.get("aug"), dict)}
+    return Batch(inputs=inputs, targets=targets, label_mask=mask, ids=ids, aug=aug)

@@ -1,0 +1,145 @@
+"""The run's data as streams and tasks: what the trainer, evaluator and recipe read.
+
+A run has input **streams** (one per Visual Decathlon domain, or one shared image stream for a
+dense benchmark) and **tasks** bound to them (:class:`~unirep.tasks.Task`). :class:`RunData` is the
+one interface over both families of sources; :func:`build_run_data` picks the family from the
+config (a ``dense`` section reads a dense benchmark).
+"""
+
+from __future__ import annotations
+
+import abc
+from pathlib import Path
+from typing import Any
+
+from torch.utils.data import Dataset
+
+from unirep.config import Config, cache_dir
+from unirep.data.dense_sets import DenseData, build_dense_data
+from unirep.data.sources import DomainSet, build_domains
+from unirep.tasks import TASK_KINDS, Task
+
+#: The single input stream of a dense benchmark (every dense task reads it).
+SCENE_STREAM = "images"
+
+
+class RunData(abc.ABC):
+    """Streams, tasks and splits of one run."""
+
+    root: Path
+
+    @abc.abstractmethod
+    def tasks(self) -> dict[str, Task]:
+        """The run's tasks, in order."""
+
+    @abc.abstractmethod
+    def datasets(self, split: str, train: bool = False) -> dict[str, Dataset]:
+        """``{stream: dataset}`` of ``split``; ``train`` turns augmentation on."""
+
+    @abc.abstractmethod
+    def batch_sizes(self) -> dict[str, int]:
+        """Training batch size per stream and process."""
+
+    @abc.abstractmethod
+    def fingerprint(self, task: str) -> str:
+        """Identifies the training data (and carved split) a task's teacher saw."""
+
+    @abc.abstractmethod
+    def preprocessing(self, stream: str) -> dict[str, Any]:
+        """What a user of an exported model must feed it for ``stream``."""
+
+    def streams(self) -> list[str]:
+        return list(dict.fromkeys(t.stream for t in self.tasks().values()))
+
+    def prepare(self) -> None:  # noqa: B027  (optional hook)
+        """Compute once, in the main process, what the other processes then read (stats)."""
+
+
+class DomainStreams(RunData):
+    """Multi-domain classification: each domain is a classification task on its own stream."""
+
+    def __init__(self, domains: DomainSet, cfg: Config) -> None:
+        self.domains = domains
+        self.root = domains.root
+        self.cfg = cfg
+
+    def tasks(self) -> dict[str, Task]:
+        kind = TASK_KINDS.build("classification")
+        spec, pred = self.cfg.distill.task_loss, self.cfg.distill.prediction_loss
+        out = {}
+        for d in self.domains.domains:
+            train = self.domains.dataset(d, "train")
+            out[d] = Task(
+                name=d,
+                kind=kind,
+                stream=d,
+                num_classes=train.num_classes,
+                loss=(spec.name, dict(spec.kwargs)),
+                prediction_loss=(pred.name, dict(pred.kwargs)),
+                class_names=train.class_names,
+            )
+        return out
+
+    def datasets(self, split: str, train: bool = False) -> dict[str, Dataset]:
+        return self.domains.datasets(split, train=train)
+
+    def batch_sizes(self) -> dict[str, int]:
+        return {d: self.domains.batch_size(d) for d in self.domains.domains}
+
+    def fingerprint(self, task: str) -> str:
+        return self.domains.fingerprint(task)
+
+    def preprocessing(self, stream: str) -> dict[str, Any]:
+        return self.domains.preprocessing(stream)
+
+    def prepare(self) -> None:
+        for domain in self.domains.domains:  # computed (and cached) once, then read by others
+            self.domains.mean_std(domain)
+
+
+class SceneStreams(RunData):
+    """A dense benchmark: every task reads the one image stream :data:`SCENE_STREAM`."""
+
+    def __init__(self, data: DenseData, cfg: Config) -> None:
+        assert cfg.dense is not None
+        self.data = data
+        self.root = data.root
+        self.cfg = cfg
+
+    def tasks(self) -> dict[str, Task]:
+        assert self.cfg.dense is not None
+        out = {}
+        for name in self.data.tasks:
+            spec = self.cfg.dense.tasks[name]
+            kind = TASK_KINDS.build(getattr(spec, "kind", None) or name)
+            pred = spec.prediction_loss
+            out[name] = Task(
+                name=name,
+                kind=kind,
+                stream=SCENE_STREAM,
+                num_classes=self.data.num_classes if kind.has_classes else None,
+                loss=(spec.loss.name, dict(spec.loss.kwargs)),
+                prediction_loss=(pred.name, dict(pred.kwargs)) if pred is not None else None,
+                weight=spec.weight,
+                class_names=self.data.class_names if kind.has_classes else None,
+            )
+        return out
+
+    def datasets(self, split: str, train: bool = False) -> dict[str, Dataset]:
+        return {SCENE_STREAM: self.data.dataset(split, train=train)}
+
+    def batch_sizes(self) -> dict[str, int]:
+        return {SCENE_STREAM: self.cfg.data.batch_size}
+
+    def fingerprint(self, task: str) -> str:
+        return self.data.fingerprint()
+
+    def preprocessing(self, stream: str) -> dict[str, Any]:
+        return self.data.preprocessing()
+
+
+def build_run_data(cfg: Config) -> RunData:
+    """The run's data: a dense benchmark when ``cfg.dense`` is set, else classification domains."""
+    if cfg.dense is not None:
+        return SceneStreams(build_dense_data(cfg, cache_dir(cfg)), cfg)
+    return DomainStreams(build_domains(cfg.data, cache_dir(cfg)), cfg)

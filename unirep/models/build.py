@@ -1,0 +1,70 @@
+"""One way to build any network of a run from an architecture record and the run's tasks.
+
+An architecture record is the plain dict kept in teacher and student manifests: a multi-domain
+classification network is ``{"backbone", "backbone_kwargs"[, "residual_adapters"]}``, a dense
+multi-task network ``{"encoder", "encoder_kwargs", "decoder_channels"[, "cross_task",
+"cross_task_kwargs"]}``. Teachers use the record without the student-only entries.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+from unirep.config import Config
+from unirep.models.dense import build_dense_from_architecture
+from unirep.models.network import build_network as build_multi_domain
+from unirep.tasks import Task
+
+
+def architecture(cfg: Config, student: bool = False) -> dict[str, Any]:
+    """The record of the run's teacher (``student=False``) or student network."""
+    if cfg.dense is not None:
+        arch: dict[str, Any] = {
+            "encoder": cfg.dense.encoder.name,
+            "encoder_kwargs": dict(cfg.dense.encoder.kwargs),
+            "decoder_channels": cfg.dense.decoder_channels,
+        }
+        if student:
+            cross = cfg.dense.cross_task
+            arch["cross_task"] = cross.name if cross else None
+            arch["cross_task_kwargs"] = dict(cross.kwargs) if cross else {}
+        return arch
+    arch = {"backbone": cfg.model.backbone, "backbone_kwargs": dict(cfg.model.backbone_kwargs)}
+    if student:
+        arch["residual_adapters"] = cfg.model.residual_adapters
+    return arch
+
+
+def build_network(
+    arch: dict[str, Any],
+    tasks: dict[str, Task],
+    trunk_state: dict[str, Tensor] | None = None,
+) -> nn.Module:
+    """The network ``arch`` describes, with one head per task of ``tasks``.
+
+    Every network has ``forward({stream: images}) -> {task: {"pred", "features", ...}}``,
+    ``tasks``, ``trunk`` (the shared part), ``shared_parameters()``, ``feature_dim`` and
+    ``build_aligners(teacher_dims)``. ``trunk_state`` initialises the shared part (strictly),
+    e.g. from a teacher.
+    """
+    if "encoder" in arch:
+        if trunk_state is not None:
+            raise ValueError("dense networks are not initialised from a teacher's trunk")
+        unit = [n for n, t in tasks.items() if t.kind.unit_vector]
+        return build_dense_from_architecture(
+            arch, {n: t.out_channels for n, t in tasks.items()}, unit_vector=unit
+        )
+    return build_multi_domain(
+        arch["backbone"],
+        dict(arch.get("backbone_kwargs", {})),
+        {n: t.out_channels for n, t in tasks.items()},
+        residual_adapters=bool(arch.get("residual_adapters", False)),
+        backbone_state=trunk_state,
+    )
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters of ``module``."""
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,70 @@
+"""One trainable module per phase: everything a phase optimises, nothing it does not.
+
+Like timm's ``FeatureDistillationTrainableModule``, the student, its alignment adapters, the
+objective (and any auxiliary network a loss owns) and the weighting (and its state, e.g.
+uncertainty log-variances) sit in one ``nn.Module``: it alone goes to ``accelerator.prepare``
+(DDP), to the optimizers and to the checkpoint. Frozen teachers stay outside it.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+from unirep.batch import Batch
+from unirep.losses.bundle import LossBundle
+from unirep.objective import Objective
+from unirep.weighting import Weighting
+
+
+class TrainableModule(nn.Module):
+    """Student + alignment adapters + objective + weighting.
+
+    Args:
+        student: the network that is exported (``forward(inputs) -> {task: outputs}``, with
+            ``shared_parameters()``).
+        objective: returns the per-task :class:`LossBundle`.
+        weighting: turns the bundle into gradients.
+        aligners: ``{task: module(student output) -> [aligned features]}``; empty for teachers
+            and the baseline. They get their own optimizer (``train.adapter_optim``).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module,
+        objective: Objective,
+        weighting: Weighting,
+        aligners: nn.ModuleDict | None = None,
+    ) -> None:
+        super().__init__()
+        self.student = student
+        self.aligners = aligners if aligners is not None else nn.ModuleDict()
+        self.objective = objective
+        self.weighting = weighting
+
+    def forward(
+        self,
+        batch: Batch,
+        teacher_outputs: dict[str, dict[str, Tensor]] | None = None,
+        step: int = 0,
+        total_steps: int = 1,
+    ) -> LossBundle:
+        """The losses of one micro-batch (inside ``forward`` so that DDP sees every use)."""
+        outputs = self.student(batch.inputs)
+        aligned = {t: self.aligners[t](outputs[t]) for t in self.aligners if t in outputs}
+        return self.objective(outputs, aligned, batch, teacher_outputs, step, total_steps)
+
+    def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(main optimizer's parameters, alignment adapters' parameters), from the modules:
+        the student, the objective's and the weighting's own parameters go to the main one."""
+        main = [
+            p
+            for module in (self.student, self.objective, self.weighting)
+            for p in module.parameters()
+            if p.requires_grad
+        ]
+        adapters = [p for p in self.aligners.parameters() if p.requires_grad]
+        return main, adapters
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The student's parameters that every task reaches (for gradient-based weightings)."""
+        return list(self.student.shared_parameters())  # type: ignore[operator]

@@ -1,0 +1,77 @@
+"""The seam between per-task losses and the update: a weighting turns a LossBundle into gradients.
+
+Every weighting is an ``nn.Module`` whose state lives in parameters or buffers, so the trainer
+optimises it (it sits inside the phase's trainable module), wraps it for DDP with the rest,
+checkpoints and resumes it. The loop calls one method, :meth:`Weighting.backward`, and never
+branches on a method name.
+
+Two families:
+
+- loss-based (:class:`LossWeighting`): combine the per-task losses into one scalar and call
+  ``accelerator.backward`` on it (``sum``, ``mean``, ``uncertainty``);
+- gradient-based: take per-task gradients of the shared parameters, combine them, and write the
+  result into ``.grad`` (``pcgrad``).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+from torch import Tensor, nn
+
+from unirep.losses.bundle import LossBundle
+from unirep.registry import Registry
+
+WEIGHTINGS: Registry[Weighting] = Registry("weighting")
+"""``WEIGHTINGS.build(name, tasks=[...], **kwargs)``; config key ``weighting: {name, kwargs}``."""
+
+
+class Weighting(nn.Module, abc.ABC):
+    """Turns a :class:`LossBundle` into gradients on every trainable parameter.
+
+    Args:
+        tasks: the task names of the phase, in the run's order (a weighting may keep one state
+            entry per task, e.g. a log-variance).
+    """
+
+    def __init__(self, tasks: list[str]) -> None:
+        super().__init__()
+        self.tasks = list(tasks)
+
+    @abc.abstractmethod
+    def backward(
+        self, bundle: LossBundle, shared: list[nn.Parameter], accelerator: Any
+    ) -> dict[str, float]:
+        """Accumulate this micro-batch's gradients into ``.grad`` of every trainable parameter.
+
+        Args:
+            bundle: the objective's losses (graphs kept).
+            shared: the parameters every task uses (the student's encoder / backbone), for
+                gradient-based methods; loss-based methods ignore it.
+            accelerator: the run's ``Accelerator``: its ``backward`` (loss scaling, gradient
+                accumulation) must be used for the final backward pass, and ``reduce`` for any
+                cross-process average.
+
+        Returns:
+            Scalars for the training log, e.g. ``weight/<task>`` (effective task weights) or
+            ``gradcos/<a>~<b>`` (cosine between two tasks' shared gradients).
+        """
+
+
+class LossWeighting(Weighting):
+    """A weighting that only rescales losses: one scalar, one ``accelerator.backward``."""
+
+    @abc.abstractmethod
+    def combine(self, bundle: LossBundle) -> Tensor:
+        """The scalar to back-propagate."""
+
+    def weights(self) -> dict[str, float]:
+        """Effective weight of each task's loss (logged as ``weight/<task>``)."""
+        return {}
+
+    def backward(
+        self, bundle: LossBundle, shared: list[nn.Parameter], accelerator: Any
+    ) -> dict[str, float]:
+        accelerator.backward(self.combine(bundle))
+        return {f"weight/{t}": w for t, w in self.weights().items()}
