@@ -196,7 +196,7 @@ def test_reader_labels_ids_and_classes(mini_root: Path) -> None:
             assert truth[image_id] == d * STRIDE + label + 1  # official encoding
             assert ds.category_id(label) == truth[image_id]
         sample = ds[0]
-        assert set(sample) == {"image", "label", "image_id"}
+        assert set(sample) == {"image", "label", "image_id", "id", "aug"}
         assert sample["image"].mode == "RGB"  # also for the grayscale glyph domain
         assert min(sample["image"].size) == IMAGE_SIZE
         assert (sample["label"], sample["image_id"]) == (ds.labels[0], ds.image_ids[0])

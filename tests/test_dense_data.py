@@ -50,8 +50,11 @@ def test_reads_fixture_in_exact_format(tmp_path: Path) -> None:
     ds = MTANDense(tmp_path, "train", list(DENSE_TASKS))
     assert len(ds) == 3
     sample = ds[1]
-    assert set(sample) == {"image", "semantic", "depth", "normal", "index"}
-    assert sample["index"] == 1
+    assert set(sample) == {"image", "semantic", "depth", "normal", "index", "id", "aug"}
+    assert sample["index"] == sample["id"] == 1
+    # without augmentation: scale 1, the full image, no flip
+    assert float(sample["aug"]["scale"]) == 1.0 and not bool(sample["aug"]["flip"])
+    assert sample["aug"]["crop"].tolist() == [0, 0, H, W]
     expected = {
         "image": ((3, H, W), torch.float32),
         "semantic": ((H, W), torch.int64),
@@ -77,9 +80,9 @@ def test_only_requested_tasks_and_cityscapes_labels(tmp_path: Path) -> None:
     write_mtan_fixture(tmp_path, "val", 2, H, W, classes=7, with_normals=False, label_dir="label_7")
     ds = MTANDense(tmp_path, "val", ["depth", "semantic"], label_dir="label_7")
     sample = ds[0]
-    assert set(sample) == {"image", "semantic", "depth", "index"}
+    assert set(sample) == {"image", "semantic", "depth", "index", "id", "aug"}
     assert sample["semantic"].max() < 7
-    assert set(MTANDense(tmp_path, "val", [])[1]) == {"image", "index"}
+    assert set(MTANDense(tmp_path, "val", [])[1]) == {"image", "index", "id", "aug"}
 
 
 def test_unknown_task_lists_valid_ones(tmp_path: Path) -> None:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
 
+from unirep.export import export_student, load_student
+from unirep.io import load_weights
+from unirep.models.build import build_network
 from unirep.models.dense import (
     DENSE_ENCODERS,
     DenseMultiTaskNet,
@@ -16,7 +20,11 @@ from unirep.models.dense import (
     build_dense_encoder,
     build_dense_network,
 )
+from unirep.objective import Objective
 from unirep.registry import UnknownNameError
+from unirep.tasks import TASK_KINDS, Task
+from unirep.trainable import TrainableModule
+from unirep.weighting import build_weighting
 
 TASKS = {"semantic": 13, "depth": 1, "normal": 3}
 H, W = 48, 64
@@ -87,7 +95,9 @@ def test_unknown_names_list_choices() -> None:
 
 def test_bad_arguments_fail_early() -> None:
     with pytest.raises(KeyError, match="edges"):
-        build_dense_network(*SEGNET, TASKS, align_dims={"edges": 8})
+        build_dense_network(*SEGNET, TASKS, unit_vector=["edges"])
+    with pytest.raises(KeyError, match="edges"):
+        build_dense_network(*SEGNET, TASKS).build_aligners({"edges": 8})
     with pytest.raises(ValueError, match="without cross_task"):
         build_dense_network(*SEGNET, TASKS, cross_task_kwargs={"pool": 4})
     with pytest.raises(ValueError, match="two tasks"):
@@ -100,35 +110,55 @@ def test_bad_arguments_fail_early() -> None:
 # the network
 
 
+def _aligned(aligners: nn.ModuleDict, out: dict[str, dict[str, torch.Tensor]]) -> dict:
+    return {t: aligners[t](out[t]) for t in aligners}
+
+
 @pytest.mark.parametrize("encoder", [SEGNET, TIMM], ids=["segnet", "timm"])
 @pytest.mark.parametrize("cross_task", [None, "mtan", "densemtl"])
 def test_output_shapes(encoder: tuple[str, dict[str, Any]], cross_task: str | None) -> None:
     align = {"semantic": 8, "depth": 8, "normal": 16}
-    net = build_dense_network(
-        *encoder, TASKS, decoder_channels=16, cross_task=cross_task, align_dims=align
-    )
+    net = build_dense_network(*encoder, TASKS, decoder_channels=16, cross_task=cross_task)
+    aligners = net.build_aligners(align)
     enc = net.encoder
     out = net(_images())
-    assert set(out) == set(TASKS)
+    aligned = _aligned(aligners, out)
+    assert set(out) == set(TASKS) == set(aligned)
     h0, w0 = H // enc.reductions[0], W // enc.reductions[0]
     for task, k in TASKS.items():
         o = out[task]
+        assert set(o) == {"pred", "features", "bottleneck"}
         assert o["pred"].shape == (2, k, H, W)
         assert o["features"].shape == (2, 16, h0, w0)
         assert o["bottleneck"].shape[:2] == (2, enc.channels[-1])
-        assert o["aligned_bottleneck"].shape == (2, align[task], *o["bottleneck"].shape[-2:])
-        assert o["aligned_features"].shape == (2, align[task], h0, w0)
-        assert all(torch.isfinite(v).all() for v in o.values())
+        a_bottleneck, a_features = aligned[task]
+        assert a_bottleneck.shape == (2, align[task], *o["bottleneck"].shape[-2:])
+        assert a_features.shape == (2, align[task], h0, w0)
+        assert all(torch.isfinite(v).all() for v in [*o.values(), a_bottleneck, a_features])
+    # a dict of one stream and the bare tensor give the same outputs; two streams are refused
+    net.eval()
+    x = _images()
+    with torch.no_grad():
+        by_stream, by_tensor = net({"images": x}), net(x)
+    for task in TASKS:
+        torch.testing.assert_close(by_stream[task]["pred"], by_tensor[task]["pred"])
+    with pytest.raises(ValueError, match="one image stream"):
+        net({"a": x, "b": x})
 
 
 def test_normals_are_unit_length_and_others_raw() -> None:
-    net = build_dense_network(*SEGNET, TASKS, decoder_channels=8).eval()
+    net = build_dense_network(*SEGNET, TASKS, decoder_channels=8, unit_vector=["normal"]).eval()
     with torch.no_grad():
         out = net(_images())
     norms = out["normal"]["pred"].norm(dim=1)
     torch.testing.assert_close(norms, torch.ones_like(norms))
     assert out["depth"]["pred"].min() < 0 or out["depth"]["pred"].max() > 1  # not squashed
-    assert "aligned_features" not in out["depth"]
+    assert set(out["depth"]) == {"pred", "features", "bottleneck"}  # no adapters in the net
+    # the unit-vector tasks are the ones named (the task kind decides), not "normal" by name
+    raw = build_dense_network(*SEGNET, TASKS, decoder_channels=8).eval()
+    with torch.no_grad():
+        raw_norms = raw(_images())["normal"]["pred"].norm(dim=1)
+    assert not torch.allclose(raw_norms, torch.ones_like(raw_norms))
 
 
 @pytest.mark.parametrize("encoder", [SEGNET, TIMM], ids=["segnet", "timm"])
@@ -136,46 +166,75 @@ def test_normals_are_unit_length_and_others_raw() -> None:
 def test_every_parameter_gets_gradient(
     encoder: tuple[str, dict[str, Any]], cross_task: str | None
 ) -> None:
-    net = build_dense_network(
-        *encoder,
-        TASKS,
-        decoder_channels=8,
-        cross_task=cross_task,
-        align_dims={t: 4 for t in TASKS},
-    )
+    net = build_dense_network(*encoder, TASKS, decoder_channels=8, cross_task=cross_task)
+    aligners = net.build_aligners({t: 4 for t in TASKS})
     with torch.no_grad():  # DenseMTL's zero-initialised scales would block its inner gradients
         for name, p in net.named_parameters():
             if name.endswith("scale"):
                 p.fill_(0.5)
     out = net(_images())
+    aligned = _aligned(aligners, out)
     loss = sum(v.square().mean() for o in out.values() for v in o.values())
+    loss = loss + sum(v.square().mean() for a in aligned.values() for v in a)
     loss.backward()
+    params = [
+        *net.named_parameters(),
+        *(("aligners." + n, p) for n, p in aligners.named_parameters()),
+    ]
     missing = [
         name
-        for name, p in net.named_parameters()
+        for name, p in params
         if p.grad is None or not torch.isfinite(p.grad).all() or p.grad.abs().sum() == 0
     ]
     assert not missing, f"no gradient for {missing}"
-    assert any(n.startswith("align_bottleneck.") for n, _ in net.named_parameters())
+    assert any(".bottleneck." in n for n, _ in params)
+    assert len(list(aligners.parameters())) == 2 * len(TASKS)  # two bias-free 1x1 convs per task
 
 
 @pytest.mark.parametrize("cross_task", [None, "mtan", "densemtl"])
-def test_export_state_drops_adapters_and_loads_strictly(cross_task: str | None) -> None:
-    student = build_dense_network(
-        *SEGNET, TASKS, decoder_channels=8, cross_task=cross_task, align_dims={"depth": 8}
+def test_export_state_drops_adapters_and_loads_strictly(
+    cross_task: str | None, tmp_path: Path
+) -> None:
+    tasks = {
+        name: Task(name, TASK_KINDS.build(name), "images", k if name == "semantic" else None)
+        for name, k in TASKS.items()
+    }
+    arch = {
+        "encoder": SEGNET[0],
+        "encoder_kwargs": SEGNET[1],
+        "decoder_channels": 8,
+        "cross_task": cross_task,
+        "cross_task_kwargs": {},
+    }
+    student = build_network(arch, tasks)
+    module = TrainableModule(
+        student,
+        Objective(tasks),
+        build_weighting("sum", list(tasks)),
+        student.build_aligners({"depth": 8}),
     )
-    state = student.export_state()
-    assert not [k for k in state if k.startswith("align")]
-    assert len(state) < len(student.state_dict())
-    plain = build_dense_network(*SEGNET, TASKS, decoder_channels=8, cross_task=cross_task)
+    export_student(
+        tmp_path, module.student, preset="test", architecture=arch, tasks=tasks,
+        preprocessing={}, teachers={}, selection={},
+    )  # fmt: skip
+    state = load_weights(tmp_path / "model.safetensors")
+    assert not [k for k in state if "align" in k]
+    assert len(state) < len(module.state_dict())
+    assert any(k.startswith("aligners.depth.") for k in module.state_dict())
+    plain = build_dense_network(
+        *SEGNET, TASKS, decoder_channels=8, cross_task=cross_task, unit_vector=["normal"]
+    )
     plain.load_state_dict(state, strict=True)
+    loaded, manifest = load_student(tmp_path)  # strict, hash-checked
+    assert manifest["architecture"] == arch and loaded.tasks == list(TASKS)
     student.eval()
     plain.eval()
     x = _images()
     with torch.no_grad():
-        expected, got = student(x), plain(x)
+        expected, got, again = student(x), plain(x), loaded({"images": x})
     for task in TASKS:
         torch.testing.assert_close(got[task]["pred"], expected[task]["pred"])
+        torch.testing.assert_close(again[task]["pred"], expected[task]["pred"])
 
 
 @pytest.mark.parametrize("encoder", [SEGNET, TIMM], ids=["segnet", "timm"])
@@ -186,8 +245,11 @@ def test_single_task_teacher(encoder: tuple[str, dict[str, Any]]) -> None:
     assert set(out) == {"depth"}
     assert out["depth"]["pred"].shape == (2, 1, H, W)
     # the teacher's last decoder feature is what the student's adapters are matched to
-    student = build_dense_network(*SEGNET, TASKS, decoder_channels=8, align_dims={"depth": 16})
-    s_out = student(_images())
-    assert s_out["depth"]["aligned_features"].shape[1] == out["depth"]["features"].shape[1]
+    assert teacher.feature_dim == out["depth"]["features"].shape[1]
+    student = build_dense_network(*SEGNET, TASKS, decoder_channels=8)
+    aligners = student.build_aligners({"depth": teacher.feature_dim})
+    assert set(aligners) == {"depth"}
+    _, s_features = aligners["depth"](student(_images())["depth"])
+    assert s_features.shape[1] == out["depth"]["features"].shape[1]
     mtan_teacher = build_dense_network(*SEGNET, {"normal": 3}, cross_task="mtan")
     assert mtan_teacher(_images())["normal"]["pred"].shape == (2, 3, H, W)

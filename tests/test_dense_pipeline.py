@@ -1,39 +1,53 @@
-"""Dense runs end to end: mini-scenes, NYUv2 and Cityscapes fixtures, evaluation, resume."""
+"""Dense runs end to end: mini-scenes, NYUv2 and Cityscapes fixtures, evaluation, resume,
+two processes."""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from teachers.dense import ensure_dense_teachers
-from tests.conftest import tiny_dense_config
+from teachers.recipe import ensure_teachers
+from tests.conftest import TINY_DENSE, tiny_dense_config
 from unirep.config import Config, ConfigError
 from unirep.data.decathlon import DataRootError
 from unirep.data.dense import write_mtan_fixture
-from unirep.dense_eval import MAIN_METRIC
-from unirep.dense_pipeline import (
-    distill_dense,
-    evaluate_dense_student,
-    load_dense_student,
-    resolve_dense_data,
-)
-from unirep.io import load_weights
-from unirep.pipeline import make_accelerator, prepare_run_dir
+from unirep.data.streams import SCENE_STREAM
+from unirep.export import load_student
+from unirep.io import file_sha256, load_weights
+from unirep.objective import Objective
+from unirep.recipe import distill, evaluate_student, resolve_data
+from unirep.rundir import make_accelerator, prepare_run_dir
 from unirep.teachers import TeacherMismatchError
 from unirep.trainer import DONE
 
 pytestmark = pytest.mark.slow
 
+ROOT = Path(__file__).resolve().parents[1]
+MAIN_METRIC = {"semantic": "miou", "depth": "abs_err", "normal": "angle_mean"}
+"""The metric of each dense task that enters Δm and selection (MTAN, URL)."""
+
 
 def _run(cfg: Config) -> tuple[Path, dict]:
     accelerator = make_accelerator(cfg)
-    data = resolve_dense_data(cfg, accelerator)
+    data = resolve_data(cfg, accelerator)
     run_dir = prepare_run_dir(cfg, accelerator)
-    seconds = ensure_dense_teachers(cfg, accelerator, data, run_dir)
-    return run_dir, distill_dense(cfg, accelerator, data, run_dir, seconds)
+    seconds = ensure_teachers(cfg, accelerator, data, run_dir)
+    return run_dir, distill(cfg, accelerator, data, run_dir, seconds)
+
+
+def _evaluate(cfg: Config, student_dir: Path) -> dict:
+    accelerator = make_accelerator(cfg)
+    data = resolve_data(cfg, accelerator)
+    eval_dir = prepare_run_dir(cfg, accelerator)
+    return evaluate_student(cfg, accelerator, data, eval_dir, student_dir)
 
 
 @pytest.fixture(scope="module")
@@ -71,33 +85,50 @@ def test_mini_scenes_run_directory(scenes_run: tuple[Path, dict]) -> None:
         "baseline_delta_m_vs_teachers",
         "train_seconds",
         "delta_m_all_metrics_vs_teachers",
+        "baseline_delta_m_all_metrics_vs_teachers",
         "num_processes",
         "params",
     ):
         assert key in s, key
+    assert s["weighting"] == "sum" and s["num_processes"] == 1
+    # the per-task values live in metrics["tasks"] only (no `<task>_<metric>` summary keys)
+    assert not [k for k in s if k.split("_")[0] in metrics["tasks"]]
     assert s["delta_m_metrics"] == ["semantic/miou", "depth/abs_err", "normal/angle_mean"]
     # Δm recomputed by hand from the per-task numbers (undefined if a tiny teacher scores 0)
     assert s["delta_m_vs_teachers"] is not None
-    terms = []
-    for task, metric in MAIN_METRIC.items():
-        value = metrics["tasks"][task]["student"][metric]
-        ref = metrics["tasks"][task]["teacher"][metric]
-        sign = 1 if metric == "miou" else -1
-        terms.append(sign * (value - ref) / abs(ref))
-    assert s["delta_m_vs_teachers"] == pytest.approx(100 * sum(terms) / 3)
+    for role, key in (
+        ("student", "delta_m_vs_teachers"),
+        ("baseline", "baseline_delta_m_vs_teachers"),
+    ):
+        terms = []
+        for task, metric in MAIN_METRIC.items():
+            value = metrics["tasks"][task][role][metric]
+            ref = metrics["tasks"][task]["teacher"][metric]
+            sign = 1 if metric == "miou" else -1
+            terms.append(sign * (value - ref) / abs(ref))
+        assert s[key] == pytest.approx(100 * sum(terms) / 3), role
     assert s["selection"]["student"]["split"] == "val"
+    assert set(s["selection"]["student"]) == {"split", "best_step", "val_delta_m"}
     assert s["params"]["adapters"] > 0
     # export: no alignment adapters; manifests tie the student to its teachers
     weights = load_weights(run_dir / "student" / "model.safetensors")
-    assert weights and not any(k.startswith("align") for k in weights)
+    assert weights and not any("align" in k for k in weights)
     manifest = json.loads((run_dir / "student" / "manifest.json").read_text())
     assert set(manifest["teachers"]) == set(metrics["tasks"])
+    assert manifest["format"] == "unirep-student/2"
+    assert {t: r["kind"] for t, r in manifest["tasks"].items()} == {t: t for t in MAIN_METRIC}
+    assert {t: r["main_metric"] for t, r in manifest["tasks"].items()} == MAIN_METRIC
+    assert {r["stream"] for r in manifest["tasks"].values()} == {SCENE_STREAM}
+    assert set(manifest["preprocessing"]) == {SCENE_STREAM}
     assert (run_dir / "logs" / "teacher-normal.csv").is_file()
     # the 6 alignment adapters (2 per task) have their own optimizer (URL: Adam 1e-2)
     step = sorted((run_dir / "checkpoints" / "student").glob("step_*"))[-1]
     optim = torch.load(step / "optim.pt", weights_only=False)["optimizers"]
     assert len(optim) == 2
     assert len(optim[1]["state"]) == 6 and optim[1]["param_groups"][0]["initial_lr"] == 0.01
+    # ... and are checkpointed with the student (resume), though never exported
+    checkpointed = load_weights(step / "model.safetensors")
+    assert len([k for k in checkpointed if k.startswith("aligners.")]) == 6
     step = sorted((run_dir / "checkpoints" / "baseline").glob("step_*"))[-1]
     assert len(torch.load(step / "optim.pt", weights_only=False)["optimizers"]) == 1
     report = (run_dir / "report.md").read_text()
@@ -109,19 +140,43 @@ def test_evaluate_reproduces_the_dense_run(
     scenes_run: tuple[Path, dict], tiny_cache: Path, tmp_path: Path
 ) -> None:
     run_dir, metrics = scenes_run
-    cfg = tiny_dense_config(tiny_cache, tmp_path, "name=eval")
-    accelerator = make_accelerator(cfg)
-    data = resolve_dense_data(cfg, accelerator)
-    eval_dir = prepare_run_dir(cfg, accelerator)
-    again = evaluate_dense_student(cfg, accelerator, data, eval_dir, run_dir / "student")
+    again = _evaluate(tiny_dense_config(tiny_cache, tmp_path, "name=eval"), run_dir / "student")
     for task, entry in metrics["tasks"].items():
         assert again["tasks"][task]["student"] == pytest.approx(entry["student"])
         assert again["tasks"][task]["teacher"] == pytest.approx(entry["teacher"])
     assert again["summary"]["delta_m_vs_teachers"] == pytest.approx(
         metrics["summary"]["delta_m_vs_teachers"]
     )
-    net, _ = load_dense_student(run_dir / "student")
+    net, _ = load_student(run_dir / "student")
     assert net.tasks == ["semantic", "depth", "normal"]
+    assert net.unit_vector == ["normal"]
+
+    # a student exported by unirep 0.1 (format unirep-dense-student/1: tasks named by their
+    # kind, one top-level preprocessing) loads and evaluates to the same numbers
+    old_dir = tmp_path / "old-student"
+    shutil.copytree(run_dir / "student", old_dir)
+    manifest = json.loads((old_dir / "manifest.json").read_text())
+    old = {
+        "format": "unirep-dense-student/1",
+        "unirep_version": "0.1.0",
+        "preset": manifest["preset"],
+        "architecture": manifest["architecture"],
+        "tasks": {
+            t: {"type": "dense", "out_channels": r["out_channels"], "main_metric": r["main_metric"]}
+            for t, r in manifest["tasks"].items()
+        },
+        "class_names": manifest["tasks"]["semantic"]["class_names"],
+        "preprocessing": manifest["preprocessing"][SCENE_STREAM],
+        "teachers": manifest["teachers"],
+        "selection": {"split": "val", "best_step": 4, "val_delta_m": 0.0},
+        "weights_sha256": file_sha256(old_dir / "model.safetensors"),
+    }
+    (old_dir / "manifest.json").write_text(json.dumps(old))
+    old_net, _ = load_student(old_dir)
+    assert old_net.tasks == net.tasks and old_net.unit_vector == ["normal"]
+    from_old = _evaluate(tiny_dense_config(tiny_cache, tmp_path, "name=eval-old"), old_dir)
+    for task, entry in again["tasks"].items():
+        assert from_old["tasks"][task] == entry  # same weights, same numbers, teachers found
 
 
 @pytest.mark.parametrize(
@@ -138,39 +193,40 @@ def test_cross_task_students_train(
     run_dir, metrics = _run(cfg)  # reuses the teachers of scenes_run (same architecture)
     s = metrics["summary"]
     assert s["cross_task"] == cross
-    if cross == "densemtl":  # 6 pairs × heads 2 × (min(16, 4)·min(24, 4))² tokens² × 4 bytes
-        assert s["cross_task_attention_bytes_per_image"] == 6 * 2 * 16 * 16 * 4
-    net, manifest = load_dense_student(run_dir / "student")
+    net, manifest = load_student(run_dir / "student")
     assert manifest["architecture"]["cross_task"] == cross
     assert (net.attention is not None) == (cross == "mtan")
     assert (net.exchange is not None) == (cross == "densemtl")
+    if cross == "densemtl":  # 6 pairs × heads 2 × (min(16, 4)·min(24, 4))² tokens² × 4 bytes
+        reduction = net.encoder.reductions[0]  # decoder features at the first stage's size
+        pairs = len(net.exchange.tasks) * (len(net.exchange.tasks) - 1)
+        per_image = pairs * net.exchange.attention_bytes(1, 32 // reduction, 48 // reduction)
+        assert per_image == 6 * 2 * 16 * 16 * 4
 
 
 def test_dense_resume_continues_an_interrupted_run(
     tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     full_dir, full = _run(tiny_dense_config(tiny_cache, tmp_path, "name=full", "baseline=false"))
-    from unirep import objective as objective_module
+    original = Objective.forward
 
-    cls = objective_module.DenseDistillationObjective
-    original = cls.forward
-
-    def crash_at_step_2(self, outputs, targets, teacher_outputs=None, step=0, total_steps=1):
-        if step == 2:
+    def crash_at_step_2(self, outputs, aligned, batch, teacher_outputs=None, step=0, total_steps=1):
+        if step == 2 and self.distill is not None:  # the distilled student only
             raise KeyboardInterrupt("simulated interruption")
-        return original(self, outputs, targets, teacher_outputs, step, total_steps)
+        return original(self, outputs, aligned, batch, teacher_outputs, step, total_steps)
 
-    monkeypatch.setattr(cls, "forward", crash_at_step_2)
+    monkeypatch.setattr(Objective, "forward", crash_at_step_2)
     with pytest.raises(KeyboardInterrupt):
         _run(tiny_dense_config(tiny_cache, tmp_path, "name=cut", "baseline=false"))
     cut = tmp_path / "cut" / "checkpoints" / "student"
     assert not (cut / DONE).exists() and (cut / "step_000002").is_dir()
-    monkeypatch.setattr(cls, "forward", original)
+    monkeypatch.setattr(Objective, "forward", original)
     resumed_dir, resumed = _run(
         tiny_dense_config(tiny_cache, tmp_path, "name=cut", "baseline=false", "resume=true")
     )
     a = load_weights(full_dir / "student" / "model.safetensors")
     b = load_weights(resumed_dir / "student" / "model.safetensors")
+    assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(a[key], b[key], msg=key)
     assert resumed["tasks"] == full["tasks"]
@@ -182,9 +238,96 @@ def test_teacher_of_another_architecture_is_refused(
     cfg = tiny_dense_config(tiny_cache, tmp_path, "name=other", "dense.decoder_channels=16")
     cfg.teachers.root = str(tiny_cache / "teachers")
     accelerator = make_accelerator(cfg)
-    data = resolve_dense_data(cfg, accelerator)
+    data = resolve_data(cfg, accelerator)
     with pytest.raises(TeacherMismatchError, match=r"teacher\.json.*decoder_channels"):
-        ensure_dense_teachers(cfg, accelerator, data, tmp_path / "other")
+        ensure_teachers(cfg, accelerator, data, tmp_path / "other")
+
+
+# --------------------------------------------------------------------------------------------
+# Two processes: the gathered evaluation gives the one-process numbers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _launch(script: str, *args: str) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        str(ROOT / "scripts" / script), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.distributed
+def test_two_processes_give_the_one_process_numbers(
+    scenes_run: tuple[Path, dict], tiny_cache: Path, tmp_path: Path
+) -> None:
+    # batches of 2 per process: the 6 test scenes are 3 batches for 2 processes, so the sampler
+    # pads the second shard with repeated scenes, which the gathered metrics must drop
+    common = [*TINY_DENSE, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}",
+              "data.eval_batch_size=2"]  # fmt: skip
+    # a whole 2-process run (baseline and student; the teachers of scenes_run are reused)
+    result = _launch("distill.py", "--config", "mini-scenes", *common, "name=ddp",
+                     "data.batch_size=2")  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    ddp = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert ddp["summary"]["num_processes"] == 2
+    step = sorted((tmp_path / "ddp" / "checkpoints" / "student").glob("step_*"))[-1]
+    assert {p.name for p in step.glob("rng_*.pt")} == {"rng_0.pt", "rng_1.pt"}
+    assert result.stdout.count("student Δm vs teachers") == 1  # only the main process reports
+    student = tmp_path / "ddp" / "student"
+
+    # its student and teachers evaluated here, in one process, give the numbers the 2-process
+    # run reported: the same per-sample predictions, the repeated scenes dropped
+    # (one CPU thread, as each launched process has: the thread count changes float sums)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        one = _evaluate(
+            tiny_dense_config(tiny_cache, tmp_path, "name=ev1", "data.eval_batch_size=2"), student
+        )
+    finally:
+        torch.set_num_threads(threads)
+    assert one["summary"]["num_processes"] == 1
+    assert set(one["tasks"]) == set(ddp["tasks"]) == set(MAIN_METRIC)
+    _same_numbers(ddp, one)
+    # the teachers evaluated are those of scenes_run
+    manifests = [
+        json.loads((d / "manifest.json").read_text()) for d in (student, scenes_run[0] / "student")
+    ]
+    assert manifests[0]["teachers"] == manifests[1]["teachers"]
+
+    # and the exported student evaluated by 2 processes (scripts/evaluate.py) agrees too
+    two = _launch("evaluate.py", "--config", "mini-scenes", *common, "name=ev2",
+                  f"student={student}")  # fmt: skip
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    m2 = json.loads((tmp_path / "ev2" / "metrics.json").read_text())
+    assert m2["summary"]["num_processes"] == 2
+    _same_numbers(m2, one)
+    assert m2["summary"]["delta_m_vs_teachers"] == pytest.approx(
+        one["summary"]["delta_m_vs_teachers"], rel=1e-12
+    )
+
+
+def _same_numbers(two: dict, one: dict) -> None:
+    """Student and teacher metrics of a 2-process evaluation equal the 1-process ones: exactly
+    (confusion counts, and the normal angles gathered in split order), except the depth errors,
+    whose float64 sums are added in another grouping (one gathered batch of 4 for two of 2):
+    those agree to the last bits."""
+    for task, entry in one["tasks"].items():
+        for role in ("student", "teacher"):
+            if task == "depth":
+                expected = pytest.approx(entry[role], rel=1e-12, abs=1e-12)
+                assert two["tasks"][task][role] == expected, (task, role)
+            else:
+                assert two["tasks"][task][role] == entry[role], (task, role)
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,14 +357,16 @@ def test_nyuv2_preset_on_a_fixture(tiny_cache: Path, tmp_path: Path) -> None:
     _, metrics = _fixture_run(tiny_cache, tmp_path, "nyuv2", classes=13)
     assert set(metrics["tasks"]) == {"semantic", "depth", "normal"}
     cfg = tiny_dense_config(tiny_cache, tmp_path, f"data.root={tmp_path / 'nyuv2'}", preset="nyuv2")
-    data = resolve_dense_data(cfg, make_accelerator(cfg))
-    train, val = data.dataset("train"), data.dataset("val")
+    data = resolve_data(cfg, make_accelerator(cfg))
+    train, val = data.datasets("train")[SCENE_STREAM], data.datasets("val")[SCENE_STREAM]
+    test = data.datasets("test")[SCENE_STREAM]
     # validation carved from the training folder (1 of 10), test = MTAN's "val" folder
     assert len(val) == 1 and len(train) == 9
     assert not set(val.indices) & set(train.indices)
-    assert len(data.dataset("test")) == 5 and data.dataset("test").split == "val"
+    assert len(test) == 5 and test.split == "val"
     manifest = json.loads((tmp_path / "teachers" / "nyuv2" / "depth" / "teacher.json").read_text())
     assert manifest["data"]["selection_split"] == "val" and manifest["data"]["num_samples"] == 9
+    assert manifest["kind"] == "depth" and manifest["out_channels"] == 1
 
 
 def test_cityscapes_preset_on_a_fixture(tiny_cache: Path, tmp_path: Path) -> None:
@@ -240,14 +385,14 @@ def test_cityscapes_preset_on_a_fixture(tiny_cache: Path, tmp_path: Path) -> Non
 def test_mtan_source_needs_a_root(tiny_cache: Path, tmp_path: Path) -> None:
     cfg = tiny_dense_config(tiny_cache, tmp_path, preset="nyuv2")
     with pytest.raises(ConfigError, match=r"data\.root"):
-        resolve_dense_data(cfg, make_accelerator(cfg))
+        resolve_data(cfg, make_accelerator(cfg))
 
 
 def test_missing_folder_is_named(tiny_cache: Path, tmp_path: Path) -> None:
     write_mtan_fixture(tmp_path / "nyu", "train", 4, 32, 48, classes=13)
     cfg = tiny_dense_config(tiny_cache, tmp_path, f"data.root={tmp_path / 'nyu'}", preset="nyuv2")
     with pytest.raises(DataRootError, match=r"nyu/val"):
-        resolve_dense_data(cfg, make_accelerator(cfg))
+        resolve_data(cfg, make_accelerator(cfg))
 
 
 def test_labels_beyond_num_classes_are_refused(tiny_cache: Path, tmp_path: Path) -> None:
@@ -261,7 +406,7 @@ def test_labels_beyond_num_classes_are_refused(tiny_cache: Path, tmp_path: Path)
         preset="nyuv2",
     )
     with pytest.raises(ConfigError, match=r"dense.num_classes.*class id 12"):
-        resolve_dense_data(cfg, make_accelerator(cfg))
+        resolve_data(cfg, make_accelerator(cfg))
 
 
 @pytest.mark.parametrize(
@@ -287,7 +432,7 @@ def test_bad_dense_config_names_the_key(
 def test_mini_scenes_class_count_is_checked(tiny_cache: Path, tmp_path: Path) -> None:
     cfg = tiny_dense_config(tiny_cache, tmp_path, "dense.num_classes=13")
     with pytest.raises(ConfigError, match="mini-scenes has 7 classes"):
-        resolve_dense_data(cfg, make_accelerator(cfg))
+        resolve_data(cfg, make_accelerator(cfg))
 
 
 def test_timm_encoder_student_and_teachers(tiny_cache: Path, tmp_path: Path) -> None:
@@ -301,6 +446,6 @@ def test_timm_encoder_student_and_teachers(tiny_cache: Path, tmp_path: Path) -> 
     manifest = json.loads((run_dir / "student" / "manifest.json").read_text())
     assert manifest["architecture"]["encoder"] == "timm"
     assert manifest["architecture"]["encoder_kwargs"] == {"model_name": "resnet10t"}
-    net, _ = load_dense_student(run_dir / "student")
+    net, _ = load_student(run_dir / "student")
     assert type(net.encoder).__name__ == "TimmDenseEncoder"
     assert set(metrics["tasks"]) == {"semantic", "depth", "normal"}

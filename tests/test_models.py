@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
-
-from pathlib import Path
 
 from unirep.export import export_student, load_student
 from unirep.io import load_weights
@@ -107,13 +107,14 @@ def test_export_holds_only_the_students_state(tmp_path: Path) -> None:
     )  # fmt: skip
     state = load_weights(tmp_path / "model.safetensors")
     assert set(state) == set(net.state_dict())
-    assert not any(k.split(".")[0] in {"student", "aligners", "objective", "weighting"} for k in state)
+    assert not any(
+        k.split(".")[0] in {"student", "aligners", "objective", "weighting"} for k in state
+    )
     assert count_parameters(net) == sum(
         v.numel() for k, v in state.items() if "running" not in k and "num_batches" not in k
     )
-    assert count_parameters(module) == count_parameters(net) + count_parameters(
-        aligners
-    ) + count_parameters(module.weighting)
+    parts = (net, aligners, module.weighting)
+    assert count_parameters(module) == sum(count_parameters(m) for m in parts)
     loaded, _ = load_student(tmp_path)
     for k, v in net.state_dict().items():
         torch.testing.assert_close(loaded.state_dict()[k], v)

@@ -1,4 +1,4 @@
-"""The objective: per-task bundle entries, per-task λ, linear annealing, gradients to the aligners."""
+"""The objective: per-task bundle entries, per-task λ, annealing, gradients to the aligners."""
 
 from __future__ import annotations
 
@@ -97,9 +97,7 @@ def test_distillation_terms_and_weights() -> None:
         torch.testing.assert_close(bundle.logs[f"task/{d}"], task.detach())
         torch.testing.assert_close(bundle.logs[f"feature/{d}"], feat.detach())
         torch.testing.assert_close(bundle.logs[f"prediction/{d}"], pred.detach())
-        torch.testing.assert_close(
-            bundle.task_losses()[d], task + anneal * (wf * feat + wp * pred)
-        )
+        torch.testing.assert_close(bundle.task_losses()[d], task + anneal * (wf * feat + wp * pred))
         expected_total = expected_total + task + anneal * (wf * feat + wp * pred)
     assert float(bundle.logs["anneal"]) == anneal
     torch.testing.assert_close(bundle.total().detach(), expected_total.detach())

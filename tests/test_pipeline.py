@@ -119,9 +119,8 @@ def test_evaluate_reproduces_the_run(
     entries = json.loads((eval_dir / "results.json").read_text())
     truth = {}
     for domain in metrics["tasks"]:
-        annotations = json.loads(
-            (data.root / "annotations" / f"{domain}_test.json").read_text()
-        )["annotations"]
+        path = data.root / "annotations" / f"{domain}_test.json"
+        annotations = json.loads(path.read_text())["annotations"]
         truth.update({a["image_id"]: (domain, a["category_id"]) for a in annotations})
     assert sorted(e["image_id"] for e in entries) == sorted(truth)
     for domain, task in metrics["tasks"].items():
@@ -139,9 +138,7 @@ def test_resume_continues_an_interrupted_run(
 
     original = Objective.forward
 
-    def crash_at_step_4(
-        self, outputs, aligned, batch, teacher_outputs=None, step=0, total_steps=1
-    ):
+    def crash_at_step_4(self, outputs, aligned, batch, teacher_outputs=None, step=0, total_steps=1):
         if step == 4 and self.distill is not None:  # the distilled student's phase only
             raise KeyboardInterrupt("simulated interruption")
         return original(self, outputs, aligned, batch, teacher_outputs, step, total_steps)

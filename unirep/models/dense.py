@@ -1,9 +1,9 @@
 """Dense multi-task networks: an encoder, one light decoder and head per task, alignment adapters.
 
 The dense counterpart of :mod:`unirep.models.network`. Teachers (one task) and the distilled
-student (all tasks) are the same :class:`DenseMultiTaskNet`; everything trainable, the alignment
-adapters included, lives in this one module, so it alone goes to the optimizer and to
-``accelerator.prepare``.
+student (all tasks) are the same :class:`DenseMultiTaskNet`. The alignment adapters are not part
+of it: :meth:`DenseMultiTaskNet.build_aligners` makes them for the phase's trainable module
+(:mod:`unirep.trainable`), so the exported network never holds them.
 
 Encoders come from :data:`DENSE_ENCODERS`:
 
@@ -352,12 +352,18 @@ class DenseMultiTaskNet(nn.Module):
         self, teacher_dims: dict[str, int], adapter: str = "linear", **kwargs: Any
     ) -> nn.ModuleDict:
         """URL's two 1×1 alignment adapters per task (Li, Liu & Bilen, IJCV 2023, NYUv2):
-        ``linear`` (a per-pixel linear map) from the bottleneck ``C_last → A_t`` and last decoder feature ``D → A_t``; each task's aligner
-        returns ``[aligned bottleneck [B, A_t, H_last, W_last], aligned features
-        [B, A_t, H_0, W_0]]``. All bottleneck convs are initialised before all feature convs
-        (the order of the networks that held them)."""
+        ``linear`` (a per-pixel linear map) from the bottleneck ``C_last → A_t`` and from the
+        last decoder feature ``D → A_t``; each task's aligner returns ``[aligned bottleneck
+        [B, A_t, H_last, W_last], aligned features [B, A_t, H_0, W_0]]``. All bottleneck convs
+        are initialised before all feature convs (the order of the networks that held them).
+        ``teacher_dims`` may only name tasks of this network."""
         if adapter != "linear" or kwargs:
             raise ValueError(f"dense alignment adapters are linear 1x1 convs, got {adapter!r}")
+        unknown = set(teacher_dims) - set(self.tasks)
+        if unknown:
+            raise KeyError(
+                f"alignment adapters for unknown task(s) {sorted(unknown)}; tasks: {self.tasks}"
+            )
         bottleneck = {t: _align_conv(self.encoder.channels[-1], d) for t, d in teacher_dims.items()}
         features = {t: _align_conv(self.decoder_channels, d) for t, d in teacher_dims.items()}
         return nn.ModuleDict({t: DenseAligner(bottleneck[t], features[t]) for t in teacher_dims})
