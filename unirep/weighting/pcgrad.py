@@ -83,7 +83,7 @@ class PCGrad(Weighting):
         self, bundle: LossBundle, shared: list[nn.Parameter], accelerator: Any
     ) -> dict[str, float]:
         if getattr(accelerator, "distributed_type", None) in _UNSUPPORTED:
-            raise NotImplementedError(f"pcgrad does not support {accelerator.distributed_type}")
+            raise ValueError(f"weighting=pcgrad does not support {accelerator.distributed_type}")
         params = [p for p in shared if p.requires_grad]
         if not params:
             raise ValueError("pcgrad needs at least one shared parameter that requires grad")
