@@ -110,7 +110,6 @@ def _check_benchmark(results: dict[str, Any]) -> None:
     assert "| student | real |" in table and "| baseline | minimal |" in table
 
 
-@pytest.mark.slow
 def test_pcgrad_benchmark(tiny: Config) -> None:
     cfg = tiny_config(
         Path(tiny.data.cache_dir or ""), Path(tiny.output_dir), "cpu=true", "weighting=pcgrad",
@@ -121,7 +120,6 @@ def test_pcgrad_benchmark(tiny: Config) -> None:
     _check_benchmark(results)
 
 
-@pytest.mark.slow
 def test_dense_benchmark(tiny_cache: Path, tmp_path: Path) -> None:
     cfg = tiny_dense_config(tiny_cache, tmp_path, "cpu=true", *FAST_DENSE_TEACHERS)
     cfg = _with_teachers(cfg, tmp_path)

@@ -24,10 +24,11 @@ A phase's projected time splits into step / teachers / data / validation / check
 measured means and the config's ``train.max_steps``, ``eval_every`` and ``checkpoint_every``
 (the best-weights write after an improved validation is not counted).
 
-Each (mode, loop) runs in a fresh process (``spawn``), so that its peak memory is its own: CUDA
-``max_memory_allocated`` since the phase was set up (models, optimizer state, activations), or
-the process's peak resident set size on CPU (Linux ``ru_maxrss``; includes the data and the
-interpreter). Peaks are read after the timed steps, before validation and the checkpoint.
+Each (mode, loop) runs in a fresh process (``spawn``), so that its peak memory is its own, from
+the end of the set-up (models, optimizer state and teachers in place) to the end of the timed
+steps (before validation and the checkpoint): CUDA ``max_memory_allocated``, or on CPU the
+process's peak resident set size (Linux ``VmHWM``, reset through ``/proc/self/clear_refs``; it
+includes the interpreter, the libraries and the data already read).
 
 Teachers come from the config's teacher root when they verify, else from a benchmark folder
 (:func:`teacher_config`; the caller trains them there, ``scripts/benchmark.py`` with
@@ -50,7 +51,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -125,15 +126,27 @@ def _sync(device: torch.device) -> None:
 
 
 def _reset_peak(device: torch.device) -> None:
+    """Start the peak at what is allocated (CUDA) or resident (Linux: ``clear_refs``) now."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        return
+    with suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
 
 
 def _peak(device: torch.device) -> tuple[float, str]:
-    """(peak MiB, what was measured)."""
+    """(peak MiB since :func:`_reset_peak`, what was measured).
+
+    On CPU, Linux's ``VmHWM`` of this process: unlike ``ru_maxrss``, it is not inherited from
+    the parent that started the process (``ru_maxrss`` keeps the parent's size at ``fork``).
+    """
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max_memory_allocated"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process peak RSS"
+    with suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024, "process peak RSS (VmHWM)"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "process ru_maxrss"
 
 
 def _means(per_step: list[dict[str, float]]) -> dict[str, float]:
@@ -280,6 +293,8 @@ def measure(
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup})")
+    if mode not in MODES or loop not in LOOPS:
+        raise ValueError(f"mode {mode!r}, loop {loop!r}: valid are {list(MODES)} and {LOOPS}")
     accelerator = make_accelerator(cfg)
     data = resolve_data(cfg, accelerator)
     tasks = data.tasks()
@@ -296,10 +311,8 @@ def measure(
             out.update(_validation_and_checkpoint(
                 accelerator, phase, out.pop("ctx"), evaluator, warmup + steps, work
             ))  # fmt: skip
-        elif loop == "minimal":
-            out = _minimal(cfg, accelerator.device, phase, steps, warmup)
         else:
-            raise ValueError(f"unknown loop {loop!r}; valid choices: {', '.join(LOOPS)}")
+            out = _minimal(cfg, accelerator.device, phase, steps, warmup)
     seconds = _means(out.pop("per_step"))
     return {
         "seconds": seconds,
@@ -426,9 +439,10 @@ def run_benchmark(
 def _rows(results: dict[str, Any]) -> Iterator[str]:
     ms = 1000.0
     yield (
-        "| mode | loop | steps/s | img/s | data ms | teachers ms | step ms | other ms | peak MiB |"
+        "| mode | loop | steps/s | img/s | data ms | teachers ms | step ms | other ms | "
+        "median ms | peak MiB |"
     )
-    yield "|:---|:---|---:|---:|---:|---:|---:|---:|---:|"
+    yield "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|"
     for mode, loops in results["results"].items():
         for loop, r in loops.items():
             s = r["seconds"]
@@ -436,7 +450,7 @@ def _rows(results: dict[str, Any]) -> Iterator[str]:
                 f"| {mode} | {loop} | {r['steps_per_second']:.2f} | "
                 f"{r['images_per_second']:.0f} | {s['data'] * ms:.1f} | "
                 f"{s['teachers'] * ms:.1f} | {s['step'] * ms:.1f} | {s['other'] * ms:.1f} | "
-                f"{r['peak_mib']:.0f} |"
+                f"{s['total_median'] * ms:.1f} | {r['peak_mib']:.0f} |"
             )
 
 
@@ -449,7 +463,8 @@ def format_report(results: dict[str, Any]) -> str:
         f"{info['batch_sizes']} x {info['gradient_accumulation_steps']} accumulation | "
         f"weighting {info['weighting']} | mixed precision {info['mixed_precision']} | "
         f"{info['device']}, {info['threads']} threads | torch {info['torch']}",
-        f"{info['steps']} timed steps after {info['warmup']} warm-up; means per step; "
+        f"{info['steps']} timed steps after {info['warmup']} warm-up; means per step (and the "
+        "median of the whole step, for noise); "
         f"peak: {memory}"
         + ("; UNTRAINED teachers" if info["untrained_teachers"] else "")
         + ("" if info["spawned"] else "; one process (peaks shared)"),

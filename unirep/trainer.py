@@ -106,16 +106,20 @@ def _sync(device: torch.device) -> None:
 
 def train_step(
     ctx: StepContext, step: int, timings: dict[str, float] | None = None
-) -> dict[str, float]:
+) -> dict[str, Tensor]:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
 
-    Returns the micro-batch mean of every logged term (``loss``, ``task/<t>``, ``weight/<t>``, ...).
-    With ``timings``, adds the seconds spent on data, teachers and the update to it.
+    Returns the micro-batch mean of every logged term (``loss``, ``task/<t>``, ``weight/<t>``, ...)
+    as detached 0-dim tensors on the device: nothing here waits for the device, the loop converts
+    them once per log interval. With ``timings``, adds the seconds spent on data, teachers and
+    the update to it.
     """
     acc, cfg = ctx.accelerator, ctx.cfg
     accum = cfg.gradient_accumulation_steps
     weighting, shared = ctx.unwrapped.weighting, ctx.unwrapped.shared_parameters()
-    logs: dict[str, float] = {}
+    logs: dict[str, Tensor] = {}
+    # float64 sums where the device has it: the same numbers as summing Python floats
+    dtype = torch.float32 if acc.device.type == "mps" else torch.float64
     clock = time.perf_counter
     for _ in range(accum):
         t0 = clock()
@@ -138,7 +142,8 @@ def train_step(
                 opt.zero_grad(set_to_none=True)
         terms: dict[str, Tensor | float] = {"loss": bundle.total().detach(), **bundle.logs, **extra}
         for k, v in terms.items():
-            logs[k] = logs.get(k, 0.0) + float(v) / accum
+            v = torch.as_tensor(v, device=acc.device).detach().to(dtype) / accum
+            logs[k] = logs[k] + v if k in logs else v
         if timings is not None:
             _sync(acc.device)
             t3 = clock()
@@ -213,18 +218,19 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
     log = CSVLog(phase.log_dir, phase.name, accelerator.is_main_process, resume_step=start)
     show = progress and accelerator.is_main_process
     bar = tqdm(total=cfg.max_steps, initial=start, desc=phase.name, disable=not show)
-    t0, running, since = time.perf_counter(), {}, 0
+    t0, since = time.perf_counter(), 0
+    running: dict[str, Tensor] = {}
     ctx.module.train()
     for step in range(start, cfg.max_steps):
         # Update: one optimizer step (teachers, forward, weighting, clip, step).
         for k, v in train_step(ctx, step).items():
-            running[k] = running.get(k, 0.0) + v
+            running[k] = running[k] + v if k in running else v
         done, since = step + 1, since + 1
         # Log: means since the last log, averaged over processes.
         if _due(done, cfg.log_every, cfg.max_steps):
             keys = sorted(running)
-            values = torch.tensor([running[k] / since for k in keys], device=accelerator.device)
-            mean = accelerator.reduce(values, "mean")
+            values = torch.stack([running[k] / since for k in keys]).float()
+            mean = accelerator.reduce(values, "mean").tolist()
             logged = {f"train/{k}": float(v) for k, v in zip(keys, mean, strict=True)}
             logged["train/lr"] = ctx.schedulers[0].get_last_lr()[0]
             log.log(done, logged)
