@@ -158,3 +158,19 @@ def test_interrupted_uncertainty_run_resumes_bit_exactly(
         assert torch.equal(value, resumed[key]), key
     assert log_a == log_b
     assert not torch.all(whole["weighting.log_var"] == 0)  # the log-variances did train
+
+
+def test_a_run_folder_is_never_reused_without_resume(tiny_cache: Path, tmp_path: Path) -> None:
+    """Re-running a name without resume=true is refused before any work (issue 9's first fault:
+    an old student silently reported under a new config)."""
+    from unirep.config import ConfigError
+    from unirep.rundir import prepare_run_dir
+
+    accelerator = Accelerator(cpu=True)
+    cfg = tiny_config(tiny_cache, tmp_path, "name=once")
+    prepare_run_dir(cfg, accelerator)
+    again = tiny_config(tiny_cache, tmp_path, "name=once", "train.max_steps=8")
+    with pytest.raises(ConfigError, match="resume=true"):
+        prepare_run_dir(again, accelerator)
+    resumed = tiny_config(tiny_cache, tmp_path, "name=once", "resume=true")
+    assert prepare_run_dir(resumed, accelerator) == tmp_path / "once"

@@ -55,6 +55,12 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
                 broadcast_object_list(names)
             cfg.name = names[0]
         directory = Path(cfg.output_dir) / cfg.name
+        if (directory / "config.yaml").exists():  # a finished or interrupted run is never reused
+            raise ConfigError(
+                f"the run folder {str(directory)!r} already holds a run; continue it with "
+                "resume=true, or choose another name= (or output_dir=)"
+            )
+        accelerator.wait_for_everyone()  # every process checked before the main one writes
     if cfg.resume:
         _check_same_config(cfg, directory / "config.yaml")
     if accelerator.is_main_process:
