@@ -52,15 +52,14 @@ class Batch:
             aug={s: {k: move(v) for k, v in a.items()} for s, a in self.aug.items()},
         )
 
-    def size(self, stream: str) -> int:
-        return int(self.inputs[stream].shape[0])
 
-
-def _ids(sample: dict[str, Any], n: int) -> Tensor:
+def sample_ids(samples: dict[str, Any]) -> Tensor:
+    """int64 ``[B]`` stable ids of collated samples (``id``; samples of other readers:
+    ``image_id`` or ``index``; -1 where a dataset has none)."""
     for key in ("id", "image_id", "index"):
-        if key in sample:
-            return torch.as_tensor(sample[key], dtype=torch.int64)
-    return torch.full((n,), -1, dtype=torch.int64)
+        if key in samples:
+            return torch.as_tensor(samples[key], dtype=torch.int64)
+    return torch.full((samples["image"].shape[0],), -1, dtype=torch.int64)
 
 
 def make_batch(raw: dict[str, dict[str, Any]], tasks: dict[str, Task]) -> Batch:
@@ -82,6 +81,6 @@ def make_batch(raw: dict[str, dict[str, Any]], tasks: dict[str, Task]) -> Batch:
             mask[name] = torch.as_tensor(given[name], dtype=torch.bool)
         else:
             mask[name] = torch.ones(n, dtype=torch.bool)
-    ids = {s: _ids(b, inputs[s].shape[0]) for s, b in raw.items()}
+    ids = {s: sample_ids(b) for s, b in raw.items()}
     aug = {s: dict(b["aug"]) for s, b in raw.items() if isinstance(b.get("aug"), dict)}
     return Batch(inputs=inputs, targets=targets, label_mask=mask, ids=ids, aug=aug)

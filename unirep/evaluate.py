@@ -17,19 +17,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from unirep.batch import sample_ids
 from unirep.metrics import delta_m
 from unirep.tasks import Task, main_metrics
 
 Results = dict[str, dict[str, float | None]]
 """``{task: {metric: value}}`` (None: not measured, e.g. an unlabelled test split)."""
-
-
-def sample_ids(batch: dict[str, Any]) -> Tensor:
-    """The batch's stable sample ids (``id``; older samples: ``image_id`` or ``index``)."""
-    for key in ("id", "image_id", "index"):
-        if key in batch:
-            return torch.as_tensor(batch[key])
-    return torch.full((batch["image"].shape[0],), -1, dtype=torch.int64)
 
 
 class Evaluator:

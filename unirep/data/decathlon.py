@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from unirep.data.transforms import apply_transform
+from unirep.data.transforms import classification_sample
 
 __all__ = [
     "DECATHLON_DOMAINS",
@@ -223,15 +223,12 @@ class DecathlonDomain(torch.utils.data.Dataset):
         return len(self._paths)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
-        image, aug = apply_transform(self.transform, self._load(self._paths[index]))
-        image_id = self.image_ids[index]
-        return {
-            "image": image,
-            "label": self.labels[index],
-            "image_id": image_id,
-            "id": image_id,
-            "aug": aug,
-        }
+        return classification_sample(
+            self.transform,
+            self._load(self._paths[index]),
+            self.labels[index],
+            self.image_ids[index],
+        )
 
     def __repr__(self) -> str:
         return (

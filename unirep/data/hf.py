@@ -26,7 +26,7 @@ import torch
 from PIL import Image
 
 from unirep.data.decathlon import CorruptImageError, DataRootError
-from unirep.data.transforms import apply_transform
+from unirep.data.transforms import classification_sample
 
 __all__ = ["HFDomain"]
 
@@ -174,15 +174,9 @@ class HFDomain(torch.utils.data.Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         index %= len(self)
-        image, aug = apply_transform(self.transform, self._decode(index))
-        image_id = self.image_ids[index]
-        return {
-            "image": image,
-            "label": self.labels[index],
-            "image_id": image_id,
-            "id": image_id,
-            "aug": aug,
-        }
+        return classification_sample(
+            self.transform, self._decode(index), self.labels[index], self.image_ids[index]
+        )
 
     def __repr__(self) -> str:
         return (

@@ -33,6 +33,7 @@ __all__ = [
     "DecathlonTransform",
     "apply_transform",
     "build_transform",
+    "classification_sample",
     "crop_flip_params",
 ]
 
@@ -195,6 +196,16 @@ def apply_transform(transform: Callable | None, image: Any) -> tuple[Any, dict[s
     height, width = _size_of(image)
     aug = crop_flip_params(0, 0, height, width, False)
     return (image if transform is None else transform(image)), aug
+
+
+def classification_sample(
+    transform: Callable | None, image: Any, label: int, image_id: int
+) -> dict[str, Any]:
+    """One classification sample in the dataset contract: ``"image"`` (transformed), ``"label"``,
+    ``"image_id"`` (the annotation's id, used by the submission), ``"id"`` (the same, stable
+    across epochs) and ``"aug"`` (see :func:`apply_transform`)."""
+    image, aug = apply_transform(transform, image)
+    return {"image": image, "label": label, "image_id": image_id, "id": image_id, "aug": aug}
 
 
 def build_transform(
