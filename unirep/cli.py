@@ -6,6 +6,7 @@ import sys
 from collections.abc import Callable
 
 from unirep.config import Config, ConfigError, preset_names
+from unirep.errors import UnirepError
 from unirep.validate import load_config
 
 USAGE = (
@@ -49,11 +50,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "script") -> Config:
 
 
 def run(main: Callable[[], None], prog: str) -> None:
-    """Run a script's ``main``; user errors (bad config, data, teachers) exit with their message."""
-    from unirep.data.decathlon import CorruptImageError, DataRootError
-    from unirep.teachers import TeacherMismatchError
-
+    """Run a script's ``main``; every user-facing error (:class:`unirep.errors.UnirepError`: bad
+    config, data, teachers, a non-finite value) exits with its one-line message, no traceback."""
     try:
         main()
-    except (ConfigError, DataRootError, CorruptImageError, TeacherMismatchError) as err:
+    except UnirepError as err:
         raise SystemExit(f"{prog}: error: {err}") from None

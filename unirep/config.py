@@ -21,8 +21,10 @@ from typing import Any
 
 import yaml
 
+from unirep.errors import UnirepError
 
-class ConfigError(ValueError):
+
+class ConfigError(UnirepError, ValueError):
     """A config key, type or value is wrong; the message names it and what was expected."""
 
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from unirep import __version__
+from unirep.errors import UnirepError
 from unirep.io import atomic_write_json, file_sha256, load_weights, read_json, save_weights
 from unirep.models.build import build_network
 from unirep.tasks import Task
@@ -24,7 +25,7 @@ WEIGHTS = "model.safetensors"
 MANIFEST = "teacher.json"
 
 
-class TeacherMismatchError(ValueError):
+class TeacherMismatchError(UnirepError, ValueError):
     """A teacher checkpoint does not fit the run (domain, classes, architecture, data, weights)."""
 
 

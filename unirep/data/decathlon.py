@@ -23,6 +23,7 @@ import torch
 from PIL import Image
 
 from unirep.data.transforms import classification_sample
+from unirep.errors import UnirepError
 
 __all__ = [
     "DECATHLON_DOMAINS",
@@ -77,11 +78,11 @@ def coco_annotation(image_id: int, category_id: int) -> dict[str, Any]:
     }
 
 
-class DataRootError(FileNotFoundError):
+class DataRootError(UnirepError, FileNotFoundError):
     """The data root, an annotation file or a listed image is missing."""
 
 
-class CorruptImageError(OSError):
+class CorruptImageError(UnirepError, OSError):
     """An image file exists but cannot be decoded."""
 
 
