@@ -111,6 +111,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     log_every: int = 10
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
     # "accuracy" (mean over domains) for classification; "delta_m" (vs the teachers) for dense
     # students. Always on the validation split. Teachers always select on their task's main
     # metric, so teachers.train leaves it at its default (unirep.validate refuses other values).
@@ -202,6 +203,7 @@ class Config:
     split: str = "test"  # the split reported in metrics.json; selection always uses "val"
     baseline: bool = True  # also train the same student without distillation
     resume: bool | str = False  # true: latest checkpoint of runs/<name>; or a checkpoint dir
+    overwrite: bool = False  # true: delete an existing run folder of this name and start anew
     mixed_precision: str = "no"  # "no", "fp16", "bf16"
     cpu: bool = False  # force CPU even where CUDA exists
     progress: bool = True

@@ -70,7 +70,7 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     return directory
 
 
-RESUME_MAY_CHANGE = {"resume", "name", "output_dir", "progress"}
+RESUME_MAY_CHANGE = {"resume", "overwrite", "name", "output_dir", "progress"}
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
