@@ -13,7 +13,7 @@ from typing import Any
 from teachers.recipe import ensure_teachers
 from unirep.cli import parse_args, run
 from unirep.recipe import distill, resolve_data
-from unirep.rundir import make_accelerator, prepare_run_dir
+from unirep.rundir import make_accelerator, prepare_run_dir, run_finished
 
 
 def summary_line(s: dict[str, Any]) -> str:
@@ -38,6 +38,9 @@ def main() -> None:
     accelerator = make_accelerator(cfg)
     data = resolve_data(cfg, accelerator)  # bad data fails before anything is written
     run_dir = prepare_run_dir(cfg, accelerator)
+    if run_finished(run_dir):  # resume=true on a finished run: nothing is recomputed or rewritten
+        accelerator.print(f"{run_dir} is already finished; nothing to do (its results are kept)")
+        return
     accelerator.print(f"run directory: {run_dir}  (processes: {accelerator.num_processes})")
     teacher_seconds = ensure_teachers(cfg, accelerator, data, run_dir)
     metrics = distill(cfg, accelerator, data, run_dir, teacher_seconds)

@@ -3,7 +3,8 @@
 Each teacher is the run's architecture with one task, trained with that task's supervised loss
 on the training split, selected on the validation split by the task's main metric (accuracy,
 mIoU ↑, depth abs err ↓, normal mean angle ↓), and saved with its manifest under
-``<teacher_root>/<preset>/<task>/``. With ``teachers.finetune_from`` (Visual Decathlon: ImageNet)
+``<teacher_root>/<preset>/<task>-<key>/``, the key hashing everything that determines it
+(:func:`unirep.rundir.teacher_key`). With ``teachers.finetune_from`` (Visual Decathlon: ImageNet)
 that task's teacher is trained first from scratch and its trunk initialises the others, which
 then follow ``teachers.finetune_train`` (Rebuffi et al. 2017; Li, Liu & Bilen 2023). This is
 URL's recipe, except that the reference selects its dense teachers on the test split.
@@ -11,7 +12,6 @@ URL's recipe, except that the reference selects its dense teachers on the test s
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -22,9 +22,9 @@ from unirep.data.streams import RunData
 from unirep.evaluate import Evaluator, mean_main_metric_score
 from unirep.models.build import architecture, build_network
 from unirep.objective import Objective
-from unirep.rundir import teacher_root
+from unirep.rundir import teacher_key, teacher_path, teacher_recipe
 from unirep.tasks import Task
-from unirep.teachers import MANIFEST, load_teacher, save_teacher, teacher_dir
+from unirep.teachers import MANIFEST, load_teacher, save_teacher
 from unirep.trainable import TrainableModule
 from unirep.trainer import Phase, fit
 from unirep.weighting import build_weighting
@@ -44,10 +44,11 @@ def _order(cfg: Config, tasks: list[str]) -> list[str]:
 
 def _load(cfg: Config, data: RunData, task: Task) -> object:
     return load_teacher(
-        teacher_dir(teacher_root(cfg), cfg.preset, task.name),
+        teacher_path(cfg, data, task.name),
         task,
         architecture=architecture(cfg),
         data_fingerprint=data.fingerprint(task.name),
+        key=teacher_key(cfg, data, task.name),
     )
 
 
@@ -63,14 +64,11 @@ def train_teacher(
     """Train and save one task's teacher; returns the training seconds."""
     set_seed(cfg.seed)
     tasks = {task.name: task}
-    recipe = cfg.teachers.train
+    recipe = teacher_recipe(cfg, task.name)
     net = build_network(architecture(cfg), tasks)
     if init_from is not None:
         source = _load(cfg, data, init_from)
         net.trunk.load_state_dict(source.net.trunk.state_dict(), strict=True)  # type: ignore[attr-defined]
-        recipe = copy.deepcopy(cfg.teachers.finetune_train or recipe)
-        if task.name in cfg.teachers.finetune_lr:  # e.g. 0.1 or 0.01 per domain in the reference
-            recipe.optim.optimizer.kwargs["lr"] = cfg.teachers.finetune_lr[task.name]
     name = f"teacher-{task.name}"
     stream = task.stream
     phase = Phase(
@@ -93,7 +91,7 @@ def train_teacher(
     if accelerator.is_main_process:
         train_set = phase.train_sets[stream]
         save_teacher(
-            teacher_dir(teacher_root(cfg), cfg.preset, task.name),
+            teacher_path(cfg, data, task.name),
             net,
             task,
             architecture=architecture(cfg),
@@ -114,6 +112,7 @@ def train_teacher(
                 "seconds": result.seconds,
                 "selection_metric": task.main_metric,
             },
+            key=teacher_key(cfg, data, task.name),
         )
     accelerator.wait_for_everyone()
     return result.seconds
@@ -129,7 +128,7 @@ def ensure_teachers(cfg: Config, accelerator: Accelerator, data: RunData, run_di
     tasks = data.tasks()
     seconds = 0.0
     for name in _order(cfg, list(tasks)):
-        directory = teacher_dir(teacher_root(cfg), cfg.preset, name)
+        directory = teacher_path(cfg, data, name)
         if not cfg.teachers.retrain and (directory / MANIFEST).exists():
             _load(cfg, data, tasks[name])
             accelerator.print(f"[teacher-{name}] found {directory}")

@@ -12,7 +12,7 @@ from tests.decathlon_fixture import SIZES, write_official_fixture
 from unirep.data.decathlon import DECATHLON_DOMAINS
 from unirep.export import load_student
 from unirep.recipe import distill, resolve_data
-from unirep.rundir import make_accelerator, prepare_run_dir
+from unirep.rundir import make_accelerator, prepare_run_dir, teacher_path
 from unirep.validate import load_config
 
 pytestmark = pytest.mark.slow
@@ -52,9 +52,7 @@ def test_decathlon_preset_end_to_end(tmp_path: Path, preset: str, labelled_test:
     assert data.datasets("val")["aircraft"][0]["image"].shape == (3, 64, 64)
     run_dir = prepare_run_dir(cfg, accelerator)
     seconds = ensure_teachers(cfg, accelerator, data, run_dir)
-    teacher = json.loads(
-        (tmp_path / "cache" / "teachers" / preset / "dtd" / "teacher.json").read_text()
-    )
+    teacher = json.loads((teacher_path(cfg, data, "dtd") / "teacher.json").read_text())
     assert teacher["training"]["finetuned_from"].endswith("imagenet12")
     metrics = distill(cfg, accelerator, data, run_dir, seconds)
 

@@ -18,7 +18,7 @@ from unirep.export import STUDENT_FORMAT, student_tasks
 from unirep.io import load_weights
 from unirep.models.build import build_network
 from unirep.recipe import build_metrics, distill, evaluate_student, resolve_data
-from unirep.rundir import make_accelerator, prepare_run_dir, teacher_root
+from unirep.rundir import make_accelerator, prepare_run_dir, teacher_path, teacher_root
 from unirep.tasks import TASK_KINDS, Task
 from unirep.teachers import TeacherMismatchError
 
@@ -177,12 +177,13 @@ def test_teacher_of_another_domain_is_refused(
 ) -> None:
     cfg = tiny_config(tiny_cache, tmp_path, f"teachers.root={tmp_path / 'teachers'}")
     shutil.copytree(teacher_root(tiny_config(tiny_cache, tmp_path)), teacher_root(cfg))
-    target = teacher_root(cfg) / "mini-decathlon" / "textures"
-    shutil.rmtree(target)
-    shutil.copytree(teacher_root(cfg) / "mini-decathlon" / "digits", target)
     accelerator = make_accelerator(cfg)
+    data = resolve_data(cfg, accelerator)
+    target = teacher_path(cfg, data, "textures")
+    shutil.rmtree(target)
+    shutil.copytree(teacher_path(cfg, data, "digits"), target)
     with pytest.raises(TeacherMismatchError) as info:
-        ensure_teachers(cfg, accelerator, resolve_data(cfg, accelerator), tmp_path)
+        ensure_teachers(cfg, accelerator, data, tmp_path)
     assert str(target / "teacher.json") in str(info.value)
 
 

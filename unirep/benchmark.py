@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import math
 import multiprocessing as mp
 import resource
 import shutil
@@ -192,7 +191,7 @@ def _validation_and_checkpoint(
     evaluator.evaluate(ctx.unwrapped.student, "val", phase.val_sets, phase.tasks)
     _sync(device)
     validation = time.perf_counter() - t0
-    state = {"best_val": -math.inf, "best_step": -1, "seconds": 0.0}
+    state = {"best_val": None, "best_step": -1, "seconds": 0.0}
     folder = work / "checkpoint-write"
     t0 = time.perf_counter()
     save_checkpoint(

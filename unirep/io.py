@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -11,6 +12,8 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from unirep.errors import NonFiniteError
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -35,9 +38,20 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def strict_json(data: Any) -> Any:
+    """``data`` with every non-finite float (NaN, ±inf) replaced by None: JSON has no NaN."""
+    if isinstance(data, float) and not math.isfinite(data):
+        return None
+    if isinstance(data, dict):
+        return {k: strict_json(v) for k, v in data.items()}
+    if isinstance(data, (list, tuple)):
+        return [strict_json(v) for v in data]
+    return data
+
+
 def atomic_write_json(path: Path, data: Any) -> None:
-    """Atomically write JSON (indented, keys in insertion order)."""
-    atomic_write_text(path, json.dumps(data, indent=2) + "\n")
+    """Atomically write strict JSON (indented, keys in insertion order; NaN and ±inf as null)."""
+    atomic_write_text(path, json.dumps(strict_json(data), indent=2, allow_nan=False) + "\n")
 
 
 def read_json(path: Path, what: str = "file") -> Any:
@@ -51,9 +65,20 @@ def read_json(path: Path, what: str = "file") -> Any:
         raise ValueError(f"{what} {str(path)!r} is not valid JSON: {err}") from err
 
 
+def check_finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
+    """Raise :class:`NonFiniteError` naming the first tensor of ``state`` with a NaN or inf."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise NonFiniteError(f"{where}: tensor {name!r} holds NaN or inf values")
+
+
 def save_weights(path: Path, state: dict[str, torch.Tensor]) -> str:
-    """Atomically save a state dict as safetensors; returns the sha256 of the file."""
+    """Atomically save a state dict as safetensors; returns the sha256 of the file.
+
+    Weights holding NaN or inf are never written (:class:`NonFiniteError` names the tensor).
+    """
     path = Path(path)
+    check_finite_weights(state, f"refusing to write {str(path)!r}")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)

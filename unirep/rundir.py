@@ -8,6 +8,10 @@ CUDA exists so that ``accelerate launch --multi_gpu --num_processes 2`` really s
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
+import shutil
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -16,7 +20,11 @@ import torch
 import yaml
 from accelerate import Accelerator
 
-from unirep.config import Config, ConfigError, cache_dir, save_config, to_dict
+from unirep.config import Config, ConfigError, TrainConfig, cache_dir, save_config, to_dict
+from unirep.data.streams import RunData
+from unirep.models.build import architecture
+
+CONFIG = "config.yaml"
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -55,19 +63,33 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
                 broadcast_object_list(names)
             cfg.name = names[0]
         directory = Path(cfg.output_dir) / cfg.name
-        if (directory / "config.yaml").exists():  # a finished or interrupted run is never reused
+        held = (directory / CONFIG).exists()
+        if held and not cfg.overwrite:  # a finished or interrupted run is never reused
             raise ConfigError(
                 f"the run folder {str(directory)!r} already holds a run; continue it with "
-                "resume=true, or choose another name= (or output_dir=)"
+                "resume=true, replace it with overwrite=true, or choose another name= "
+                "(or output_dir=)"
+            )
+        if not held and directory.is_dir() and any(directory.iterdir()):
+            raise ConfigError(
+                f"{str(directory)!r} exists and is not a unirep run folder (no {CONFIG}); "
+                "choose another name= or output_dir="
             )
         accelerator.wait_for_everyone()  # every process checked before the main one writes
+        if held and accelerator.is_main_process:  # overwrite=true
+            shutil.rmtree(directory)
     if cfg.resume:
-        _check_same_config(cfg, directory / "config.yaml")
-    if accelerator.is_main_process:
+        _check_same_config(cfg, directory / CONFIG)  # and it stays as written at the start
+    elif accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, directory / "config.yaml")
+        save_config(cfg, directory / CONFIG)
     accelerator.wait_for_everyone()
     return directory
+
+
+def run_finished(run_dir: Path) -> bool:
+    """Whether the run in ``run_dir`` finished: its ``metrics.json`` is written last."""
+    return (Path(run_dir) / "metrics.json").is_file()
 
 
 RESUME_MAY_CHANGE = {"resume", "overwrite", "name", "output_dir", "progress"}
@@ -107,6 +129,47 @@ def teacher_root(cfg: Config) -> Path:
     return (
         Path(cfg.teachers.root).expanduser() if cfg.teachers.root else cache_dir(cfg) / "teachers"
     )
+
+
+def teacher_recipe(cfg: Config, task: str) -> TrainConfig:
+    """The training recipe of ``task``'s teacher: ``teachers.train``, or for the tasks fine-tuned
+    from ``teachers.finetune_from`` the ``teachers.finetune_train`` recipe with its per-task lr."""
+    source = cfg.teachers.finetune_from
+    if source is None or source == task:
+        return cfg.teachers.train
+    recipe = copy.deepcopy(cfg.teachers.finetune_train or cfg.teachers.train)
+    if task in cfg.teachers.finetune_lr:  # e.g. 0.1 or 0.01 per domain in the reference
+        recipe.optim.optimizer.kwargs["lr"] = cfg.teachers.finetune_lr[task]
+    return recipe
+
+
+def teacher_key(cfg: Config, data: RunData, task: str) -> str:
+    """What determines a teacher's weights, hashed: the architecture, the task (kind, classes,
+    loss), the training data's fingerprint, its preprocessing and batch size, the training recipe
+    and seed, and (for a fine-tuned teacher) the key of the teacher it starts from. A change to
+    any of them gives another key, hence another folder: a cached teacher is never reused for
+    another recipe, nor overwritten by one."""
+    record = data.tasks()[task]
+    stream = record.stream
+    content = {
+        "architecture": architecture(cfg),
+        "task": {**record.record(), "loss": list(record.loss)},
+        "data": data.fingerprint(task),
+        "preprocessing": data.preprocessing(stream),
+        "batch_size": data.batch_sizes()[stream],
+        "recipe": to_dict(teacher_recipe(cfg, task)),
+        "seed": cfg.seed,
+    }
+    source = cfg.teachers.finetune_from
+    if source is not None and source != task:
+        content["finetuned_from"] = teacher_key(cfg, data, source)
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def teacher_path(cfg: Config, data: RunData, task: str) -> Path:
+    """``<teacher_root>/<preset>/<task>-<key[:12]>/``: the cache folder of ``task``'s teacher."""
+    return teacher_root(cfg) / cfg.preset / f"{task}-{teacher_key(cfg, data, task)[:12]}"
 
 
 def resume_point(cfg: Config, checkpoint_dir: Path) -> Path | None:

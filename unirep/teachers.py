@@ -17,7 +17,14 @@ from torch import nn
 
 from unirep import __version__
 from unirep.errors import UnirepError
-from unirep.io import atomic_write_json, file_sha256, load_weights, read_json, save_weights
+from unirep.io import (
+    atomic_write_json,
+    check_finite_weights,
+    file_sha256,
+    load_weights,
+    read_json,
+    save_weights,
+)
 from unirep.models.build import build_network
 from unirep.tasks import Task
 
@@ -43,10 +50,6 @@ class Teacher:
         return int(self.net.feature_dim)
 
 
-def teacher_dir(root: Path, preset: str, task: str) -> Path:
-    return Path(root) / preset / task
-
-
 def save_teacher(
     directory: Path,
     net: nn.Module,
@@ -56,10 +59,17 @@ def save_teacher(
     data: dict[str, Any],
     val_metrics: dict[str, float | None],
     training: dict[str, Any],
+    key: str | None = None,
 ) -> dict[str, Any]:
-    """Write the weights, then the manifest (each atomically); returns the manifest."""
+    """Write the weights, then the manifest (each atomically); returns the manifest.
+
+    ``key`` hashes what determined the weights (:func:`unirep.rundir.teacher_key`); weights with
+    a NaN or inf are refused (:class:`~unirep.errors.NonFiniteError`) before anything is written.
+    """
+    check_finite_weights(net.state_dict(), f"teacher {task.name!r} is not saved")
     fields: dict[str, Any] = {
-        "domain": task.name,  # the task's name (a Decathlon domain or a dense task)
+        "domain": task.name,
+        "key": key,  # the task's name (a Decathlon domain or a dense task)
         "kind": task.kind.name,
         "architecture": architecture,
         "out_channels": task.out_channels,
@@ -159,6 +169,7 @@ def _verified_manifest(
 def _load_strict(weights: Path, net: nn.Module) -> None:
     state = load_weights(weights)
     _check_state(weights, net, state)
+    check_finite_weights(state, f"teacher weights {str(weights)!r} cannot be used")
     net.load_state_dict(state, strict=True)
 
 
@@ -167,15 +178,17 @@ def load_teacher(
     task: Task,
     architecture: dict[str, Any] | None = None,
     data_fingerprint: str | None = None,
+    key: str | None = None,
 ) -> Teacher:
     """Load and verify a teacher for ``task``; each expectation given is checked, naming the
-    file and the mismatch (task, classes / output channels, architecture, data, weights)."""
+    file and the mismatch (task, classes / output channels, architecture, data, recipe key,
+    weights, finite values)."""
     manifest, weights = _verified_manifest(
         directory,
         task.name,
         architecture,
         data_fingerprint,
-        {"num_classes": task.num_classes, "out_channels": task.out_channels},
+        {"num_classes": task.num_classes, "out_channels": task.out_channels, "key": key},
     )
     net = build_network(manifest["architecture"], {task.name: task})
     _load_strict(weights, net)

@@ -65,6 +65,24 @@ class TrainableModule(nn.Module):
         adapters = [p for p in self.aligners.parameters() if p.requires_grad]
         return main, adapters
 
+    def named_groups(self) -> dict[str, list[nn.Parameter]]:
+        """Trainable parameters by part (``student.<child>``, ``aligners.<task>``,
+        ``objective``, ``weighting``): the names a non-finite gradient is reported under."""
+        parts: dict[str, nn.Module] = {
+            **{f"student.{n}": m for n, m in self.student.named_children()},
+            **{f"aligners.{n}": m for n, m in self.aligners.named_children()},
+            "objective": self.objective,
+            "weighting": self.weighting,
+        }
+        groups = {
+            name: [p for p in module.parameters() if p.requires_grad]
+            for name, module in parts.items()
+        }
+        direct = [p for p in self.student.parameters(recurse=False) if p.requires_grad]
+        if direct:
+            groups["student"] = direct
+        return {name: params for name, params in groups.items() if params}
+
     def shared_parameters(self) -> list[nn.Parameter]:
         """The student's parameters that every task reaches (for gradient-based weightings)."""
         return list(self.student.shared_parameters())  # type: ignore[operator]

@@ -33,6 +33,7 @@ from unirep.checkpoint import (
 )
 from unirep.config import TrainConfig
 from unirep.data.sampling import MultiDomainStream
+from unirep.errors import NonFiniteError
 from unirep.io import atomic_write_json, load_weights, read_json, save_weights
 from unirep.optim import build_optimizer, build_scheduler
 from unirep.tasks import Task
@@ -69,6 +70,7 @@ class FitResult:
     best_step: int
     seconds: float
     steps: int
+    skipped_steps: int = 0  # steps skipped for a non-finite value (train.on_nonfinite=skip)
 
 
 @dataclass
@@ -83,6 +85,9 @@ class StepContext:
     tasks: dict[str, Task]
     teachers: dict[str, nn.Module]
     cfg: TrainConfig
+    phase: str = "phase"
+    groups: dict[str, list[nn.Parameter]] = field(default_factory=dict)  # named for NaN reports
+    skipped: int = 0  # steps skipped for a non-finite value so far
 
     @property
     def unwrapped(self) -> TrainableModule:
@@ -118,6 +123,7 @@ def train_step(
     accum = cfg.gradient_accumulation_steps
     weighting, shared = ctx.unwrapped.weighting, ctx.unwrapped.shared_parameters()
     logs: dict[str, Tensor] = {}
+    finite: dict[str, Tensor] = {}  # every logged term: finite in every micro-batch so far
     # float64 sums where the device has it: the same numbers as summing Python floats
     dtype = torch.float32 if acc.device.type == "mps" else torch.float64
     clock = time.perf_counter
@@ -135,14 +141,22 @@ def train_step(
         with acc.accumulate(ctx.module):
             bundle = ctx.module(batch, teacher_out, step, cfg.max_steps)
             extra = weighting.backward(bundle, shared, acc)
-            if acc.sync_gradients and cfg.grad_clip:
-                acc.clip_grad_norm_(ctx.module.parameters(), cfg.grad_clip)
+            terms: dict[str, Tensor] = {
+                k: torch.as_tensor(v, device=acc.device).detach()
+                for k, v in {"loss": bundle.total(), **bundle.logs, **extra}.items()
+            }
+            for k, v in terms.items():
+                ok = torch.isfinite(v).all()
+                finite[k] = finite[k] & ok if k in finite else ok
+            if acc.sync_gradients and _update_is_finite(ctx, finite, step):
+                if cfg.grad_clip:
+                    acc.clip_grad_norm_(ctx.module.parameters(), cfg.grad_clip)
+                for opt in ctx.optimizers:
+                    opt.step()
             for opt in ctx.optimizers:
-                opt.step()
                 opt.zero_grad(set_to_none=True)
-        terms: dict[str, Tensor | float] = {"loss": bundle.total().detach(), **bundle.logs, **extra}
         for k, v in terms.items():
-            v = torch.as_tensor(v, device=acc.device).detach().to(dtype) / accum
+            v = v.to(dtype) / accum
             logs[k] = logs[k] + v if k in logs else v
         if timings is not None:
             _sync(acc.device)
@@ -152,6 +166,46 @@ def train_step(
     for sch in ctx.schedulers:
         sch.step()
     return logs
+
+
+def _update_is_finite(ctx: StepContext, finite: dict[str, Tensor], step: int) -> bool:
+    """Check the step's loss terms and each parameter group's gradient before the update.
+
+    One small all-reduce and one device sync per optimizer step, so every process decides the
+    same. A non-finite value stops the phase with :class:`NonFiniteError` naming the term (or the
+    parameter group) and the step, before the weights change, so the last checkpoint and the best
+    weights stay good; with ``train.on_nonfinite=skip`` the step is skipped (its gradients are
+    dropped) and counted. Under fp16 loss scaling, infinite gradients are the scaler's business
+    (it skips those steps itself), so only the loss terms are checked.
+    """
+    acc = ctx.accelerator
+    names = [f"loss term {k!r}" for k in finite]
+    flags = list(finite.values())
+    if getattr(acc, "scaler", None) is None:
+        for group, params in ctx.groups.items():
+            grads = [p.grad for p in params if p.grad is not None]
+            if grads:
+                norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+                names.append(f"gradient of {group!r}")
+                flags.append(torch.isfinite(norm).to(acc.device))
+    bad = (~torch.stack(flags)).float()
+    if acc.num_processes > 1:
+        bad = acc.reduce(bad, "sum")
+    found = [n for n, b in zip(names, bad.tolist(), strict=True) if b > 0]
+    if not found:
+        return True
+    where = f"[{ctx.phase}] step {step + 1}"
+    # name the specific term first: the total loss is non-finite whenever one term is
+    found.sort(key=lambda n: n == "loss term 'loss'")
+    if ctx.cfg.on_nonfinite == "skip":
+        ctx.skipped += 1
+        acc.print(f"{where}: non-finite {', '.join(found)}; step skipped ({ctx.skipped} so far)")
+        return False
+    raise NonFiniteError(
+        f"{where}: non-finite {', '.join(found)}; the run stopped before updating the weights "
+        "(its last checkpoint and best weights are intact). Lower the learning rate or the "
+        "loss weights, or set train.on_nonfinite=skip to skip such steps"
+    )
 
 
 def setup(accelerator: Any, phase: Phase) -> tuple[StepContext, dict[str, Any]]:
@@ -173,10 +227,18 @@ def setup(accelerator: Any, phase: Phase) -> tuple[StepContext, dict[str, Any]]:
     accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     module, *optimizers = accelerator.prepare(phase.module, *optimizers)
     teachers = {t: net.to(accelerator.device) for t, net in phase.teachers.items()}
-    record: dict[str, Any] = {"step": 0, "best_val": -math.inf, "best_step": -1, "seconds": 0.0}
+    record: dict[str, Any] = {
+        "step": 0,
+        "best_val": -math.inf,
+        "best_step": -1,
+        "seconds": 0.0,
+        "skipped_steps": 0,
+    }
     resume = phase.resume_from or latest_checkpoint(phase.checkpoint_dir)
     if resume is not None:
-        record = load_checkpoint(accelerator, resume, module, optimizers, schedulers)
+        record = {**record, **load_checkpoint(accelerator, resume, module, optimizers, schedulers)}
+        if record["best_val"] is None:  # no finite validation score yet (strict JSON has no -inf)
+            record["best_val"] = -math.inf
         accelerator.print(f"[{phase.name}] resumed from {resume} at step {record['step']}")
     stream = MultiDomainStream(
         phase.train_sets,
@@ -190,8 +252,9 @@ def setup(accelerator: Any, phase: Phase) -> tuple[StepContext, dict[str, Any]]:
     if resume is not None:  # after the loaders, whose creation draws from the RNG
         restore_rng(accelerator, resume)
     ctx = StepContext(
-        accelerator, module, optimizers, schedulers, stream, phase.tasks, teachers, cfg
-    )
+        accelerator, module, optimizers, schedulers, stream, phase.tasks, teachers, cfg,
+        phase=phase.name, groups=phase.module.named_groups(), skipped=record["skipped_steps"],
+    )  # fmt: skip
     return ctx, record
 
 
@@ -211,7 +274,7 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
         student.load_state_dict(load_weights(ckpt_dir / BEST))
         student.eval()
         accelerator.print(f"[{phase.name}] already trained; best val {done['best_val']:.4f}")
-        return FitResult(done["best_val"], done["best_step"], done["seconds"], done["steps"])
+        return FitResult(**done)
 
     ctx, record = setup(accelerator, phase)
     start, best_val, best_step = record["step"], record["best_val"], record["best_step"]
@@ -240,8 +303,11 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
         if _due(done, cfg.eval_every, cfg.max_steps):
             val = evaluator.evaluate(student, "val", phase.val_sets, phase.tasks)
             score = phase.score(val)
-            log.log(done, {f"val/{phase.score_name}": score})
-            if score > best_val:
+            if math.isfinite(score):
+                log.log(done, {f"val/{phase.score_name}": score})
+            else:  # never selected; the phase fails at its end if no score was ever finite
+                accelerator.print(f"[{phase.name}] step {done}: validation score is {score}")
+            if math.isfinite(score) and score > best_val:
                 best_val, best_step = score, done
                 if accelerator.is_main_process:
                     save_weights(ckpt_dir / BEST, student.state_dict())
@@ -249,7 +315,12 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
         # Checkpoint for resume (latest `keep_checkpoints`).
         if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             seconds = record["seconds"] + time.perf_counter() - t0
-            state = {"best_val": best_val, "best_step": best_step, "seconds": seconds}
+            state = {
+                "best_val": best_val if math.isfinite(best_val) else None,
+                "best_step": best_step,
+                "seconds": seconds,
+                "skipped_steps": ctx.skipped,
+            }
             save_checkpoint(
                 accelerator, ckpt_dir, done, ctx.module, ctx.optimizers, ctx.schedulers,
                 state, cfg.keep_checkpoints,
@@ -259,8 +330,13 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
     # Stop: reload the best weights, record the phase as finished.
     seconds = record["seconds"] + time.perf_counter() - t0
     accelerator.wait_for_everyone()
+    if best_step < 0:
+        raise NonFiniteError(
+            f"[{phase.name}] no validation score was finite in {cfg.max_steps} steps: "
+            "nothing to select (lower the learning rate or the loss weights)"
+        )
     student.load_state_dict(load_weights(ckpt_dir / BEST))
-    result = FitResult(best_val, best_step, seconds, cfg.max_steps)
+    result = FitResult(best_val, best_step, seconds, cfg.max_steps, ctx.skipped)
     if accelerator.is_main_process:
         atomic_write_json(ckpt_dir / DONE, vars(result))
     accelerator.wait_for_everyone()
