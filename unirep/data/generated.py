@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from unirep.faults import failpoint
+
 COMPLETE_MARKER = ".complete"
 
 
@@ -40,14 +42,34 @@ def write_tree(
             "refusing to replace it"
         )
     root.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale(root)
     tmp = root.parent / f".{root.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
     try:
         write(tmp)
+        failpoint(f"generate:{root.name}")
         (tmp / COMPLETE_MARKER).write_text(json.dumps(marker), encoding="utf-8")
         _move_into_place(tmp, root, marker)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _remove_stale(root: Path) -> None:
+    """Delete the temporary trees of generations whose process is gone (killed mid-way)."""
+    for tmp in root.parent.glob(f".{root.name}.tmp-*"):
+        pid = tmp.name.removeprefix(f".{root.name}.tmp-").split("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
 
 
 def _move_into_place(tmp: Path, root: Path, marker: dict[str, Any]) -> None:
