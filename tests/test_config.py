@@ -88,14 +88,14 @@ def test_overrides_are_typed_yaml() -> None:
             "distill.lambda_feature={objects: 10}",
             "train.optim.optimizer.kwargs.lr=1e-3",
             "distill.feature_loss=l2",
-            "data.domains=[a, b]",
+            "data.domains=[objects, digits]",
         ],
     )
     assert cfg.train.max_steps == 7
     assert cfg.distill.lambda_feature == {"objects": 10.0}
     assert cfg.train.optim.optimizer.kwargs["lr"] == pytest.approx(1e-3)
     assert cfg.distill.feature_loss.name == "l2"
-    assert cfg.data.domains == ["a", "b"]
+    assert cfg.data.domains == ["objects", "digits"]
 
 
 def test_override_into_bare_spec_name() -> None:

@@ -32,6 +32,7 @@ from unirep.teachers import Teacher, load_teacher, teacher_dir
 from unirep.tracking import read_curves, report_curves, weighting_curves
 from unirep.trainable import TrainableModule
 from unirep.trainer import FitResult, Phase, fit
+from unirep.validate import check_against_data
 from unirep.weighting import build_weighting
 
 SUBMISSION = "results.json"
@@ -48,6 +49,7 @@ def resolve_data(cfg: Config, accelerator: Accelerator) -> RunData:
     with accelerator.main_process_first():
         data = build_run_data(cfg)
         data.prepare()
+        check_against_data(cfg, data, accelerator.num_processes)  # before any work
     return data
 
 

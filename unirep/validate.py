@@ -1,32 +1,58 @@
 """Every check of a config's values, run before any data is read or model built.
 
 :mod:`unirep.config` holds the schema and reads YAML (keys and types); this module holds the rest,
-in one place: value choices, ranges, cross-field rules, keys that do not apply to the run's kind,
-and registry names. It sits above both the schema and the registries (which import the schema
-for its dataclasses), so imports point one way. ``load_config`` (read + validate) is the entry
-point of every script. Errors are :class:`~unirep.config.ConfigError` naming the key.
+in one place: value choices, ranges (sizes, intervals, steps, rates, weights), cross-field rules,
+keys that do not apply to the run's kind, registry names, every component's keyword arguments
+(against its registered builder's signature, then by building it where that is cheap), loss
+names against task kinds, and per-task keys against the run's tasks. It sits above both the
+schema and the registries (which import the schema for its dataclasses), so imports point one
+way. ``load_config`` (read + validate) is the entry point of every script. What only the data can
+tell (split sizes against batch sizes, the domains of a source when ``data.domains`` is empty) is
+checked by :func:`check_against_data` as soon as the data is resolved, still before any work.
+Errors are :class:`~unirep.config.ConfigError` naming the key, the value and what is valid.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import inspect
+import math
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
-from unirep.config import Config, ConfigError, ModelConfig, read_config
+import torch
+from torch import nn
+
+from unirep.config import (
+    Config,
+    ConfigError,
+    ModelConfig,
+    OptimConfig,
+    Spec,
+    TrainConfig,
+    cache_dir,
+    read_config,
+)
 from unirep.data.decathlon import ON_CORRUPT_CHOICES
 from unirep.data.dense import DENSE_TASKS, DEPTH_KINDS
 from unirep.data.dense_sets import DENSE_SOURCES
+from unirep.data.scenes import ensure_mini_scenes
 from unirep.data.sources import DATA_SOURCES
+from unirep.data.synthetic import ensure_mini_decathlon
 from unirep.losses import FEATURE_LOSSES, PREDICTION_LOSSES, TASK_LOSSES
 from unirep.models.adapters import ADAPTERS
 from unirep.models.backbones import is_backbone
 from unirep.models.cross_task import CROSS_TASK
 from unirep.models.dense import DENSE_ENCODERS
-from unirep.optim import OPTIMIZERS, SCHEDULES
+from unirep.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 from unirep.registry import Registry
+from unirep.tasks import TASK_KINDS
 from unirep.weighting import WEIGHTINGS
 
-__all__ = ["CHOICES", "NOT_FOR_DENSE", "load_config", "validate"]
+if TYPE_CHECKING:
+    from unirep.data.streams import RunData
+
+__all__ = ["CHOICES", "NOT_FOR_DENSE", "check_against_data", "load_config", "validate"]
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "split": ("train", "val", "test"),
@@ -34,6 +60,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.on_corrupt": ON_CORRUPT_CHOICES,
     "distill.annealing": ("linear", "none"),
     "train.selection_metric": ("accuracy", "delta_m"),
+    "train.on_nonfinite": ("stop", "skip"),  # also each teacher recipe's (checked with it)
 }
 
 _DENSE_IMAGES = (
@@ -81,12 +108,50 @@ def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError`, naming the key, for the first value that cannot work."""
     _check_choices(cfg)
     _check_keys_apply(cfg)
+    _check_run(cfg)
     _check_ranges(cfg)
+    for prefix, recipe in _recipes(cfg).items():
+        _check_recipe(prefix, recipe)
+    _check_weights(cfg)
     if cfg.dense is not None:
         _check_dense(cfg)
     else:
         _check_classification(cfg)
     _check_common_names(cfg)
+    _check_common_kwargs(cfg)
+    _check_task_keys(cfg, *_known_tasks(cfg))
+
+
+def check_against_data(cfg: Config, data: RunData, world_size: int = 1) -> None:
+    """What the config says against what the data holds, before any training.
+
+    Every stream's training split must hold at least one batch of every process
+    (``batch · world_size`` samples; the key named is ``data.batch_sizes.<domain>`` when it sets
+    the stream's batch, else ``data.batch_size``). When ``data.domains`` is empty the run's tasks
+    are every domain of the source, known only now: each per-task key must name one of them. When
+    ``data.domains`` picks some domains, a per-domain setting may also name another domain of the
+    source (a preset describes the whole benchmark), but a typo is refused.
+    """
+    tasks = list(data.tasks())
+    if cfg.dense is None:
+        everything = _source_domains(cfg) if cfg.data.domains else tasks
+        _check_task_keys(cfg, tasks, everything)
+    sizes = data.batch_sizes()
+    for stream, dataset in data.datasets("train", train=True).items():
+        available = len(dataset)  # type: ignore[arg-type]
+        batch = sizes[stream]
+        if batch * world_size > available:
+            key = (
+                f"data.batch_sizes.{stream}"
+                if stream in cfg.data.batch_sizes
+                else "data.batch_size"
+            )
+            processes = f" × {world_size} processes" if world_size > 1 else ""
+            raise ConfigError(
+                f"config key {key!r}: a training batch of {batch} per process{processes} exceeds "
+                f"the {available} training samples of {stream!r}; valid: at most "
+                f"{available // world_size}"
+            )
 
 
 # --------------------------------------------------------------------------------------------
@@ -101,6 +166,23 @@ def _get(cfg: Any, key: str) -> Any:
 
 def _kind(cfg: Config) -> str:
     return "dense" if cfg.dense is not None else "classification"
+
+
+def _require(ok: bool, key: str, value: Any, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key {key!r}: must be {valid}, got {value!r}")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _finite(value: Any) -> bool:
+    return _is_number(value) and math.isfinite(value)
+
+
+def _at_least_one(key: str, value: int) -> None:
+    _require(value >= 1, key, value, "a positive integer (>= 1)")
 
 
 def _check_choices(cfg: Config) -> None:
@@ -136,6 +218,18 @@ def _check_keys_apply(cfg: Config) -> None:
                 f"config key '{prefix}.selection_metric' does not apply to {_kind(cfg)} runs, "
                 f"got {recipe.selection_metric!r}: {_TEACHER_SELECTION}"
             )
+    if cfg.teachers.finetune_lr and cfg.teachers.finetune_from is None:
+        raise ConfigError(
+            "config key 'teachers.finetune_lr' has no effect without 'teachers.finetune_from' "
+            "(the teacher whose trunk initialises the others); set it or remove the key"
+        )
+    source = cfg.teachers.finetune_from
+    if source is not None and source in cfg.teachers.finetune_lr:
+        raise ConfigError(
+            f"config key 'teachers.finetune_lr.{source}': {source!r} is teachers.finetune_from, "
+            "trained from scratch with teachers.train (set its lr in "
+            "teachers.train.optim.optimizer.kwargs.lr); remove the key"
+        )
 
 
 def _shown(value: Any) -> str:
@@ -143,18 +237,95 @@ def _shown(value: Any) -> str:
     return f", got {value!r}" if isinstance(value, str | int | float | list) else ""
 
 
+def _check_run(cfg: Config) -> None:
+    """The run as a whole: seed, run folder, device."""
+    _require(0 <= cfg.seed < 2**32, "seed", cfg.seed, "an integer in [0, 2**32)")
+    if cfg.overwrite and cfg.resume:
+        resume = "true" if cfg.resume is True else repr(cfg.resume)
+        raise ConfigError(
+            f"config key 'overwrite': true cannot be combined with resume={resume}: resume "
+            "continues the run folder, overwrite deletes it; set one of them"
+        )
+    on_cpu = cfg.cpu or not torch.cuda.is_available()
+    if cfg.mixed_precision == "fp16" and on_cpu:
+        reason = "cpu=true" if cfg.cpu else "no CUDA device is available"
+        raise ConfigError(
+            f"config key 'mixed_precision': 'fp16' needs a CUDA GPU, but this run is on CPU "
+            f"({reason}); valid on CPU: bf16 or no"
+        )
+
+
 def _check_ranges(cfg: Config) -> None:
-    for key in (
-        "train.max_steps",
-        "teachers.train.max_steps",
-        "data.batch_size",
-        "data.eval_batch_size",
-        "data.crop",
-        "data.resize",
+    data = cfg.data
+    sizes = {
+        "data.batch_size": data.batch_size,
+        "data.eval_batch_size": data.eval_batch_size,
+        "data.crop": data.crop,
+        "data.resize": data.resize,
+        **{f"data.batch_sizes.{d}": b for d, b in data.batch_sizes.items()},
+        **{f"data.crops.{d}": c for d, c in data.crops.items()},
+    }
+    for key, value in sizes.items():
+        _at_least_one(key, value)
+    _require(data.num_workers >= 0, "data.num_workers", data.num_workers, "an integer >= 0")
+    generator = _GENERATORS.get(data.source)
+    if generator is not None:
+        _check_arguments(
+            generator, data.generator, "data.generator", f"the {data.source} generator", ("root",)
+        )
+
+
+def _recipes(cfg: Config) -> dict[str, TrainConfig]:
+    """Every training recipe of the run, by its key."""
+    recipes = {"train": cfg.train, "teachers.train": cfg.teachers.train}
+    if cfg.teachers.finetune_train is not None:
+        recipes["teachers.finetune_train"] = cfg.teachers.finetune_train
+    return recipes
+
+
+def _check_recipe(prefix: str, recipe: TrainConfig) -> None:
+    """Lengths, intervals and the non-finite policy of one training recipe."""
+    for name in (
+        "max_steps",
+        "gradient_accumulation_steps",
+        "eval_every",
+        "checkpoint_every",
+        "log_every",
+        "keep_checkpoints",
     ):
-        value = _get(cfg, key)
-        if value <= 0:
-            raise ConfigError(f"config key {key!r}: must be positive, got {value}")
+        _at_least_one(f"{prefix}.{name}", getattr(recipe, name))
+    clip = recipe.grad_clip
+    _require(
+        clip is None or (_finite(clip) and clip > 0),
+        f"{prefix}.grad_clip",
+        clip,
+        "a positive number, or null for no clipping",
+    )
+    choices = CHOICES["train.on_nonfinite"]
+    if recipe.on_nonfinite not in choices:
+        raise ConfigError(
+            f"config key '{prefix}.on_nonfinite': {recipe.on_nonfinite!r} is not valid; "
+            f"choices: {', '.join(choices)}"
+        )
+
+
+def _check_weights(cfg: Config) -> None:
+    """λs, scales and task weights are finite and >= 0; per-task learning rates are > 0."""
+    distill = cfg.distill
+    weights: dict[str, float] = {
+        "distill.default_lambda": distill.default_lambda,
+        "distill.feature_scale": distill.feature_scale,
+        "distill.prediction_scale": distill.prediction_scale,
+        **{f"distill.lambda_feature.{t}": v for t, v in distill.lambda_feature.items()},
+        **{f"distill.lambda_prediction.{t}": v for t, v in distill.lambda_prediction.items()},
+    }
+    if cfg.dense is not None:
+        weights.update({f"dense.tasks.{t}.weight": s.weight for t, s in cfg.dense.tasks.items()})
+    for key, value in weights.items():
+        _require(_finite(value) and value >= 0, key, value, "a finite number >= 0")
+    for task, lr in cfg.teachers.finetune_lr.items():
+        key = f"teachers.finetune_lr.{task}"
+        _require(_finite(lr) and lr > 0, key, lr, "a positive learning rate")
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +356,24 @@ def _check_classification(cfg: Config) -> None:
             "any name in timm.list_models(), e.g. resnet26_decathlon, resnet_decathlon_tiny, "
             "resnet18"
         )
+    _check_kwargs(ADAPTERS, cfg.model.adapter, "model.adapter", ("in_dim", "out_dim"))
+    for task_key, attr, registry, spec in (
+        ("distill.task_loss", "default_loss", TASK_LOSSES, cfg.distill.task_loss),
+        (
+            "distill.prediction_loss",
+            "default_prediction_loss",
+            PREDICTION_LOSSES,
+            cfg.distill.prediction_loss,
+        ),
+    ):
+        _check_loss(
+            registry,
+            attr,
+            spec,
+            task_key,
+            "classification",
+            "every domain is a classification task",
+        )
 
 
 def _check_dense(cfg: Config) -> None:
@@ -194,7 +383,6 @@ def _check_dense(cfg: Config) -> None:
         raise ConfigError(
             f"config key 'dense.tasks': name at least one of {', '.join(DENSE_TASKS)}"
         )
-    kinds = set()
     for task, spec in dense.tasks.items():
         if spec.kind is not None and spec.kind not in DENSE_TASKS:
             raise ConfigError(
@@ -206,17 +394,16 @@ def _check_dense(cfg: Config) -> None:
                 f"config key 'dense.tasks.{task}': unknown dense task; name it one of "
                 f"{', '.join(DENSE_TASKS)}, or set 'dense.tasks.{task}.kind' to one of them"
             )
-        kinds.add(spec.kind or task)  # None: the name is the kind
     if dense.depth_kind not in DEPTH_KINDS:
         raise ConfigError(
             f"config key 'dense.depth_kind': {dense.depth_kind!r} is not valid; choices: "
             f"{', '.join(DEPTH_KINDS)}"
         )
-    if "semantic" in kinds and dense.num_classes < 2:
-        raise ConfigError(f"config key 'dense.num_classes': must be >= 2, got {dense.num_classes}")
-    if not dense.scales or any(s < 1.0 for s in dense.scales):
+    _require(dense.num_classes >= 2, "dense.num_classes", dense.num_classes, "an integer >= 2")
+    if not dense.scales or not all(_finite(s) and s >= 1.0 for s in dense.scales):
         raise ConfigError(
-            f"config key 'dense.scales': zoom factors >= 1.0 expected, got {dense.scales}"
+            f"config key 'dense.scales': a non-empty list of finite zoom factors >= 1.0 expected, "
+            f"got {dense.scales}"
         )
     if dense.val_folder is None and not 0.0 < dense.val_fraction < 1.0:
         raise ConfigError(
@@ -237,29 +424,34 @@ def _check_dense(cfg: Config) -> None:
             f"choices with a 'dense' section: {', '.join(DENSE_SOURCES)}"
         )
     _check(DENSE_ENCODERS, dense.encoder.name, "dense.encoder.name")
+    _check_kwargs(DENSE_ENCODERS, dense.encoder, "dense.encoder")
     if dense.cross_task is not None:
         _check(CROSS_TASK, dense.cross_task.name, "dense.cross_task.name")
+        _check_kwargs(CROSS_TASK, dense.cross_task, "dense.cross_task", ("tasks", "channels"))
     for task, spec in dense.tasks.items():
         _check(TASK_LOSSES, spec.loss.name, f"dense.tasks.{task}.loss.name")
+        kind = spec.kind or task  # None: the name is the kind
+        prefix = f"dense.tasks.{task}"
+        is_kind = f"{task!r} is a {kind} task"
+        _check_loss(TASK_LOSSES, "default_loss", spec.loss, f"{prefix}.loss", kind, is_kind)
         if spec.prediction_loss is not None:
-            _check(
+            _check(PREDICTION_LOSSES, spec.prediction_loss.name, f"{prefix}.prediction_loss.name")
+            _check_loss(
                 PREDICTION_LOSSES,
-                spec.prediction_loss.name,
-                f"dense.tasks.{task}.prediction_loss.name",
+                "default_prediction_loss",
+                spec.prediction_loss,
+                f"{prefix}.prediction_loss",
+                kind,
+                is_kind,
             )
 
 
 def _check_common_names(cfg: Config) -> None:
     _check(FEATURE_LOSSES, cfg.distill.feature_loss.name, "distill.feature_loss.name")
     _check(WEIGHTINGS, cfg.weighting.name, "weighting.name")
-    trains = {"train": cfg.train, "teachers.train": cfg.teachers.train}
-    if cfg.teachers.finetune_train is not None:
-        trains["teachers.finetune_train"] = cfg.teachers.finetune_train
-    for prefix, train in trains.items():
-        for part in ("optim", "adapter_optim"):
-            spec = getattr(train, part)
-            _check(OPTIMIZERS, spec.optimizer.name, f"{prefix}.{part}.optimizer.name")
-            _check(SCHEDULES, spec.scheduler.name, f"{prefix}.{part}.scheduler.name")
+    for prefix, optim in _optims(cfg).items():
+        _check(OPTIMIZERS, optim.optimizer.name, f"{prefix}.optimizer.name")
+        _check(SCHEDULES, optim.scheduler.name, f"{prefix}.scheduler.name")
 
 
 def _check(registry: Registry, name: str, key: str) -> None:
@@ -268,3 +460,249 @@ def _check(registry: Registry, name: str, key: str) -> None:
             f"config key {key!r}: unknown {registry.kind} {name!r}; "
             f"valid choices: {', '.join(registry.names())}"
         )
+
+
+# --------------------------------------------------------------------------------------------
+# Keyword arguments of every component, against its builder
+
+
+_GENERATORS: dict[str, Callable[..., Any]] = {
+    "synthetic-decathlon": ensure_mini_decathlon,
+    "mini-scenes": ensure_mini_scenes,
+}
+"""Generated data sources and the function whose arguments ``data.generator`` holds."""
+
+_POSITIVE_ARGUMENTS = frozenset(
+    {"lr", "temperature", "eps", "sigma_scale", "threshold", "hidden_mult", "gamma",
+     "width_mult", "in_channels", "reduction", "pool", "heads", "scale", "image_size", "height",
+     "width"}
+)  # fmt: skip
+"""Arguments (of any component) that must be > 0: rates, sizes, temperatures, divisors."""
+
+_NON_NEGATIVE_ARGUMENTS = frozenset(
+    {"momentum", "weight_decay", "warmup_steps", "label_smoothing", "min_factor", "seed"}
+)
+"""Arguments that must be >= 0."""
+
+
+def _optims(cfg: Config) -> dict[str, OptimConfig]:
+    """Every optimizer + schedule of the run, by its key."""
+    return {
+        f"{prefix}.{part}": getattr(recipe, part)
+        for prefix, recipe in _recipes(cfg).items()
+        for part in ("optim", "adapter_optim")
+    }
+
+
+def _check_common_kwargs(cfg: Config) -> None:
+    _check_kwargs(FEATURE_LOSSES, cfg.distill.feature_loss, "distill.feature_loss")
+    _trial("distill.feature_loss.kwargs", lambda: _build(FEATURE_LOSSES, cfg.distill.feature_loss))
+    _check_kwargs(WEIGHTINGS, cfg.weighting, "weighting", ("tasks",))
+    recipes = _recipes(cfg)
+    for prefix, optim in _optims(cfg).items():
+        _check_optim(prefix, optim, recipes[prefix.rsplit(".", 1)[0]].max_steps)
+
+
+def _check_optim(prefix: str, optim: OptimConfig, total_steps: int) -> None:
+    """Both specs' arguments, then a real optimizer and schedule on a dummy parameter (torch's
+    own checks of lr, momentum, nesterov...)."""
+    _check_kwargs(OPTIMIZERS, optim.optimizer, f"{prefix}.optimizer", ("params",))
+    _check_kwargs(SCHEDULES, optim.scheduler, f"{prefix}.scheduler", ("optimizer", "total_steps"))
+    params = [nn.Parameter(torch.zeros(1))]
+    spec = optim.optimizer
+    optimizer = _trial(
+        f"{prefix}.optimizer.kwargs", lambda: build_optimizer(spec.name, params, spec.kwargs)
+    )
+    sched = optim.scheduler
+    schedule = _trial(
+        f"{prefix}.scheduler.kwargs",
+        lambda: build_scheduler(sched.name, optimizer, total_steps, sched.kwargs),
+    )
+    for step in (0, total_steps // 2, total_steps):  # the schedule's factor stays a valid rate
+        factors = [f(step) for f in schedule.lr_lambdas]
+        _require(
+            all(_finite(f) and f >= 0 for f in factors),
+            f"{prefix}.scheduler.kwargs",
+            sched.kwargs,
+            f"arguments giving a finite learning-rate factor >= 0 (at step {step}: {factors})",
+        )
+
+
+def _check_loss(
+    registry: Registry, default_attr: str, spec: Spec, key: str, kind: str, is_kind: str
+) -> None:
+    """A loss's arguments (then the loss, built), and its fit to the task's kind.
+
+    A loss belongs to the kinds whose default it is or whose name prefixes its own
+    (``depth_berhu`` is a depth loss); a loss that belongs to other kinds only is refused. A
+    loss no kind claims fits every kind.
+    """
+    _check_kwargs(registry, spec, key)
+    _trial(f"{key}.kwargs", lambda: _build(registry, spec))
+    owners = _loss_kinds(registry, default_attr)
+    if spec.name in owners and kind not in owners[spec.name]:
+        valid = [n for n in registry.names() if kind in owners.get(n, {kind})]
+        raise ConfigError(
+            f"config key '{key}.name': {spec.name!r} is a {registry.kind} for "
+            f"{' / '.join(sorted(owners[spec.name]))} tasks, but {is_kind}; "
+            f"valid for {kind}: {', '.join(valid)}"
+        )
+
+
+def _loss_kinds(registry: Registry, default_attr: str) -> dict[str, set[str]]:
+    """``{loss name: the task kinds it is for}``, from :data:`unirep.tasks.TASK_KINDS`."""
+    owners: dict[str, set[str]] = {}
+    for kind in TASK_KINDS.names():
+        default = getattr(TASK_KINDS.get(kind), default_attr)
+        for name in registry.names():
+            if name == default or name.startswith(f"{kind}_"):
+                owners.setdefault(name, set()).add(kind)
+    return owners
+
+
+def _build(registry: Registry, spec: Spec) -> Any:
+    return registry.build(spec.name, **spec.kwargs)
+
+
+def _trial(key: str, build: Callable[[], Any]) -> Any:
+    """``build()``; its refusal of an argument becomes a :class:`ConfigError` naming ``key``."""
+    try:
+        return build()
+    except (ValueError, TypeError, KeyError) as err:
+        raise ConfigError(f"config key {key!r}: {err}") from err
+
+
+def _check_kwargs(registry: Registry, spec: Spec, key: str, supplied: Iterable[str] = ()) -> None:
+    """``spec.kwargs`` against the signature of ``spec.name``'s builder (the name is known)."""
+    _check_arguments(
+        registry.get(spec.name),
+        spec.kwargs,
+        f"{key}.kwargs",
+        f"{registry.kind} {spec.name!r}",
+        tuple(supplied),
+    )
+
+
+def _check_arguments(
+    builder: Callable[..., Any],
+    kwargs: dict[str, Any],
+    key: str,
+    what: str,
+    supplied: tuple[str, ...],
+) -> None:
+    """Refuse unknown, reserved and missing arguments, values of the wrong type (by the
+    parameter's default), non-finite numbers and out-of-range rates and sizes."""
+    parameters = {
+        name: p
+        for name, p in inspect.signature(builder).parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in inspect.signature(builder).parameters.values())
+    valid = [n for n in parameters if n not in supplied]
+    for name, value in kwargs.items():
+        arg_key = f"{key}.{name}"
+        if name in supplied:
+            raise ConfigError(
+                f"config key {arg_key!r}: unirep sets {name!r} of {what} itself; remove the key"
+            )
+        if name not in parameters and not takes_any:
+            raise ConfigError(
+                f"config key {arg_key!r}: {what} takes no argument {name!r}; valid: "
+                f"{', '.join(valid) or 'none'}"
+            )
+        default = parameters[name].default if name in parameters else inspect.Parameter.empty
+        _check_argument(arg_key, name, value, default)
+    missing = [
+        n for n in valid if parameters[n].default is inspect.Parameter.empty and n not in kwargs
+    ]
+    if missing:
+        raise ConfigError(f"config key {key!r}: {what} needs {', '.join(missing)}")
+
+
+def _check_argument(key: str, name: str, value: Any, default: Any) -> None:
+    if isinstance(default, bool):
+        _require(isinstance(value, bool), key, value, "true or false")
+    elif isinstance(default, int):
+        _require(isinstance(value, int) and not isinstance(value, bool), key, value, "an integer")
+    elif isinstance(default, float):
+        _require(_is_number(value), key, value, "a number")
+    elif isinstance(default, str):
+        _require(isinstance(value, str), key, value, "a string")
+    numbers = value if isinstance(value, list) else [value]
+    for number in numbers:
+        if not _is_number(number):
+            continue
+        _require(math.isfinite(number), key, value, "finite")
+        if name in _POSITIVE_ARGUMENTS or name == "milestones":
+            _require(number > 0, key, value, "> 0")
+        if name in _NON_NEGATIVE_ARGUMENTS:
+            _require(number >= 0, key, value, ">= 0")
+
+
+# --------------------------------------------------------------------------------------------
+# Keys that name tasks
+
+
+def _task_keys(cfg: Config) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """``(settings, uses)``: ``(key, task)`` of every config entry that names a task.
+
+    A setting (a per-task λ, batch size, crop...) may name a domain of the source that the run
+    leaves out; a use (the teacher to fine-tune from or initialise the student with) may not.
+    """
+    data, distill = cfg.data, cfg.distill
+    settings = [
+        *((f"distill.lambda_feature.{t}", t) for t in distill.lambda_feature),
+        *((f"distill.lambda_prediction.{t}", t) for t in distill.lambda_prediction),
+        *((f"teachers.finetune_lr.{t}", t) for t in cfg.teachers.finetune_lr),
+        *((f"data.batch_sizes.{t}", t) for t in data.batch_sizes),
+        *((f"data.crops.{t}", t) for t in data.crops),
+        *(("data.no_flip", t) for t in data.no_flip),
+        *(("data.square_resize", t) for t in data.square_resize),
+    ]
+    for name, value in cfg.weighting.kwargs.items():
+        if isinstance(value, dict):  # a per-task argument of the weighting
+            settings += [(f"weighting.kwargs.{name}.{t}", str(t)) for t in value]
+    uses = [
+        (key, task)
+        for key, task in (
+            ("teachers.finetune_from", cfg.teachers.finetune_from),
+            ("distill.init_from_teacher", distill.init_from_teacher),
+        )
+        if task is not None
+    ]
+    return settings, uses
+
+
+def _known_tasks(cfg: Config) -> tuple[list[str] | None, list[str] | None]:
+    """(the run's tasks, the tasks settings may name) as far as the config alone tells."""
+    if cfg.dense is not None:  # a setting may name a task of the benchmark the run leaves out
+        tasks = list(cfg.dense.tasks)
+        return tasks, tasks + [t for t in DENSE_TASKS if t not in tasks]
+    if cfg.data.domains:  # other domains of the source are known only from the data
+        return list(cfg.data.domains), None
+    return None, None
+
+
+def _check_task_keys(cfg: Config, tasks: list[str] | None, nameable: list[str] | None) -> None:
+    """Every key naming a task names one of ``tasks`` (a use) or of ``nameable`` (a setting);
+    None: not known yet (checked again by :func:`check_against_data`)."""
+    settings, uses = _task_keys(cfg)
+    for entries, known, what in (
+        (uses, tasks, "a task of this run"),
+        (settings, nameable, "a task of this run or of its data"),
+    ):
+        if known is None:
+            continue
+        for key, task in entries:
+            if task not in known:
+                raise ConfigError(
+                    f"config key {key!r}: {task!r} is not {what}; valid: {', '.join(known)}"
+                )
+
+
+def _source_domains(cfg: Config) -> list[str]:
+    """Every domain of ``data.source`` (``data.domains`` picks some of them)."""
+    everything = dataclasses.replace(cfg.data, domains=[])
+    return list(
+        DATA_SOURCES.build(cfg.data.source, cfg=everything, cache_dir=cache_dir(cfg)).domains
+    )
