@@ -14,7 +14,10 @@ sorted category ids, and :meth:`DecathlonDomain.category_id` maps a label back f
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +25,9 @@ from typing import Any
 import torch
 from PIL import Image
 
+from unirep.data.checks import SkippedFile, cached_scan, files_fingerprint
 from unirep.data.transforms import classification_sample
-from unirep.errors import UnirepError
+from unirep.errors import DataError, UnirepError
 
 __all__ = [
     "DECATHLON_DOMAINS",
@@ -126,13 +130,23 @@ class DecathlonDomain(torch.utils.data.Dataset):
         on_corrupt: ``"error"`` raises :class:`CorruptImageError` naming the file when an image
             cannot be decoded; ``"skip"`` decodes every file once in the constructor (one full
             pass over the split's files, which costs time on large domains), drops the
-            undecodable ones and lists their paths in :attr:`skipped`.
+            undecodable ones and lists them in :attr:`skipped`.
+        scan_cache_dir: Where the result of the ``"skip"`` pass is kept
+            (``<scan_cache_dir>/checks/``), keyed by :meth:`fingerprint`, so it is done once per
+            version of the files (the main process does it, the others read it).
+
+    The constructor checks the annotation file's consistency (cheap, in memory): image ids are
+    unique, each listed image has exactly one annotation in a labelled file, every annotation's
+    ``category_id`` is one of the file's categories and its ``image_id`` one of its images.
+    :meth:`check` adds the checks that touch the disk (every listed image exists) and that the
+    split is not empty.
 
     Raises:
         DataRootError: The root, the annotation file, the image folder or a listed image is
             missing (the message names the path and the expected layout).
-        ValueError: Unknown split or ``on_corrupt`` value, or a labelled file with an image
-            that has no annotation.
+        DataError: The annotation file is not JSON, lacks a key, or is inconsistent (the message
+            names the file and the offending id).
+        ValueError: Unknown split or ``on_corrupt`` value.
     """
 
     def __init__(
@@ -142,6 +156,7 @@ class DecathlonDomain(torch.utils.data.Dataset):
         split: str,
         transform: Callable | None = None,
         on_corrupt: str = "error",
+        scan_cache_dir: str | Path | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; valid choices: {', '.join(SPLITS)}")
@@ -159,51 +174,143 @@ class DecathlonDomain(torch.utils.data.Dataset):
                 f"data root {self.root} does not exist; {_layout(self.root, domain, split)}"
             )
         self.annotation_file = self._find_annotation_file()
-        expected = "a COCO-style JSON object with 'images' and 'categories'"
-        try:
-            with open(self.annotation_file, encoding="utf-8") as f:
-                content: dict[str, Any] = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ValueError(f"annotation file {self.annotation_file} is not JSON: {err}") from err
-        missing = [k for k in ("images", "categories") if k not in content]
-        if not isinstance(content, dict) or missing:
-            raise ValueError(
-                f"annotation file {self.annotation_file} lacks {missing}; expected {expected}"
-            )
-
-        categories = sorted(content["categories"], key=lambda c: c["id"])
-        self._category_ids: list[int] = [int(c["id"]) for c in categories]
-        self.class_names: list[str] = [str(c.get("name", c["id"])) for c in categories]
-        label_of = {cid: label for label, cid in enumerate(self._category_ids)}
-
-        annotations = content.get("annotations") or []
-        self.labelled: bool = bool(annotations)
-        category_of_image = {int(a["image_id"]): int(a["category_id"]) for a in annotations}
-
-        images = sorted(content["images"], key=lambda im: im["id"])
-        self.image_ids: list[int] = []
-        self.labels: list[int] = []
-        self._paths: list[Path] = []
-        for im in images:
-            image_id = int(im["id"])
-            if self.labelled:
-                if image_id not in category_of_image:
-                    raise ValueError(f"{self.annotation_file}: image {image_id} has no annotation")
-                label = label_of[category_of_image[image_id]]
-            else:
-                label = -1
-            self.image_ids.append(image_id)
-            self.labels.append(label)
-            self._paths.append(self.root / im["file_name"])
+        self._annotation_bytes = self.annotation_file.read_bytes()
+        self._parse(self._annotation_bytes)
 
         if self._paths and not self._paths[0].parent.is_dir():
             raise DataRootError(
                 f"image folder {self._paths[0].parent} does not exist (is the domain's archive "
                 f"extracted?); {_layout(self.root, domain, split)}"
             )
-        self.skipped: list[str] = []
+        #: Files left out by ``on_corrupt="skip"``: ``{"path", "reason"}``.
+        self.skipped: list[SkippedFile] = []
         if on_corrupt == "skip":
-            self._drop_undecodable()
+            self._drop_undecodable(None if scan_cache_dir is None else Path(scan_cache_dir))
+
+    def _parse(self, raw: bytes) -> None:
+        """Read images, labels and categories from the annotation file's bytes, checking them."""
+        where = self.annotation_file
+        expected = "a COCO-style JSON object with 'images' and 'categories'"
+        try:
+            content: Any = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise DataError(f"annotation file {where} is not JSON: {err}") from err
+        if not isinstance(content, dict):
+            raise DataError(f"annotation file {where} holds {type(content).__name__}; {expected}")
+        missing = [k for k in ("images", "categories") if k not in content]
+        if missing:
+            raise DataError(f"annotation file {where} lacks {missing}; expected {expected}")
+        try:
+            categories = sorted(content["categories"], key=lambda c: int(c["id"]))
+            self._category_ids: list[int] = [int(c["id"]) for c in categories]
+            self.class_names: list[str] = [str(c.get("name", c["id"])) for c in categories]
+            annotations = content.get("annotations") or []
+            category_of_image: dict[int, int] = {}
+            for a in annotations:
+                image_id, category_id = int(a["image_id"]), int(a["category_id"])
+                if image_id in category_of_image:
+                    raise DataError(
+                        f"annotation file {where}: image {image_id} has more than one annotation "
+                        "(one category per image)"
+                    )
+                category_of_image[image_id] = category_id
+            images = sorted(content["images"], key=lambda im: int(im["id"]))
+            ids = [int(im["id"]) for im in images]
+            files = [str(im["file_name"]) for im in images]
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            if isinstance(err, DataError):
+                raise
+            raise DataError(
+                f"annotation file {where} has a malformed entry ({type(err).__name__}: {err}); "
+                "images need 'id' and 'file_name', annotations 'image_id' and 'category_id', "
+                "categories 'id'"
+            ) from err
+
+        duplicate = _first_duplicate(self._category_ids)
+        if duplicate is not None:
+            raise DataError(f"annotation file {where}: category id {duplicate} is listed twice")
+        duplicate = _first_duplicate(ids)
+        if duplicate is not None:
+            raise DataError(
+                f"annotation file {where}: image id {duplicate} is listed twice in 'images' "
+                "(ids identify images in the submission and must be unique)"
+            )
+        label_of = {cid: label for label, cid in enumerate(self._category_ids)}
+        known = set(ids)
+        for image_id, category_id in category_of_image.items():
+            if category_id not in label_of:
+                span = (
+                    f"{len(label_of)} ids, {self._category_ids[0]}..{self._category_ids[-1]}"
+                    if label_of
+                    else "none"
+                )
+                raise DataError(
+                    f"annotation file {where}: image {image_id} has category_id {category_id}, "
+                    f"which is not in the file's categories ({span})"
+                )
+            if image_id not in known:
+                raise DataError(
+                    f"annotation file {where}: an annotation names image {image_id}, which is "
+                    "not in 'images'"
+                )
+        self.labelled: bool = bool(annotations)
+        unannotated = [i for i in ids if i not in category_of_image] if self.labelled else []
+        if unannotated:
+            raise DataError(
+                f"annotation file {where}: image {unannotated[0]} has no annotation "
+                f"({len(unannotated)} of {len(ids)} images have none)"
+            )
+        self.image_ids: list[int] = ids
+        self.labels: list[int] = (
+            [label_of[category_of_image[i]] for i in ids] if self.labelled else [-1] * len(ids)
+        )
+        self._paths: list[Path] = [self.root / f for f in files]
+
+    def check(self) -> None:
+        """The checks that touch the disk, cheaply: the split lists at least one image and every
+        listed image file exists (one ``os.stat`` each; nothing is decoded here).
+
+        Raises:
+            DataError: The split is empty.
+            DataRootError: A listed image is missing (the first one is named, with the count).
+        """
+        if not self._paths and not self.skipped:
+            raise DataError(
+                f"annotation file {self.annotation_file} lists no images: split {self.split!r} of "
+                f"domain {self.domain!r} is empty"
+            )
+        if not self._paths:
+            raise DataError(
+                f"every image of {self.annotation_file} was skipped as undecodable "
+                f"({len(self.skipped)} files, e.g. {self.skipped[0]['path']})"
+            )
+        missing = [p for p in self._paths if not os.path.isfile(p)]
+        if missing:
+            raise DataRootError(
+                f"image {missing[0]} listed in {self.annotation_file} not found ({len(missing)} "
+                f"of {len(self._paths)} listed images missing); "
+                f"{_layout(self.root, self.domain, self.split)}"
+            )
+
+    def fingerprint(self, indices: list[int] | None = None) -> str:
+        """sha256 of the annotation file's bytes and the name, size and mtime of the images at
+        ``indices`` (all when None): changes whenever what they hold may have changed, wherever
+        the tree lives. Raises ``DataRootError`` when one of those images is missing."""
+        paths = self._paths if indices is None else [self._paths[i] for i in indices]
+        head = hashlib.sha256(self._annotation_bytes).digest()
+        try:
+            return files_fingerprint(paths, self.root, head)
+        except FileNotFoundError as err:
+            raise DataRootError(
+                f"image {err.filename} listed in {self.annotation_file} not found; "
+                f"{_layout(self.root, self.domain, self.split)}"
+            ) from err
+
+    def with_transform(self, transform: Callable | None) -> DecathlonDomain:
+        """The same images and labels (read once) with another transform."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
 
     @property
     def num_classes(self) -> int:
@@ -268,15 +375,31 @@ class DecathlonDomain(torch.utils.data.Dataset):
                 f"{_layout(self.root, self.domain, self.split)}"
             ) from err
 
-    def _drop_undecodable(self) -> None:
-        keep: list[int] = []
-        for i, path in enumerate(self._paths):
-            try:
-                self._load(path)
-            except CorruptImageError:
-                self.skipped.append(str(path))
-            else:
-                keep.append(i)
+    def _drop_undecodable(self, cache_dir: Path | None) -> None:
+        def scan() -> list[SkippedFile]:
+            bad = []
+            for path in self._paths:
+                try:
+                    self._load(path)
+                except CorruptImageError as err:
+                    reason = str(err.__cause__ or err)
+                    bad.append({"path": os.path.relpath(path, self.root), "reason": reason})
+            return bad
+
+        key = self.fingerprint()  # also refuses a missing file before the long pass
+        bad = cached_scan(cache_dir, "decode", key, scan)
+        self.skipped = [{"path": str(self.root / e["path"]), "reason": e["reason"]} for e in bad]
+        dropped = {e["path"] for e in self.skipped}
+        keep = [i for i, p in enumerate(self._paths) if str(p) not in dropped]
         self._paths = [self._paths[i] for i in keep]
         self.image_ids = [self.image_ids[i] for i in keep]
         self.labels = [self.labels[i] for i in keep]
+
+
+def _first_duplicate(values: list[int]) -> int | None:
+    seen: set[int] = set()
+    for v in values:
+        if v in seen:
+            return v
+        seen.add(v)
+    return None

@@ -22,11 +22,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from unirep.data.checks import SkippedFile
 from unirep.data.decathlon import DataRootError
+from unirep.errors import DataError
 
 __all__ = [
     "DENSE_TASKS",
     "DEPTH_KINDS",
+    "IGNORE_LABEL",
     "MTANDense",
     "ScaleCrop",
     "apply_scale_crop",
@@ -41,6 +44,12 @@ __all__ = [
 DENSE_TASKS: tuple[str, ...] = ("semantic", "depth", "normal")
 #: ``"depth"``: metric depth (divided by the zoom factor); ``"inverse_depth"``: multiplied.
 DEPTH_KINDS: tuple[str, ...] = ("depth", "inverse_depth")
+#: Label of an unlabelled pixel (the semantic loss and mIoU ignore it).
+IGNORE_LABEL = -1
+#: Array kinds (``dtype.kind``) accepted: real numbers (float, signed or unsigned integers).
+_NUMERIC_KINDS = "fiu"
+#: Trailing shape of each map after ``H×W``: ``None`` allows ``H×W`` or ``H×W×1``.
+_CHANNELS: dict[str, int | None] = {"image": 3, "semantic": None, "depth": None, "normal": 3}
 
 
 def _layout(root: Path, split: str, label_dir: str) -> str:
@@ -258,6 +267,61 @@ class MTANDense(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self._length
 
+    @property
+    def maps(self) -> list[str]:
+        """The maps of a sample, as folders are read: ``"image"`` then the tasks."""
+        return list(self._dirs)
+
+    def path(self, key: str, index: int) -> Path:
+        """File of map ``key`` (``"image"`` or a task) of sample ``index``."""
+        return self._dirs[key] / f"{index}.npy"
+
+    def check(
+        self, num_classes: int | None = None, skip_unreadable: bool = False
+    ) -> dict[int, SkippedFile]:
+        """Check every array of the split, vectorised per file (a few seconds for NYUv2).
+
+        Each file is opened with ``np.load(mmap_mode="r")`` and must be a numeric array
+        (float or integer) of shape ``H×W×3`` (image, normal) or ``H×W`` / ``H×W×1`` (label,
+        depth), with the ``H×W`` of the split's first image (batches stack them); every value
+        must be finite; semantic labels, rounded as the reader does, must lie in
+        ``[0, num_classes)`` or be :data:`IGNORE_LABEL` (when ``num_classes`` is given).
+
+        Args:
+            num_classes: Semantic classes; None skips the label range check.
+            skip_unreadable: Return the samples whose files cannot be read as an array at all
+                (garbage bytes, truncated, pickled objects) instead of raising; files that read
+                but hold the wrong shape, dtype or values are errors either way (they point to a
+                wrong dataset or config, not to one damaged file).
+
+        Returns:
+            ``{index: {"path", "reason"}}`` of the unreadable samples (empty unless
+            ``skip_unreadable``), paths relative to the root.
+
+        Raises:
+            DataError: A file is unreadable (unless skipped), or has the wrong shape, dtype or
+                values; the message names the file and what is valid.
+        """
+        bad: dict[int, SkippedFile] = {}
+        size: tuple[int, int] | None = None
+        for index in range(self._length):
+            for key in self._dirs:
+                path = self.path(key, index)
+                try:
+                    array = np.load(path, mmap_mode="r", allow_pickle=False)
+                except (ValueError, OSError, EOFError) as err:
+                    reason = f"not a readable .npy array ({type(err).__name__}: {err})"
+                    if not skip_unreadable:
+                        raise DataError(f"{key} file {path} is {reason}") from err
+                    bad[index] = {"path": str(path.relative_to(self.root)), "reason": reason}
+                    break
+                if not isinstance(array, np.ndarray):  # an .npz archive
+                    raise DataError(f"{key} file {path} is not a single .npy array")
+                if size is None:
+                    size = _image_size(array, path) if key == "image" else None
+                _check_array(key, array, path, size, num_classes)
+        return bad
+
     def _load(self, key: str, index: int) -> np.ndarray:
         return np.load(self._dirs[key] / f"{index}.npy")
 
@@ -307,6 +371,50 @@ class MTANDense(torch.utils.data.Dataset):
             f"MTANDense(root={str(self.root)!r}, split={self.split!r}, tasks={self.tasks}, "
             f"n={self._length}, augment={self.augment})"
         )
+
+
+def _image_size(image: np.ndarray, path: Path) -> tuple[int, int]:
+    if image.ndim != 3:
+        raise DataError(f"image file {path} has shape {image.shape}; expected H×W×3")
+    return int(image.shape[0]), int(image.shape[1])
+
+
+def _check_array(
+    key: str,
+    array: np.ndarray,
+    path: Path,
+    size: tuple[int, int] | None,
+    num_classes: int | None,
+) -> None:
+    """One map's shape, dtype and values (see :meth:`MTANDense.check`)."""
+    channels = _CHANNELS[key]
+    expected = "H×W×3" if channels == 3 else "H×W or H×W×1"
+    if size is not None:
+        expected += f" with H×W = {size[0]}×{size[1]} (the split's first image)"
+    shape = array.shape
+    ok = array.ndim in (2, 3) and (size is None or shape[:2] == size)
+    if channels == 3:
+        ok = ok and array.ndim == 3 and shape[2] == 3
+    else:
+        ok = ok and (array.ndim == 2 or shape[2] == 1)
+    if not ok:
+        raise DataError(f"{key} file {path} has shape {shape}; expected {expected}")
+    if array.dtype.kind not in _NUMERIC_KINDS:
+        raise DataError(
+            f"{key} file {path} has dtype {array.dtype}; expected a float or integer array"
+        )
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        count = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise DataError(f"{key} file {path} holds {count} NaN or infinite values")
+    if key == "semantic" and num_classes is not None:
+        ids = np.rint(array) if array.dtype.kind == "f" else array
+        outside = (ids != IGNORE_LABEL) & ((ids < 0) | (ids >= num_classes))
+        if outside.any():
+            value = ids[outside].flat[0]
+            raise DataError(
+                f"semantic file {path} holds class id {int(value)}; valid: 0..{num_classes - 1} "
+                f"(dense.num_classes={num_classes}) or {IGNORE_LABEL} (ignore)"
+            )
 
 
 def write_mtan_fixture(

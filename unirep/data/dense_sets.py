@@ -25,10 +25,12 @@ import numpy as np
 from torch.utils.data import Dataset, Subset
 
 from unirep.config import Config, ConfigError
-from unirep.data.decathlon import DataRootError
+from unirep.data.checks import SkippedFile, cached_scan, files_fingerprint
+from unirep.data.decathlon import ON_CORRUPT_CHOICES, DataRootError
 from unirep.data.dense import MTANDense
 from unirep.data.generated import read_marker
 from unirep.data.scenes import SCENE_CLASSES, ensure_mini_scenes
+from unirep.errors import DataError
 
 __all__ = ["DENSE_SOURCES", "DenseData", "build_dense_data"]
 
@@ -46,6 +48,11 @@ class DenseData:
         tasks: the run's tasks, in MTAN order (``semantic``, ``depth``, ``normal``).
         num_classes: semantic classes.
         class_names: names of the semantic classes when known (mini-scenes), else None.
+        on_corrupt: ``"skip"`` leaves out (and lists) the samples with an unreadable file once
+            :meth:`check` has run; ``"error"`` refuses them.
+        cache_dir: Where :meth:`check` keeps its result (``<cache_dir>/checks/``), keyed by the
+            files' names, sizes and mtimes, so the arrays are read once per version of the data
+            rather than by every process at every start; None: not kept.
     """
 
     root: Path
@@ -61,11 +68,75 @@ class DenseData:
     val_fraction: float
     test_folder: str
     source: str
+    on_corrupt: str = "error"
+    cache_dir: Path | None = None
 
     def __post_init__(self) -> None:
+        if self.on_corrupt not in ON_CORRUPT_CHOICES:
+            raise ValueError(
+                f"unknown on_corrupt {self.on_corrupt!r}; valid: {', '.join(ON_CORRUPT_CHOICES)}"
+            )
         self._cache: dict[tuple[str, bool], Dataset] = {}
         self._carve: tuple[list[int], list[int]] | None = None
         self._fingerprint: str | None = None
+        # per folder: {file index: {"path", "reason"}} of the samples left out (after check())
+        self._bad: dict[str, dict[int, SkippedFile]] = {}
+
+    # -- checks ------------------------------------------------------------------------------
+
+    def folders(self) -> dict[str, str]:
+        """``{split: folder}``: the folder each of train, val and test reads."""
+        val = self.val_folder if self.val_folder is not None else "train"
+        return {"train": "train", "val": val, "test": self.test_folder}
+
+    def check(self) -> None:
+        """Check every array of every folder the splits read (see :meth:`MTANDense.check`:
+        readable, shapes, dtypes, labels in ``[0, num_classes)`` or -1, finite values), and
+        that every split keeps at least one sample. The result is cached per version of the
+        files (:attr:`cache_dir`); with ``on_corrupt="skip"`` the samples with an unreadable file
+        are then left out of every split and listed by :meth:`skipped`.
+
+        Raises:
+            DataError: naming the file and what is wrong, or the empty split.
+        """
+        for folder in dict.fromkeys(self.folders().values()):
+            reader = self._read(folder, False)
+            paths = [reader.path(k, i) for i in range(len(reader)) for k in reader.maps]
+            head = json.dumps([self.tasks, self.label_dir, self.num_classes, self.on_corrupt])
+            key = files_fingerprint(paths, self.root, head.encode())
+            skip = self.on_corrupt == "skip"
+
+            def scan(reader: MTANDense = reader, skip: bool = skip) -> list[SkippedFile]:
+                bad = reader.check(self.num_classes, skip_unreadable=skip)
+                return [{**e, "index": str(i)} for i, e in bad.items()]
+
+            found = cached_scan(self.cache_dir, "dense", key, scan)
+            self._bad[folder] = {
+                int(e["index"]): {"path": str(self.root / e["path"]), "reason": e["reason"]}
+                for e in found
+            }
+        self._cache.clear()  # datasets built before now did not leave the bad samples out
+        self._fingerprint = None
+        for split, folder in self.folders().items():
+            if len(self.dataset(split)) == 0:
+                raise DataError(
+                    f"split {split!r} ({self.root / folder}) has no readable sample left: "
+                    f"{len(self._bad[folder])} skipped, e.g. "
+                    f"{next(iter(self._bad[folder].values()))['path']}"
+                )
+
+    def skipped(self) -> list[SkippedFile]:
+        """Samples left out by :meth:`check` under ``on_corrupt="skip"``: ``{"path", "split",
+        "reason"}`` (the sample's first unreadable file), under the split that would read it."""
+        out = []
+        for split, folder in self.folders().items():
+            owned = None
+            if split in ("train", "val") and self.val_folder is None:  # carved from train
+                owned = set(self.carved()[0 if split == "train" else 1])
+            for index, entry in sorted(self._bad.get(folder, {}).items()):
+                if owned is None or index in owned:
+                    out.append({"path": entry["path"], "split": split, "reason": entry["reason"]})
+        return out
 
     # -- splits ------------------------------------------------------------------------------
 
@@ -106,16 +177,17 @@ class DenseData:
         key = (split, train)
         if key in self._cache:
             return self._cache[key]
-        augment = train and self.augment
-        if split == "test":
-            ds: Dataset = self._read(self.test_folder, augment)
-        elif self.val_folder is not None:
-            ds = self._read("train" if split == "train" else self.val_folder, augment)
-        elif split in ("train", "val"):
-            indices = self.carved()[0 if split == "train" else 1]
-            ds = Subset(self._read("train", augment), indices)
-        else:
+        if split not in ("train", "val", "test"):
             raise ValueError(f"unknown split {split!r}; valid: train, val, test")
+        folder = self.folders()[split]
+        reader = self._read(folder, train and self.augment)
+        bad = self._bad.get(folder, {})
+        ds: Dataset = reader
+        if split != "test" and self.val_folder is None:  # carved from the training folder
+            carved = self.carved()[1 if split == "val" else 0]
+            ds = Subset(reader, [i for i in carved if i not in bad])
+        elif bad:
+            ds = Subset(reader, [i for i in range(len(reader)) if i not in bad])
         self._cache[key] = ds
         return ds
 
@@ -156,7 +228,7 @@ class DenseData:
 
     def preprocessing(self) -> dict[str, Any]:
         """What a user of the exported student must feed it (stored in manifests)."""
-        sample = self._read(self.test_folder, False)[0]
+        sample = self.dataset("test")[0]
         return {
             "format": "MTAN .npy, image H×W×3 float, not normalised",
             "image_size": list(sample["image"].shape[-2:]),
@@ -221,6 +293,8 @@ def build_dense_data(cfg: Config, cache_dir: Path) -> DenseData:
         val_fraction=dense.val_fraction,
         test_folder=dense.test_folder,
         source=cfg.data.source,
+        on_corrupt=cfg.data.on_corrupt,
+        cache_dir=cache_dir,
     )
     for split in ("train", "val", "test"):  # a missing folder or file fails now, naming it
         data.dataset(split)
@@ -229,15 +303,24 @@ def build_dense_data(cfg: Config, cache_dir: Path) -> DenseData:
 
 
 def _check_labels(data: DenseData) -> None:
-    """The first training label map must hold ids in ``[-1, num_classes)``."""
+    """The first training label map must hold ids in ``[-1, num_classes)``: a mismatch there is
+    most likely ``dense.num_classes``, so it is reported as that key (every map, this one
+    included, is checked by :meth:`DenseData.check`, which also reports unreadable files)."""
     if "semantic" not in data.tasks:
         return
-    sample = data.dataset("train")[0]
-    labels = sample["semantic"]
-    bad = labels[(labels < -1) | (labels >= data.num_classes)]
-    if bad.numel():
+    train = data.dataset("train")
+    index = train.indices[0] if isinstance(train, Subset) else 0
+    path = data.root / "train" / data.label_dir / f"{index}.npy"
+    try:
+        labels = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError):
+        return  # unreadable: DenseData.check names the file
+    if not isinstance(labels, np.ndarray) or labels.dtype.kind not in "fiu":
+        return
+    ids = np.rint(labels) if labels.dtype.kind == "f" else np.asarray(labels)
+    bad = ids[(ids < -1) | (ids >= data.num_classes)]
+    if bad.size:
         raise ConfigError(
-            f"config key 'dense.num_classes': {data.num_classes}, but "
-            f"{data.root / 'train' / data.label_dir} holds class id {int(bad.max())} "
-            "(labels must lie in [0, num_classes) or be -1 for ignore)"
+            f"config key 'dense.num_classes': {data.num_classes}, but {path} holds class id "
+            f"{int(bad.max())} (labels must lie in [0, num_classes) or be -1 for ignore)"
         )

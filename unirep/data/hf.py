@@ -15,6 +15,8 @@ The rows stay in memory-mapped Arrow files; an image is decoded only when its sa
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
 import re
 from collections.abc import Callable
@@ -22,13 +24,38 @@ from pathlib import Path
 from typing import Any
 
 import datasets
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from PIL import Image
 
-from unirep.data.decathlon import CorruptImageError, DataRootError
+from unirep.data.checks import SkippedFile, cached_scan, files_fingerprint
+from unirep.data.decathlon import ON_CORRUPT_CHOICES, SPLITS, CorruptImageError, DataRootError
 from unirep.data.transforms import classification_sample
+from unirep.errors import DataError
 
-__all__ = ["HFDomain"]
+__all__ = ["HFDomain", "global_id_offset"]
+
+#: Ids of one domain lie in a block of this many ids (one block per unirep split inside it).
+ID_DOMAIN_STRIDE = 10**9
+#: Rows of one split of a domain without an ``id_column``: at most this many.
+ID_SPLIT_STRIDE = 10**8
+#: Number of domain blocks: offsets stay below 2**53, exact in a float64 and in JSON readers.
+ID_DOMAIN_BLOCKS = 2**20
+
+
+def global_id_offset(domain: str, split: str) -> int:
+    """First image id of ``split`` of the Hugging Face domain ``domain`` (ids are offset + row).
+
+    The block is a function of the domain's name alone (sha256), at least 10⁹, so it never meets
+    the Visual Decathlon ids (``d·10⁷ + 200000 + k`` < 2·10⁸) nor, but for a 1-in-a-million hash
+    collision that :meth:`~unirep.data.streams.RunData.prepare` refuses, another domain's ids;
+    ``train``, ``val`` and ``test`` get disjoint sub-blocks, so ids are also unique over splits.
+    """
+    digest = int.from_bytes(hashlib.sha256(domain.encode()).digest()[:8])
+    block = 1 + digest % (ID_DOMAIN_BLOCKS - 1)
+    return block * ID_DOMAIN_STRIDE + SPLITS.index(split) * ID_SPLIT_STRIDE
+
 
 #: Builders for a single data file given as ``name_or_path``, by suffix.
 FILE_BUILDERS: dict[str, str] = {".parquet": "parquet", ".arrow": "arrow"}
@@ -86,14 +113,27 @@ class HFDomain(torch.utils.data.Dataset):
         cache_dir: Where ``load_dataset`` keeps its Arrow cache (and Hub downloads); the
             ``datasets`` default when None. Unused for ``save_to_disk`` folders, which are read
             in place.
-        id_column: Integer column of unique image ids; the row index when None.
+        id_column: Integer column of unique image ids; when None the ids are
+            ``id_offset + row index``.
+        id_offset: Added to the row index when there is no ``id_column`` (a run passes
+            :func:`global_id_offset`, so that ids are unique over every domain of the run).
+        on_corrupt: ``"error"`` raises :class:`~unirep.data.decathlon.CorruptImageError` naming
+            the row when an image cannot be decoded; ``"skip"`` decodes every row once in the
+            constructor, drops the undecodable ones and lists them in :attr:`skipped`.
+        scan_cache_dir: Where the result of the ``"skip"`` pass is kept
+            (``<scan_cache_dir>/checks/``), keyed by :meth:`fingerprint`.
+
+    The constructor checks the columns, that ids are unique and not null and that labels of a
+    ``ClassLabel`` column are within its names; :meth:`check` adds the checks of the images
+    (the split is not empty, every row has an image, every image stored as a path exists).
 
     Raises:
         DataRootError: A local path that does not exist or holds no data, or a Hub dataset that
             cannot be loaded (offline and not cached, unreachable or unknown).
+        DataError: Null or duplicate ids, or labels outside the ``ClassLabel`` names (the message
+            names the dataset, the split and the id or row).
         ValueError: Unknown split, missing column (the message lists the splits or columns),
-            a column of the wrong kind, duplicate ids, or ``config_name`` for a ``save_to_disk``
-            folder.
+            a column of the wrong kind, or ``config_name`` for a ``save_to_disk`` folder.
     """
 
     def __init__(
@@ -106,7 +146,14 @@ class HFDomain(torch.utils.data.Dataset):
         config_name: str | None = None,
         cache_dir: str | Path | None = None,
         id_column: str | None = None,
+        id_offset: int = 0,
+        on_corrupt: str = "error",
+        scan_cache_dir: str | Path | None = None,
     ) -> None:
+        if on_corrupt not in ON_CORRUPT_CHOICES:
+            raise ValueError(
+                f"unknown on_corrupt {on_corrupt!r}; valid choices: {', '.join(ON_CORRUPT_CHOICES)}"
+            )
         self.name_or_path = str(name_or_path)
         self.split = split
         self.image_column = image_column
@@ -115,10 +162,12 @@ class HFDomain(torch.utils.data.Dataset):
         self.config_name = config_name
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.id_column = id_column
+        self.id_offset = int(id_offset)
+        self.on_corrupt = on_corrupt
 
         splits = self._load_splits()
         if split not in splits:
-            raise ValueError(
+            raise DataError(
                 f"unknown split {split!r} for dataset {self.name_or_path!r}; "
                 f"available splits: {', '.join(sorted(splits))}"
             )
@@ -150,6 +199,13 @@ class HFDomain(torch.utils.data.Dataset):
         self.hf_dataset: datasets.Dataset = dataset.select_columns([image_column]).cast_column(
             image_column, datasets.Image(decode=False)
         )
+        self._source_fingerprint = str(dataset._fingerprint)
+        #: Rows of :attr:`hf_dataset` served, in order (None: every row).
+        self._rows: list[int] | None = None
+        #: Rows left out by ``on_corrupt="skip"``: ``{"path", "reason"}``.
+        self.skipped: list[SkippedFile] = []
+        if on_corrupt == "skip":
+            self._drop_undecodable(None if scan_cache_dir is None else Path(scan_cache_dir))
 
     @property
     def num_classes(self) -> int:
@@ -174,9 +230,63 @@ class HFDomain(torch.utils.data.Dataset):
         if not -len(self) <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} samples")
         index %= len(self)
+        row = index if self._rows is None else self._rows[index]
         return classification_sample(
-            self.transform, self._decode(index), self.labels[index], self.image_ids[index]
+            self.transform, self._decode(row), self.labels[index], self.image_ids[index]
         )
+
+    def check(self) -> None:
+        """The checks of the images, cheaply (the image column is read through Arrow, nothing is
+        decoded): the split is not empty, every row has an image, and every image stored as a
+        path (no bytes) exists.
+
+        Raises:
+            DataError: The split is empty, or a row has no image (the first one is named).
+            DataRootError: An image file is missing (the first one is named, with the count).
+        """
+        if len(self) == 0:
+            raise DataError(
+                f"split {self.split!r} of dataset {self.name_or_path!r} is empty"
+                + (f" (its {len(self.skipped)} images were all skipped)" if self.skipped else "")
+            )
+        column = self.hf_dataset.with_format("arrow")[self.image_column]
+        chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+        start, missing = 0, []
+        for chunk in chunks:  # validity bitmaps only: the image bytes are never materialised
+            no_bytes = pc.is_null(chunk.field("bytes"))
+            no_image = pc.or_(chunk.is_null(), pc.and_(no_bytes, pc.is_null(chunk.field("path"))))
+            if pc.any(no_image).as_py():
+                row = start + pc.index(no_image, True).as_py()
+                raise DataError(f"{self._where(row)} has no image (null)")
+            by_path = pc.indices_nonzero(no_bytes).to_pylist()
+            paths = pc.take(chunk.field("path"), by_path).to_pylist() if by_path else []
+            missing += [(start + i, p) for i, p in zip(by_path, paths, strict=True)]
+            start += len(chunk)
+        missing = [(row, path) for row, path in missing if not os.path.isfile(path)]
+        if missing:
+            row, path = missing[0]
+            raise DataRootError(
+                f"image file {path} of {self._where(row)} not found ({len(missing)} image "
+                f"files of the split missing)"
+            )
+
+    def fingerprint(self, indices: list[int] | None = None) -> str:
+        """sha256 of the source, split, image column, the dataset's own fingerprint and the name,
+        size and mtime of its Arrow files: changes whenever the rows may have changed, wherever
+        the files live. ``indices`` is accepted for symmetry with the Decathlon reader; the whole
+        split is covered either way (Arrow files are few)."""
+        files = [Path(f["filename"]) for f in self.hf_dataset.cache_files]
+        root = Path(os.path.commonpath(files)) if files else Path()
+        if len(files) == 1:
+            root = root.parent
+        head = "\0".join([self.split, self.image_column, self._source_fingerprint])
+        return files_fingerprint(files, root, head.encode())
+
+    def with_transform(self, transform: Callable | None) -> HFDomain:
+        """The same rows and labels (read once) with another transform."""
+        other = copy.copy(self)
+        other.transform = transform
+        return other
 
     def __repr__(self) -> str:
         return (
@@ -186,6 +296,25 @@ class HFDomain(torch.utils.data.Dataset):
 
     def _where(self, index: int) -> str:
         return f"row {index} of split {self.split!r} of dataset {self.name_or_path!r}"
+
+    def _drop_undecodable(self, cache_dir: Path | None) -> None:
+        def scan() -> list[SkippedFile]:
+            bad = []
+            for row in range(len(self.hf_dataset)):
+                try:
+                    self._decode(row)
+                except CorruptImageError as err:
+                    reason = str(err.__cause__ or err)
+                    bad.append({"path": self._where(row), "reason": reason, "row": str(row)})
+            return bad
+
+        bad = cached_scan(cache_dir, "decode-hf", self.fingerprint(), scan)
+        dropped = {int(e["row"]) for e in bad}
+        self.skipped = [{"path": e["path"], "reason": e["reason"]} for e in bad]
+        keep = [i for i in range(len(self.labels)) if i not in dropped]
+        self._rows = keep
+        self.labels = [self.labels[i] for i in keep]
+        self.image_ids = [self.image_ids[i] for i in keep]
 
     def _decode(self, index: int) -> Image.Image:
         value = self.hf_dataset[index][self.image_column]
@@ -284,6 +413,13 @@ class HFDomain(torch.utils.data.Dataset):
         values = _column_values(dataset, column)
         if isinstance(feature, datasets.ClassLabel):
             labels = [-1 if v is None or v < 0 else int(v) for v in values]
+            beyond = [(row, v) for row, v in enumerate(labels) if v >= feature.num_classes]
+            if beyond:
+                row, value = beyond[0]
+                raise DataError(
+                    f"label {value} of {self._where(row)} is outside the ClassLabel column "
+                    f"{column!r} (valid: 0..{feature.num_classes - 1}, or -1 for unlabelled)"
+                )
             return [str(name) for name in feature.names], labels
         if not isinstance(feature, datasets.Value):
             raise ValueError(
@@ -304,7 +440,12 @@ class HFDomain(torch.utils.data.Dataset):
 
     def _read_image_ids(self, dataset: datasets.Dataset) -> list[int]:
         if self.id_column is None:
-            return list(range(len(dataset)))
+            if self.id_offset and len(dataset) > ID_SPLIT_STRIDE:
+                raise DataError(
+                    f"split {self.split!r} of dataset {self.name_or_path!r} has {len(dataset)} "
+                    f"rows; without an id_column at most {ID_SPLIT_STRIDE} get unique ids"
+                )
+            return [self.id_offset + row for row in range(len(dataset))]
         feature = dataset.features[self.id_column]
         if not (isinstance(feature, datasets.Value) and "int" in feature.dtype):
             raise ValueError(
@@ -312,11 +453,17 @@ class HFDomain(torch.utils.data.Dataset):
                 f"{feature}, expected integers"
             )
         ids = _column_values(dataset, self.id_column)
-        if None in ids or len(set(ids)) != len(ids):
-            raise ValueError(
-                f"id column {self.id_column!r} of split {self.split!r} of dataset "
-                f"{self.name_or_path!r} has null or duplicate ids"
-            )
+        where = f"id column {self.id_column!r} of split {self.split!r} of {self.name_or_path!r}"
+        if None in ids:
+            raise DataError(f"{where} is null in row {ids.index(None)}; every row needs an id")
+        seen: set[int] = set()
+        for row, image_id in enumerate(ids):
+            if image_id in seen:
+                raise DataError(
+                    f"{where} has image id {image_id} twice (again in row {row}); ids identify "
+                    "images in the submission and must be unique"
+                )
+            seen.add(image_id)
         return [int(i) for i in ids]
 
 

@@ -15,11 +15,12 @@ from typing import Any
 from torch.utils.data import Dataset
 
 from unirep.config import DataConfig
-from unirep.data.decathlon import DataRootError, DecathlonDomain
-from unirep.data.hf import HFDomain
+from unirep.data.decathlon import SPLITS, DataRootError, DecathlonDomain
+from unirep.data.hf import HFDomain, global_id_offset
 from unirep.data.stats import domain_mean_std
 from unirep.data.synthetic import ensure_mini_decathlon
 from unirep.data.transforms import build_transform
+from unirep.errors import DataError
 from unirep.io import file_sha256
 from unirep.registry import Registry
 
@@ -37,26 +38,80 @@ class DomainSet:
     cfg: DataConfig
     cache_dir: Path
     _stats: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
-    # built once: reading an annotation file (1.2 M entries for ImageNet) is not free
+    # read once per (domain, split), untransformed: reading an annotation file (1.2 M entries
+    # for ImageNet) is not free, nor is the decoding pass of on_corrupt=skip
+    _raw: dict[tuple[str, str], DecathlonDomain | HFDomain] = field(default_factory=dict)
     _datasets: dict[tuple[str, str, bool], Any] = field(default_factory=dict)
-    _raw_hf_train: dict[str, HFDomain] = field(default_factory=dict)
 
     def mean_std(self, domain: str) -> tuple[list[float], list[float]]:
         """Per-domain normalisation (reference figures, or computed once from train and cached)."""
         if domain not in self._stats:
-            if domain in self.cfg.hf_domains:
-                spec = self.cfg.hf_domains[domain]
-                train = self._untransformed_hf_train(domain)
-                stats = domain_mean_std(spec.path, domain, self.cache_dir, train_set=train)
-            else:
-                stats = domain_mean_std(self.root, domain, self.cache_dir)
-            self._stats[domain] = stats
+            path = self.cfg.hf_domains[domain].path if domain in self.cfg.hf_domains else self.root
+            train = self.raw(domain, "train")
+            self._stats[domain] = domain_mean_std(path, domain, self.cache_dir, train_set=train)
         return self._stats[domain]
 
-    def _untransformed_hf_train(self, domain: str) -> HFDomain:
-        if domain not in self._raw_hf_train:
-            self._raw_hf_train[domain] = self._hf(domain, "train", transform=None)
-        return self._raw_hf_train[domain]
+    def raw(self, domain: str, split: str) -> DecathlonDomain | HFDomain:
+        """Domain ``domain``'s ``split`` without a transform (PIL images), read once."""
+        key = (domain, split)
+        if key not in self._raw:
+            if domain in self.cfg.hf_domains:
+                self._raw[key] = self._hf(domain, split, transform=None)
+            else:
+                self._raw[key] = DecathlonDomain(
+                    self.root,
+                    domain,
+                    split,
+                    on_corrupt=self.cfg.on_corrupt,
+                    scan_cache_dir=self.cache_dir,
+                )
+        return self._raw[key]
+
+    def check(self) -> None:
+        """Check every split of every domain up front, cheaply (see the readers' ``check``): the
+        annotation files are consistent, every split is non-empty, every listed image exists,
+        and image ids are unique within each split of every domain and over the domains (they
+        key the submission). With ``data.on_corrupt=skip`` each image is also decoded once and
+        the undecodable ones are left out (:meth:`skipped`).
+
+        Raises:
+            DataError, DataRootError: naming the file (or dataset) and what is wrong.
+        """
+        for split in SPLITS:
+            owner: dict[int, str] = {}
+            for domain in self.domains:
+                raw = self.raw(domain, split)
+                raw.check()
+                for image_id in raw.image_ids:
+                    other = owner.setdefault(image_id, domain)
+                    if other != domain:
+                        raise DataError(
+                            f"image id {image_id} of split {split!r} is used by domains "
+                            f"{other!r} ({self.source_of(other, split)}) and {domain!r} "
+                            f"({self.source_of(domain, split)}); ids must be unique over the "
+                            "domains of a run (they key the submission)"
+                        )
+
+    def source_of(self, domain: str, split: str) -> str:
+        """The file or dataset ``split`` of ``domain`` is read from, for messages."""
+        raw = self.raw(domain, split)
+        if isinstance(raw, DecathlonDomain):
+            return str(raw.annotation_file)
+        return f"split {raw.split!r} of dataset {raw.name_or_path!r}"
+
+    def skipped(self) -> list[dict[str, str]]:
+        """Images left out as undecodable (``data.on_corrupt=skip``), over every domain and split
+        read so far: ``{"path", "split", "stream", "reason"}``."""
+        entries = [
+            {"path": e["path"], "split": split, "stream": domain, "reason": e["reason"]}
+            for (domain, split), raw in self._raw.items()
+            for e in raw.skipped
+        ]
+        order = {d: i for i, d in enumerate(self.domains)}
+        return sorted(
+            entries,
+            key=lambda e: (order.get(e["stream"], -1), SPLITS.index(e["split"]), e["path"]),
+        )
 
     def _hf(self, domain: str, split: str, transform: Any) -> HFDomain:
         spec = self.cfg.hf_domains[domain]
@@ -74,12 +129,16 @@ class DomainSet:
             config_name=spec.config_name,
             cache_dir=self.cache_dir / "hf",
             id_column=spec.id_column,
+            id_offset=global_id_offset(domain, split),
+            on_corrupt=self.cfg.on_corrupt,
+            scan_cache_dir=self.cache_dir,
         )
 
     def fingerprint(self, domain: str) -> str:
         """Identifies the training data a teacher saw (annotation file or dataset fingerprint)."""
         if domain in self.cfg.hf_domains:
-            train = self._untransformed_hf_train(domain)
+            train = self.raw(domain, "train")
+            assert isinstance(train, HFDomain)
             text = (
                 f"{self.cfg.hf_domains[domain].path}|{train.split}|{train.hf_dataset._fingerprint}"
             )
@@ -118,11 +177,7 @@ class DomainSet:
             flip=domain not in self.cfg.no_flip,
             square_resize=domain in self.cfg.square_resize,
         )
-        if domain in self.cfg.hf_domains:
-            return self._hf(domain, split, transform)
-        return DecathlonDomain(
-            self.root, domain, split, transform=transform, on_corrupt=self.cfg.on_corrupt
-        )
+        return self.raw(domain, split).with_transform(transform)
 
     def datasets(self, split: str, train: bool = False) -> dict[str, Dataset]:
         """Every domain's ``split``, in domain order."""

@@ -8,7 +8,6 @@ under ``<cache_dir>/stats/`` (never inside the data root, which may be read-only
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -21,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from unirep.data.decathlon import CorruptImageError, DecathlonDomain
+from unirep.errors import DataError
 
 __all__ = ["domain_mean_std", "reference_mean_std"]
 
@@ -41,19 +41,18 @@ def reference_mean_std() -> dict[str, tuple[list[float], list[float]]]:
     return {d: (list(m), list(s)) for d, (m, s) in _reference_table().items()}
 
 
-def _cache_path(root: Path, domain: str, cache_dir: Path) -> Path:
-    key = hashlib.sha256(f"{root}\0{domain}".encode()).hexdigest()[:16]
+def _cache_path(domain: str, fingerprint: str, cache_dir: Path) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", domain)
-    return Path(cache_dir) / "stats" / f"{safe}-{key}.json"
+    return Path(cache_dir) / "stats" / f"{safe}-{fingerprint[:16]}.json"
 
 
-def _read_cache(path: Path, root: Path, domain: str, max_images: int) -> dict | None:
+def _read_cache(path: Path, domain: str, fingerprint: str, max_images: int) -> dict | None:
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    wanted = {"root": str(root), "domain": domain, "max_images": max_images}
-    if any(entry.get(k) != v for k, v in wanted.items()):
+    wanted = {"domain": domain, "fingerprint": fingerprint, "max_images": max_images}
+    if not isinstance(entry, dict) or any(entry.get(k) != v for k, v in wanted.items()):
         return None
     return entry
 
@@ -70,19 +69,22 @@ def _write_atomically(path: Path, entry: dict) -> None:
         raise
 
 
-def _compute(
-    root: Path, domain: str, max_images: int, dataset: Any = None
-) -> tuple[list[float], list[float], int]:
-    dataset = dataset if dataset is not None else DecathlonDomain(root, domain, "train")
-    n = len(dataset)
-    if n == 0:
-        raise ValueError(f"domain {domain!r} has no train images under {root}")
-    # evenly spaced over the id-sorted list: deterministic and covers the whole split
-    indices = np.unique(np.linspace(0, n - 1, num=min(n, max_images)).round().astype(np.int64))
+def _sample_indices(n: int, max_images: int) -> list[int]:
+    """Evenly spaced over the id-sorted list: deterministic and covers the whole split."""
+    spaced = np.linspace(0, n - 1, num=min(n, max_images)).round().astype(np.int64)
+    return np.unique(spaced).tolist()
+
+
+def _source(dataset: Any) -> str:
+    """The file (annotation file) or dataset a reader reads, for messages."""
+    return str(getattr(dataset, "annotation_file", None) or repr(dataset))
+
+
+def _compute(dataset: Any, indices: list[int]) -> tuple[list[float], list[float], int]:
     total = np.zeros(3)
     total_sq = np.zeros(3)
     pixels = 0
-    for i in indices.tolist():
+    for i in indices:
         try:
             image = dataset[i]["image"]
         except CorruptImageError:
@@ -92,9 +94,16 @@ def _compute(
         total_sq += (x * x).sum(axis=0)
         pixels += x.shape[0]
     if pixels == 0:
-        raise ValueError(f"no decodable train image for domain {domain!r} under {root}")
+        raise DataError(
+            f"no decodable train image among the {len(indices)} read from {_source(dataset)}"
+        )
     mean = total / pixels
     std = np.sqrt(np.maximum(total_sq / pixels - mean * mean, 0.0))
+    if not (std > 0).all():
+        raise DataError(
+            f"the train images read from {_source(dataset)} have a constant channel (RGB std "
+            f"{std.round(6).tolist()}), which normalisation would divide by"
+        )
     return mean.tolist(), std.tolist(), pixels
 
 
@@ -111,11 +120,15 @@ def domain_mean_std(
         root: Decathlon-format data root (see :class:`unirep.data.decathlon.DecathlonDomain`).
         domain: Domain name. The ten official names return the reference figures at once.
         cache_dir: Where computed figures are cached, as ``cache_dir/stats/<domain>-<hash>.json``
-            keyed by the absolute data root and the domain; written atomically.
+            keyed by the domain and the fingerprint of the files read (``train_set.fingerprint``:
+            the annotation file's bytes and the name, size and mtime of each image read, or the
+            Hugging Face dataset's files); written atomically.
         max_images: At most this many train images, evenly spaced over the id-sorted split
             (deterministic), are read; undecodable ones are left out.
-        train_set: The domain's train split returning PIL images (e.g. a Hugging Face domain);
-            by default the Decathlon reader's train split under ``root``.
+        train_set: The domain's train split returning PIL images, with a
+            ``fingerprint(indices)`` method (a :class:`DecathlonDomain` or
+            :class:`~unirep.data.hf.HFDomain`); by default the Decathlon reader's train split
+            under ``root``.
 
     Returns:
         ``(mean, std)``, three floats each.
@@ -126,16 +139,21 @@ def domain_mean_std(
         return list(mean), list(std)
     if max_images < 1:
         raise ValueError(f"max_images must be at least 1, got {max_images}")
-    abs_root = Path(root).resolve()
-    path = _cache_path(abs_root, domain, Path(cache_dir))
-    cached = _read_cache(path, abs_root, domain, max_images)
+    dataset = train_set if train_set is not None else DecathlonDomain(root, domain, "train")
+    if len(dataset) == 0:
+        raise DataError(f"domain {domain!r} has no train images: {_source(dataset)} is empty")
+    indices = _sample_indices(len(dataset), max_images)
+    fingerprint = dataset.fingerprint(indices)
+    path = _cache_path(domain, fingerprint, Path(cache_dir))
+    cached = _read_cache(path, domain, fingerprint, max_images)
     if cached is not None:
         return list(cached["mean"]), list(cached["std"])
-    mean, std, pixels = _compute(abs_root, domain, max_images, train_set)
+    mean, std, pixels = _compute(dataset, indices)
     entry = {
-        "root": str(abs_root),
         "domain": domain,
+        "fingerprint": fingerprint,
         "max_images": max_images,
+        "root": str(Path(root).resolve()),  # where it was computed; not part of the key
         "pixels": pixels,
         "mean": mean,
         "std": std,

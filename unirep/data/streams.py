@@ -51,8 +51,21 @@ class RunData(abc.ABC):
     def streams(self) -> list[str]:
         return list(dict.fromkeys(t.stream for t in self.tasks().values()))
 
-    def prepare(self) -> None:  # noqa: B027  (optional hook)
-        """Compute once, in the main process, what the other processes then read (stats)."""
+    @abc.abstractmethod
+    def prepare(self) -> None:
+        """Check the data of every split the run uses (train, val, test) up front, cheaply, and
+        compute what the other processes then read (statistics, cached scans).
+
+        Runs before any teacher trains (:func:`unirep.recipe.resolve_data`), in the main process
+        first. What is checked depends on the family (see the implementations); any fault is a
+        :class:`~unirep.errors.DataError` or
+        :class:`~unirep.data.decathlon.DataRootError` naming the file.
+        """
+
+    def skipped(self) -> list[dict[str, str]]:
+        """Files left out as unreadable under ``data.on_corrupt=skip``, found by :meth:`prepare`:
+        ``[{"path", "split", "stream", "reason"}]`` (empty when nothing was skipped)."""
+        return []
 
 
 class DomainStreams(RunData):
@@ -93,8 +106,17 @@ class DomainStreams(RunData):
         return self.domains.preprocessing(stream)
 
     def prepare(self) -> None:
-        for domain in self.domains.domains:  # computed (and cached) once, then read by others
+        """Every split of every domain: annotation files consistent (unique image ids, category
+        ids among the categories, one annotation per image), non-empty, every image file present
+        (``os.stat``, no decoding), image ids unique over the domains; with
+        ``data.on_corrupt=skip`` every image decoded once and the undecodable ones left out
+        (:meth:`skipped`). Then the per-domain statistics (computed and cached once)."""
+        self.domains.check()
+        for domain in self.domains.domains:
             self.domains.mean_std(domain)
+
+    def skipped(self) -> list[dict[str, str]]:
+        return self.domains.skipped()
 
 
 class SceneStreams(RunData):
@@ -136,6 +158,14 @@ class SceneStreams(RunData):
 
     def preprocessing(self, stream: str) -> dict[str, Any]:
         return self.data.preprocessing()
+
+    def prepare(self) -> None:
+        """Every folder the splits read: each sample's arrays readable, of the right shapes and
+        dtypes, labels in range, every value finite (see :meth:`DenseData.check`)."""
+        self.data.check()
+
+    def skipped(self) -> list[dict[str, str]]:
+        return [{**e, "stream": SCENE_STREAM} for e in self.data.skipped()]
 
 
 def build_run_data(cfg: Config) -> RunData:
