@@ -22,7 +22,7 @@ from unirep.data.streams import RunData
 from unirep.evaluate import Evaluator, mean_main_metric_score
 from unirep.models.build import architecture, build_network
 from unirep.objective import Objective
-from unirep.rundir import teacher_key, teacher_path, teacher_recipe
+from unirep.rundir import clean_partial, teacher_key, teacher_path, teacher_recipe
 from unirep.tasks import Task
 from unirep.teachers import MANIFEST, load_teacher, save_teacher
 from unirep.trainable import TrainableModule
@@ -133,6 +133,8 @@ def ensure_teachers(cfg: Config, accelerator: Accelerator, data: RunData, run_di
             _load(cfg, data, tasks[name])
             accelerator.print(f"[teacher-{name}] found {directory}")
             continue
+        if accelerator.is_main_process and directory.is_dir():
+            clean_partial(directory)  # what a killed save left behind is never read
         source = cfg.teachers.finetune_from
         init_from = tasks[source] if source and source != name else None
         seconds += train_teacher(cfg, accelerator, data, tasks[name], run_dir, evaluator, init_from)

@@ -37,7 +37,7 @@ from unirep.data.dense import (
     write_mtan_fixture,
 )
 from unirep.data.dense_sets import DenseData
-from unirep.data.hf import HFDomain
+from unirep.data.hf import HFDomain, global_id_offset
 from unirep.data.sources import DomainSet, build_domains
 from unirep.data.transforms import (
     DECATHLON_NO_FLIP,
@@ -346,15 +346,17 @@ def test_hf_domain(tmp_path: Path, id_column: str | None) -> None:
     cfg = DataConfig(source="hf", resize=20, crop=16, hf_domains={"pets": spec})
     domains: DomainSet = build_domains(cfg, tmp_path / "cache")
     for split, name in spec.splits.items():
+        offset = global_id_offset("pets", split) if id_column is None else 0
         raw = HFDomain(
-            str(path), name, image_column="img", label_column="kind", id_column=id_column
-        )
+            str(path), name, image_column="img", label_column="kind", id_column=id_column,
+            id_offset=offset,
+        )  # fmt: skip
         _check_classification_family(domains, "pets", split, raw, 20)
         train = domains.dataset("pets", split, train=True)
         ids = [train[i]["id"] for i in range(len(train))]
         assert ids == raw.image_ids
         if id_column is None:
-            assert ids == list(range(len(train)))
+            assert ids == [offset + row for row in range(len(train))]
 
 
 # ---- dense ----------------------------------------------------------------------------------

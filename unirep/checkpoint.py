@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from unirep.faults import failpoint
 from unirep.io import atomic_write_json, load_weights, read_json, save_weights
 
 STATE = "trainer_state.json"
@@ -72,6 +73,7 @@ def save_checkpoint(
         )
         atomic_write_json(tmp / STATE, {**state, "step": step})
     accelerator.wait_for_everyone()
+    failpoint(f"write:{Path(directory).name}/step_{step:06d}")
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         tmp.rename(final)

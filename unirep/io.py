@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from unirep.errors import NonFiniteError
+from unirep.faults import failpoint
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -26,6 +27,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        failpoint(f"write:{path.parent.name}/{path.name}")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -84,6 +86,7 @@ def save_weights(path: Path, state: dict[str, torch.Tensor]) -> str:
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
+        failpoint(f"write:{path.parent.name}/{path.name}")
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -20,15 +20,15 @@ from accelerate.utils import set_seed
 from unirep.config import Config, ConfigError
 from unirep.data.streams import RunData, build_run_data
 from unirep.evaluate import Evaluator, Results, delta_m_score, mean_main_metric_score, mean_metric
-from unirep.export import export_student, load_student, student_tasks
-from unirep.io import atomic_write_json
+from unirep.export import STUDENT_MANIFEST, export_student, load_student, student_tasks
+from unirep.io import atomic_write_json, read_json
 from unirep.metrics import PUBLISHED_ACCURACY, decathlon_score, delta_m, official_decathlon_score
 from unirep.models.build import architecture, build_network, count_parameters
 from unirep.objective import Objective
 from unirep.report import prediction_grid_figure, write_figure, write_report
-from unirep.rundir import resume_point, teacher_root
+from unirep.rundir import resume_point, teacher_key, teacher_path
 from unirep.tasks import Task, main_metrics
-from unirep.teachers import Teacher, load_teacher, teacher_dir
+from unirep.teachers import Teacher, load_teacher
 from unirep.tracking import read_curves, report_curves, weighting_curves
 from unirep.trainable import TrainableModule
 from unirep.trainer import FitResult, Phase, fit
@@ -36,6 +36,7 @@ from unirep.validate import check_against_data
 from unirep.weighting import build_weighting
 
 SUBMISSION = "results.json"
+METRICS = "metrics.json"
 GRID_FIGURE = "qualitative.png"
 GRID_SAMPLES = 4
 
@@ -57,10 +58,11 @@ def load_teachers(cfg: Config, data: RunData, tasks: dict[str, Task]) -> dict[st
     """Every task's teacher, verified against the data (classes, fingerprint, architecture)."""
     return {
         name: load_teacher(
-            teacher_dir(teacher_root(cfg), cfg.preset, name),
+            teacher_path(cfg, data, name),
             task,
             architecture=architecture(cfg),
             data_fingerprint=data.fingerprint(name),
+            key=teacher_key(cfg, data, name),
         )
         for name, task in tasks.items()
     }
@@ -146,6 +148,18 @@ def student_phase(
 # Stage two
 
 
+def stored(path: Path, accelerator: Accelerator, compute: Any) -> Any:
+    """``compute()`` once: its JSON result is kept at ``path`` and read back on resume, so a
+    finished evaluation is never recomputed (every process reads the same file)."""
+    if path.is_file():
+        return read_json(path, what="stored evaluation")
+    value = compute()
+    if accelerator.is_main_process:
+        atomic_write_json(path, value)
+    accelerator.wait_for_everyone()
+    return value
+
+
 def distill(
     cfg: Config,
     accelerator: Accelerator,
@@ -153,17 +167,33 @@ def distill(
     run_dir: Path,
     teacher_seconds: float = 0.0,
 ) -> dict[str, Any]:
-    """Train the baseline (optional) and the distilled student; evaluate, export and report."""
+    """Train the baseline (optional) and the distilled student; evaluate, export and report.
+
+    Resumable at any point: finished phases reload their best weights, stored evaluations are
+    read back, an existing export is kept, and ``metrics.json`` is written last (its presence
+    marks the run finished, see :func:`unirep.rundir.run_finished`).
+    """
     evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
     tasks = data.tasks()
     teachers = load_teachers(cfg, data, tasks)
     for t in teachers.values():
         t.net.to(accelerator.device)
+    store = run_dir / "checkpoints"
     teacher_val = None
     if cfg.train.selection_metric == "delta_m":
-        teacher_val = evaluate_teachers(evaluator, teachers, tasks, "val", data)
+        teacher_val = stored(
+            store / "teacher" / "evaluation_val.json",
+            accelerator,
+            lambda: evaluate_teachers(evaluator, teachers, tasks, "val", data),
+        )
     split_sets = data.datasets(cfg.split)
-    results = {"teacher": evaluate_teachers(evaluator, teachers, tasks, cfg.split, data)}
+    results = {
+        "teacher": stored(
+            store / "teacher" / f"evaluation_{cfg.split}.json",
+            accelerator,
+            lambda: evaluate_teachers(evaluator, teachers, tasks, cfg.split, data),
+        )
+    }
     fits: dict[str, FitResult] = {}
     nets: dict[str, torch.nn.Module] = {}
     modules: dict[str, TrainableModule] = {}
@@ -173,12 +203,19 @@ def distill(
             continue
         phase = student_phase(cfg, role, data, tasks, run_dir, teachers, teacher_val, is_distilled)
         fits[role] = fit(accelerator, phase, evaluator, progress=cfg.progress)
-        nets[role], modules[role] = phase.module.student, phase.module
-        keep = predictions if role == "student" else None
-        results[role] = evaluator.evaluate(nets[role], cfg.split, split_sets, tasks, keep=keep)
+        net = nets[role] = phase.module.student
+        modules[role] = phase.module
+        if role == "student":  # its predictions make the submission
+            results[role] = evaluator.evaluate(net, cfg.split, split_sets, tasks, keep=predictions)
+        else:
+            results[role] = stored(
+                phase.checkpoint_dir / f"evaluation_{cfg.split}.json",
+                accelerator,
+                lambda net=net: evaluator.evaluate(net, cfg.split, split_sets, tasks),
+            )
 
     student, best = nets["student"], fits["student"]
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and not (run_dir / "student" / STUDENT_MANIFEST).is_file():
         export_student(
             run_dir / "student",
             student,
@@ -197,8 +234,8 @@ def distill(
     params = parameter_counts(student, teachers, modules["student"])
     metrics = build_metrics(cfg, tasks, accelerator.num_processes, results, params)
     metrics["summary"].update(fit_records(fits, teacher_seconds, cfg.train.selection_metric))
+    metrics["summary"].update(data_records(data))
     if accelerator.is_main_process:
-        atomic_write_json(run_dir / "metrics.json", metrics)
         entries = submission_entries(tasks, split_sets, predictions)
         if entries is not None:
             atomic_write_json(run_dir / SUBMISSION, entries)
@@ -208,9 +245,16 @@ def distill(
             run_dir,
             metrics,
             report_curves(curves),
-            extra_sections=[published_comparison(metrics), delta_m_notes(metrics), grid],
+            extra_sections=[
+                unlabelled_note(metrics),
+                published_comparison(metrics),
+                delta_m_notes(metrics),
+                grid,
+                reliability_section(metrics),
+            ],
             weighting=informative_weighting(weighting_curves(curves)),
         )
+        atomic_write_json(run_dir / METRICS, metrics)  # last: the run is finished
     accelerator.wait_for_everyone()
     return metrics
 
@@ -250,11 +294,12 @@ def evaluate_student(
     params = parameter_counts(net, teachers)
     metrics = build_metrics(cfg, tasks, accelerator.num_processes, results, params)
     metrics["student"] = str(student_dir)
+    metrics["summary"].update(data_records(data))
     if accelerator.is_main_process:
-        atomic_write_json(run_dir / "metrics.json", metrics)
         entries = submission_entries(tasks, sets, predictions)
         if entries is not None:
             atomic_write_json(run_dir / SUBMISSION, entries)
+        atomic_write_json(run_dir / METRICS, metrics)  # last: the evaluation is finished
     accelerator.wait_for_everyone()
     return metrics
 
@@ -381,6 +426,7 @@ def fit_records(fits: dict[str, FitResult], teacher_seconds: float, score: str) 
     }
     if fits:
         records["phase_seconds"] = {role: f.seconds for role, f in fits.items()}
+        records["skipped_steps"] = {role: f.skipped_steps for role, f in fits.items()}
         records["selection"] = {
             role: {"split": "val", "best_step": f.best_step, f"val_{score}": f.best_val}
             for role, f in fits.items()
@@ -477,6 +523,47 @@ def published_comparison(metrics: dict[str, Any]) -> str:
         + "\n\n"
         + note
     )
+
+
+def data_records(data: RunData) -> dict[str, Any]:
+    """Summary entries about the data: whether the reported split is labelled and the files
+    skipped as corrupt (``data.on_corrupt=skip``), listed with their reason."""
+    return {"skipped_files": data.skipped()}
+
+
+def unlabelled_note(metrics: dict[str, Any]) -> str:
+    """Markdown, when no metric of the reported split could be computed (no labels)."""
+    measured = any(
+        v is not None for entry in metrics["tasks"].values() for v in entry["student"].values()
+    )
+    if measured:
+        return ""
+    return (
+        f"## The {metrics['split']} split is unlabelled\n\n"
+        "Its annotations carry no labels (e.g. Visual Decathlon's `*_test_stripped.json`), so no "
+        "metric is computed on it: the tables show dashes. The predictions are in `results.json`, "
+        "the file the official evaluation server takes. Model selection used the validation split."
+    )
+
+
+def reliability_section(metrics: dict[str, Any]) -> str:
+    """Markdown: steps skipped for non-finite values and files skipped as corrupt, if any."""
+    s = metrics["summary"]
+    lines = []
+    skipped = {r: n for r, n in s.get("skipped_steps", {}).items() if n}
+    if skipped:
+        lines.append(
+            "Steps skipped for a non-finite loss or gradient (`train.on_nonfinite=skip`): "
+            + ", ".join(f"{role} {n}" for role, n in skipped.items())
+            + "."
+        )
+    files = s.get("skipped_files") or []
+    if files:
+        lines.append(f"Files skipped as corrupt (`data.on_corrupt=skip`): {len(files)}.\n")
+        lines += [f"- `{f['path']}` ({f.get('split', '?')}): {f.get('reason', '')}" for f in files]
+    if not lines:
+        return ""
+    return "## Skipped steps and files\n\n" + "\n".join(lines)
 
 
 def delta_m_notes(metrics: dict[str, Any]) -> str:

@@ -70,7 +70,9 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
                 "resume=true, replace it with overwrite=true, or choose another name= "
                 "(or output_dir=)"
             )
-        if not held and directory.is_dir() and any(directory.iterdir()):
+        # a kill before config.yaml was written leaves only temporary files behind
+        found = list(directory.iterdir()) if directory.is_dir() else []
+        if not held and any(not p.name.endswith(".tmp") for p in found):
             raise ConfigError(
                 f"{str(directory)!r} exists and is not a unirep run folder (no {CONFIG}); "
                 "choose another name= or output_dir="
@@ -78,13 +80,30 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         accelerator.wait_for_everyone()  # every process checked before the main one writes
         if held and accelerator.is_main_process:  # overwrite=true
             shutil.rmtree(directory)
+        elif directory.is_dir() and accelerator.is_main_process:
+            clean_partial(directory)
     if cfg.resume:
         _check_same_config(cfg, directory / CONFIG)  # and it stays as written at the start
+        if accelerator.is_main_process:
+            clean_partial(directory)
     elif accelerator.is_main_process:
         directory.mkdir(parents=True, exist_ok=True)
         save_config(cfg, directory / CONFIG)
     accelerator.wait_for_everyone()
     return directory
+
+
+def clean_partial(directory: Path) -> list[Path]:
+    """Delete what a killed process left half-written under ``directory``: the hidden temporary
+    files and checkpoint folders that atomic writes rename into place (``.<name>.*.tmp``,
+    ``.step_NNNNNN.tmp``). They are never read; returns what was removed."""
+    removed = sorted(p for p in Path(directory).rglob(".*.tmp") if p.exists())
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed
 
 
 def run_finished(run_dir: Path) -> bool:

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
+import os
 from pathlib import Path
+
+from unirep.faults import ENV, failpoint
+from unirep.io import atomic_write_text
 
 Curves = dict[str, dict[str, list[tuple[int, float]]]]
 """``{phase: {series: [(step, value), ...]}}``, as :func:`read_curves` returns them."""
@@ -27,16 +32,23 @@ class CSVLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         rows = read_log(self.path) if self.path.exists() else []
         kept = [r for r in rows if r[0] <= resume_step] if resume_step else []
-        with open(self.path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(["step", "series", "value"])
-            writer.writerows([s, k, f"{v:.6g}"] for s, k, v in kept)
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["step", "series", "value"])
+        writer.writerows([s, k, f"{v:.6g}"] for s, k, v in kept)
+        atomic_write_text(self.path, text.getvalue())  # a kill here keeps the old log whole
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
+        rows = [[step, k, f"{v:.6g}"] for k, v in values.items()]
         with open(self.path, "a", newline="") as f:
-            csv.writer(f).writerows([step, k, f"{v:.6g}"] for k, v in values.items())
+            writer = csv.writer(f)
+            if os.environ.get(ENV) == f"log:{self.path.stem}:{step}":  # a torn row, then killed
+                f.write(f"{step},{rows[0][1][:3]}")
+                f.flush()
+                failpoint(f"log:{self.path.stem}:{step}")
+            writer.writerows(rows)
 
 
 def read_log(path: Path) -> list[tuple[int, str, float]]:
@@ -44,7 +56,14 @@ def read_log(path: Path) -> list[tuple[int, str, float]]:
     with open(path, newline="") as f:
         reader = csv.reader(f)
         next(reader, None)
-        return [(int(s), name, float(v)) for s, name, v in reader]
+        rows = []
+        for row in reader:
+            try:
+                step, name, value = row
+                rows.append((int(step), name, float(value)))
+            except ValueError:  # a row torn by a kill: never read (resume drops it)
+                continue
+        return rows
 
 
 def read_curves(log_dir: Path) -> Curves:

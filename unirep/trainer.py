@@ -34,6 +34,7 @@ from unirep.checkpoint import (
 from unirep.config import TrainConfig
 from unirep.data.sampling import MultiDomainStream
 from unirep.errors import NonFiniteError
+from unirep.faults import failpoint
 from unirep.io import atomic_write_json, load_weights, read_json, save_weights
 from unirep.optim import build_optimizer, build_scheduler
 from unirep.tasks import Task
@@ -289,6 +290,7 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
         for k, v in train_step(ctx, step).items():
             running[k] = running[k] + v if k in running else v
         done, since = step + 1, since + 1
+        failpoint(f"step:{phase.name}:{done}")
         # Log: means since the last log, averaged over processes.
         if _due(done, cfg.log_every, cfg.max_steps):
             keys = sorted(running)
