@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,6 +26,8 @@ from unirep.tasks import TASK_KINDS, Task
 from unirep.teachers import TeacherMismatchError
 
 pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _run(cache: Path, out: Path, *extra: str) -> tuple[Path, dict]:
@@ -127,6 +132,39 @@ def test_evaluate_reproduces_the_run(
         mine = [e for e in entries if truth[e["image_id"]][0] == domain]
         correct = sum(e["category_id"] == truth[e["image_id"]][1] for e in mine)
         assert correct / len(mine) == pytest.approx(task["student"]["accuracy"])
+
+
+def test_evaluate_uses_the_students_preprocessing_and_a_new_folder(
+    finished_run: tuple[Path, dict], tiny_cache: Path
+) -> None:
+    """scripts/evaluate.py given the run's own config.yaml and another preset's preprocessing:
+    the training run is untouched, the student is preprocessed as its manifest records (so the
+    run's numbers come back), and the results go to a new eval- folder."""
+    run_dir, metrics = finished_run
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--config",
+         str(run_dir / "config.yaml"), f"student={run_dir}", "data.resize=40", "data.crop=36"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "recorded preprocessing is used (resize 32 instead of 40, crop 28 instead of 36)" in (
+        result.stdout
+    )
+    after = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert after == before
+    out = run_dir.parent / f"eval-{run_dir.name}-test"
+    again = json.loads((out / "metrics.json").read_text())
+    for domain, task in metrics["tasks"].items():
+        assert again["tasks"][domain]["student"] == pytest.approx(task["student"])
+    second = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--config",
+         str(run_dir / "config.yaml"), f"student={run_dir}", f"name={run_dir.name}"],
+        capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert second.returncode == 1 and "training run" in second.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in second.stderr
 
 
 def test_resume_continues_an_interrupted_run(

@@ -20,7 +20,13 @@ from accelerate.utils import set_seed
 from unirep.config import Config, ConfigError
 from unirep.data.streams import RunData, build_run_data
 from unirep.evaluate import Evaluator, Results, delta_m_score, mean_main_metric_score, mean_metric
-from unirep.export import STUDENT_MANIFEST, export_student, load_student, student_tasks
+from unirep.export import (
+    STUDENT_MANIFEST,
+    export_student,
+    load_student,
+    student_preprocessing,
+    student_tasks,
+)
 from unirep.io import atomic_write_json, read_json
 from unirep.metrics import PUBLISHED_ACCURACY, decathlon_score, delta_m, official_decathlon_score
 from unirep.models.build import architecture, build_network, count_parameters
@@ -265,6 +271,8 @@ def evaluate_student(
     """Evaluate an exported student on ``cfg.split`` (with the teachers it names, when found)."""
     net, manifest = load_student(student_dir)
     net.to(accelerator.device)
+    for note in data.use_preprocessing(student_preprocessing(manifest)):
+        accelerator.print(note)
     run_tasks = data.tasks()
     tasks = student_tasks(manifest)
     for name, task in tasks.items():

@@ -42,6 +42,8 @@ class DomainSet:
     # for ImageNet) is not free, nor is the decoding pass of on_corrupt=skip
     _raw: dict[tuple[str, str], DecathlonDomain | HFDomain] = field(default_factory=dict)
     _datasets: dict[tuple[str, str, bool], Any] = field(default_factory=dict)
+    # {domain: preprocessing} recorded by an exported model, used instead of the config's
+    recorded: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def mean_std(self, domain: str) -> tuple[list[float], list[float]]:
         """Per-domain normalisation (reference figures, or computed once from train and cached)."""
@@ -146,7 +148,10 @@ class DomainSet:
         return file_sha256(self.root / "annotations" / f"{domain}_train.json")
 
     def preprocessing(self, domain: str) -> dict[str, Any]:
-        """What an exported model needs to preprocess this domain's images at test time."""
+        """What an exported model needs to preprocess this domain's images at test time (the
+        recorded one, for a domain :attr:`recorded` names)."""
+        if domain in self.recorded:
+            return self.recorded[domain]
         mean, std = self.mean_std(domain)
         return {
             "resize": self.cfg.resize,
@@ -167,21 +172,25 @@ class DomainSet:
         return self._datasets[key]
 
     def _build_dataset(self, domain: str, split: str, train: bool) -> DecathlonDomain | HFDomain:
-        mean, std = self.mean_std(domain)
+        pre = self.preprocessing(domain)
         transform = build_transform(
             train=train,
-            resize=self.cfg.resize,
-            crop=self.crop(domain),
-            mean=mean,
-            std=std,
+            resize=pre["resize"],
+            crop=pre["crop"],
+            mean=pre["mean"],
+            std=pre["std"],
             flip=domain not in self.cfg.no_flip,
-            square_resize=domain in self.cfg.square_resize,
+            square_resize=pre["square_resize"],
         )
         return self.raw(domain, split).with_transform(transform)
 
     def datasets(self, split: str, train: bool = False) -> dict[str, Dataset]:
         """Every domain's ``split``, in domain order."""
         return {d: self.dataset(d, split, train) for d in self.domains}
+
+    def forget_datasets(self) -> None:
+        """Drop the transformed datasets built so far (the untransformed reads are kept)."""
+        self._datasets.clear()
 
     def crop(self, domain: str) -> int:
         """The domain's crop size (``data.crops.<domain>``, else ``data.crop``)."""

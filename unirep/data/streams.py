@@ -14,7 +14,7 @@ from typing import Any
 
 from torch.utils.data import Dataset
 
-from unirep.config import Config, cache_dir
+from unirep.config import Config, ConfigError, cache_dir
 from unirep.data.dense_sets import DenseData, build_dense_data
 from unirep.data.sources import DomainSet, build_domains
 from unirep.tasks import TASK_KINDS, Task
@@ -50,6 +50,12 @@ class RunData(abc.ABC):
 
     def streams(self) -> list[str]:
         return list(dict.fromkeys(t.stream for t in self.tasks().values()))
+
+    @abc.abstractmethod
+    def use_preprocessing(self, recorded: dict[str, dict[str, Any]]) -> list[str]:
+        """Preprocess each stream of ``recorded`` (an exported model's manifest) as recorded,
+        not as the config says; returns one line per stream where the two differed. Call it
+        before any dataset is built. What cannot be changed is a :class:`ConfigError`."""
 
     @abc.abstractmethod
     def prepare(self) -> None:
@@ -105,6 +111,30 @@ class DomainStreams(RunData):
     def preprocessing(self, stream: str) -> dict[str, Any]:
         return self.domains.preprocessing(stream)
 
+    def use_preprocessing(self, recorded: dict[str, dict[str, Any]]) -> list[str]:
+        notes = []
+        for stream, pre in recorded.items():
+            if stream not in self.domains.domains:
+                continue
+            missing = {"resize", "crop", "square_resize", "mean", "std"} - set(pre)
+            if missing:
+                raise ConfigError(
+                    f"the student's manifest records no {', '.join(sorted(missing))} for "
+                    f"{stream!r}; it cannot be evaluated with its own preprocessing"
+                )
+            mine = self.domains.preprocessing(stream)
+            changed = [k for k in ("resize", "crop", "square_resize", "mean", "std")
+                       if mine.get(k) != pre[k]]  # fmt: skip
+            if changed:
+                notes.append(
+                    f"{stream}: the student's recorded preprocessing is used ("
+                    + ", ".join(f"{k} {pre[k]} instead of {mine.get(k)}" for k in changed)
+                    + ")"
+                )
+            self.domains.recorded[stream] = dict(pre)
+        self.domains.forget_datasets()  # none built with the config's preprocessing is reused
+        return notes
+
     def prepare(self) -> None:
         """Every split of every domain: annotation files consistent (unique image ids, category
         ids among the categories, one annotation per image), non-empty, every image file present
@@ -158,6 +188,23 @@ class SceneStreams(RunData):
 
     def preprocessing(self, stream: str) -> dict[str, Any]:
         return self.data.preprocessing()
+
+    def use_preprocessing(self, recorded: dict[str, dict[str, Any]]) -> list[str]:
+        # dense arrays are read as stored: a different label set, depth encoding or image size
+        # is another benchmark, not another preprocessing
+        keys = {"image_size": "the data's image size", "label_dir": "dense.label_dir",
+                "depth_kind": "dense.depth_kind"}  # fmt: skip
+        for stream, pre in recorded.items():
+            if stream not in self.streams():
+                continue
+            mine = self.preprocessing(stream)
+            for key, where in keys.items():
+                if key in pre and pre[key] != mine.get(key):
+                    raise ConfigError(
+                        f"the student was trained with {key} {pre[key]!r} but {where} is "
+                        f"{mine.get(key)!r} here; evaluate it on data like its own"
+                    )
+        return []
 
     def prepare(self) -> None:
         """Every folder the splits read: each sample's arrays readable, of the right shapes and
