@@ -42,13 +42,13 @@ def _order(cfg: Config, tasks: list[str]) -> list[str]:
     return [source] + [t for t in tasks if t != source]
 
 
-def _load(cfg: Config, data: RunData, task: Task) -> object:
+def _load(cfg: Config, data: RunData, task: Task, world_size: int) -> object:
     return load_teacher(
-        teacher_path(cfg, data, task.name),
+        teacher_path(cfg, data, task.name, world_size),
         task,
         architecture=architecture(cfg),
         data_fingerprint=data.fingerprint(task.name),
-        key=teacher_key(cfg, data, task.name),
+        key=teacher_key(cfg, data, task.name, world_size),
     )
 
 
@@ -67,7 +67,7 @@ def train_teacher(
     recipe = teacher_recipe(cfg, task.name)
     net = build_network(architecture(cfg), tasks)
     if init_from is not None:
-        source = _load(cfg, data, init_from)
+        source = _load(cfg, data, init_from, accelerator.num_processes)
         net.trunk.load_state_dict(source.net.trunk.state_dict(), strict=True)  # type: ignore[attr-defined]
     name = f"teacher-{task.name}"
     stream = task.stream
@@ -91,7 +91,7 @@ def train_teacher(
     if accelerator.is_main_process:
         train_set = phase.train_sets[stream]
         save_teacher(
-            teacher_path(cfg, data, task.name),
+            teacher_path(cfg, data, task.name, accelerator.num_processes),
             net,
             task,
             architecture=architecture(cfg),
@@ -112,7 +112,7 @@ def train_teacher(
                 "seconds": result.seconds,
                 "selection_metric": task.main_metric,
             },
-            key=teacher_key(cfg, data, task.name),
+            key=teacher_key(cfg, data, task.name, accelerator.num_processes),
         )
     accelerator.wait_for_everyone()
     return result.seconds
@@ -128,9 +128,9 @@ def ensure_teachers(cfg: Config, accelerator: Accelerator, data: RunData, run_di
     tasks = data.tasks()
     seconds = 0.0
     for name in _order(cfg, list(tasks)):
-        directory = teacher_path(cfg, data, name)
+        directory = teacher_path(cfg, data, name, accelerator.num_processes)
         if not cfg.teachers.retrain and (directory / MANIFEST).exists():
-            _load(cfg, data, tasks[name])
+            _load(cfg, data, tasks[name], accelerator.num_processes)
             accelerator.print(f"[teacher-{name}] found {directory}")
             continue
         if accelerator.is_main_process and directory.is_dir():

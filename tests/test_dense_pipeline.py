@@ -24,7 +24,7 @@ from unirep.export import load_student
 from unirep.io import file_sha256, load_weights
 from unirep.objective import Objective
 from unirep.recipe import distill, evaluate_student, resolve_data
-from unirep.rundir import make_accelerator, prepare_run_dir
+from unirep.rundir import make_accelerator, prepare_run_dir, teacher_path
 from unirep.teachers import TeacherMismatchError
 from unirep.trainer import DONE
 
@@ -235,10 +235,16 @@ def test_dense_resume_continues_an_interrupted_run(
 def test_teacher_of_another_architecture_is_refused(
     scenes_run: tuple[Path, dict], tiny_cache: Path, tmp_path: Path
 ) -> None:
+    """Another architecture keys another teacher folder; a teacher of the old one copied into
+    it is refused, naming its teacher.json and the architecture."""
+    old = tiny_dense_config(tiny_cache, tmp_path)
     cfg = tiny_dense_config(tiny_cache, tmp_path, "name=other", "dense.decoder_channels=16")
-    cfg.teachers.root = str(tiny_cache / "teachers")
+    cfg.teachers.root = str(tmp_path / "teachers")
     accelerator = make_accelerator(cfg)
     data = resolve_data(cfg, accelerator)
+    source, target = teacher_path(old, data, "depth"), teacher_path(cfg, data, "depth")
+    assert source.name != target.name and (source / "teacher.json").is_file()
+    shutil.copytree(source, target)
     with pytest.raises(TeacherMismatchError, match=r"teacher\.json.*decoder_channels"):
         ensure_teachers(cfg, accelerator, data, tmp_path / "other")
 

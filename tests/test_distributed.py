@@ -37,3 +37,47 @@ def test_two_processes_share_training(tiny_cache: Path, tmp_path: Path) -> None:
     step = sorted((tmp_path / "ddp" / "checkpoints" / "student").glob("step_*"))[-1]
     assert {p.name for p in step.glob("rng_*.pt")} == {"rng_0.pt", "rng_1.pt"}
     assert result.stdout.count("student mean accuracy") == 1  # only the main process reports
+
+
+def test_two_processes_killed_and_resumed_match_an_uninterrupted_run(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    """Both ranks SIGKILLed after student step 3 (UNIREP_KILL_AT), then resumed: the student,
+    metrics.json and results.json equal an uninterrupted 2-process run's (timings aside)."""
+
+    def launch(name: str, port: int, kill_at: str | None = None, *extra: str):
+        command = [
+            sys.executable, "-m", "accelerate.commands.launch",
+            "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+            str(ROOT / "scripts" / "distill.py"),
+            *TINY, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}", f"name={name}",
+            "baseline=false", *extra,
+        ]  # fmt: skip
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+        env.pop("UNIREP_KILL_AT", None)
+        if kill_at:
+            env["UNIREP_KILL_AT"] = kill_at
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+
+    whole = launch("whole", 29531)
+    assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
+    killed = launch("cut", 29533, "step:student:3")
+    assert killed.returncode != 0
+    assert not (tmp_path / "cut" / "metrics.json").exists()
+    resumed = launch("cut", 29535, None, "resume=true")
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "[student] resumed from" in resumed.stdout
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if "seconds" not in k}
+        return value
+
+    a, b = tmp_path / "whole", tmp_path / "cut"
+    assert strip(json.loads((a / "metrics.json").read_text())) == strip(
+        json.loads((b / "metrics.json").read_text())
+    )
+    assert (a / "results.json").read_bytes() == (b / "results.json").read_bytes()
+    for name in ("model.safetensors",):
+        assert (a / "student" / name).read_bytes() == (b / "student" / name).read_bytes()

@@ -271,3 +271,62 @@ def test_an_unlabelled_test_split_gives_a_submission_and_exits_0(tmp_path: Path)
     assert "not measured (unlabelled split)" in evaluated.stdout
     out = tmp_path / "runs" / "eval-vd-test"
     assert json.loads((out / "results.json").read_text()) == entries
+
+
+def test_the_teacher_cache_is_keyed_by_what_determines_a_teacher(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    from unirep.rundir import teacher_path
+
+    def path(task: str, *extra: str) -> Path:
+        cfg = tiny_config(tiny_cache, tmp_path, *extra)
+        assert cfg.teachers.finetune_from == "objects"  # digits is fine-tuned from objects
+        return teacher_path(cfg, resolve_data(cfg, Accelerator(cpu=True)), task)
+
+    base = path("digits")
+    assert base.name.startswith("digits-")
+    assert path("digits", "progress=true", "name=other", "train.max_steps=9") == base
+    changes = [
+        "teachers.finetune_train.max_steps=7",
+        "teachers.finetune_train.optim.optimizer.kwargs={lr: 0.2}",
+        "teachers.train.max_steps=7",  # the recipe of objects, which digits starts from
+        "seed=1",
+        "data.crop=24",
+        "data.batch_size=4",
+        "model.backbone=resnet18",
+        "distill.task_loss={name: cross_entropy, kwargs: {label_smoothing: 0.1}}",
+    ]
+    for change in changes:
+        assert path("digits", change) != base, change
+    source = path("objects")
+    assert path("objects", "teachers.finetune_train.max_steps=7") == source
+
+
+@pytest.mark.slow
+def test_skipped_corrupt_files_are_listed_in_metrics_and_report(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    import shutil
+
+    from teachers.recipe import ensure_teachers
+    from unirep.recipe import distill
+
+    generated = tiny_config(tiny_cache, tmp_path)
+    src = resolve_data(generated, Accelerator(cpu=True)).root
+    root = tmp_path / "copy"
+    shutil.copytree(src, root)
+    broken = sorted((root / "data" / "objects" / "val").glob("*"))[0]
+    broken.write_bytes(b"not a jpeg")
+    cfg = tiny_config(
+        tiny_cache, tmp_path, "data.source=decathlon", f"data.root={root}",
+        "data.on_corrupt=skip", f"teachers.root={tmp_path / 'teachers'}", "name=skip",
+    )  # fmt: skip
+    accelerator = Accelerator(cpu=True)
+    data = resolve_data(cfg, accelerator)
+    run_dir = prepare_run_dir(cfg, accelerator)
+    distill(cfg, accelerator, data, run_dir, ensure_teachers(cfg, accelerator, data, run_dir))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (entry,) = metrics["summary"]["skipped_files"]
+    assert entry["path"].endswith(str(broken.relative_to(root))) and entry["split"] == "val"
+    report = (run_dir / "report.md").read_text()
+    assert "Files skipped as corrupt" in report and broken.name in report

@@ -1,3 +1,3 @@
 """unirep: universal representations by distillation (multi-domain and multi-task)."""
 
-__version__ = "0.1.0"
+__version__ = "0.3.0"

@@ -31,6 +31,7 @@ def teacher_records(teachers: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {
         t: {
             "weights_sha256": teacher.manifest["weights_sha256"],
+            "key": teacher.manifest.get("key"),
             "val_metrics": teacher.manifest["val_metrics"],
         }
         for t, teacher in teachers.items()

@@ -32,7 +32,7 @@ from unirep.metrics import PUBLISHED_ACCURACY, decathlon_score, delta_m, officia
 from unirep.models.build import architecture, build_network, count_parameters
 from unirep.objective import Objective
 from unirep.report import prediction_grid_figure, write_figure, write_report
-from unirep.rundir import resume_point, teacher_key, teacher_path
+from unirep.rundir import resume_point, teacher_folder, teacher_key, teacher_path
 from unirep.tasks import Task, main_metrics
 from unirep.teachers import Teacher, load_teacher
 from unirep.tracking import read_curves, report_curves, weighting_curves
@@ -60,15 +60,37 @@ def resolve_data(cfg: Config, accelerator: Accelerator) -> RunData:
     return data
 
 
-def load_teachers(cfg: Config, data: RunData, tasks: dict[str, Task]) -> dict[str, Teacher]:
-    """Every task's teacher, verified against the data (classes, fingerprint, architecture)."""
+def load_teachers(
+    cfg: Config, data: RunData, tasks: dict[str, Task], world_size: int = 1
+) -> dict[str, Teacher]:
+    """Every task's teacher, found by its key (:func:`unirep.rundir.teacher_key`) and verified
+    against the data (classes, fingerprint, architecture, key, weights)."""
     return {
         name: load_teacher(
-            teacher_path(cfg, data, name),
+            teacher_path(cfg, data, name, world_size),
             task,
             architecture=architecture(cfg),
             data_fingerprint=data.fingerprint(name),
-            key=teacher_key(cfg, data, name),
+            key=teacher_key(cfg, data, name, world_size),
+        )
+        for name, task in tasks.items()
+    }
+
+
+def recorded_teachers(
+    cfg: Config, data: RunData, tasks: dict[str, Task], manifest: dict[str, Any]
+) -> dict[str, Teacher]:
+    """The teachers an exported student records (by key), found under this config's
+    ``teachers.root`` and verified; students exported before keys fall back to the config's."""
+    records = manifest.get("teachers", {})
+    if not all(records.get(t, {}).get("key") for t in tasks):
+        return load_teachers(cfg, data, tasks)
+    return {
+        name: load_teacher(
+            teacher_folder(cfg, manifest["preset"], name, records[name]["key"]),
+            task,
+            data_fingerprint=data.fingerprint(name),
+            key=records[name]["key"],
         )
         for name, task in tasks.items()
     }
@@ -181,7 +203,7 @@ def distill(
     """
     evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
     tasks = data.tasks()
-    teachers = load_teachers(cfg, data, tasks)
+    teachers = load_teachers(cfg, data, tasks, accelerator.num_processes)
     for t in teachers.values():
         t.net.to(accelerator.device)
     store = run_dir / "checkpoints"
@@ -294,7 +316,9 @@ def evaluate_student(
     results: dict[str, Results] = {
         "student": evaluator.evaluate(net, cfg.split, sets, tasks, keep=predictions)
     }
-    teachers = teachers_of_student(accelerator, manifest, lambda: load_teachers(cfg, data, tasks))
+    teachers = teachers_of_student(
+        accelerator, manifest, lambda: recorded_teachers(cfg, data, tasks, manifest)
+    )
     if teachers:
         for t in teachers.values():
             t.net.to(accelerator.device)

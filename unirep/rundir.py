@@ -162,10 +162,11 @@ def teacher_recipe(cfg: Config, task: str) -> TrainConfig:
     return recipe
 
 
-def teacher_key(cfg: Config, data: RunData, task: str) -> str:
+def teacher_key(cfg: Config, data: RunData, task: str, world_size: int = 1) -> str:
     """What determines a teacher's weights, hashed: the architecture, the task (kind, classes,
-    loss), the training data's fingerprint, its preprocessing and batch size, the training recipe
-    and seed, and (for a fine-tuned teacher) the key of the teacher it starts from. A change to
+    loss), the training data's fingerprint, its preprocessing and global batch size (per process
+    × ``world_size``), the training recipe and seed, and (for a fine-tuned teacher) the key of the
+    teacher it starts from. A change to
     any of them gives another key, hence another folder: a cached teacher is never reused for
     another recipe, nor overwritten by one."""
     record = data.tasks()[task]
@@ -175,20 +176,25 @@ def teacher_key(cfg: Config, data: RunData, task: str) -> str:
         "task": {**record.record(), "loss": list(record.loss)},
         "data": data.fingerprint(task),
         "preprocessing": data.preprocessing(stream),
-        "batch_size": data.batch_sizes()[stream],
+        "global_batch_size": data.batch_sizes()[stream] * world_size,
         "recipe": to_dict(teacher_recipe(cfg, task)),
         "seed": cfg.seed,
     }
     source = cfg.teachers.finetune_from
     if source is not None and source != task:
-        content["finetuned_from"] = teacher_key(cfg, data, source)
+        content["finetuned_from"] = teacher_key(cfg, data, source, world_size)
     text = json.dumps(content, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def teacher_path(cfg: Config, data: RunData, task: str) -> Path:
+def teacher_path(cfg: Config, data: RunData, task: str, world_size: int = 1) -> Path:
     """``<teacher_root>/<preset>/<task>-<key[:12]>/``: the cache folder of ``task``'s teacher."""
-    return teacher_root(cfg) / cfg.preset / f"{task}-{teacher_key(cfg, data, task)[:12]}"
+    return teacher_folder(cfg, cfg.preset, task, teacher_key(cfg, data, task, world_size))
+
+
+def teacher_folder(cfg: Config, preset: str, task: str, key: str) -> Path:
+    """The cache folder of the teacher of ``task`` with ``key`` (trained by a ``preset`` run)."""
+    return teacher_root(cfg) / preset / f"{task}-{key[:12]}"
 
 
 def resume_point(cfg: Config, checkpoint_dir: Path) -> Path | None:

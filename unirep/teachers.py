@@ -122,6 +122,7 @@ def _verified_manifest(
     architecture: dict[str, Any] | None,
     data_fingerprint: str | None,
     expected: dict[str, Any],
+    recipe_key: str | None = None,
 ) -> tuple[dict[str, Any], Path]:
     """The manifest and weights path of a teacher, after checking each expectation given.
 
@@ -153,6 +154,12 @@ def _verified_manifest(
         raise TeacherMismatchError(
             f"teacher {where!r} was trained on other data for {task!r} (data fingerprint "
             f"{recorded} vs {data_fingerprint}); set teachers.retrain=true or another teachers.root"
+        )
+    if recipe_key is not None and manifest.get("key") != recipe_key:
+        raise TeacherMismatchError(
+            f"teacher {where!r} was trained with another recipe, data or architecture (key "
+            f"{str(manifest.get('key'))[:12]} vs {recipe_key[:12]}); it is not the teacher of "
+            "this run"
         )
     weights = directory / WEIGHTS
     if not weights.is_file():
@@ -188,7 +195,8 @@ def load_teacher(
         task.name,
         architecture,
         data_fingerprint,
-        {"num_classes": task.num_classes, "out_channels": task.out_channels, "key": key},
+        {"num_classes": task.num_classes, "out_channels": task.out_channels},
+        key,
     )
     net = build_network(manifest["architecture"], {task.name: task})
     _load_strict(weights, net)

@@ -108,6 +108,11 @@ def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError`, naming the key, for the first value that cannot work."""
     _check_choices(cfg)
     _check_keys_apply(cfg)
+    if cfg.dense is not None and cfg.data.source not in DENSE_SOURCES:  # before its kwargs
+        raise ConfigError(
+            f"config key 'data.source': {cfg.data.source!r} is not a dense data source; valid "
+            f"choices with a 'dense' section: {', '.join(DENSE_SOURCES)}"
+        )
     _check_run(cfg)
     _check_ranges(cfg)
     for prefix, recipe in _recipes(cfg).items():
@@ -417,11 +422,6 @@ def _check_dense(cfg: Config) -> None:
         raise ConfigError(
             "config key 'train.selection_metric': dense runs select on 'delta_m' (Δm against the "
             f"teachers on the validation split), got {cfg.train.selection_metric!r}"
-        )
-    if cfg.data.source not in DENSE_SOURCES:
-        raise ConfigError(
-            f"config key 'data.source': {cfg.data.source!r} is not a dense data source; valid "
-            f"choices with a 'dense' section: {', '.join(DENSE_SOURCES)}"
         )
     _check(DENSE_ENCODERS, dense.encoder.name, "dense.encoder.name")
     _check_kwargs(DENSE_ENCODERS, dense.encoder, "dense.encoder")
