@@ -39,17 +39,12 @@ KILL_POINTS = [
     "write:teacher-objects/done.json",  # the phase record
     "write:objects-*/model.safetensors",  # the cached teacher's weights
     "write:objects-*/teacher.json",  # ... and its manifest
-    "step:teacher-digits:1",  # a fine-tuned teacher
-    "write:teacher/evaluation_test.json",  # the teachers' test evaluation
     "step:baseline:3",
     "write:baseline/evaluation_test.json",
     "write:student/best.safetensors",
-    "log:student:4",
     "write:student/step_000004",
-    "write:student/done.json",
     "write:student/model.safetensors",  # the export's weights
     "write:student/manifest.json",  # ... and its manifest
-    "write:run/results.json",
     "write:run/metrics.json",  # the very last write
 ]
 

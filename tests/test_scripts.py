@@ -12,18 +12,24 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
-    ("args", "needle"),
+    ("script", "args", "needle"),
     [
-        (["train.max_stepz=3"], "train.max_stepz"),
-        (["distill.feature_loss=cka_rbff"], "cka_rbf"),
-        (["data.source=decathlon", "data.root={tmp}/missing"], "missing"),
-        (["--verbose"], "unexpected argument"),
-        (["--config", "nyuv2"], "data.root"),
-        (["--config", "nyuv2", "data.root={tmp}/nyu"], "nyu"),
-        (["--config", "mini-scenes", "dense.tasks.edges={loss: cross_entropy}"], "edges"),
+        ("distill.py", ["train.max_stepz=3"], "train.max_stepz"),
+        ("train_teachers.py", ["train.max_stepz=3"], "train.max_stepz"),
+        ("distill.py", ["distill.feature_loss=cka_rbff"], "cka_rbf"),
+        ("train_teachers.py", ["data.source=decathlon", "data.root={tmp}/missing"], "missing"),
+        ("distill.py", ["data.source=decathlon", "data.root={tmp}/missing"], "missing"),
+        ("distill.py", ["--verbose"], "unexpected argument"),
+        ("train_teachers.py", ["--config", "nyuv2"], "data.root"),
+        ("distill.py", ["--config", "nyuv2", "data.root={tmp}/nyu"], "nyu"),
+        (
+            "distill.py",
+            ["--config", "mini-scenes", "dense.tasks.edges={loss: cross_entropy}"],
+            "edges",
+        ),
+        ("evaluate.py", ["student={tmp}/nowhere"], "nowhere"),
     ],
 )
-@pytest.mark.parametrize("script", ["distill.py", "train_teachers.py"])
 def test_bad_input_exits_with_a_message_and_writes_nothing(
     tmp_path: Path, script: str, args: list[str], needle: str
 ) -> None:

@@ -10,19 +10,21 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
 from unirep.config import DataConfig
 from unirep.data.decathlon import SPLITS, DataRootError, DecathlonDomain
-from unirep.data.hf import HFDomain, global_id_offset
 from unirep.data.stats import domain_mean_std
 from unirep.data.synthetic import ensure_mini_decathlon
 from unirep.data.transforms import build_transform
 from unirep.errors import DataError
 from unirep.io import file_sha256
 from unirep.registry import Registry
+
+if TYPE_CHECKING:  # `datasets` is imported only by runs that read a Hugging Face domain
+    from unirep.data.hf import HFDomain
 
 DATA_SOURCES: Registry[Any] = Registry("data source")
 
@@ -116,6 +118,8 @@ class DomainSet:
         )
 
     def _hf(self, domain: str, split: str, transform: Any) -> HFDomain:
+        from unirep.data.hf import HFDomain, global_id_offset
+
         spec = self.cfg.hf_domains[domain]
         if split not in spec.splits:
             raise DataRootError(
@@ -139,8 +143,7 @@ class DomainSet:
     def fingerprint(self, domain: str) -> str:
         """Identifies the training data a teacher saw (annotation file or dataset fingerprint)."""
         if domain in self.cfg.hf_domains:
-            train = self.raw(domain, "train")
-            assert isinstance(train, HFDomain)
+            train: Any = self.raw(domain, "train")  # an HFDomain
             text = (
                 f"{self.cfg.hf_domains[domain].path}|{train.split}|{train.hf_dataset._fingerprint}"
             )
