@@ -18,7 +18,7 @@ def main() -> None:
     run_dir = prepare_run_dir(cfg, accelerator)
     seconds = ensure_teachers(cfg, accelerator, data, run_dir)
     accelerator.print(
-        f"teachers in {teacher_root(cfg) / cfg.preset} ({seconds:.1f} s of training this run)"
+        f"teachers in {teacher_root(cfg)} ({seconds:.1f} s of training this run)"
     )
     accelerator.end_training()
 

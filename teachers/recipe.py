@@ -3,7 +3,7 @@
 Each teacher is the run's architecture with one task, trained with that task's supervised loss
 on the training split, selected on the validation split by the task's main metric (accuracy,
 mIoU ↑, depth abs err ↓, normal mean angle ↓), and saved with its manifest under
-``<teacher_root>/<preset>/<task>-<key>/``, the key hashing everything that determines it
+``<teacher_root>/<task>-<key>/``, the key hashing everything that determines it
 (:func:`unirep.rundir.teacher_key`). With ``teachers.finetune_from`` (Visual Decathlon: ImageNet)
 that task's teacher is trained first from scratch and its trunk initialises the others, which
 then follow ``teachers.finetune_train`` (Rebuffi et al. 2017; Li, Liu & Bilen 2023). This is
@@ -75,7 +75,7 @@ def train_teacher(
         name=name,
         module=TrainableModule(net, Objective(tasks), build_weighting("sum", [task.name])),
         tasks=tasks,
-        train_sets={stream: data.datasets("train", train=True)[stream]},
+        train_sets={stream: data.labelled_train_set(task.name)},  # partial labels: its own
         val_sets={stream: data.datasets("val")[stream]},
         batch_sizes={stream: data.batch_sizes()[stream]},
         cfg=recipe,
@@ -126,6 +126,9 @@ def ensure_teachers(cfg: Config, accelerator: Accelerator, data: RunData, run_di
     """
     evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
     tasks = data.tasks()
+    if accelerator.is_main_process:
+        data.save_records(run_dir)  # e.g. the partial-label split, before anything trains on it
+    accelerator.wait_for_everyone()
     seconds = 0.0
     for name in _order(cfg, list(tasks)):
         directory = teacher_path(cfg, data, name, accelerator.num_processes)

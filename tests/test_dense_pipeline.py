@@ -370,7 +370,7 @@ def test_nyuv2_preset_on_a_fixture(tiny_cache: Path, tmp_path: Path) -> None:
     assert len(val) == 1 and len(train) == 9
     assert not set(val.indices) & set(train.indices)
     assert len(test) == 5 and test.split == "val"
-    (folder,) = (tmp_path / "teachers" / "nyuv2").glob("depth-*")
+    (folder,) = (tmp_path / "teachers").glob("depth-*")
     manifest = json.loads((folder / "teacher.json").read_text())
     assert manifest["data"]["selection_split"] == "val" and manifest["data"]["num_samples"] == 9
     assert manifest["kind"] == "depth" and manifest["out_channels"] == 1
@@ -382,7 +382,7 @@ def test_cityscapes_preset_on_a_fixture(tiny_cache: Path, tmp_path: Path) -> Non
     )
     assert set(metrics["tasks"]) == {"semantic", "depth"}
     assert metrics["summary"]["delta_m_metrics"] == ["semantic/miou", "depth/abs_err"]
-    assert not list((tmp_path / "teachers" / "cityscapes").glob("normal*"))
+    assert not list((tmp_path / "teachers").glob("normal*"))
 
 
 # --------------------------------------------------------------------------------------------

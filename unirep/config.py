@@ -136,6 +136,7 @@ class DistillConfig:
     prediction_scale: float = 1.0  # global β of URL
     annealing: str = "linear"
     init_from_teacher: str | None = None  # domain whose teacher backbone initialises the student
+    enabled: bool = True  # false: the student trains without the teachers' losses (a variant)
 
 
 @dataclass
@@ -193,6 +194,54 @@ class DenseConfig:
 
 
 @dataclass
+class MTPSLConfig:
+    """MTPSL's pairwise joint task spaces (Li, Liu & Bilen, CVPR 2022): see
+    :class:`unirep.losses.partial.MTPSLLoss`."""
+
+    lambda_reg: float = 0.5  # the regulariser tying both mappings to the student's feature
+    mode: str = "partial"  # "partial": (unlabelled s, labelled t) pairs; "full": every pair
+    film_lr: float = 1e-3  # the FiLM γ/β learning rate (reference: NYUv2 1e-3, Cityscapes 1e-5)
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64])  # mapping network stages
+
+
+@dataclass
+class JTRConfig:
+    """JTR's joint-task regularisation (Nishi et al., CVPR 2024): see
+    :class:`unirep.losses.partial.JTRLoss`."""
+
+    distance_weight: float = 4.0
+    reconstruction_weight: float = 2.0
+    widths: list[int] = field(default_factory=lambda: [32, 64])  # encoder-decoder stages
+
+
+@dataclass
+class PartialConfig:
+    """Partially labelled training data (dense runs): which (image, task) labels training sees,
+    and the method that uses the unlabelled pairs.
+
+    ``protocol``: ``full`` (every label), ``one-label`` (one task per image, balanced),
+    ``random-labels`` (a random non-empty, non-full subset per image), ``fraction`` (each task on
+    ``fraction`` of the images, or ``fractions.<task>``), ``file`` (``file``: our JSON split, or
+    MTPSL's ``.pth`` ``labels_weights`` with its column order in ``file_tasks``). The split is
+    drawn from ``seed`` (None: the run's seed), applies to the training images only, and is saved
+    as ``label_split.json`` in the run folder. ``method``: ``none``, ``mtpsl`` or ``jtr``, whose
+    loss is weighted by ``weight``, ramped up linearly over ``rampup_steps``.
+    """
+
+    protocol: str = "full"
+    fraction: float = 1.0
+    fractions: dict[str, float] = field(default_factory=dict)
+    file: str | None = None
+    file_tasks: list[str] = field(default_factory=list)
+    seed: int | None = None
+    method: str = "none"
+    weight: float = 1.0
+    rampup_steps: int = 0
+    mtpsl: MTPSLConfig = field(default_factory=MTPSLConfig)
+    jtr: JTRConfig = field(default_factory=JTRConfig)
+
+
+@dataclass
 class Config:
     """A whole run: data, model, teachers, student objective and training, outputs."""
 
@@ -217,6 +266,7 @@ class Config:
     )  # task balancing: sum, uncertainty...
     train: TrainConfig = field(default_factory=TrainConfig)
     dense: DenseConfig | None = None  # set: a dense multi-task run (see DenseConfig)
+    partial: PartialConfig = field(default_factory=PartialConfig)  # partially labelled (dense)
 
 
 # --------------------------------------------------------------------------------------------

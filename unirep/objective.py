@@ -19,13 +19,16 @@ contributes exactly zero loss and gradient.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
 from unirep.batch import Batch
-from unirep.config import DistillConfig
+from unirep.config import DistillConfig, PartialConfig
 from unirep.losses import FEATURE_LOSSES, PREDICTION_LOSSES, TASK_LOSSES
 from unirep.losses.bundle import LossBundle
+from unirep.losses.partial import JTRLoss, MTPSLLoss
 from unirep.tasks import Task
 
 
@@ -67,9 +70,15 @@ class Objective(nn.Module):
             and the no-distillation baseline.
     """
 
-    def __init__(self, tasks: dict[str, Task], distill: DistillConfig | None = None) -> None:
+    def __init__(
+        self,
+        tasks: dict[str, Task],
+        distill: DistillConfig | None = None,
+        joint: dict[str, JointTerm] | None = None,
+    ) -> None:
         super().__init__()
         self.tasks = dict(tasks)
+        self.joint = nn.ModuleDict(joint or {})
         self.task_losses = nn.ModuleDict(
             {t: TASK_LOSSES.build(task.loss[0], **task.loss[1]) for t, task in tasks.items()}  # type: ignore[index]
         )
@@ -85,6 +94,10 @@ class Objective(nn.Module):
                     if task.prediction_loss is not None
                 }
             )
+
+    def own_lr_groups(self) -> list[tuple[list[nn.Parameter], float]]:
+        """Parameters that keep their own learning rate in the main optimizer (MTPSL's FiLM)."""
+        return [group for term in self.joint.values() for group in term.own_lr]
 
     @property
     def needs_teachers(self) -> bool:
@@ -117,6 +130,10 @@ class Objective(nn.Module):
             )
             bundle.supervised[name] = self.tasks[name].weight * loss
             bundle.logs[f"task/{name}"] = loss.detach()
+        for name, term in self.joint.items():
+            value, logs = term(outputs, batch, step)
+            bundle.joint[name] = value
+            bundle.logs.update({f"{name}/{k}": v for k, v in logs.items()})
         if self.distill is None:
             return bundle
         if teacher_outputs is None:
@@ -142,3 +159,82 @@ class Objective(nn.Module):
             bundle.distill[name] = terms
         bundle.logs["anneal"] = torch.tensor(anneal)
         return bundle
+
+
+class JointTerm(nn.Module):
+    """A loss over all tasks of a sample at once (partial labels: MTPSL or JTR), weighted by
+    ``weight`` and ramped up linearly from 0 over ``rampup_steps`` (MTPSL's ``--rampup``).
+
+    ``loss(preds, targets, masks[, feature])`` returns a scalar or ``(total, {part: detached
+    value})``; ``feature``, the student's bottleneck ``[B, C, h, w]``, is passed when the loss has
+    ``uses_feature`` (MTPSL's regulariser).
+    Its parameters (the mapping network, the joint-space encoder–decoder) are trained with the
+    student, checkpointed with it and never exported.
+    """
+
+    def __init__(
+        self,
+        loss: nn.Module,
+        weight: float,
+        rampup_steps: int = 0,
+        own_lr: list[tuple[list[nn.Parameter], float]] | None = None,
+        uses_feature: bool = False,
+    ) -> None:
+        super().__init__()
+        self.loss, self.weight, self.rampup_steps = loss, float(weight), int(rampup_steps)
+        self.uses_feature = uses_feature
+        self.own_lr = list(own_lr or [])  # (parameters, learning rate), e.g. MTPSL's FiLM
+
+    def factor(self, step: int) -> float:
+        if self.rampup_steps <= 0:
+            return self.weight
+        return self.weight * min(1.0, step / self.rampup_steps)
+
+    def forward(
+        self, outputs: dict[str, dict[str, Tensor]], batch: Batch, step: int
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        preds = {t: out["pred"] for t, out in outputs.items() if t in batch.targets}
+        args: list[Any] = [
+            preds,
+            {t: batch.targets[t] for t in preds},
+            {t: batch.label_mask[t] for t in preds},
+        ]
+        if self.uses_feature:  # MTPSL's regulariser
+            args.append(next(iter(outputs.values()))["bottleneck"])
+        result = self.loss(*args)
+        total, parts = result if isinstance(result, tuple) else (result, {})
+        # every parameter takes part (with a zero gradient when a batch has no pair for it), so
+        # DDP's reducer never waits for an unused one
+        total = total + sum(
+            (p.reshape(-1)[0] * 0.0 for p in self.loss.parameters()), total.new_zeros(())
+        )
+        return self.factor(step) * total, {"loss": total.detach(), **parts}
+
+
+def build_joint_terms(
+    partial: PartialConfig, tasks: dict[str, Task], feature_channels: int
+) -> dict[str, JointTerm]:
+    """The joint term ``partial.method`` names (``{}`` for ``none``)."""
+    if partial.method == "none":
+        return {}
+    kinds = {t: task.kind.name for t, task in tasks.items()}
+    channels = {t: task.out_channels for t, task in tasks.items()}
+    loss: nn.Module
+    if partial.method == "mtpsl":
+        m = partial.mtpsl
+        loss = MTPSLLoss(
+            kinds, channels, feature_channels, lambda_reg=m.lambda_reg, mode=m.mode,
+            widths=tuple(m.widths),
+        )  # fmt: skip
+    elif partial.method == "jtr":
+        j = partial.jtr
+        loss = JTRLoss(
+            kinds, channels, distance_weight=j.distance_weight,
+            reconstruction_weight=j.reconstruction_weight, widths=tuple(j.widths),
+        )  # fmt: skip
+    else:
+        raise ValueError(f"unknown partial-label method {partial.method!r}")
+    mtpsl = partial.method == "mtpsl"
+    own_lr = [(list(loss.film_parameters()), partial.mtpsl.film_lr)] if mtpsl else []
+    term = JointTerm(loss, partial.weight, partial.rampup_steps, own_lr, uses_feature=mtpsl)
+    return {partial.method: term}

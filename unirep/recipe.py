@@ -10,6 +10,7 @@ keep their best validation main metric, the baseline and the student their best 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +31,7 @@ from unirep.export import (
 from unirep.io import atomic_write_json, read_json
 from unirep.metrics import PUBLISHED_ACCURACY, decathlon_score, delta_m, official_decathlon_score
 from unirep.models.build import architecture, build_network, count_parameters
-from unirep.objective import Objective
+from unirep.objective import Objective, build_joint_terms
 from unirep.report import prediction_grid_figure, write_figure, write_report
 from unirep.rundir import resume_point, teacher_folder, teacher_key, teacher_path
 from unirep.tasks import Task, main_metrics
@@ -87,7 +88,7 @@ def recorded_teachers(
         return load_teachers(cfg, data, tasks)
     return {
         name: load_teacher(
-            teacher_folder(cfg, manifest["preset"], name, records[name]["key"]),
+            teacher_folder(cfg, name, records[name]["key"]),
             task,
             data_fingerprint=data.fingerprint(name),
             key=records[name]["key"],
@@ -142,15 +143,18 @@ def student_phase(
             )
         trunk_state = teachers[source].net.trunk.state_dict()
     net = build_network(architecture(cfg, student=True), tasks, trunk_state)
+    distill = distill and cfg.distill.enabled
     aligners = None
     if distill:
         dims = {t: teacher.feature_dim for t, teacher in teachers.items()}
         spec = cfg.model.adapter
         aligners = net.build_aligners(dims, spec.name, **spec.kwargs)
+    joint = {}
+    if role == "student" and cfg.dense is not None:  # the baseline stays plain supervised
+        joint = build_joint_terms(cfg.partial, tasks, net.encoder.channels[-1])
     weighting = build_weighting(cfg.weighting.name, list(tasks), **cfg.weighting.kwargs)
-    module = TrainableModule(
-        net, Objective(tasks, cfg.distill if distill else None), weighting, aligners
-    )
+    objective = Objective(tasks, cfg.distill if distill else None, joint)
+    module = TrainableModule(net, objective, weighting, aligners)
     score, score_name = selection(cfg, tasks, teacher_val)
     checkpoint_dir = run_dir / "checkpoints" / role
     return Phase(
@@ -242,6 +246,15 @@ def distill(
                 lambda net=net: evaluator.evaluate(net, cfg.split, split_sets, tasks),
             )
 
+    full = full_label_teachers(cfg, data, tasks, accelerator.num_processes)
+    if full:
+        for t in full.values():
+            t.net.to(accelerator.device)
+        results[FULL_LABEL] = stored(
+            store / "teacher" / f"evaluation_full_label_{cfg.split}.json",
+            accelerator,
+            lambda: evaluate_teachers(evaluator, full, tasks, cfg.split, data),
+        )
     student, best = nets["student"], fits["student"]
     if accelerator.is_main_process and not (run_dir / "student" / STUDENT_MANIFEST).is_file():
         export_student(
@@ -263,6 +276,7 @@ def distill(
     metrics = build_metrics(cfg, tasks, accelerator.num_processes, results, params)
     metrics["summary"].update(fit_records(fits, teacher_seconds, cfg.train.selection_metric))
     metrics["summary"].update(data_records(data))
+    metrics["summary"].update(reference_records(cfg, data, tasks, results))
     if accelerator.is_main_process:
         entries = submission_entries(tasks, split_sets, predictions)
         if entries is not None:
@@ -401,7 +415,7 @@ def build_metrics(
     same run; where every task is scored by accuracy, the mean accuracy and the Visual Decathlon
     score (E_max = 2 × the teacher's error) are added.
     """
-    roles = [r for r in ("student", "teacher", "baseline") if r in results]
+    roles = [r for r in ("student", "teacher", "baseline", FULL_LABEL) if r in results]
     per_task = {t: {role: results[role][t] for role in roles} for t in results["student"]}
     by_accuracy = all(t.main_metric == "accuracy" for t in tasks.values())
     teacher = results.get("teacher")
@@ -555,6 +569,52 @@ def published_comparison(metrics: dict[str, Any]) -> str:
         + "\n\n"
         + note
     )
+
+
+FULL_LABEL = "full_label_teacher"
+"""The role of the teachers trained on every label, beside a partially labelled run's own."""
+
+
+def full_label_teachers(
+    cfg: Config, data: RunData, tasks: dict[str, Task], world_size: int
+) -> dict[str, Teacher]:
+    """For a run with partial labels: the teachers the same config trains on every label, when
+    all of them are in the cache (``{}`` otherwise, or when the run's labels are full)."""
+    if cfg.dense is None or cfg.partial.protocol == "full":
+        return {}
+    full_cfg = copy.deepcopy(cfg)
+    full_cfg.partial.protocol, full_cfg.partial.file = "full", None
+    full_data = build_run_data(full_cfg)
+    paths = {t: teacher_path(full_cfg, full_data, t, world_size) for t in tasks}
+    if not all((p / "teacher.json").is_file() for p in paths.values()):
+        return {}
+    return load_teachers(full_cfg, full_data, tasks, world_size)
+
+
+def reference_records(
+    cfg: Config, data: RunData, tasks: dict[str, Task], results: dict[str, Results]
+) -> dict[str, Any]:
+    """Δm of the student against the baseline (the supervised multi-task model on the same
+    labels: JTR's protocol) and against full-label teachers when measured; the label split."""
+    records: dict[str, Any] = {}
+    if "baseline" in results:
+        records["delta_m_vs_baseline"] = _delta(
+            tasks, results["student"], results["baseline"], False
+        )
+    if FULL_LABEL in results:
+        for role, prefix in (("student", ""), ("baseline", "baseline_")):
+            if role in results:
+                records[f"{prefix}delta_m_vs_full_label_teachers"] = _delta(
+                    tasks, results[role], results[FULL_LABEL], False
+                )
+    if cfg.dense is not None and (cfg.partial.protocol != "full" or cfg.partial.method != "none"):
+        records["partial"] = {
+            "protocol": cfg.partial.protocol,
+            "method": cfg.partial.method,
+            "distillation": cfg.distill.enabled,
+            "labels": data.label_summary(),
+        }
+    return records
 
 
 def data_records(data: RunData) -> dict[str, Any]:

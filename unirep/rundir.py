@@ -188,13 +188,15 @@ def teacher_key(cfg: Config, data: RunData, task: str, world_size: int = 1) -> s
 
 
 def teacher_path(cfg: Config, data: RunData, task: str, world_size: int = 1) -> Path:
-    """``<teacher_root>/<preset>/<task>-<key[:12]>/``: the cache folder of ``task``'s teacher."""
-    return teacher_folder(cfg, cfg.preset, task, teacher_key(cfg, data, task, world_size))
+    """``<teacher_root>/<task>-<key[:12]>/``: the cache folder of ``task``'s teacher. The key,
+    not the preset, names it: presets with the same teacher recipe share their teachers (e.g.
+    ``mini-scenes`` and the full-label teachers a ``mini-scenes-onelabel`` run compares with)."""
+    return teacher_folder(cfg, task, teacher_key(cfg, data, task, world_size))
 
 
-def teacher_folder(cfg: Config, preset: str, task: str, key: str) -> Path:
-    """The cache folder of the teacher of ``task`` with ``key`` (trained by a ``preset`` run)."""
-    return teacher_root(cfg) / preset / f"{task}-{key[:12]}"
+def teacher_folder(cfg: Config, task: str, key: str) -> Path:
+    """The cache folder of the teacher of ``task`` with ``key``."""
+    return teacher_root(cfg) / f"{task}-{key[:12]}"
 
 
 def resume_point(cfg: Config, checkpoint_dir: Path) -> Path | None:

@@ -8,6 +8,8 @@ uncertainty log-variances) sit in one ``nn.Module``: it alone goes to ``accelera
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor, nn
 
 from unirep.batch import Batch
@@ -64,6 +66,17 @@ class TrainableModule(nn.Module):
         ]
         adapters = [p for p in self.aligners.parameters() if p.requires_grad]
         return main, adapters
+
+    def optimizer_groups(self) -> tuple[list[dict[str, Any]], list[nn.Parameter]]:
+        """:meth:`parameter_groups` as torch optimizer parameter groups: the main optimizer's
+        parameters, then one group per set with its own learning rate (the objective's
+        ``own_lr_groups``, e.g. MTPSL's FiLM at 1e-3 beside the network's 1e-4)."""
+        main, adapters = self.parameter_groups()
+        special = self.objective.own_lr_groups()
+        taken = {id(p) for params, _ in special for p in params}
+        groups: list[dict[str, Any]] = [{"params": [p for p in main if id(p) not in taken]}]
+        groups += [{"params": params, "lr": lr} for params, lr in special if params]
+        return groups, adapters
 
     def named_groups(self) -> dict[str, list[nn.Parameter]]:
         """Trainable parameters by part (``student.<child>``, ``aligners.<task>``,

@@ -216,7 +216,7 @@ def setup(accelerator: Any, phase: Phase) -> tuple[StepContext, dict[str, Any]]:
     ``seconds``; zeros for a fresh phase).
     """
     cfg = phase.cfg
-    main, adapters = phase.module.parameter_groups()
+    main, adapters = phase.module.optimizer_groups()
     specs = [(cfg.optim, main)] + ([(cfg.adapter_optim, adapters)] if adapters else [])
     optimizers, schedulers = [], []
     for spec, params in specs:

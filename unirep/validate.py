@@ -18,6 +18,7 @@ import dataclasses
 import inspect
 import math
 from collections.abc import Callable, Iterable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -122,6 +123,7 @@ def validate(cfg: Config) -> None:
         _check_dense(cfg)
     else:
         _check_classification(cfg)
+    _check_partial(cfg)
     _check_common_names(cfg)
     _check_common_kwargs(cfg)
     _check_task_keys(cfg, *_known_tasks(cfg))
@@ -331,6 +333,76 @@ def _check_weights(cfg: Config) -> None:
     for task, lr in cfg.teachers.finetune_lr.items():
         key = f"teachers.finetune_lr.{task}"
         _require(_finite(lr) and lr > 0, key, lr, "a positive learning rate")
+
+
+def _check_partial(cfg: Config) -> None:
+    """Partially labelled data: dense runs only; protocol, file, fractions, method settings."""
+    from unirep.config import PartialConfig
+    from unirep.data.partial import PROTOCOLS
+
+    part = cfg.partial
+    if cfg.dense is None:
+        if part != PartialConfig():
+            raise ConfigError(
+                "config key 'partial': partially labelled training data is for dense runs "
+                "(a 'dense' section); classification domains are labelled per image"
+            )
+        return
+    _require(part.protocol in PROTOCOLS, "partial.protocol", part.protocol,
+             f"one of {', '.join(PROTOCOLS)}")  # fmt: skip
+    _require(part.method in PARTIAL_METHODS, "partial.method", part.method,
+             f"one of {', '.join(PARTIAL_METHODS)}")  # fmt: skip
+    _require(part.mtpsl.mode in ("partial", "full"), "partial.mtpsl.mode", part.mtpsl.mode,
+             "partial or full")  # fmt: skip
+    if part.protocol == "file":
+        if not part.file:
+            raise ConfigError("config key 'partial.file': protocol 'file' needs a split file")
+        if not Path(part.file).expanduser().is_file():
+            raise ConfigError(f"config key 'partial.file': {part.file!r} does not exist")
+    elif part.file:
+        raise ConfigError(
+            f"config key 'partial.file' is only read with partial.protocol=file "
+            f"(protocol is {part.protocol!r})"
+        )
+    fractions = {"partial.fraction": part.fraction}
+    fractions.update({f"partial.fractions.{t}": f for t, f in part.fractions.items()})
+    for key, value in fractions.items():
+        _require(_finite(value) and 0 <= value <= 1, key, value, "a fraction in [0, 1]")
+    tasks = list(cfg.dense.tasks)
+    for key, names in (("partial.fractions", part.fractions), ("partial.file_tasks",
+                                                                part.file_tasks)):  # fmt: skip
+        unknown = [t for t in names if t not in tasks]
+        if unknown:
+            raise ConfigError(
+                f"config key {key!r} names {', '.join(map(repr, unknown))}, not a task of this "
+                f"run ({', '.join(tasks)})"
+            )
+    if part.protocol == "random-labels" and len(tasks) < 2:
+        raise ConfigError(
+            "config key 'partial.protocol': random-labels needs at least 2 tasks (a non-empty, "
+            "non-full subset of one task does not exist)"
+        )
+    if part.method == "mtpsl" and len(tasks) < 2:
+        raise ConfigError("config key 'partial.method': mtpsl maps between tasks; it needs 2+")
+    _require(_finite(part.weight) and part.weight >= 0, "partial.weight", part.weight,
+             "a finite number >= 0")  # fmt: skip
+    _require(part.rampup_steps >= 0, "partial.rampup_steps", part.rampup_steps, "an integer >= 0")
+    _require(_finite(part.mtpsl.lambda_reg) and part.mtpsl.lambda_reg >= 0,
+             "partial.mtpsl.lambda_reg", part.mtpsl.lambda_reg, "a finite number >= 0")  # fmt: skip
+    _require(_finite(part.mtpsl.film_lr) and part.mtpsl.film_lr > 0, "partial.mtpsl.film_lr",
+             part.mtpsl.film_lr, "a positive learning rate")  # fmt: skip
+    for key, value in (
+        ("partial.jtr.distance_weight", part.jtr.distance_weight),
+        ("partial.jtr.reconstruction_weight", part.jtr.reconstruction_weight),
+    ):
+        _require(_finite(value) and value >= 0, key, value, "a finite number >= 0")  # fmt: skip
+    for key, widths in (("partial.mtpsl.widths", part.mtpsl.widths),
+                        ("partial.jtr.widths", part.jtr.widths)):  # fmt: skip
+        _require(bool(widths) and all(w >= 1 for w in widths), key, widths,
+                 "a non-empty list of positive channel counts")  # fmt: skip
+
+
+PARTIAL_METHODS = ("none", "mtpsl", "jtr")
 
 
 # --------------------------------------------------------------------------------------------

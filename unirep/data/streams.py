@@ -9,14 +9,24 @@ config (a ``dense`` section reads a dense benchmark).
 from __future__ import annotations
 
 import abc
+import hashlib
 from pathlib import Path
 from typing import Any
 
-from torch.utils.data import Dataset
+import torch
+from torch.utils.data import Dataset, Subset
 
 from unirep.config import Config, ConfigError, cache_dir
 from unirep.data.dense_sets import DenseData, build_dense_data
+from unirep.data.partial import (
+    describe,
+    import_mtpsl,
+    make_label_mask,
+    read_label_split,
+    write_label_split,
+)
 from unirep.data.sources import DomainSet, build_domains
+from unirep.errors import DataError
 from unirep.tasks import TASK_KINDS, Task
 
 #: The single input stream of a dense benchmark (every dense task reads it).
@@ -50,6 +60,17 @@ class RunData(abc.ABC):
 
     def streams(self) -> list[str]:
         return list(dict.fromkeys(t.stream for t in self.tasks().values()))
+
+    def labelled_train_set(self, task: str) -> Dataset:
+        """The training images labelled for ``task`` (what its single-task teacher sees)."""
+        return self.datasets("train", train=True)[self.tasks()[task].stream]
+
+    def save_records(self, run_dir: Path) -> None:  # noqa: B027  (optional hook)
+        """Write what the run's data was (e.g. the partial-label split) into the run folder."""
+
+    def label_summary(self) -> dict[str, Any]:
+        """Which training labels the run sees (``{}``: every label)."""
+        return {}
 
     @abc.abstractmethod
     def use_preprocessing(self, recorded: dict[str, dict[str, Any]]) -> list[str]:
@@ -157,6 +178,7 @@ class SceneStreams(RunData):
         self.data = data
         self.root = data.root
         self.cfg = cfg
+        self._mask: torch.Tensor | None = None
 
     def tasks(self) -> dict[str, Task]:
         assert self.cfg.dense is not None
@@ -178,13 +200,93 @@ class SceneStreams(RunData):
         return out
 
     def datasets(self, split: str, train: bool = False) -> dict[str, Dataset]:
-        return {SCENE_STREAM: self.data.dataset(split, train=train)}
+        dataset = self.data.dataset(split, train=train)
+        if split == "train" and self.partial:  # val and test stay fully labelled
+            dataset = LabelMasked(dataset, self.label_mask(), list(self.data.tasks))
+        return {SCENE_STREAM: dataset}
+
+    def labelled_train_set(self, task: str) -> Dataset:
+        train = self.datasets("train", train=True)[SCENE_STREAM]
+        if not self.partial:
+            return train
+        column = self.label_mask()[:, list(self.data.tasks).index(task)]
+        return Subset(train, column.nonzero().flatten().tolist())
 
     def batch_sizes(self) -> dict[str, int]:
         return {SCENE_STREAM: self.cfg.data.batch_size}
 
     def fingerprint(self, task: str) -> str:
-        return self.data.fingerprint()
+        """The data's fingerprint; with partial labels, also which images ``task`` sees."""
+        if not self.partial:
+            return self.data.fingerprint()
+        column = self.label_mask()[:, list(self.data.tasks).index(task)]
+        digest = hashlib.sha256(self.data.fingerprint().encode())
+        digest.update(column.numpy().tobytes())
+        return digest.hexdigest()
+
+    # -- partial labels -----------------------------------------------------------------------
+
+    @property
+    def partial(self) -> bool:
+        """Whether training sees only some (image, task) labels (``partial.protocol``)."""
+        return self.cfg.partial.protocol != "full"
+
+    def label_mask(self) -> torch.Tensor:
+        """bool ``[N_train, T]``: which training image is labelled for which task (column order:
+        the run's tasks), drawn once from ``partial.seed`` (or read from ``partial.file``)."""
+        if self._mask is None:
+            self._mask = self._make_mask()
+        return self._mask
+
+    def _make_mask(self) -> torch.Tensor:
+        part, tasks = self.cfg.partial, list(self.data.tasks)
+        n = len(self.data.dataset("train"))
+        ids = self._train_ids()
+        if part.protocol == "file":
+            assert part.file is not None
+            path = Path(part.file).expanduser()
+            if path.suffix in (".pth", ".pt"):
+                order = part.file_tasks or tasks
+                mask = import_mtpsl(path, order)
+                if mask.shape[0] != n:
+                    raise DataError(
+                        f"{path}: {mask.shape[0]} rows, but the training split has {n} images"
+                    )
+                return _columns(mask, order, tasks, path)
+            return read_label_split(path, tasks, n, image_ids=ids)
+        seed = self.cfg.seed if part.seed is None else part.seed
+        fraction: Any = None
+        if part.protocol == "fraction":
+            fraction = {t: part.fractions.get(t, part.fraction) for t in tasks}
+        return make_label_mask(part.protocol, n, tasks, seed, fraction=fraction)
+
+    def _train_ids(self) -> list[int]:
+        train = self.data.dataset("train")
+        if isinstance(train, Subset):
+            return [int(i) for i in train.indices]
+        return list(range(len(train)))
+
+    def save_records(self, run_dir: Path) -> None:
+        """``label_split.json`` (our documented format) when training labels are partial; an
+        existing one (a resumed run) is checked, never rewritten."""
+        if not self.partial:
+            return
+        path = Path(run_dir) / LABEL_SPLIT
+        tasks = list(self.data.tasks)
+        if path.is_file():
+            saved = read_label_split(path, tasks, len(self._train_ids()), self._train_ids())
+            if not torch.equal(saved, self.label_mask()):
+                raise DataError(f"{path} holds another label split than this run draws")
+            return
+        part = self.cfg.partial
+        write_label_split(
+            path, self.label_mask(), tasks, self._train_ids(), part.protocol,
+            self.cfg.seed if part.seed is None else part.seed,
+        )  # fmt: skip
+
+    def label_summary(self) -> dict[str, Any]:
+        """Counts per task and labels per image of the training split (``{}`` when full)."""
+        return describe(self.label_mask(), list(self.data.tasks)) if self.partial else {}
 
     def preprocessing(self, stream: str) -> dict[str, Any]:
         return self.data.preprocessing()
@@ -220,3 +322,36 @@ def build_run_data(cfg: Config) -> RunData:
     if cfg.dense is not None:
         return SceneStreams(build_dense_data(cfg, cache_dir(cfg)), cfg)
     return DomainStreams(build_domains(cfg.data, cache_dir(cfg)), cfg)
+
+
+LABEL_SPLIT = "label_split.json"
+
+
+class LabelMasked(Dataset):
+    """A training split whose samples also carry ``label_mask``: ``{task: bool}`` from row ``i``
+    of a bool ``[N, T]`` split (columns in ``tasks`` order); :func:`unirep.batch.make_batch`
+    turns it into the batch's per-task masks."""
+
+    def __init__(self, dataset: Dataset, mask: torch.Tensor, tasks: list[str]) -> None:
+        if mask.shape != (len(dataset), len(tasks)):  # type: ignore[arg-type]
+            raise ValueError(f"mask {tuple(mask.shape)} for {len(dataset)} samples, {tasks}")  # type: ignore[arg-type]
+        self.dataset, self.mask, self.tasks = dataset, mask, list(tasks)
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = dict(self.dataset[i])
+        row = self.mask[i].tolist()
+        sample["label_mask"] = dict(zip(self.tasks, row, strict=True))
+        return sample
+
+
+def _columns(mask: torch.Tensor, order: list[str], tasks: list[str], path: Path) -> torch.Tensor:
+    """The run's task columns of an MTPSL split whose columns are ``order``."""
+    missing = [t for t in tasks if t not in order]
+    if missing:
+        raise DataError(
+            f"{path}: its columns are {order} (partial.file_tasks); no column for {missing}"
+        )
+    return mask[:, [order.index(t) for t in tasks]]

@@ -1,0 +1,187 @@
+"""Partial labels through the pipeline: masked training data, teachers on their own labels, the
+split saved with the run, joint-task terms trained, checkpointed, resumed and never exported."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate import Accelerator
+
+import unirep.trainer as trainer_module
+from teachers.recipe import ensure_teachers
+from tests.conftest import tiny_dense_config
+from unirep.batch import make_batch
+from unirep.data.partial import read_label_split
+from unirep.errors import DataError
+from unirep.evaluate import Evaluator
+from unirep.export import read_student
+from unirep.recipe import distill, resolve_data, student_phase
+from unirep.rundir import prepare_run_dir, teacher_path
+from unirep.trainer import fit
+
+ONE_LABEL = "mini-scenes-onelabel"
+
+
+def _data(cache: Path, out: Path, *extra: str, preset: str = ONE_LABEL):
+    cfg = tiny_dense_config(cache, out, *extra, preset=preset)
+    return cfg, resolve_data(cfg, Accelerator(cpu=True))
+
+
+def test_training_samples_carry_the_split_and_teachers_see_their_labels(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    cfg, data = _data(tiny_cache, tmp_path)
+    tasks = list(data.tasks())
+    mask = data.label_mask()
+    train = data.datasets("train", train=True)["images"]
+    assert mask.shape == (len(train), len(tasks)) and bool((mask.sum(1) == 1).all())
+    sample = train[0]
+    assert sample["label_mask"] == dict(zip(tasks, mask[0].tolist(), strict=True))
+    batch = make_batch({"images": torch.utils.data.default_collate([train[i] for i in range(4)])},
+                       data.tasks())  # fmt: skip
+    for j, t in enumerate(tasks):
+        assert torch.equal(batch.label_mask[t], mask[:4, j])
+    for split in ("val", "test"):  # only training labels are partial
+        assert "label_mask" not in data.datasets(split)["images"][0]
+    for j, t in enumerate(tasks):
+        assert len(data.labelled_train_set(t)) == int(mask[:, j].sum())
+    prints = {t: data.fingerprint(t) for t in tasks}
+    assert len(set(prints.values())) == len(tasks)  # each teacher's data differs
+    _, full = _data(tiny_cache, tmp_path, preset="mini-scenes")
+    assert full.fingerprint(tasks[0]) not in prints.values()
+    assert teacher_path(cfg, data, tasks[0]) != teacher_path(
+        tiny_dense_config(tiny_cache, tmp_path), full, tasks[0]
+    )
+    # the split is reproducible from the seed and changes with it
+    _, again = _data(tiny_cache, tmp_path)
+    assert torch.equal(again.label_mask(), mask)
+    _, other = _data(tiny_cache, tmp_path, "seed=1")
+    assert not torch.equal(other.label_mask(), mask)
+
+
+def test_the_split_is_saved_read_back_and_never_rewritten(tiny_cache: Path, tmp_path: Path) -> None:
+    _, data = _data(tiny_cache, tmp_path, "partial.protocol=random-labels")
+    data.save_records(tmp_path)
+    path = tmp_path / "label_split.json"
+    saved = json.loads(path.read_text())
+    assert saved["protocol"] == "random-labels" and saved["tasks"] == list(data.tasks())
+    mask = read_label_split(path, list(data.tasks()), len(saved["labels"]))
+    assert torch.equal(mask, data.label_mask())
+    data.save_records(tmp_path)  # a resumed run checks it, and leaves it
+    assert json.loads(path.read_text()) == saved
+    # a user's split file drives the run; one that does not match the data is refused
+    _, from_file = _data(tiny_cache, tmp_path, "partial.protocol=file", f"partial.file={path}")
+    assert torch.equal(from_file.label_mask(), mask)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({**saved, "labels": saved["labels"][:-1]}))
+    with pytest.raises(DataError, match=r"bad\.json.*11 label rows"):  # when the data resolves
+        _data(tiny_cache, tmp_path, "partial.protocol=file", f"partial.file={bad}")
+
+
+def test_mtpsl_settings_file_is_imported(tiny_cache: Path, tmp_path: Path) -> None:
+    _, data = _data(tiny_cache, tmp_path)
+    n = data.label_mask().shape[0]
+    weights = torch.zeros(n, 3)
+    weights[torch.arange(n), torch.arange(n) % 3] = 1.0
+    path = tmp_path / "onelabel.pth"
+    torch.save({"labels_weights": weights}, path)
+    _, imported = _data(
+        tiny_cache, tmp_path, "partial.protocol=file", f"partial.file={path}",
+        "partial.file_tasks=[semantic, depth, normal]",
+    )  # fmt: skip
+    tasks = list(imported.data.tasks)
+    expected = weights.bool()[:, [["semantic", "depth", "normal"].index(t) for t in tasks]]
+    assert torch.equal(imported.label_mask(), expected)
+
+
+def _student(cfg, run_dir: Path, crash_at: int | None, monkeypatch: pytest.MonkeyPatch):
+    """Train the partial-label student (no teachers needed: distill.enabled=false)."""
+    torch.set_num_threads(1)
+    accelerator = Accelerator(cpu=True)
+    data = resolve_data(cfg, accelerator)
+    tasks = data.tasks()
+    evaluator = Evaluator(accelerator, cfg.data.eval_batch_size)
+    reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}
+    real = trainer_module.train_step
+
+    def crashing(ctx, step, timings=None):
+        if step == crash_at:
+            raise KeyboardInterrupt
+        return real(ctx, step, timings)
+
+    if crash_at is not None:
+        monkeypatch.setattr(trainer_module, "train_step", crashing)
+        phase = student_phase(cfg, "student", data, tasks, run_dir, {}, reference, True)
+        with pytest.raises(KeyboardInterrupt):
+            fit(accelerator, phase, evaluator, progress=False)
+        monkeypatch.setattr(trainer_module, "train_step", real)
+    phase = student_phase(cfg, "student", data, tasks, run_dir, {}, reference, True)
+    fit(accelerator, phase, evaluator, progress=False)
+    return phase.module
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["mtpsl", "jtr"])
+def test_a_run_with_a_joint_task_term_resumes_bit_exactly(
+    method: str, tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = [f"partial.method={method}", "distill.enabled=false", "train.max_steps=6",
+             "train.checkpoint_every=2", "train.eval_every=3"]  # fmt: skip
+    whole = _student(tiny_dense_config(tiny_cache, tmp_path / "a", *extra, preset=ONE_LABEL),
+                     tmp_path / "a", None, monkeypatch)  # fmt: skip
+    cut = _student(tiny_dense_config(tiny_cache, tmp_path / "b", *extra, preset=ONE_LABEL),
+                   tmp_path / "b", 4, monkeypatch)  # fmt: skip
+    a, b = whole.state_dict(), cut.state_dict()
+    joint = [k for k in a if k.startswith(f"objective.joint.{method}.")]
+    assert joint, "the joint term's network is part of the trainable module"
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    # it trained: its parameters moved from their initialisation
+    one_step = tiny_dense_config(tiny_cache, tmp_path / "c", *extra, "train.max_steps=1",
+                                 preset=ONE_LABEL)  # fmt: skip
+    fresh = _student(one_step, tmp_path / "c", None, monkeypatch)
+    moved = [
+        k
+        for k in joint
+        if a[k].is_floating_point() and not torch.equal(a[k], fresh.state_dict()[k])
+    ]
+    assert moved
+
+
+@pytest.mark.slow
+def test_partial_run_end_to_end(tiny_cache: Path, tmp_path: Path) -> None:
+    """Teachers on their labels, the student distilled with MTPSL, Δm against the baseline and
+    the full-label teachers (trained here first), the split in the run folder, nothing of the
+    mapping network exported."""
+    accelerator = Accelerator(cpu=True)
+    full = tiny_dense_config(tiny_cache, tmp_path, "name=full", "baseline=false")
+    full_data = resolve_data(full, accelerator)
+    ensure_teachers(full, accelerator, full_data, prepare_run_dir(full, accelerator))
+    cfg = tiny_dense_config(tiny_cache, tmp_path, "name=part", preset=ONE_LABEL)
+    data = resolve_data(cfg, accelerator)
+    run_dir = prepare_run_dir(cfg, accelerator)
+    metrics = distill(
+        cfg, accelerator, data, run_dir, ensure_teachers(cfg, accelerator, data, run_dir)
+    )
+    summary = metrics["summary"]
+    assert summary["partial"]["protocol"] == "one-label" and summary["partial"]["method"] == "mtpsl"
+    labels = summary["partial"]["labels"]
+    assert labels["unlabelled_images"] == 0
+    assert sum(labels["labels_per_task"].values()) == labels["num_images"]  # one label each
+    assert summary["delta_m_vs_baseline"] is not None
+    assert summary["delta_m_vs_full_label_teachers"] is not None
+    for task in metrics["tasks"].values():
+        assert set(task) == {"student", "teacher", "baseline", "full_label_teacher"}
+    assert (run_dir / "label_split.json").is_file()
+    for t in data.tasks():  # each teacher saw only its labelled images
+        manifest = json.loads((teacher_path(cfg, data, t) / "teacher.json").read_text())
+        assert manifest["data"]["num_samples"] == len(data.labelled_train_set(t))
+    _, weights = read_student(run_dir / "student")
+    assert not [k for k in weights if "joint" in k or "objective" in k]
+    assert "mtpsl/loss" in {s for s in _series(run_dir / "logs" / "student.csv")}
+
+
+def _series(path: Path) -> set[str]:
+    return {line.split(",")[1].removeprefix("train/") for line in path.read_text().splitlines()[1:]}
