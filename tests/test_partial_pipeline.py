@@ -185,3 +185,44 @@ def test_partial_run_end_to_end(tiny_cache: Path, tmp_path: Path) -> None:
 
 def _series(path: Path) -> set[str]:
     return {line.split(",")[1].removeprefix("train/") for line in path.read_text().splitlines()[1:]}
+
+
+@pytest.mark.parametrize(
+    ("preset", "override", "needle"),
+    [
+        ("mini-decathlon", "partial.protocol=one-label", "for dense runs"),
+        ("mini-scenes", "partial.protocol=half", "partial.protocol"),
+        ("mini-scenes", "partial.method=mixup", "partial.method"),
+        ("mini-scenes", "partial.protocol=file", "partial.file"),
+        ("mini-scenes", "partial.file=/nowhere/split.json", "partial.file"),
+        ("mini-scenes", "partial.fraction=1.5", "partial.fraction"),
+        ("mini-scenes", "partial.fractions={edges: 0.5}", "edges"),
+        ("mini-scenes", "partial.file_tasks=[semantic, edges]", "edges"),
+        ("mini-scenes", "partial.weight=-1", "partial.weight"),
+        ("mini-scenes", "partial.rampup_steps=-5", "partial.rampup_steps"),
+        ("mini-scenes", "partial.mtpsl.film_lr=0", "partial.mtpsl.film_lr"),
+        ("mini-scenes", "partial.mtpsl.mode=half", "partial.mtpsl.mode"),
+        ("mini-scenes", "partial.jtr.widths=[0]", "partial.jtr.widths"),
+        ("mini-scenes", "partial.jtr.distance_weight=.nan", "partial.jtr.distance_weight"),
+    ],
+)
+def test_bad_partial_settings_are_refused_before_work(
+    tiny_cache: Path, tmp_path: Path, preset: str, override: str, needle: str
+) -> None:
+    from unirep.config import ConfigError
+    from unirep.validate import load_config
+
+    with pytest.raises(ConfigError, match=needle):
+        load_config(preset, [override, f"output_dir={tmp_path}"])
+
+
+def test_one_task_runs_refuse_pairwise_methods() -> None:
+    from unirep.config import ConfigError
+    from unirep.validate import load_config
+
+    one = "dense.tasks={depth: {loss: depth_l1}}"
+    with pytest.raises(ConfigError, match="mtpsl maps between tasks"):
+        load_config("mini-scenes", [one, "partial.method=mtpsl", "distill.lambda_feature={}"])
+    with pytest.raises(ConfigError, match="random-labels needs at least 2 tasks"):
+        load_config("mini-scenes", [one, "partial.protocol=random-labels",
+                                    "distill.lambda_feature={}"])  # fmt: skip
