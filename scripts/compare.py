@@ -5,11 +5,12 @@
         [--reference supervised] [key=value ...]
 
 Each (variant, seed) runs the whole stage-two recipe (teachers, student, evaluation) into
-``<output_dir>/<name>/<variant>-seed<k>/``; a finished run is read back, so the command resumes
-an interrupted comparison. Variants are names of the partial-label comparison (``supervised``:
-the multi-task model on the same labels, no distillation; ``distill``; ``mtpsl``; ``jtr``;
+``<output_dir>/<name>/<variant>-seed<k>/`` (with ``baseline=false``: the reference variant plays
+that part); a finished run is read back, so the command resumes an interrupted comparison.
+Variants, separated by spaces, are names of the partial-label comparison (``supervised``: the
+multi-task model on the same labels, no distillation; ``distill``; ``mtpsl``; ``jtr``;
 ``distill+best-of:mtpsl,jtr``: distillation plus whichever of the two scored better on
-validation) or ``name=key=value;key=value``, separated by spaces. The table and plot go to
+validation) or ``name=key=value;key=value``. The table and plot go to
 ``<output_dir>/<name>/comparison.{md,json,png}``.
 """
 
@@ -73,7 +74,9 @@ def main() -> None:
         results[variant.name] = []
         for seed in seeds:
             run_name = f"{name}/{variant.name.replace(':', '-').replace(',', '-')}-seed{seed}"
-            cfg = load_config(preset, [*overrides, *extra, f"seed={seed}", f"name={run_name}"])
+            # the reference variant is the no-distillation model: no run needs its own baseline
+            settings = ["baseline=false", *overrides, *extra, f"seed={seed}", f"name={run_name}"]
+            cfg = load_config(preset, settings)
             cfg.progress = False
             accelerator = make_accelerator(cfg)
             run_dir = Path(cfg.output_dir) / run_name
