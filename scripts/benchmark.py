@@ -13,7 +13,9 @@ fresh process of its own.
 Flags (read before the config arguments): ``--steps`` timed steps (default 20), ``--warmup``
 untimed steps first (default 3), ``--json`` writes every figure there, ``--run-dir`` keeps the
 benchmark's teachers there (default: a temporary folder), ``--untrained-teachers`` times with
-untrained teachers (same cost, no training; say so where you quote the numbers). Otherwise the
+untrained teachers (same cost, no training; say so where you quote the numbers),
+``--joint-scaling`` only times the partial-label joint terms (MTPSL, JTR) against the number of
+tasks (random inputs, 8 images of 48×64; no config needed). Otherwise the
 config's teachers are used when they verify, else trained into the run dir with the config's
 teacher recipe, which overrides can shorten, e.g. ``teachers.train.max_steps=50``.
 """
@@ -27,7 +29,13 @@ import tempfile
 from pathlib import Path
 
 from teachers.recipe import ensure_teachers
-from unirep.benchmark import format_report, run_benchmark, teacher_config
+from unirep.benchmark import (
+    format_joint_scaling,
+    format_report,
+    joint_term_scaling,
+    run_benchmark,
+    teacher_config,
+)
 from unirep.cli import parse_args, run
 from unirep.recipe import resolve_data
 from unirep.rundir import make_accelerator
@@ -41,6 +49,7 @@ def split_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--json", type=Path)
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--untrained-teachers", action="store_true")
+    parser.add_argument("--joint-scaling", action="store_true")
     return parser.parse_known_args(argv)
 
 
@@ -49,6 +58,9 @@ def main() -> None:
         print(__doc__)
         return
     flags, rest = split_flags(sys.argv[1:])
+    if flags.joint_scaling:  # the partial-label joint terms' cost against the number of tasks
+        print(format_joint_scaling(joint_term_scaling()))
+        return
     cfg = parse_args(rest, prog="benchmark.py")
     with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
         run_dir = flags.run_dir or Path(tmp)

@@ -226,3 +226,37 @@ def test_one_task_runs_refuse_pairwise_methods() -> None:
     with pytest.raises(ConfigError, match="random-labels needs at least 2 tasks"):
         load_config("mini-scenes", [one, "partial.protocol=random-labels",
                                     "distill.lambda_feature={}"])  # fmt: skip
+
+
+def test_joint_term_cost_is_measured_against_the_number_of_tasks() -> None:
+    from unirep.benchmark import format_joint_scaling, joint_term_scaling
+
+    rows = joint_term_scaling(batch=4, size=(16, 16), task_counts=(2, 4), repeats=1)
+    assert [int(r["tasks"]) for r in rows] == [2, 4]
+    assert all(r["mtpsl_seconds"] > 0 and r["jtr_seconds"] > 0 for r in rows)
+    assert rows[1]["mtpsl_pairs"] > rows[0]["mtpsl_pairs"]  # pairs grow faster than tasks
+    assert "| 4 |" in format_joint_scaling(rows)
+
+
+@pytest.mark.parametrize("method", ["none", "mtpsl", "jtr"])
+def test_an_all_unlabelled_batch_gives_finite_zero_supervision(
+    method: str, tiny_cache: Path, tmp_path: Path
+) -> None:
+    """No sample of the batch is labelled for any task: the supervised terms are exact zeros with
+    zero gradient, the joint terms finite (no NaN from an empty mean)."""
+    cfg, data = _data(tiny_cache, tmp_path, f"partial.method={method}", "distill.enabled=false")
+    tasks = data.tasks()
+    reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}
+    phase = student_phase(cfg, "student", data, tasks, tmp_path, {}, reference, True)
+    samples = [data.datasets("train", train=True)["images"][i] for i in range(4)]
+    for s in samples:
+        s["label_mask"] = dict.fromkeys(tasks, False)
+    batch = make_batch({"images": torch.utils.data.default_collate(samples)}, tasks)
+    bundle = phase.module(batch)
+    for loss in bundle.supervised.values():
+        assert loss.item() == 0.0
+    total = bundle.total()
+    assert torch.isfinite(total)
+    total.backward()
+    for p in phase.module.student.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()

@@ -497,3 +497,76 @@ def format_report(results: dict[str, Any]) -> str:
         ]
         lines.append(f"| {mode} | {' | '.join(cells)} | {p['total']:.1f} |")
     return "\n".join(lines)
+
+
+def joint_term_scaling(
+    batch: int = 8,
+    size: tuple[int, int] = (48, 64),
+    task_counts: tuple[int, ...] = (2, 3, 4, 6),
+    repeats: int = 5,
+    seed: int = 0,
+) -> list[dict[str, float]]:
+    """Seconds of one forward + backward of MTPSL's and JTR's joint terms against the number of
+    tasks T (random predictions and labels, random-labels masks; tasks cycle through semantic
+    (7 classes), depth and normal). JTR runs its one network once per stack: linear in T through
+    the stacked channels; MTPSL maps every (unlabelled, labelled) pair: up to T(T−1) mappings.
+    """
+    from unirep.data.partial import make_label_mask
+    from unirep.losses.partial import JTRLoss, MTPSLLoss
+
+    channels_of = {"semantic": 7, "depth": 1, "normal": 3}
+    kinds = ("semantic", "depth", "normal")
+    rows = []
+    g = torch.Generator().manual_seed(seed)
+    h, w = size
+    for count in task_counts:
+        names = [f"{kinds[i % 3]}{i}" for i in range(count)]
+        task_kinds = {n: kinds[i % 3] for i, n in enumerate(names)}
+        channels = {n: channels_of[k] for n, k in task_kinds.items()}
+        preds = {n: torch.randn(batch, c, h, w, generator=g) for n, c in channels.items()}
+        targets = {}
+        for n, k in task_kinds.items():
+            if k == "semantic":
+                targets[n] = torch.randint(0, 7, (batch, h, w), generator=g)
+            elif k == "depth":
+                targets[n] = torch.rand(batch, 1, h, w, generator=g) * 5
+            else:
+                targets[n] = torch.nn.functional.normalize(
+                    torch.randn(batch, 3, h, w, generator=g), dim=1
+                )
+        mask = make_label_mask("random-labels", batch, names, seed)
+        masks = {n: mask[:, i] for i, n in enumerate(names)}
+        feature = torch.randn(batch, 64, h // 16, w // 16, generator=g)
+        mtpsl = MTPSLLoss(task_kinds, channels, 64)
+        jtr = JTRLoss(task_kinds, channels)
+        for p in preds.values():
+            p.requires_grad_(True)
+        timings: dict[str, float] = {"tasks": float(count)}
+        args = {"mtpsl": (preds, targets, masks, feature), "jtr": (preds, targets, masks)}
+        for label, loss in (("mtpsl", mtpsl), ("jtr", jtr)):
+            _joint_total(loss(*args[label])).backward()  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                _joint_total(loss(*args[label])).backward()
+            timings[f"{label}_seconds"] = (time.perf_counter() - t0) / repeats
+        timings["mtpsl_pairs"] = float(len(mtpsl.instances(masks)[0]))
+        rows.append(timings)
+    return rows
+
+
+def _joint_total(result: Any) -> torch.Tensor:
+    return result[0] if isinstance(result, tuple) else result
+
+
+def format_joint_scaling(rows: list[dict[str, float]]) -> str:
+    """Markdown: the joint terms' cost against the number of tasks."""
+    lines = [
+        "| tasks T | MTPSL (image, pair) mappings | MTPSL fwd+bwd (ms) | JTR fwd+bwd (ms) |",
+        "|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {int(r['tasks'])} | {int(r['mtpsl_pairs'])} | {1000 * r['mtpsl_seconds']:.1f} | "
+            f"{1000 * r['jtr_seconds']:.1f} |"
+        )
+    return "\n".join(lines)
