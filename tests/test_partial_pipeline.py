@@ -260,3 +260,12 @@ def test_an_all_unlabelled_batch_gives_finite_zero_supervision(
     total.backward()
     for p in phase.module.student.parameters():
         assert p.grad is None or torch.isfinite(p.grad).all()
+
+
+def test_a_batch_larger_than_a_teachers_labelled_images_is_refused(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    from unirep.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data\.batch_size.*teacher of .* labelled for it"):
+        _data(tiny_cache, tmp_path, "data.batch_size=6")  # 12 scenes, one label each: 4 per task

@@ -159,6 +159,17 @@ def check_against_data(cfg: Config, data: RunData, world_size: int = 1) -> None:
                 f"the {available} training samples of {stream!r}; valid: at most "
                 f"{available // world_size}"
             )
+    if cfg.dense is not None and cfg.partial.protocol != "full":
+        batch = sizes[next(iter(sizes))]
+        for task in tasks:  # each teacher trains on the images labelled for its task
+            labelled = len(data.labelled_train_set(task))  # type: ignore[arg-type]
+            if batch * world_size > labelled:
+                raise ConfigError(
+                    f"config key 'data.batch_size': the teacher of {task!r} trains on the "
+                    f"{labelled} training images labelled for it (partial.protocol="
+                    f"{cfg.partial.protocol}), fewer than a batch of {batch * world_size}; valid: "
+                    f"at most {labelled // world_size}"
+                )
 
 
 # --------------------------------------------------------------------------------------------
