@@ -68,6 +68,7 @@ from unirep.models.build import architecture, build_network
 from unirep.optim import build_optimizer
 from unirep.recipe import evaluate_teachers, load_teachers, resolve_data, student_phase
 from unirep.rundir import make_accelerator, teacher_root
+from unirep.tasks import TASK_KINDS, Task
 from unirep.teachers import Teacher, TeacherMismatchError, freeze
 from unirep.trainer import Phase, teacher_outputs
 
@@ -505,40 +506,47 @@ def joint_term_scaling(
     task_counts: tuple[int, ...] = (2, 3, 4, 6),
     repeats: int = 5,
     seed: int = 0,
+    num_classes: int = 7,
 ) -> list[dict[str, float]]:
     """Seconds of one forward + backward of MTPSL's and JTR's joint terms against the number of
-    tasks T (random predictions and labels, random-labels masks; tasks cycle through semantic
-    (7 classes), depth and normal). JTR runs its one network once per stack: linear in T through
-    the stacked channels; MTPSL maps every (unlabelled, labelled) pair: up to T(T−1) mappings.
+    tasks T (random predictions and labels, random-labels masks; the tasks cycle through the
+    per-pixel kinds of :data:`unirep.tasks.TASK_KINDS`). JTR runs its one network once per stack:
+    linear in T through the stacked channels; MTPSL maps every (unlabelled, labelled) pair: up to
+    T(T−1) mappings.
     """
     from unirep.data.partial import make_label_mask
     from unirep.losses.partial import JTRLoss, MTPSLLoss
 
-    channels_of = {"semantic": 7, "depth": 1, "normal": 3}
-    kinds = ("semantic", "depth", "normal")
+    kinds = [TASK_KINDS.build(k) for k in TASK_KINDS.names()]
+    kinds = [k for k in kinds if k.spatial]
     rows = []
     g = torch.Generator().manual_seed(seed)
     h, w = size
     for count in task_counts:
-        names = [f"{kinds[i % 3]}{i}" for i in range(count)]
-        task_kinds = {n: kinds[i % 3] for i, n in enumerate(names)}
-        channels = {n: channels_of[k] for n, k in task_kinds.items()}
-        preds = {n: torch.randn(batch, c, h, w, generator=g) for n, c in channels.items()}
+        tasks: dict[str, Task] = {}
+        for i in range(count):
+            kind = kinds[i % len(kinds)]
+            name = f"{kind.name}{i}"
+            classes = num_classes if kind.has_classes else None
+            tasks[name] = Task(name, kind, "images", num_classes=classes)
+        names = list(tasks)
+        preds = {n: torch.randn(batch, t.out_channels, h, w, generator=g) for n, t in tasks.items()}
         targets = {}
-        for n, k in task_kinds.items():
-            if k == "semantic":
-                targets[n] = torch.randint(0, 7, (batch, h, w), generator=g)
-            elif k == "depth":
-                targets[n] = torch.rand(batch, 1, h, w, generator=g) * 5
+        for n, t in tasks.items():
+            if t.kind.has_classes:
+                targets[n] = torch.randint(0, num_classes, (batch, h, w), generator=g)
+            elif t.kind.unit_vector:
+                raw = torch.randn(batch, t.out_channels, h, w, generator=g)
+                targets[n] = torch.nn.functional.normalize(raw, dim=1)
             else:
-                targets[n] = torch.nn.functional.normalize(
-                    torch.randn(batch, 3, h, w, generator=g), dim=1
-                )
+                targets[n] = torch.rand(batch, t.out_channels, h, w, generator=g) * 5
         mask = make_label_mask("random-labels", batch, names, seed)
         masks = {n: mask[:, i] for i, n in enumerate(names)}
         feature = torch.randn(batch, 64, h // 16, w // 16, generator=g)
-        mtpsl = MTPSLLoss(task_kinds, channels, 64)
-        jtr = JTRLoss(task_kinds, channels)
+        kind_names = {n: t.kind.name for n, t in tasks.items()}
+        channels = {n: t.out_channels for n, t in tasks.items()}
+        mtpsl = MTPSLLoss(kind_names, channels, 64)
+        jtr = JTRLoss(kind_names, channels)
         for p in preds.values():
             p.requires_grad_(True)
         timings: dict[str, float] = {"tasks": float(count)}
