@@ -75,6 +75,12 @@ def test_the_split_is_saved_read_back_and_never_rewritten(tiny_cache: Path, tmp_
     # a user's split file drives the run; one that does not match the data is refused
     _, from_file = _data(tiny_cache, tmp_path, "partial.protocol=file", f"partial.file={path}")
     assert torch.equal(from_file.label_mask(), mask)
+    unlabelled = tmp_path / "unlabelled.json"  # random-labels forbids an image without labels
+    rows = [list(r) for r in saved["labels"]]
+    rows[0] = [0] * len(rows[0])
+    unlabelled.write_text(json.dumps({**saved, "labels": rows}))
+    with pytest.raises(DataError, match=r"unlabelled\.json.*no label"):
+        _data(tiny_cache, tmp_path, "partial.protocol=file", f"partial.file={unlabelled}")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**saved, "labels": saved["labels"][:-1]}))
     with pytest.raises(DataError, match=r"bad\.json.*11 label rows"):  # when the data resolves

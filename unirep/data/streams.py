@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -253,7 +254,9 @@ class SceneStreams(RunData):
                         f"{path}: {mask.shape[0]} rows, but the training split has {n} images"
                     )
                 return _columns(mask, order, tasks, path)
-            return read_label_split(path, tasks, n, image_ids=ids)
+            # a split drawn by a protocol that labels every image must label every image
+            require = _file_protocol(path) in ("one-label", "random-labels")
+            return read_label_split(path, tasks, n, image_ids=ids, require_label=require)
         seed = self.cfg.seed if part.seed is None else part.seed
         fraction: Any = None
         if part.protocol == "fraction":
@@ -345,6 +348,16 @@ class LabelMasked(Dataset):
         row = self.mask[i].tolist()
         sample["label_mask"] = dict(zip(self.tasks, row, strict=True))
         return sample
+
+
+def _file_protocol(path: Path) -> str | None:
+    """The ``protocol`` a unirep split file records (None when absent or unreadable: the reader
+    then names the problem)."""
+    try:
+        value = json.loads(path.read_text()).get("protocol")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
 
 
 def _columns(mask: torch.Tensor, order: list[str], tasks: list[str], path: Path) -> torch.Tensor:
