@@ -17,9 +17,7 @@ def main() -> None:
     data = resolve_data(cfg, accelerator)  # bad data fails before anything is written
     run_dir = prepare_run_dir(cfg, accelerator)
     seconds = ensure_teachers(cfg, accelerator, data, run_dir)
-    accelerator.print(
-        f"teachers in {teacher_root(cfg)} ({seconds:.1f} s of training this run)"
-    )
+    accelerator.print(f"teachers in {teacher_root(cfg)} ({seconds:.1f} s of training this run)")
     accelerator.end_training()
 
 
