@@ -69,3 +69,35 @@ def tiny_dense_config(cache: Path, out: Path, *extra: str, preset: str = "mini-s
         preset,
         [*TINY_DENSE, f"data.cache_dir={cache}", f"output_dir={out}", *extra],
     )
+
+
+def fit_interrupted(cfg: Config, run_dir: Path, role: str, crash_at: int | None, monkeypatch):
+    """Fit ``role`` (``baseline`` or ``student``, no teachers) of ``cfg`` in ``run_dir``; with
+    ``crash_at``, interrupted before that step first and then resumed. Returns (phase, result)."""
+    from accelerate import Accelerator
+
+    import unirep.trainer as trainer_module
+    from unirep.evaluate import Evaluator
+    from unirep.recipe import resolve_data, student_phase
+
+    accelerator = Accelerator(cpu=True)
+    data = resolve_data(cfg, accelerator)
+    tasks = data.tasks()
+    evaluator = Evaluator(accelerator, cfg.data.eval_batch_size)
+    reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}  # stands in for teachers
+    distill = role == "student"
+    real = trainer_module.train_step
+
+    def crashing(ctx, step, timings=None):
+        if step == crash_at:
+            raise KeyboardInterrupt
+        return real(ctx, step, timings)
+
+    if crash_at is not None:
+        monkeypatch.setattr(trainer_module, "train_step", crashing)
+        phase = student_phase(cfg, role, data, tasks, run_dir, {}, reference, distill)
+        with pytest.raises(KeyboardInterrupt):
+            trainer_module.fit(accelerator, phase, evaluator, progress=False)
+        monkeypatch.setattr(trainer_module, "train_step", real)
+    phase = student_phase(cfg, role, data, tasks, run_dir, {}, reference, distill)
+    return phase, trainer_module.fit(accelerator, phase, evaluator, progress=False)

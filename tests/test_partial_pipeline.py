@@ -10,17 +10,14 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-import unirep.trainer as trainer_module
 from teachers.recipe import ensure_teachers
-from tests.conftest import tiny_dense_config
+from tests.conftest import fit_interrupted, tiny_dense_config
 from unirep.batch import make_batch
 from unirep.data.partial import read_label_split
 from unirep.errors import DataError
-from unirep.evaluate import Evaluator
 from unirep.export import read_student
 from unirep.recipe import distill, resolve_data, student_phase
 from unirep.rundir import prepare_run_dir, teacher_path
-from unirep.trainer import fit
 
 ONE_LABEL = "mini-scenes-onelabel"
 
@@ -106,26 +103,7 @@ def test_mtpsl_settings_file_is_imported(tiny_cache: Path, tmp_path: Path) -> No
 def _student(cfg, run_dir: Path, crash_at: int | None, monkeypatch: pytest.MonkeyPatch):
     """Train the partial-label student (no teachers needed: distill.enabled=false)."""
     torch.set_num_threads(1)
-    accelerator = Accelerator(cpu=True)
-    data = resolve_data(cfg, accelerator)
-    tasks = data.tasks()
-    evaluator = Evaluator(accelerator, cfg.data.eval_batch_size)
-    reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}
-    real = trainer_module.train_step
-
-    def crashing(ctx, step, timings=None):
-        if step == crash_at:
-            raise KeyboardInterrupt
-        return real(ctx, step, timings)
-
-    if crash_at is not None:
-        monkeypatch.setattr(trainer_module, "train_step", crashing)
-        phase = student_phase(cfg, "student", data, tasks, run_dir, {}, reference, True)
-        with pytest.raises(KeyboardInterrupt):
-            fit(accelerator, phase, evaluator, progress=False)
-        monkeypatch.setattr(trainer_module, "train_step", real)
-    phase = student_phase(cfg, "student", data, tasks, run_dir, {}, reference, True)
-    fit(accelerator, phase, evaluator, progress=False)
+    phase, _ = fit_interrupted(cfg, run_dir, "student", crash_at, monkeypatch)
     return phase.module
 
 

@@ -9,17 +9,14 @@ import torch
 from accelerate import Accelerator
 from torch import nn
 
-import unirep.trainer as trainer_module
-from tests.conftest import tiny_config, tiny_dense_config
+from tests.conftest import fit_interrupted, tiny_config, tiny_dense_config
 from unirep.batch import make_batch
-from unirep.evaluate import Evaluator
 from unirep.losses import TASK_LOSSES
 from unirep.models.build import architecture, build_network
 from unirep.objective import Objective, masked_loss
-from unirep.recipe import resolve_data, student_phase
+from unirep.recipe import resolve_data
 from unirep.tasks import TASK_KINDS, Task
 from unirep.trainable import TrainableModule
-from unirep.trainer import fit
 from unirep.weighting import build_weighting
 
 KIND_SHAPES = {  # kind -> (num_classes, raw output [B, C, ...], target)
@@ -109,26 +106,7 @@ def test_trainable_module_groups_come_from_modules(tiny_cache: Path, tmp_path: P
 
 
 def _train(cfg, run_dir: Path, crash_at: int | None, monkeypatch) -> tuple[dict, list[str]]:
-    accelerator = Accelerator(cpu=True)
-    data = resolve_data(cfg, accelerator)
-    tasks = data.tasks()
-    evaluator = Evaluator(accelerator, cfg.data.eval_batch_size)
-    real = trainer_module.train_step
-    reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}  # stands in for teachers
-
-    def crashing(ctx, step, timings=None):
-        if step == crash_at:
-            raise KeyboardInterrupt
-        return real(ctx, step, timings)
-
-    if crash_at is not None:
-        monkeypatch.setattr(trainer_module, "train_step", crashing)
-        phase = student_phase(cfg, "baseline", data, tasks, run_dir, {}, reference, False)
-        with pytest.raises(KeyboardInterrupt):
-            fit(accelerator, phase, evaluator, progress=False)
-        monkeypatch.setattr(trainer_module, "train_step", real)
-    phase = student_phase(cfg, "baseline", data, tasks, run_dir, {}, reference, False)
-    result = fit(accelerator, phase, evaluator, progress=False)
+    phase, result = fit_interrupted(cfg, run_dir, "baseline", crash_at, monkeypatch)
     state = {k: v.clone() for k, v in phase.module.state_dict().items()}
     state["best"] = torch.tensor([result.best_val, result.best_step])
     log = (run_dir / "logs" / "baseline.csv").read_text().splitlines()

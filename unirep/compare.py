@@ -141,7 +141,7 @@ def summarise(
             row["delta_m_vs_teachers"] = list(_stat(teachers))
         if reference is not None and reference in results:
             deltas = [
-                _main_deltas(run, ref) for run, ref in zip(runs, results[reference], strict=False)
+                _main_deltas(run, ref) for run, ref in zip(runs, results[reference], strict=True)
             ]
             if deltas and all(d is not None for d in deltas):
                 row[f"delta_m_vs_{reference}"] = list(_stat(deltas))  # type: ignore[arg-type]

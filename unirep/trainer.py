@@ -317,12 +317,9 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
         # Checkpoint for resume (latest `keep_checkpoints`).
         if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             seconds = record["seconds"] + time.perf_counter() - t0
-            state = {
-                "best_val": best_val if math.isfinite(best_val) else None,
-                "best_step": best_step,
-                "seconds": seconds,
-                "skipped_steps": ctx.skipped,
-            }
+            # a best_val of -inf (nothing selected yet) is written as null (strict JSON)
+            state = {"best_val": best_val, "best_step": best_step, "seconds": seconds,
+                     "skipped_steps": ctx.skipped}  # fmt: skip
             save_checkpoint(
                 accelerator, ckpt_dir, done, ctx.module, ctx.optimizers, ctx.schedulers,
                 state, cfg.keep_checkpoints,
