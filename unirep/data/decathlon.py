@@ -301,10 +301,7 @@ class DecathlonDomain(torch.utils.data.Dataset):
         try:
             return files_fingerprint(paths, self.root, head)
         except FileNotFoundError as err:
-            raise DataRootError(
-                f"image {err.filename} listed in {self.annotation_file} not found; "
-                f"{_layout(self.root, self.domain, self.split)}"
-            ) from err
+            raise self._missing(err.filename) from err
 
     def with_transform(self, transform: Callable | None) -> DecathlonDomain:
         """The same images and labels (read once) with another transform."""
@@ -370,10 +367,14 @@ class DecathlonDomain(torch.utils.data.Dataset):
         try:
             return _decode_rgb(path)
         except FileNotFoundError as err:
-            raise DataRootError(
-                f"image {path} listed in {self.annotation_file} not found; "
-                f"{_layout(self.root, self.domain, self.split)}"
-            ) from err
+            raise self._missing(path) from err
+
+    def _missing(self, image: object) -> DataRootError:
+        """The error for an image the annotation file lists but the tree lacks."""
+        return DataRootError(
+            f"image {image} listed in {self.annotation_file} not found; "
+            f"{_layout(self.root, self.domain, self.split)}"
+        )
 
     def _drop_undecodable(self, cache_dir: Path | None) -> None:
         def scan() -> list[SkippedFile]:
