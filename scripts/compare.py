@@ -2,7 +2,7 @@
 
     accelerate launch scripts/compare.py --config mini-scenes-onelabel --seeds 0,1,2 \
         [--variants "supervised distill mtpsl jtr distill+best-of:mtpsl,jtr"] [--name NAME] \
-        [--reference supervised] [key=value ...]
+        [--reference supervised] [--jobs 2] [key=value ...]
 
 Each (variant, seed) runs the whole stage-two recipe (teachers, student, evaluation) into
 ``<output_dir>/<name>/<variant>-seed<k>/`` (with ``baseline=false``: the reference variant plays
@@ -11,29 +11,24 @@ Variants, separated by spaces, are names of the partial-label comparison (``supe
 multi-task model on the same labels, no distillation; ``distill``; ``mtpsl``; ``jtr``;
 ``distill+best-of:mtpsl,jtr``: distillation plus whichever of the two scored better on
 validation) or ``name=key=value;key=value``. The table and plot go to
-``<output_dir>/<name>/comparison.{md,json,png}``.
+``<output_dir>/<name>/comparison.{md,json,png}``, with what this invocation cost.
+
+``--jobs N`` runs N runs side by side in worker processes, each at this process's thread count
+(``accelerate launch`` on a CPU: one), the teachers first (one job per teacher the cache lacks,
+shared by the runs that need it): on a 2-core machine ``--jobs 2`` keeps both cores busy. The
+numbers are those of ``--jobs 1`` at the same thread count.
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from teachers.recipe import ensure_teachers
 from unirep.cli import parse_args, run
-from unirep.compare import (
-    PARTIAL_VARIANTS,
-    finished_metrics,
-    parse_variants,
-    resolve,
-    write_comparison,
-)
+from unirep.compare import PARTIAL_VARIANTS, parse_variants, run_comparison, write_comparison
 from unirep.config import ConfigError
-from unirep.recipe import distill, resolve_data
-from unirep.rundir import make_accelerator, prepare_run_dir
-from unirep.validate import load_config
+from unirep.rundir import make_accelerator
 
-OPTIONS = ("--seeds", "--variants", "--name", "--reference")
+OPTIONS = ("--seeds", "--variants", "--name", "--reference", "--jobs")
 
 
 def _options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
@@ -57,47 +52,41 @@ def _options(argv: list[str]) -> tuple[dict[str, str], list[str]]:
 def main() -> None:
     options, argv = _options(sys.argv[1:])
     base = parse_args(argv, prog="compare.py")  # checks the preset and overrides up front
-    seeds = [int(s) for s in options.get("--seeds", "0,1,2").split(",") if s]
+    seeds = _integers(options.get("--seeds", "0,1,2"), "--seeds")
+    workers = _integers(options.get("--jobs", "1"), "--jobs")[0]
+    if workers < 1:
+        raise ConfigError(f"compare.py: --jobs must be a positive integer, got {workers}")
     variants = parse_variants(options.get("--variants", " ".join(PARTIAL_VARIANTS)).split())
     reference = options.get("--reference", variants[0].name)
+    if reference not in {v.name for v in variants}:
+        raise ConfigError(f"compare.py: --reference {reference!r} is not one of the variants")
     name = options.get("--name", f"compare-{base.preset}")
     overrides = [a for a in argv if "=" in a and not a.startswith("--config")]
     preset = argv[argv.index("--config") + 1] if "--config" in argv else None
-    by_name = {v.name: v for v in variants}
-    results: dict[str, list[dict]] = {}
-    notes: list[str] = []
-    folder = None
-    for variant in variants:
-        extra, note = resolve(variant, by_name, results)
-        if note:
-            notes.append(note)
-        results[variant.name] = []
-        for seed in seeds:
-            run_name = f"{name}/{variant.name.replace(':', '-').replace(',', '-')}-seed{seed}"
-            # the reference variant is the no-distillation model: no run needs its own baseline
-            settings = ["baseline=false", *overrides, *extra, f"seed={seed}", f"name={run_name}"]
-            cfg = load_config(preset, settings)
-            cfg.progress = False
-            accelerator = make_accelerator(cfg)
-            run_dir = Path(cfg.output_dir) / run_name
-            folder = run_dir.parent
-            metrics = finished_metrics(run_dir)
-            if metrics is None:
-                if (run_dir / "config.yaml").exists():
-                    cfg.resume = True
-                data = resolve_data(cfg, accelerator)
-                run_dir = prepare_run_dir(cfg, accelerator)
-                seconds = ensure_teachers(cfg, accelerator, data, run_dir)
-                metrics = distill(cfg, accelerator, data, run_dir, seconds)
-            accelerator.print(
-                f"[{variant.name} seed {seed}] Δm vs teachers "
-                f"{metrics['summary'].get('delta_m_vs_teachers')}"
-            )
-            results[variant.name].append(metrics)
-    assert folder is not None
+    accelerator = make_accelerator(base)
+    if workers > 1 and accelerator.num_processes > 1:
+        raise ConfigError(
+            "compare.py: --jobs runs one-process runs side by side; launch it with one process "
+            f"(this launch has {accelerator.num_processes})"
+        )
+    folder, results, notes, cost = run_comparison(
+        preset, variants, seeds, name, overrides, workers, log=accelerator.print
+    )
     if accelerator.is_main_process:
-        write_comparison(folder, base.preset, seeds, results, reference, notes)
+        write_comparison(folder, base.preset, seeds, results, reference, notes, cost)
         print((folder / "comparison.md").read_text())
+
+
+def _integers(text: str, option: str) -> list[int]:
+    try:
+        values = [int(s) for s in text.split(",") if s]
+    except ValueError:
+        raise ConfigError(
+            f"compare.py: {option} takes integers (e.g. 0,1,2), got {text!r}"
+        ) from None
+    if not values:
+        raise ConfigError(f"compare.py: {option} is empty")
+    return values
 
 
 if __name__ == "__main__":

@@ -118,11 +118,18 @@ def train_teacher(
     return result.seconds
 
 
-def ensure_teachers(cfg: Config, accelerator: Accelerator, data: RunData, run_dir: Path) -> float:
-    """Train every missing teacher (verifying the existing ones); returns the seconds spent.
+def ensure_teachers(
+    cfg: Config,
+    accelerator: Accelerator,
+    data: RunData,
+    run_dir: Path,
+    only: list[str] | None = None,
+) -> float:
+    """Train every missing teacher (or those of ``only``), verifying the existing ones; returns
+    the seconds spent.
 
     An existing teacher is reused only if it verifies; a mismatch is an error naming the file,
-    never a silent retrain.
+    never a silent retrain. A fine-tuned teacher needs its source in the cache already.
     """
     evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
     tasks = data.tasks()
@@ -131,6 +138,8 @@ def ensure_teachers(cfg: Config, accelerator: Accelerator, data: RunData, run_di
     accelerator.wait_for_everyone()
     seconds = 0.0
     for name in _order(cfg, list(tasks)):
+        if only is not None and name not in only:
+            continue
         directory = teacher_path(cfg, data, name, accelerator.num_processes)
         if not cfg.teachers.retrain and (directory / MANIFEST).exists():
             _load(cfg, data, tasks[name], accelerator.num_processes)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from tests.conftest import TINY_DENSE
 from unirep.compare import (
     PARTIAL_VARIANTS,
     Variant,
     parse_variants,
     resolve,
+    run_comparison,
     summarise,
     write_comparison,
 )
@@ -71,3 +74,63 @@ def test_summary_is_mean_and_std_over_seeds_with_delta_m_against_the_reference(
     text = (tmp_path / "comparison.md").read_text()
     assert "| mtpsl |" in text and "+12.50 ± 3.54" in text and "- a note" in text
     assert (tmp_path / "comparison.png").stat().st_size > 0
+
+
+def _without_seconds(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_seconds(v) for k, v in value.items() if "seconds" not in str(k)}
+    if isinstance(value, list):
+        return [_without_seconds(v) for v in value]
+    return value
+
+
+@pytest.mark.slow
+def test_side_by_side_jobs_compute_what_one_process_computes_and_share_teachers(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    """``--jobs 2`` (worker processes) gives the metrics of ``--jobs 1`` (in this process), trains
+    each teacher once for all the variants of a seed, resolves best-of on validation, and a
+    second invocation reads every finished run back."""
+    variants = parse_variants(["supervised", "mtpsl", "best-of:supervised,mtpsl"])
+    found = {}
+    for workers in (1, 2):
+        settings = [*TINY_DENSE, f"data.cache_dir={tiny_cache}",
+                    f"output_dir={tmp_path / f'out{workers}'}",
+                    f"teachers.root={tmp_path / f'teachers{workers}'}"]  # fmt: skip
+        log: list[str] = []
+        folder, results, notes, cost = run_comparison(
+            "mini-scenes-onelabel", variants, [0, 1], "cmp", settings, workers, log.append
+        )
+        teacher_jobs = [j for j in cost["job_seconds"] if j.startswith("teacher ")]
+        assert len(teacher_jobs) == 6  # 3 tasks × 2 seeds (label splits), not × 3 variants
+        assert len(list((tmp_path / f"teachers{workers}").glob("*/teacher.json"))) == 6
+        assert cost["workers"] == workers and len(cost["job_seconds"]) == 6 + 3 * 2
+        assert notes and "→" in notes[0]
+        chosen = notes[0].split("→ ")[1].split(" ")[0]
+        assert _without_seconds(results["best-of:supervised,mtpsl"]) == _without_seconds(
+            results[chosen]
+        )
+        found[workers] = (_without_seconds(results), notes)
+        assert folder == tmp_path / f"out{workers}" / "cmp"
+    assert found[1] == found[2]
+    # a second invocation trains nothing and reads every run back
+    before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out2").rglob("metrics.json"))
+    _, again, _, cost = run_comparison(
+        "mini-scenes-onelabel", variants, [0, 1], "cmp", settings, 2, lambda _: None
+    )
+    assert not [j for j in cost["job_seconds"] if j.startswith("teacher ")]
+    assert _without_seconds(again) == found[2][0]
+    assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "out2").rglob("metrics.json")) == before
+
+
+def test_best_of_variants_name_two_other_variants() -> None:
+    with pytest.raises(ConfigError, match="two other variants"):
+        parse_variants(["supervised", "best-of:supervised,nope"])
+    with pytest.raises(ConfigError, match="two other variants"):
+        parse_variants(["supervised", "mtpsl", "bad+best-of:supervised,mtpsl"])
+    variants = parse_variants(["supervised", "mtpsl", "best-of:supervised,mtpsl"])
+    by_name = {v.name: v for v in variants}
+    results = {"supervised": [_metrics(0.1, 0.1, val=3.0, dm=0)],
+               "mtpsl": [_metrics(0.1, 0.1, val=1.0, dm=0)]}  # fmt: skip
+    overrides, note = resolve(by_name["best-of:supervised,mtpsl"], by_name, results)
+    assert overrides == PARTIAL_VARIANTS["supervised"] and "→ supervised" in note

@@ -330,7 +330,7 @@ def test_import_mtpsl_shipped_layout(tmp_path: Path) -> None:
     assert mask.dtype == torch.bool and torch.equal(mask, weights.bool())
     summary = describe(mask, NYU)
     assert summary["labels_per_task"] == {"semantic": 265, "depth": 265, "normal": 265}
-    assert summary["labels_per_image"] == {0: 0, 1: 795, 2: 0, 3: 0}
+    assert summary["labels_per_image"] == {"0": 0, "1": 795, "2": 0, "3": 0}
     # converted to a label split and read back in another task order: same counts
     split = tmp_path / "onelabel.json"
     write_label_split(split, mask, NYU, None, "one-label", None)
@@ -394,7 +394,7 @@ def test_describe_hand_computed() -> None:
         "num_images": 4,
         "labels_per_task": {"semantic": 3, "depth": 2, "normal": 1},
         "fraction_per_task": {"semantic": 0.75, "depth": 0.5, "normal": 0.25},
-        "labels_per_image": {0: 1, 1: 1, 2: 1, 3: 1},
+        "labels_per_image": {"0": 1, "1": 1, "2": 1, "3": 1},
         "unlabelled_images": 1,
     }
     empty = describe(torch.zeros(0, 2, dtype=torch.bool), ["semantic", "depth"])

@@ -13,15 +13,23 @@ the supervised multi-task model trained on the same labels, JTR's protocol). A v
 from __future__ import annotations
 
 import statistics
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from unirep.config import ConfigError
 from unirep.io import atomic_write_json, atomic_write_text, read_json
+from unirep.jobs import Job, JobResult, run_jobs, run_recipe, train_teacher_job
 from unirep.metrics import delta_m
 from unirep.report import format_metric, write_figure
+from unirep.rundir import make_accelerator, teacher_path
 from unirep.tasks import TASK_KINDS
+from unirep.teachers import MANIFEST
+from unirep.validate import load_config
 
 COMPARISON = "comparison"
 
@@ -42,7 +50,9 @@ class Variant:
 
 
 def parse_variants(specs: list[str]) -> list[Variant]:
-    """``name=override;override`` strings (or the names of :data:`PARTIAL_VARIANTS`)."""
+    """``name=override;override`` strings, the names of :data:`PARTIAL_VARIANTS`, or
+    ``[distill+]best-of:a,b`` (whichever of the variants ``a``, ``b`` scores better on validation,
+    with distillation switched on by the prefix)."""
     variants = []
     for spec in specs:
         if "=" in spec.split(";")[0] and not spec.startswith(("distill+", "best-of:")):
@@ -50,6 +60,8 @@ def parse_variants(specs: list[str]) -> list[Variant]:
             variants.append(Variant(name, [o for o in rest.split(";") if o]))
         elif spec in PARTIAL_VARIANTS:
             variants.append(Variant(spec, list(PARTIAL_VARIANTS[spec])))
+        elif _best_of(spec) is not None:
+            variants.append(Variant(spec, []))
         else:
             raise ConfigError(
                 f"variant {spec!r}: write name=key=value;key=value, or one of "
@@ -58,6 +70,17 @@ def parse_variants(specs: list[str]) -> list[Variant]:
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"variant names must be unique, got {names}")
+    for variant in variants:
+        best = _best_of(variant.name)
+        if best is None:
+            continue
+        prefix, candidates = best
+        unknown = [c for c in candidates if c not in names or _best_of(c)]
+        if len(candidates) < 2 or unknown or prefix not in ("", "distill+"):
+            raise ConfigError(
+                f"variant {variant.name!r}: write [distill+]best-of:a,b with a, b two other "
+                f"variants of this comparison ({', '.join(n for n in names if not _best_of(n))})"
+            )
     return variants
 
 
@@ -89,8 +112,9 @@ def resolve(
         raise ConfigError(f"variant {variant.name!r}: run {', '.join(missing)} before it")
     scores = {c: statistics.fmean(validation_score(m) for m in results[c]) for c in candidates}
     chosen = max(scores, key=lambda c: scores[c])
-    overrides = [o for o in variants[chosen].overrides if not o.startswith("distill.enabled")]
-    if prefix.startswith("distill"):
+    overrides = list(variants[chosen].overrides)
+    if prefix == "distill+":
+        overrides = [o for o in overrides if not o.startswith("distill.enabled")]
         overrides.append("distill.enabled=true")
     overrides += variant.overrides
     note = ", ".join(f"{c} {s:+.3f}" for c, s in scores.items())
@@ -223,8 +247,10 @@ def write_comparison(
     results: dict[str, list[dict[str, Any]]],
     reference: str | None,
     notes: list[str],
+    cost: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """``comparison.{md,json,png}`` in ``folder``; returns the JSON's content."""
+    """``comparison.{md,json,png}`` in ``folder``; returns the JSON's content. ``cost`` is what
+    the invocation that wrote it spent (:func:`run_comparison`)."""
     table = summarise(results, reference)
     content = {
         "preset": preset,
@@ -232,8 +258,17 @@ def write_comparison(
         "reference": reference,
         "variants": table,
         "notes": notes,
+        "cost": cost,
     }
     atomic_write_json(folder / f"{COMPARISON}.json", content)
+    if cost is not None:
+        notes = [
+            *notes,
+            f"this invocation: {cost['wall_seconds'] / 60:.1f} min wall, {cost['workers']} "
+            f"worker(s) × {cost['threads_per_worker']} thread(s), {len(cost['job_seconds'])} "
+            f"jobs ({sum(cost['job_seconds'].values()) / 60:.1f} worker-minutes; a finished run "
+            "is read back in about a second)",
+        ]
     text = markdown(table, preset, seeds, notes)
     png = figure(table, reference)
     if png is not None:
@@ -246,3 +281,109 @@ def write_comparison(
 def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
     path = run_dir / "metrics.json"
     return read_json(path, what="run metrics") if path.is_file() else None
+
+
+# --------------------------------------------------------------------------------------------
+# Running a comparison
+
+
+def _run_name(name: str, variant: str, seed: int) -> str:
+    return f"{name}/{variant.replace(':', '-').replace(',', '-')}-seed{seed}"
+
+
+def _settings(overrides: list[str], extra: list[str], seed: int, run_name: str) -> list[str]:
+    # the reference variant is the no-distillation model: no run needs its own baseline
+    return ["baseline=false", *overrides, *extra, f"seed={seed}", f"name={run_name}"]
+
+
+def _teacher_jobs(
+    preset: str | None, settings: list[str], folder: Path, known: dict[str, str]
+) -> tuple[list[Job], list[str]]:
+    """Jobs training the teachers that ``preset`` + ``settings`` needs and the cache lacks, one
+    per teacher, and the names of every teacher job the run must wait for (``known`` maps a
+    cache folder to the job that trains it, so runs sharing a teacher share its job)."""
+    from unirep.recipe import resolve_data
+
+    cfg = load_config(preset, settings)
+    accelerator = make_accelerator(cfg)
+    data = resolve_data(cfg, accelerator)  # also generates an embedded benchmark, once
+    jobs, after = [], []
+    source = cfg.teachers.finetune_from
+    folders = {t: str(teacher_path(cfg, data, t, accelerator.num_processes)) for t in data.tasks()}
+    for task in sorted(folders, key=lambda t: t != source):  # a fine-tuning source goes first
+        cached = folders[task]
+        if cached not in known and not (Path(cached) / MANIFEST).exists():
+            known[cached] = f"teacher {Path(cached).name}"
+            first = [known[folders[source]]] if source and source != task else []
+            scratch = str(folder / "teachers" / f"seed{cfg.seed}")
+            args = (preset, settings, task, scratch)
+            jobs.append(Job(known[cached], train_teacher_job, args, [a for a in first if a]))
+        if cached in known:
+            after.append(known[cached])
+    return jobs, after
+
+
+def run_comparison(
+    preset: str | None,
+    variants: list[Variant],
+    seeds: list[int],
+    name: str,
+    overrides: list[str],
+    workers: int = 1,
+    log: Callable[[str], None] = print,
+) -> tuple[Path, dict[str, list[dict[str, Any]]], list[str], dict[str, Any]]:
+    """Every (variant, seed) run of a comparison, as jobs on ``workers`` processes: first the
+    teachers the cache lacks (one job each, shared by the runs that need them), then the runs,
+    a ``best-of`` one once its candidates have finished on every seed. Finished runs are read
+    back. Returns the comparison's folder, the runs' metrics per variant (seeds in order), the
+    best-of notes and what this invocation cost (wall and per-job seconds)."""
+    start = time.perf_counter()
+    by_name = {v.name: v for v in variants}
+    base = load_config(preset, overrides)
+    folder = Path(base.output_dir) / name
+    known: dict[str, str] = {}
+    jobs: list[Job] = []
+    notes: list[str] = []
+    metrics: dict[str, dict[int, dict[str, Any]]] = {v.name: {} for v in variants}
+
+    def run_jobs_of(variant: Variant, extra: list[str], seed: int) -> list[Job]:
+        """The missing teachers' jobs, then the run waiting for them."""
+        settings = _settings(overrides, extra, seed, _run_name(name, variant.name, seed))
+        teachers, after = _teacher_jobs(preset, settings, folder, known)
+        run = Job(f"{variant.name} seed {seed}", run_recipe, (preset, settings), after)
+        return [*teachers, run]
+
+    waiting = [v for v in variants if _best_of(v.name)]
+    for variant in variants:
+        if variant not in waiting:
+            for seed in seeds:
+                jobs.extend(run_jobs_of(variant, variant.overrides, seed))
+
+    def on_done(job: str, result: JobResult) -> list[Job]:
+        added: list[Job] = []
+        if job.startswith("teacher "):
+            return added
+        variant, _, seed = job.rpartition(" seed ")
+        metrics[variant][int(seed)] = result.value
+        log(f"[{job}] Δm vs teachers {result.value['summary'].get('delta_m_vs_teachers')}")
+        complete = {n: [m[s] for s in seeds] for n, m in metrics.items() if len(m) == len(seeds)}
+        for candidate in list(waiting):
+            if all(c in complete for c in _best_of(candidate.name)[1]):  # type: ignore[index]
+                extra, note = resolve(candidate, by_name, complete)
+                notes.append(note)
+                waiting.remove(candidate)
+                for seed in seeds:
+                    added += run_jobs_of(candidate, extra, seed)
+        return added
+
+    results = run_jobs(jobs, workers, on_done=on_done, log=log)
+    if waiting:
+        raise ConfigError(f"variants {[v.name for v in waiting]}: their candidates never ran")
+    ordered = {v.name: [metrics[v.name][s] for s in seeds] for v in variants}
+    cost = {
+        "wall_seconds": time.perf_counter() - start,
+        "workers": workers,
+        "threads_per_worker": torch.get_num_threads(),
+        "job_seconds": {n: r.seconds for n, r in results.items()},
+    }
+    return folder, ordered, notes, cost

@@ -405,8 +405,8 @@ def describe(mask: torch.Tensor, tasks: list[str]) -> dict[str, Any]:
     """Summary of a bool ``[N, T]`` mask for reports and the saved config (plain Python types).
 
     Returns ``{"num_images": N, "labels_per_task": {task: count}, "fraction_per_task": {task:
-    count / N, 4 decimals}, "labels_per_image": {k: number of images with k labels, k = 0..T},
-    "unlabelled_images": number of images with no label}``.
+    count / N, 4 decimals}, "labels_per_image": {"k": number of images with k labels, k = 0..T
+    as strings, as JSON has them}, "unlabelled_images": number of images with no label}``.
     """
     tasks = _check_tasks(tasks)
     mask = _check_mask(mask, tasks)
@@ -419,6 +419,6 @@ def describe(mask: torch.Tensor, tasks: list[str]) -> dict[str, Any]:
         "fraction_per_task": {
             t: round(c / n, 4) if n else 0.0 for t, c in zip(tasks, per_task, strict=True)
         },
-        "labels_per_image": dict(enumerate(per_image)),
+        "labels_per_image": {str(k): c for k, c in enumerate(per_image)},
         "unlabelled_images": per_image[0],
     }
