@@ -15,7 +15,9 @@ untimed steps first (default 3), ``--json`` writes every figure there, ``--run-d
 benchmark's teachers there (default: a temporary folder), ``--untrained-teachers`` times with
 untrained teachers (same cost, no training; say so where you quote the numbers),
 ``--joint-scaling`` only times the partial-label joint terms (MTPSL, JTR) against the number of
-tasks (random inputs, 8 images of 48×64; no config needed). Otherwise the
+tasks (random inputs, 8 images of 48×64; no config needed), ``--term-costs`` only times the
+student's real step with distillation alone, then + each cross-task / contrastive term of the
+ablation (``scripts/compare.py --variants xtask``) and + all of them. Otherwise the
 config's teachers are used when they verify, else trained into the run dir with the config's
 teacher recipe, which overrides can shorten, e.g. ``teachers.train.max_steps=50``.
 """
@@ -32,11 +34,15 @@ from teachers.recipe import ensure_teachers
 from unirep.benchmark import (
     format_joint_scaling,
     format_report,
+    format_term_costs,
     joint_term_scaling,
     run_benchmark,
     teacher_config,
+    term_costs,
 )
 from unirep.cli import parse_args, run
+from unirep.compare import XTASK_VARIANTS
+from unirep.config import Config
 from unirep.recipe import resolve_data
 from unirep.rundir import make_accelerator
 
@@ -50,7 +56,36 @@ def split_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--run-dir", type=Path)
     parser.add_argument("--untrained-teachers", action="store_true")
     parser.add_argument("--joint-scaling", action="store_true")
+    parser.add_argument("--term-costs", action="store_true")
     return parser.parse_known_args(argv)
+
+
+def _term_costs(cfg: Config, rest: list[str], flags: argparse.Namespace) -> None:
+    """The student's step with distillation alone, then with each cross-task / contrastive
+    term of the ablation (:data:`unirep.compare.XTASK_VARIANTS`), side by side."""
+    configs = {
+        name: parse_args([*rest, *overrides], prog="benchmark.py")
+        for name, overrides in XTASK_VARIANTS.items()
+        if not name.startswith("combine:")
+    }
+    every = [o for n, over in XTASK_VARIANTS.items() for o in over if n != "distill"]
+    configs["+all terms"] = parse_args([*rest, *dict.fromkeys(every)], prog="benchmark.py")
+    with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
+        run_dir = flags.run_dir or Path(tmp)
+        accelerator = make_accelerator(cfg)
+        data = resolve_data(cfg, accelerator)
+        source = "untrained (random weights)"
+        if not flags.untrained_teachers:
+            cfg, source = teacher_config(cfg, data, run_dir)
+            ensure_teachers(cfg, accelerator, data, run_dir)
+            for c in configs.values():
+                c.teachers.root = cfg.teachers.root
+        rows = term_costs(configs, flags.steps, flags.warmup, flags.untrained_teachers)
+    print(f"teachers: {source}; device {rows['distill']['device']}, "
+          f"{rows['distill']['threads']} thread(s), {flags.steps} steps")  # fmt: skip
+    print(format_term_costs(rows))
+    if flags.json:
+        flags.json.write_text(json.dumps(rows, indent=2))
 
 
 def main() -> None:
@@ -62,6 +97,9 @@ def main() -> None:
         print(format_joint_scaling(joint_term_scaling()))
         return
     cfg = parse_args(rest, prog="benchmark.py")
+    if flags.term_costs:
+        _term_costs(cfg, rest, flags)
+        return
     with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
         run_dir = flags.run_dir or Path(tmp)
         accelerator = make_accelerator(cfg)

@@ -1,7 +1,8 @@
 """Variants × seeds on one preset, then one table (mean ± std over seeds) and a plot.
 
     accelerate launch scripts/compare.py --config mini-scenes-onelabel --seeds 0,1,2 \
-        [--variants "supervised distill mtpsl jtr distill+best-of:mtpsl,jtr"] [--name NAME] \
+        [--variants "supervised distill mtpsl jtr distill+best-of:mtpsl,jtr" | xtask] \
+        [--name NAME] \
         [--reference supervised] [--jobs 2] [key=value ...]
 
 Each (variant, seed) runs the whole stage-two recipe (teachers, student, evaluation) into
@@ -10,8 +11,12 @@ that part); a finished run is read back, so the command resumes an interrupted c
 Variants, separated by spaces, are names of the partial-label comparison (``supervised``: the
 multi-task model on the same labels, no distillation; ``distill``; ``mtpsl``; ``jtr``;
 ``distill+best-of:mtpsl,jtr``: distillation plus whichever of the two scored better on
-validation) or ``name=key=value;key=value``. The table and plot go to
-``<output_dir>/<name>/comparison.{md,json,png}``, with what this invocation cost.
+validation), the cross-task ablation's (``--variants xtask``: ``distill``, ``+consistency``,
+``+alignment``, ``+cycle``, ``+contrastive``, ``+contrastive-distill`` and ``combine:...``, the
+terms that beat distillation alone on validation, together), or ``name=key=value;key=value``.
+The table and plot go to ``<output_dir>/<name>/comparison.{md,json,png}`` (default name
+``compare-<preset>``, or ``compare-xtask-<preset>`` for ``--variants xtask``), with what this
+invocation cost.
 
 ``--jobs N`` runs N runs side by side in worker processes, each at this process's thread count
 (``accelerate launch`` on a CPU: one), the teachers first (one job per teacher the cache lacks,
@@ -24,7 +29,7 @@ from __future__ import annotations
 import sys
 
 from unirep.cli import parse_args, run
-from unirep.compare import PARTIAL_VARIANTS, parse_variants, run_comparison, write_comparison
+from unirep.compare import VARIANT_SETS, parse_variants, run_comparison, write_comparison
 from unirep.config import ConfigError
 from unirep.rundir import make_accelerator
 
@@ -56,11 +61,13 @@ def main() -> None:
     workers = _integers(options.get("--jobs", "1"), "--jobs")[0]
     if workers < 1:
         raise ConfigError(f"compare.py: --jobs must be a positive integer, got {workers}")
-    variants = parse_variants(options.get("--variants", " ".join(PARTIAL_VARIANTS)).split())
+    spec = options.get("--variants", "partial")
+    variants = parse_variants(spec.split())
     reference = options.get("--reference", variants[0].name)
     if reference not in {v.name for v in variants}:
         raise ConfigError(f"compare.py: --reference {reference!r} is not one of the variants")
-    name = options.get("--name", f"compare-{base.preset}")
+    default = f"compare-{spec}-{base.preset}" if spec in VARIANT_SETS and spec != "partial" else ""
+    name = options.get("--name", default or f"compare-{base.preset}")
     overrides = [a for a in argv if "=" in a and not a.startswith("--config")]
     preset = argv[argv.index("--config") + 1] if "--config" in argv else None
     accelerator = make_accelerator(base)
@@ -70,7 +77,7 @@ def main() -> None:
             f"(this launch has {accelerator.num_processes})"
         )
     folder, results, notes, cost = run_comparison(
-        preset, variants, seeds, name, overrides, workers, log=accelerator.print
+        preset, variants, seeds, name, overrides, workers, accelerator.print, reference
     )
     if accelerator.is_main_process:
         write_comparison(folder, base.preset, seeds, results, reference, notes, cost)

@@ -120,7 +120,7 @@ def _ref_cross_entropy(logits: Tensor, labels: Tensor, smoothing: float, ignore:
 
 
 def test_registries_hold_expected_names() -> None:
-    assert FEATURE_LOSSES.names() == ["cka_linear", "cka_rbf", "l2"]
+    assert FEATURE_LOSSES.names() == ["cka_linear", "cka_rbf", "infonce", "l2"]
     assert PREDICTION_LOSSES.names() == ["dense_l1", "kl"]
     assert TASK_LOSSES.names() == ["cross_entropy", "depth_berhu", "depth_l1", "normal_cosine"]
 
@@ -259,13 +259,25 @@ ALL_DISTILL = [(FEATURE_LOSSES, n) for n in FEATURE_LOSSES] + [
 ALL_DISTILL_IDS = [name for _, name in ALL_DISTILL]
 
 
-@pytest.mark.parametrize(("registry", "name"), ALL_DISTILL, ids=ALL_DISTILL_IDS)
+# a contrastive loss is not zero for identical inputs: the other images stay negatives
+MATCHING = [(r, n) for r, n in ALL_DISTILL if n != "infonce"]
+
+
+@pytest.mark.parametrize(("registry", "name"), MATCHING, ids=[n for _, n in MATCHING])
 @pytest.mark.parametrize("shape", [(4, 8), (16, 8), (4, 8, 3, 3)])
 def test_zero_on_identical_inputs(registry, name, shape) -> None:
     x = torch.randn(*shape, generator=_gen(17))
     loss = registry.build(name)(x, x.clone())
     assert loss.dim() == 0
     assert abs(loss.item()) < 1e-5
+
+
+@pytest.mark.parametrize("shape", [(4, 8), (16, 8), (4, 8, 3, 3)])
+def test_infonce_is_lowest_for_identical_inputs(shape) -> None:
+    x = torch.randn(*shape, generator=_gen(17))
+    loss = FEATURE_LOSSES.build("infonce")
+    other = torch.randn(*shape, generator=_gen(18))
+    assert loss(x, x.clone()).item() < loss(x, other).item()
 
 
 @pytest.mark.parametrize(("registry", "name"), ALL_DISTILL, ids=ALL_DISTILL_IDS)

@@ -560,7 +560,7 @@ def test_infonce_feature_loss_pools_maps_and_detaches_the_teacher() -> None:
 
 def test_infonce_feature_loss_refuses_mismatched_shapes() -> None:
     loss_fn = InfoNCEFeatureLoss()
-    with pytest.raises(ValueError, match=r"\(4, 8\) and teacher \(4, 6\)"):
+    with pytest.raises(ValueError, match=r"\(4, 8\) and teacher \(4, 6\) features must have"):
         loss_fn(torch.randn(4, 8), torch.randn(4, 6))
-    with pytest.raises(ValueError, match=r"\(4, 8, 2, 2\) and teacher \(3, 8, 2, 2\)"):
+    with pytest.raises(ValueError, match="same batch size, got 4 and 3"):
         loss_fn(torch.randn(4, 8, 2, 2), torch.randn(3, 8, 2, 2))

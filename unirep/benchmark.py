@@ -578,3 +578,54 @@ def format_joint_scaling(rows: list[dict[str, float]]) -> str:
             f"{1000 * r['jtr_seconds']:.1f} |"
         )
     return "\n".join(lines)
+
+
+def term_costs(
+    configs: dict[str, Config],
+    steps: int = 20,
+    warmup: int = 3,
+    untrained_teachers: bool = False,
+    spawn: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """The student's real train step under each of ``configs`` (e.g. distillation alone, then
+    + each cross-task or contrastive term: :data:`unirep.compare.XTASK_VARIANTS`), each measured
+    in a fresh process, and its ratio to the first config's step.
+
+    Returns ``{name: {"seconds": ..., "ratio_step": real (step + teachers + other) / the first's,
+    "ratio_total": ...}}`` (``seconds`` as in :func:`measure`).
+    """
+    out: dict[str, dict[str, Any]] = {}
+    first: dict[str, float] | None = None
+    for name, cfg in configs.items():
+        args = (cfg, "student", "real", steps, warmup, None, untrained_teachers)
+        result = _spawned(args) if spawn else measure(*args)
+        s = result["seconds"]
+        compute = s["step"] + s["teachers"] + s["other"]
+        if first is None:
+            first = {"compute": compute, "total": s["total"]}
+        out[name] = {
+            "seconds": s,
+            "ratio_step": compute / first["compute"],
+            "ratio_total": s["total"] / first["total"],
+            "device": result["device"],
+            "threads": result["threads"],
+        }
+    return out
+
+
+def format_term_costs(rows: dict[str, dict[str, Any]]) -> str:
+    """Markdown: the student's step with each term, against the first row."""
+    ms = 1000.0
+    lines = [
+        "| student variant | step (ms) | teachers (ms) | data (ms) | total (ms) | "
+        "× step+teachers | × total |",
+        "|:---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in rows.items():
+        s = r["seconds"]
+        lines.append(
+            f"| {name} | {ms * (s['step'] + s['other']):.1f} | {ms * s['teachers']:.1f} | "
+            f"{ms * s['data']:.1f} | {ms * s['total']:.1f} | {r['ratio_step']:.2f} | "
+            f"{r['ratio_total']:.2f} |"
+        )
+    return "\n".join(lines)

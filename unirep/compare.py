@@ -43,6 +43,25 @@ PARTIAL_VARIANTS: dict[str, list[str]] = {
 """The comparison of issue 10 on a partially labelled preset; ``supervised`` is the reference."""
 
 
+XTASK_VARIANTS: dict[str, list[str]] = {
+    "distill": ["partial.method=none"],
+    "+consistency": ["partial.method=none", "xtask.consistency.weight=0.1"],
+    "+alignment": ["partial.method=none", "xtask.alignment.weight=0.1"],
+    "+cycle": ["partial.method=none", "xtask.cycle.weight=0.1"],
+    "+contrastive": ["partial.method=none", "xtask.contrastive.weight=0.1"],
+    "+contrastive-distill": ["partial.method=none", "distill.contrastive_weight=0.1"],
+    "combine:+consistency,+alignment,+cycle,+contrastive,+contrastive-distill": [],
+}
+"""The cross-task ablation of issue 11 (on ``mini-scenes`` or ``mini-scenes-onelabel``): the
+student with distillation alone (the reference), + each term, + the combination of the terms
+that beat distillation alone on validation."""
+
+VARIANT_SETS = {"partial": PARTIAL_VARIANTS, "xtask": XTASK_VARIANTS}
+"""Named variant lists for ``--variants`` (e.g. ``--variants xtask``)."""
+
+RULES = ("best-of", "combine")
+
+
 @dataclass
 class Variant:
     name: str
@@ -50,46 +69,65 @@ class Variant:
 
 
 def parse_variants(specs: list[str]) -> list[Variant]:
-    """``name=override;override`` strings, the names of :data:`PARTIAL_VARIANTS`, or
+    """``name=override;override`` strings, the names of :data:`PARTIAL_VARIANTS` or
+    :data:`XTASK_VARIANTS`, a set name of :data:`VARIANT_SETS`, or a derived variant:
     ``[distill+]best-of:a,b`` (whichever of the variants ``a``, ``b`` scores better on validation,
-    with distillation switched on by the prefix)."""
-    variants = []
+    with distillation switched on by the prefix) or ``combine:a,b,...`` (the overrides of every
+    candidate whose mean validation score beats the reference variant's, together; the best one
+    alone when none does)."""
+    known = {**PARTIAL_VARIANTS, **XTASK_VARIANTS}
+    variants: list[Variant] = []
     for spec in specs:
-        if "=" in spec.split(";")[0] and not spec.startswith(("distill+", "best-of:")):
+        if spec in VARIANT_SETS:
+            variants += [Variant(n, list(o)) for n, o in VARIANT_SETS[spec].items()]
+        elif _derived(spec) is not None:
+            variants.append(Variant(spec, []))
+        elif "=" in spec.split(";")[0]:
             name, rest = spec.split("=", 1)
             variants.append(Variant(name, [o for o in rest.split(";") if o]))
-        elif spec in PARTIAL_VARIANTS:
-            variants.append(Variant(spec, list(PARTIAL_VARIANTS[spec])))
-        elif _best_of(spec) is not None:
-            variants.append(Variant(spec, []))
+        elif spec in known:
+            variants.append(Variant(spec, list(known[spec])))
         else:
             raise ConfigError(
-                f"variant {spec!r}: write name=key=value;key=value, or one of "
-                f"{', '.join(PARTIAL_VARIANTS)}"
+                f"variant {spec!r}: write name=key=value;key=value, best-of:a,b, combine:a,b,..., "
+                f"one of {', '.join(known)}, or a set: {', '.join(VARIANT_SETS)}"
             )
     names = [v.name for v in variants]
     if len(set(names)) != len(names):
         raise ConfigError(f"variant names must be unique, got {names}")
     for variant in variants:
-        best = _best_of(variant.name)
-        if best is None:
+        derived = _derived(variant.name)
+        if derived is None:
             continue
-        prefix, candidates = best
-        unknown = [c for c in candidates if c not in names or _best_of(c)]
+        prefix, rule, candidates = derived
+        unknown = [c for c in candidates if c not in names or _derived(c)]
         if len(candidates) < 2 or unknown or prefix not in ("", "distill+"):
             raise ConfigError(
-                f"variant {variant.name!r}: write [distill+]best-of:a,b with a, b two other "
-                f"variants of this comparison ({', '.join(n for n in names if not _best_of(n))})"
+                f"variant {variant.name!r}: write [distill+]{rule}:a,b,... with two or more "
+                f"other variants of this comparison "
+                f"({', '.join(n for n in names if not _derived(n))})"
             )
     return variants
 
 
-def _best_of(name: str) -> tuple[str, list[str]] | None:
-    """``(prefix, [a, b])`` of a ``[distill+]best-of:a,b`` variant name."""
-    if "best-of:" not in name:
-        return None
-    prefix, _, rest = name.partition("best-of:")
-    return prefix, [c for c in rest.split(",") if c]
+def _derived(name: str) -> tuple[str, str, list[str]] | None:
+    """``(prefix, rule, candidates)`` of a ``[distill+]best-of:a,b`` or ``combine:a,b`` name."""
+    for rule in RULES:
+        if f"{rule}:" in name:
+            prefix, _, rest = name.partition(f"{rule}:")
+            return prefix, rule, [c for c in rest.split(",") if c]
+    return None
+
+
+def waits_for(variant: Variant, reference: str | None) -> list[str]:
+    """The variants whose runs must finish (on every seed) before ``variant`` can be resolved."""
+    derived = _derived(variant.name)
+    if derived is None:
+        return []
+    needed = list(derived[2])
+    if derived[1] == "combine" and reference is not None and reference not in needed:
+        needed.append(reference)
+    return needed
 
 
 def validation_score(metrics: dict[str, Any]) -> float:
@@ -99,26 +137,39 @@ def validation_score(metrics: dict[str, Any]) -> float:
 
 
 def resolve(
-    variant: Variant, variants: dict[str, Variant], results: dict[str, list[dict[str, Any]]]
+    variant: Variant,
+    variants: dict[str, Variant],
+    results: dict[str, list[dict[str, Any]]],
+    reference: str | None = None,
 ) -> tuple[list[str], str]:
-    """The overrides of ``variant`` (a ``best-of`` one: of its better candidate on validation),
-    and a note saying what was chosen."""
-    best = _best_of(variant.name)
-    if best is None:
+    """The overrides of ``variant`` (a derived one: from its candidates' validation scores,
+    never the test split), and a note saying what was chosen."""
+    derived = _derived(variant.name)
+    if derived is None:
         return variant.overrides, ""
-    prefix, candidates = best
-    missing = [c for c in candidates if c not in results]
+    prefix, rule, candidates = derived
+    missing = [c for c in waits_for(variant, reference) if c not in results]
     if missing:
         raise ConfigError(f"variant {variant.name!r}: run {', '.join(missing)} before it")
     scores = {c: statistics.fmean(validation_score(m) for m in results[c]) for c in candidates}
-    chosen = max(scores, key=lambda c: scores[c])
-    overrides = list(variants[chosen].overrides)
+    best = max(scores, key=lambda c: scores[c])
+    chosen = [best]
+    if rule == "combine":
+        if reference is None:
+            raise ConfigError(f"variant {variant.name!r}: combine needs a reference variant")
+        floor = statistics.fmean(validation_score(m) for m in results[reference])
+        chosen = [c for c in candidates if scores[c] > floor] or [best]
+    overrides: list[str] = []
+    for c in chosen:
+        overrides += [o for o in variants[c].overrides if o not in overrides]
     if prefix == "distill+":
         overrides = [o for o in overrides if not o.startswith("distill.enabled")]
         overrides.append("distill.enabled=true")
     overrides += variant.overrides
     note = ", ".join(f"{c} {s:+.3f}" for c, s in scores.items())
-    return overrides, f"{variant.name} → {chosen} (mean validation score: {note})"
+    if rule == "combine":
+        note += f"; reference {reference} {floor:+.3f}"
+    return overrides, f"{variant.name} → {' + '.join(chosen)} (mean validation score: {note})"
 
 
 def _main_deltas(run: dict[str, Any], ref: dict[str, Any]) -> float | None:
@@ -331,14 +382,17 @@ def run_comparison(
     overrides: list[str],
     workers: int = 1,
     log: Callable[[str], None] = print,
+    reference: str | None = None,
 ) -> tuple[Path, dict[str, list[dict[str, Any]]], list[str], dict[str, Any]]:
     """Every (variant, seed) run of a comparison, as jobs on ``workers`` processes: first the
     teachers the cache lacks (one job each, shared by the runs that need them), then the runs,
-    a ``best-of`` one once its candidates have finished on every seed. Finished runs are read
+    a derived one (``best-of``, ``combine``) once its candidates and, for ``combine``, the
+    ``reference`` variant (default: the first) have finished on every seed. Finished runs are read
     back. Returns the comparison's folder, the runs' metrics per variant (seeds in order), the
     best-of notes and what this invocation cost (wall and per-job seconds)."""
     start = time.perf_counter()
     by_name = {v.name: v for v in variants}
+    reference = reference if reference is not None else variants[0].name
     base = load_config(preset, overrides)
     folder = Path(base.output_dir) / name
     known: dict[str, str] = {}
@@ -353,7 +407,7 @@ def run_comparison(
         run = Job(f"{variant.name} seed {seed}", run_recipe, (preset, settings), after)
         return [*teachers, run]
 
-    waiting = [v for v in variants if _best_of(v.name)]
+    waiting = [v for v in variants if _derived(v.name)]
     for variant in variants:
         if variant not in waiting:
             for seed in seeds:
@@ -368,8 +422,8 @@ def run_comparison(
         log(f"[{job}] Δm vs teachers {result.value['summary'].get('delta_m_vs_teachers')}")
         complete = {n: [m[s] for s in seeds] for n, m in metrics.items() if len(m) == len(seeds)}
         for candidate in list(waiting):
-            if all(c in complete for c in _best_of(candidate.name)[1]):  # type: ignore[index]
-                extra, note = resolve(candidate, by_name, complete)
+            if all(c in complete for c in waits_for(candidate, reference)):
+                extra, note = resolve(candidate, by_name, complete, reference)
                 notes.append(note)
                 waiting.remove(candidate)
                 for seed in seeds:

@@ -137,6 +137,10 @@ class DistillConfig:
     annealing: str = "linear"
     init_from_teacher: str | None = None  # domain whose teacher backbone initialises the student
     enabled: bool = True  # false: the student trains without the teachers' losses (a variant)
+    # CRD-style in-batch contrastive distillation (Tian et al. 2020), added to the feature term:
+    # InfoNCE of the adapted student feature against the teachers' features of the batch
+    contrastive_weight: float = 0.0
+    contrastive_temperature: float = 0.1
 
 
 @dataclass
@@ -215,6 +219,45 @@ class JTRConfig:
 
 
 @dataclass
+class TermConfig:
+    """One loss term: its weight (0: off) and a linear ramp-up from 0 over ``rampup_steps``."""
+
+    weight: float = 0.0
+    rampup_steps: int = 0
+
+
+@dataclass
+class CrossTaskConfig:
+    """Cross-task alignment terms (Nakano, Chen & Demachi 2021): task-transfer networks
+    ``T_{a→b}`` (small U-Nets) for every ordered pair of the run's tasks (or ``pairs``), trained
+    with the student and dropped at export: see :class:`unirep.losses.xtask.CrossTaskTerms`.
+
+    Terms (each off at weight 0): ``consistency`` (``T_{a→b}(ŷ_a)`` vs ``ŷ_b``), ``alignment``
+    (vs the ground truth of b where labelled), ``cycle`` (``T_{b→a}(T_{a→b}(ŷ_a))`` vs ``ŷ_a``),
+    ``contrastive`` (InfoNCE between pooled embeddings of ``ŷ_b`` and ``T_{a→b}(ŷ_a)`` of the
+    same image, negatives gathered across processes).
+    """
+
+    consistency: TermConfig = field(default_factory=TermConfig)
+    alignment: TermConfig = field(default_factory=TermConfig)
+    cycle: TermConfig = field(default_factory=TermConfig)
+    contrastive: TermConfig = field(default_factory=TermConfig)
+    pairs: list[list[str]] | None = None  # [[a, b], ...]; None: every ordered pair
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64])  # transfer U-Net stages
+    semantic_distance: str = "kl"  # "kl" or "ce" (on the argmax of the direct prediction)
+    temperature: float = 0.1  # contrastive
+    embed_dim: int = 64  # contrastive projector
+
+    def active(self) -> dict[str, TermConfig]:
+        """The terms with a weight above 0, by name."""
+        terms = {n: getattr(self, n) for n in XTASK_TERMS}
+        return {n: t for n, t in terms.items() if t.weight > 0}
+
+
+XTASK_TERMS = ("consistency", "alignment", "cycle", "contrastive")
+
+
+@dataclass
 class PartialConfig:
     """Partially labelled training data (dense runs): which (image, task) labels training sees,
     and the method that uses the unlabelled pairs.
@@ -267,6 +310,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     dense: DenseConfig | None = None  # set: a dense multi-task run (see DenseConfig)
     partial: PartialConfig = field(default_factory=PartialConfig)  # partially labelled (dense)
+    xtask: CrossTaskConfig = field(default_factory=CrossTaskConfig)  # cross-task terms (dense)
 
 
 # --------------------------------------------------------------------------------------------

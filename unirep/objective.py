@@ -13,6 +13,14 @@ feature-distillation loss, ``ℓ_p,t`` the task's prediction-distillation loss (
 these up: it returns them per task in a :class:`~unirep.losses.bundle.LossBundle`, and the phase's
 weighting (:mod:`unirep.weighting`) turns them into the update.
 
+With ``distill.contrastive_weight`` the distillation of each task also has a CRD-style in-batch
+contrastive term (Tian, Krishnan & Isola, ICLR 2020): InfoNCE of each adapted student feature
+against the teachers' features of the batch, gathered across processes.
+
+Joint terms belong to no single task: MTPSL or JTR for partial labels (:class:`JointTerm`), and
+the cross-task consistency, alignment, cycle and contrastive terms of Nakano et al.
+(:class:`CrossTaskJoint`). Each has a weight and a linear ramp-up, and owns its networks.
+
 Every supervised loss respects the batch's per-task label mask: an unlabelled (sample, task)
 contributes exactly zero loss and gradient.
 """
@@ -25,10 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from unirep.batch import Batch
-from unirep.config import DistillConfig, PartialConfig
+from unirep.config import CrossTaskConfig, DistillConfig, PartialConfig
 from unirep.losses import FEATURE_LOSSES, PREDICTION_LOSSES, TASK_LOSSES
 from unirep.losses.bundle import LossBundle
+from unirep.losses.contrastive import InfoNCEFeatureLoss
 from unirep.losses.partial import JTRLoss, MTPSLLoss
+from unirep.losses.xtask import CrossTaskTerms
 from unirep.tasks import Task
 
 
@@ -74,7 +84,7 @@ class Objective(nn.Module):
         self,
         tasks: dict[str, Task],
         distill: DistillConfig | None = None,
-        joint: dict[str, JointTerm] | None = None,
+        joint: dict[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.tasks = dict(tasks)
@@ -83,9 +93,15 @@ class Objective(nn.Module):
             {t: TASK_LOSSES.build(task.loss[0], **task.loss[1]) for t, task in tasks.items()}  # type: ignore[index]
         )
         self.distill = distill
+        self.contrastive: nn.Module | None = None
         if distill is not None:
             self.feature_loss = FEATURE_LOSSES.build(
                 distill.feature_loss.name, **distill.feature_loss.kwargs
+            )
+            self.contrastive = (
+                InfoNCEFeatureLoss(distill.contrastive_temperature)
+                if distill.contrastive_weight > 0
+                else None
             )
             self.prediction_losses = nn.ModuleDict(
                 {
@@ -131,8 +147,8 @@ class Objective(nn.Module):
             bundle.supervised[name] = self.tasks[name].weight * loss
             bundle.logs[f"task/{name}"] = loss.detach()
         for name, term in self.joint.items():
-            value, logs = term(outputs, batch, step)
-            bundle.joint[name] = value
+            values, logs = term(outputs, batch, step)
+            bundle.joint.update(values)
             bundle.logs.update({f"{name}/{k}": v for k, v in logs.items()})
         if self.distill is None:
             return bundle
@@ -156,6 +172,10 @@ class Objective(nn.Module):
                 pred = self.prediction_losses[name](out["pred"], teacher["pred"])
                 terms["prediction"] = anneal * w_p * pred
                 bundle.logs[f"prediction/{name}"] = pred.detach()
+            if self.contrastive is not None and aligned.get(name):
+                nce = sum(self.contrastive(a, teacher["features"]) for a in aligned[name])
+                terms["contrastive"] = anneal * self.distill.contrastive_weight * nce
+                bundle.logs[f"contrastive/{name}"] = nce.detach()  # type: ignore[union-attr]
             bundle.distill[name] = terms
         bundle.logs["anneal"] = torch.tensor(anneal)
         return bundle
@@ -174,6 +194,7 @@ class JointTerm(nn.Module):
 
     def __init__(
         self,
+        name: str,
         loss: nn.Module,
         weight: float,
         rampup_steps: int = 0,
@@ -181,18 +202,18 @@ class JointTerm(nn.Module):
         uses_feature: bool = False,
     ) -> None:
         super().__init__()
+        self.name = name
         self.loss, self.weight, self.rampup_steps = loss, float(weight), int(rampup_steps)
         self.uses_feature = uses_feature
         self.own_lr = list(own_lr or [])  # (parameters, learning rate), e.g. MTPSL's FiLM
 
     def factor(self, step: int) -> float:
-        if self.rampup_steps <= 0:
-            return self.weight
-        return self.weight * min(1.0, step / self.rampup_steps)
+        return rampup(self.weight, self.rampup_steps, step)
 
     def forward(
         self, outputs: dict[str, dict[str, Tensor]], batch: Batch, step: int
-    ) -> tuple[Tensor, dict[str, Tensor]]:
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """``({name: weighted loss}, {part: detached value})``."""
         preds = {t: out["pred"] for t, out in outputs.items() if t in batch.targets}
         args: list[Any] = [
             preds,
@@ -203,12 +224,53 @@ class JointTerm(nn.Module):
             args.append(next(iter(outputs.values()))["bottleneck"])
         result = self.loss(*args)
         total, parts = result if isinstance(result, tuple) else (result, {})
-        # every parameter takes part (with a zero gradient when a batch has no pair for it), so
-        # DDP's reducer never waits for an unused one
-        total = total + sum(
-            (p.reshape(-1)[0] * 0.0 for p in self.loss.parameters()), total.new_zeros(())
+        total = total + touch_parameters(self.loss, total)
+        return {self.name: self.factor(step) * total}, {"loss": total.detach(), **parts}
+
+
+def rampup(weight: float, rampup_steps: int, step: int) -> float:
+    """``weight`` ramped up linearly from 0 over ``rampup_steps`` (MTPSL's ``--rampup``)."""
+    if rampup_steps <= 0:
+        return float(weight)
+    return float(weight) * min(1.0, step / rampup_steps)
+
+
+def touch_parameters(module: nn.Module, like: Tensor) -> Tensor:
+    """An exact zero that uses every parameter of ``module``: each then takes part in the
+    backward (with a zero gradient when a batch has no use for it), so DDP's reducer never waits
+    for an unused one."""
+    return sum((p.reshape(-1)[0] * 0.0 for p in module.parameters()), like.new_zeros(()))
+
+
+class CrossTaskJoint(nn.Module):
+    """The cross-task terms of Nakano, Chen & Demachi (2021) on the student's predictions:
+    ``consistency``, ``alignment`` (masked by the batch's label masks), ``cycle`` and
+    ``contrastive``, each with its weight and ramp-up, sharing one set of task-transfer networks
+    (:class:`unirep.losses.xtask.CrossTaskTerms`), trained with the student, never exported.
+    Their bundle names are ``xtask_<term>``."""
+
+    def __init__(self, terms: nn.Module, schedule: dict[str, tuple[float, int]]) -> None:
+        super().__init__()
+        self.terms = terms
+        self.schedule = dict(schedule)  # term → (weight, ramp-up steps)
+        self.own_lr: list[tuple[list[nn.Parameter], float]] = []
+
+    def forward(
+        self, outputs: dict[str, dict[str, Tensor]], batch: Batch, step: int
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        preds = {t: out["pred"] for t, out in outputs.items() if t in batch.targets}
+        values = self.terms(
+            preds,
+            {t: batch.targets[t] for t in preds},
+            {t: batch.label_mask[t] for t in preds},
         )
-        return self.factor(step) * total, {"loss": total.detach(), **parts}
+        first = next(iter(values.values()))
+        values[next(iter(values))] = first + touch_parameters(self.terms, first)
+        weighted = {
+            f"xtask_{name}": rampup(*self.schedule[name], step) * value
+            for name, value in values.items()
+        }
+        return weighted, {name: value.detach() for name, value in values.items()}
 
 
 def build_joint_terms(
@@ -236,5 +298,27 @@ def build_joint_terms(
         raise ValueError(f"unknown partial-label method {partial.method!r}")
     mtpsl = partial.method == "mtpsl"
     own_lr = [(list(loss.film_parameters()), partial.mtpsl.film_lr)] if mtpsl else []
-    term = JointTerm(loss, partial.weight, partial.rampup_steps, own_lr, uses_feature=mtpsl)
+    term = JointTerm(
+        partial.method, loss, partial.weight, partial.rampup_steps, own_lr, uses_feature=mtpsl
+    )
     return {partial.method: term}
+
+
+def build_cross_task_terms(xtask: CrossTaskConfig, tasks: dict[str, Task]) -> dict[str, nn.Module]:
+    """``{"xtask": CrossTaskJoint}`` with the terms of ``xtask`` whose weight is above 0 (``{}``
+    when none is)."""
+    active = xtask.active()
+    if not active:
+        return {}
+    terms = CrossTaskTerms(
+        {t: task.kind.name for t, task in tasks.items()},
+        {t: task.out_channels for t, task in tasks.items()},
+        pairs=[(a, b) for a, b in xtask.pairs] if xtask.pairs else None,
+        terms=tuple(active),
+        widths=tuple(xtask.widths),
+        semantic_distance=xtask.semantic_distance,
+        temperature=xtask.temperature,
+        embed_dim=xtask.embed_dim,
+    )
+    schedule = {n: (t.weight, t.rampup_steps) for n, t in active.items()}
+    return {"xtask": CrossTaskJoint(terms, schedule)}

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
 
 from unirep.config import Config, ConfigError
 from unirep.data.streams import RunData, build_run_data
@@ -31,7 +32,7 @@ from unirep.export import (
 from unirep.io import atomic_write_json, read_json
 from unirep.metrics import PUBLISHED_ACCURACY, decathlon_score, delta_m, official_decathlon_score
 from unirep.models.build import architecture, build_network, count_parameters
-from unirep.objective import Objective, build_joint_terms
+from unirep.objective import Objective, build_cross_task_terms, build_joint_terms
 from unirep.report import prediction_grid_figure, write_figure, write_report
 from unirep.rundir import resume_point, teacher_folder, teacher_key, teacher_path
 from unirep.tasks import Task, main_metrics
@@ -149,9 +150,10 @@ def student_phase(
         dims = {t: teacher.feature_dim for t, teacher in teachers.items()}
         spec = cfg.model.adapter
         aligners = net.build_aligners(dims, spec.name, **spec.kwargs)
-    joint = {}
+    joint: dict[str, nn.Module] = {}
     if role == "student" and cfg.dense is not None:  # the baseline stays plain supervised
         joint = build_joint_terms(cfg.partial, tasks, net.encoder.channels[-1])
+        joint.update(build_cross_task_terms(cfg.xtask, tasks))
     weighting = build_weighting(cfg.weighting.name, list(tasks), **cfg.weighting.kwargs)
     objective = Objective(tasks, cfg.distill if distill else None, joint)
     module = TrainableModule(net, objective, weighting, aligners)

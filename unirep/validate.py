@@ -124,6 +124,7 @@ def validate(cfg: Config) -> None:
     else:
         _check_classification(cfg)
     _check_partial(cfg)
+    _check_xtask(cfg)
     _check_common_names(cfg)
     _check_common_kwargs(cfg)
     _check_task_keys(cfg, *_known_tasks(cfg))
@@ -334,6 +335,7 @@ def _check_weights(cfg: Config) -> None:
         "distill.default_lambda": distill.default_lambda,
         "distill.feature_scale": distill.feature_scale,
         "distill.prediction_scale": distill.prediction_scale,
+        "distill.contrastive_weight": distill.contrastive_weight,
         **{f"distill.lambda_feature.{t}": v for t, v in distill.lambda_feature.items()},
         **{f"distill.lambda_prediction.{t}": v for t, v in distill.lambda_prediction.items()},
     }
@@ -341,9 +343,58 @@ def _check_weights(cfg: Config) -> None:
         weights.update({f"dense.tasks.{t}.weight": s.weight for t, s in cfg.dense.tasks.items()})
     for key, value in weights.items():
         _require(_finite(value) and value >= 0, key, value, "a finite number >= 0")
+    _require(_finite(distill.contrastive_temperature) and distill.contrastive_temperature > 0,
+             "distill.contrastive_temperature", distill.contrastive_temperature,
+             "a finite number > 0")  # fmt: skip
     for task, lr in cfg.teachers.finetune_lr.items():
         key = f"teachers.finetune_lr.{task}"
         _require(_finite(lr) and lr > 0, key, lr, "a positive learning rate")
+
+
+def _check_xtask(cfg: Config) -> None:
+    """Cross-task terms: dense runs with 2+ tasks; weights, ramp-ups, pairs and settings."""
+    from unirep.config import XTASK_TERMS, CrossTaskConfig
+
+    x = cfg.xtask
+    if cfg.dense is None:
+        if x != CrossTaskConfig():
+            raise ConfigError(
+                "config key 'xtask': cross-task terms map one dense task's prediction to "
+                "another's; they need a 'dense' section"
+            )
+        return
+    for name in XTASK_TERMS:
+        term = getattr(x, name)
+        _require(_finite(term.weight) and term.weight >= 0, f"xtask.{name}.weight", term.weight,
+                 "a finite number >= 0 (0: off)")  # fmt: skip
+        _require(term.rampup_steps >= 0, f"xtask.{name}.rampup_steps", term.rampup_steps,
+                 "an integer >= 0")  # fmt: skip
+    _require(x.semantic_distance in ("kl", "ce"), "xtask.semantic_distance",
+             x.semantic_distance, "kl or ce")  # fmt: skip
+    _require(_finite(x.temperature) and x.temperature > 0, "xtask.temperature", x.temperature,
+             "a finite number > 0")  # fmt: skip
+    _require(x.embed_dim >= 1, "xtask.embed_dim", x.embed_dim, "a positive integer")
+    _require(bool(x.widths) and all(w >= 1 for w in x.widths), "xtask.widths", x.widths,
+             "a non-empty list of positive channel counts")  # fmt: skip
+    tasks = list(cfg.dense.tasks)
+    if x.active() and len(tasks) < 2:
+        raise ConfigError("config key 'xtask': cross-task terms need 2+ dense tasks")
+    pairs = [tuple(p) for p in x.pairs] if x.pairs is not None else None
+    for pair in pairs or []:
+        if len(pair) != 2 or pair[0] == pair[1] or not set(pair) <= set(tasks):
+            raise ConfigError(
+                f"config key 'xtask.pairs': {list(pair)!r} is not an ordered pair of two "
+                f"different tasks of this run ({', '.join(tasks)})"
+            )
+    if pairs is not None and len(set(pairs)) != len(pairs):
+        raise ConfigError("config key 'xtask.pairs': a pair appears twice")
+    if pairs is not None and not pairs:
+        raise ConfigError("config key 'xtask.pairs': empty; leave it null for every pair")
+    if x.cycle.weight > 0 and pairs is not None and not any((b, a) in pairs for a, b in pairs):
+        raise ConfigError(
+            "config key 'xtask.cycle.weight': a cycle a→b→a needs both (a, b) and (b, a) in "
+            "xtask.pairs"
+        )
 
 
 def _check_partial(cfg: Config) -> None:

@@ -4,7 +4,7 @@ Each zoo is a :class:`~unirep.registry.Registry`; build a loss with e.g.
 ``FEATURE_LOSSES.build("cka_rbf", normalize=True)``.
 """
 
-from unirep.losses import dense  # noqa: F401  (registers the dense losses)
+from unirep.losses import contrastive, dense  # noqa: F401  (register infonce, the dense losses)
 from unirep.losses.distillation import (
     FEATURE_LOSSES,
     PREDICTION_LOSSES,

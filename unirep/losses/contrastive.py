@@ -104,13 +104,15 @@ def info_nce(
 class InfoNCEFeatureLoss(nn.Module):
     """In-batch contrastive feature distillation (CRD: Tian, Krishnan & Isola, ICLR 2020).
 
-    Shapes: student ``s`` (after its alignment adapter) and teacher ``t``, both ``[B, C]`` or both
-    ``[B, C, h, w]`` with identical shapes; maps are average-pooled over ``h × w`` to ``[B, C]``
-    first. The student feature of image ``i`` is the anchor, the teacher feature of the same
-    image the positive and the teacher features of the other images of the (global) batch the
-    negatives: :func:`info_nce` ``(s, t.detach(), temperature)``. CRD draws its negatives from a
-    memory bank of 16384 features and scores them with a learned critic; here the batch, gathered
-    across processes, supplies them and the critic is the cosine over ``temperature``.
+    Shapes: student ``s`` (after its alignment adapter) and teacher ``t``, each ``[B, C]`` or
+    ``[B, C, h, w]`` with the same ``B`` and ``C`` (the spatial sizes may differ: URL's dense
+    bottleneck adapter against the teacher's last decoder feature); maps are average-pooled over
+    ``h × w`` to ``[B, C]`` first. The student feature of image ``i`` is the anchor, the teacher
+    feature of the same image the positive and the teacher features of the other images of the
+    (global) batch the negatives: :func:`info_nce` ``(s, t.detach(), temperature)``. CRD draws
+    its negatives from a memory bank of 16384 features and scores them with a learned critic;
+    here the batch, gathered across processes, supplies them and the critic is the cosine over
+    ``temperature``.
 
     Unlike the other feature losses this one is not 0 for identical inputs: at ``s = t`` it is
     ``mean_i log(1 + Σ_{j≠i} e^{(c_ij − 1)/τ})``, ``c_ij`` the cosines between teacher rows.
@@ -124,14 +126,28 @@ class InfoNCEFeatureLoss(nn.Module):
 
     def forward(self, s: Tensor, t: Tensor) -> Tensor:
         """Return the scalar loss for student ``s`` and teacher ``t`` (teacher is detached)."""
-        if s.shape != t.shape or s.dim() not in (2, 4):
+        if s.dim() not in (2, 4) or t.dim() not in (2, 4):
             raise ValueError(
-                f"expected student and teacher features of the same shape, [B, C] or "
-                f"[B, C, h, w], got student {tuple(s.shape)} and teacher {tuple(t.shape)}"
+                f"expected features [B, C] or [B, C, h, w], got student {tuple(s.shape)} and "
+                f"teacher {tuple(t.shape)}"
+            )
+        if s.shape[0] != t.shape[0]:
+            raise ValueError(
+                f"student and teacher features need the same batch size, got "
+                f"{s.shape[0]} and {t.shape[0]}"
+            )
+        if s.shape[1] != t.shape[1]:
+            raise ValueError(
+                f"student {tuple(s.shape)} and teacher {tuple(t.shape)} features must have the "
+                "same channels (use an alignment adapter)"
             )
         t = t.detach()
-        if s.dim() == 4:
-            with _full_precision(s.device):
-                dtype = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
-                s, t = s.to(dtype).mean((2, 3)), t.to(dtype).mean((2, 3))
+        with _full_precision(s.device):
+            dtype = torch.promote_types(torch.promote_types(s.dtype, t.dtype), torch.float32)
+            s, t = _pooled(s.to(dtype)), _pooled(t.to(dtype))
         return info_nce(s, t, self.temperature)
+
+
+def _pooled(x: Tensor) -> Tensor:
+    """``[B, C, h, w]`` → ``[B, C]`` (spatial mean); ``[B, C]`` unchanged."""
+    return x.mean((2, 3)) if x.dim() == 4 else x
