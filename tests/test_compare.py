@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import operator
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from unirep.compare import (
     write_comparison,
 )
 from unirep.config import ConfigError
+from unirep.jobs import Job, run_jobs
 
 
 def _metrics(miou: float, abs_err: float, val: float, dm: float) -> dict:
@@ -124,9 +126,9 @@ def test_side_by_side_jobs_compute_what_one_process_computes_and_share_teachers(
 
 
 def test_best_of_variants_name_two_other_variants() -> None:
-    with pytest.raises(ConfigError, match="two other variants"):
+    with pytest.raises(ConfigError, match="two or more other variants"):
         parse_variants(["supervised", "best-of:supervised,nope"])
-    with pytest.raises(ConfigError, match="two other variants"):
+    with pytest.raises(ConfigError, match="two or more other variants"):
         parse_variants(["supervised", "mtpsl", "bad+best-of:supervised,mtpsl"])
     variants = parse_variants(["supervised", "mtpsl", "best-of:supervised,mtpsl"])
     by_name = {v.name: v for v in variants}
@@ -134,3 +136,58 @@ def test_best_of_variants_name_two_other_variants() -> None:
                "mtpsl": [_metrics(0.1, 0.1, val=1.0, dm=0)]}  # fmt: skip
     overrides, note = resolve(by_name["best-of:supervised,mtpsl"], by_name, results)
     assert overrides == PARTIAL_VARIANTS["supervised"] and "→ supervised" in note
+
+
+def test_combine_takes_every_term_that_beats_the_reference_on_validation() -> None:
+    variants = parse_variants(["xtask"])
+    assert [v.name for v in variants][:2] == ["distill", "+consistency"]
+    combine = variants[-1]
+    by_name = {v.name: v for v in variants}
+    vals = {"distill": 1.0, "+consistency": 2.0, "+alignment": 0.5, "+cycle": 1.5,
+            "+contrastive": 0.9, "+contrastive-distill": 3.0}  # fmt: skip
+    # test scores say the opposite of validation: they must not matter
+    results = {n: [_metrics(0.1, 0.1, val=v, dm=-v)] for n, v in vals.items()}
+    overrides, note = resolve(combine, by_name, results, reference="distill")
+    assert "xtask.consistency.weight=0.1" in overrides and "xtask.cycle.weight=0.1" in overrides
+    assert "distill.contrastive_weight=0.1" in overrides
+    assert not [o for o in overrides if "alignment" in o or "xtask.contrastive" in o]
+    assert overrides.count("partial.method=none") == 1
+    assert "→ +consistency + +cycle + +contrastive-distill" in note
+    # none beats the reference: the best one alone
+    worse = {n: [_metrics(0.1, 0.1, val=-v, dm=0)] for n, v in vals.items()}
+    worse["distill"] = [_metrics(0.1, 0.1, val=5.0, dm=0)]
+    overrides, note = resolve(combine, by_name, worse, reference="distill")
+    assert "→ +alignment (" in note
+    with pytest.raises(ConfigError, match="run distill"):
+        resolve(combine, by_name, {n: r for n, r in results.items() if n != "distill"}, "distill")
+
+
+def test_jobs_start_by_priority_once_their_dependencies_finished() -> None:
+    order: list[str] = []
+
+    def note(name: str) -> str:
+        order.append(name)
+        return name
+
+    jobs = [
+        Job("late", note, ("late",), priority=3),
+        Job("after-teacher", note, ("after-teacher",), after=["teacher"], priority=1),
+        Job("teacher", note, ("teacher",)),
+    ]
+    added = {"teacher": [Job("derived", note, ("derived",), after=["late"], priority=0)]}
+    done = run_jobs(jobs, 1, on_done=lambda n, _: added.get(n, []), log=lambda _: None)
+    assert order == ["teacher", "after-teacher", "late", "derived"]
+    assert set(done) == {"teacher", "after-teacher", "late", "derived"}
+    assert done["late"].value == "late" and done["late"].seconds >= 0
+    with pytest.raises(ConfigError, match="unknown jobs"):
+        run_jobs([Job("a", note, ("a",), after=["nowhere"])], 1, log=lambda _: None)
+    with pytest.raises(ConfigError, match="wait for each other"):
+        run_jobs([Job("a", note, ("a",), after=["b"]), Job("b", note, ("b",), after=["a"])], 1,
+                 log=lambda _: None)  # fmt: skip
+
+
+def test_jobs_run_in_worker_processes_and_a_failure_is_raised() -> None:
+    done = run_jobs([Job(f"j{i}", operator.mul, (i, 10)) for i in range(3)], 2, log=lambda _: None)
+    assert {n: r.value for n, r in done.items()} == {"j0": 0, "j1": 10, "j2": 20}
+    with pytest.raises(ZeroDivisionError):
+        run_jobs([Job("bad", operator.truediv, (1, 0))], 2, log=lambda _: None)

@@ -400,14 +400,19 @@ def run_comparison(
     notes: list[str] = []
     metrics: dict[str, dict[int, dict[str, Any]]] = {v.name: {} for v in variants}
 
+    waiting = [v for v in variants if _derived(v.name)]
+    # the critical path first: teachers, then the runs a derived variant waits for, then the
+    # derived runs as soon as they can start; the other runs fill the idle workers
+    critical = {c for v in waiting for c in waits_for(v, reference)}
+
     def run_jobs_of(variant: Variant, extra: list[str], seed: int) -> list[Job]:
         """The missing teachers' jobs, then the run waiting for them."""
         settings = _settings(overrides, extra, seed, _run_name(name, variant.name, seed))
         teachers, after = _teacher_jobs(preset, settings, folder, known)
-        run = Job(f"{variant.name} seed {seed}", run_recipe, (preset, settings), after)
+        rank = 1 if variant in waiting else 2 if variant.name in critical else 3
+        run = Job(f"{variant.name} seed {seed}", run_recipe, (preset, settings), after, rank)
         return [*teachers, run]
 
-    waiting = [v for v in variants if _derived(v.name)]
     for variant in variants:
         if variant not in waiting:
             for seed in seeds:

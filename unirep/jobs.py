@@ -92,6 +92,7 @@ class Job:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     after: list[str] = field(default_factory=list)
+    priority: int = 0  # among the jobs ready to start, the lowest priority starts first
 
 
 @dataclass
@@ -123,7 +124,8 @@ def run_jobs(
     started: set[str] = set()
 
     def ready() -> list[Job]:
-        return [j for j in pending.values() if all(a in done for a in j.after)]
+        ready = [j for j in pending.values() if all(a in done for a in j.after)]
+        return sorted(ready, key=lambda j: j.priority)  # stable: then in the order given
 
     def finish(name: str, result: JobResult) -> None:
         done[name] = result
