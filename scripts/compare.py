@@ -28,11 +28,19 @@ from __future__ import annotations
 
 import sys
 
+from teachers.pipeline import run_recipe, train_teacher_job
 from unirep.cli import parse_args, run
-from unirep.compare import VARIANT_SETS, parse_variants, run_comparison, write_comparison
+from unirep.compare import (
+    VARIANT_SETS,
+    Runners,
+    parse_variants,
+    run_comparison,
+    write_comparison,
+)
 from unirep.config import ConfigError
 from unirep.rundir import make_accelerator
 
+RUNNERS = Runners(run=run_recipe, teacher=train_teacher_job)
 OPTIONS = ("--seeds", "--variants", "--name", "--reference", "--jobs")
 
 
@@ -77,7 +85,7 @@ def main() -> None:
             f"(this launch has {accelerator.num_processes})"
         )
     folder, results, notes, cost = run_comparison(
-        preset, variants, seeds, name, overrides, workers, accelerator.print, reference
+        preset, variants, seeds, name, overrides, RUNNERS, workers, accelerator.print, reference
     )
     if accelerator.is_main_process:
         write_comparison(folder, base.preset, seeds, results, reference, notes, cost)

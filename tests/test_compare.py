@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from teachers.pipeline import run_recipe, train_teacher_job
 from tests.conftest import TINY_DENSE
 from unirep.compare import (
     PARTIAL_VARIANTS,
+    Runners,
     Variant,
     parse_variants,
     resolve,
@@ -21,6 +23,8 @@ from unirep.compare import (
 )
 from unirep.config import ConfigError
 from unirep.jobs import Job, run_jobs
+
+RUNNERS = Runners(run=run_recipe, teacher=train_teacher_job)
 
 
 def _metrics(miou: float, abs_err: float, val: float, dm: float) -> dict:
@@ -101,7 +105,7 @@ def test_side_by_side_jobs_compute_what_one_process_computes_and_share_teachers(
                     f"teachers.root={tmp_path / f'teachers{workers}'}"]  # fmt: skip
         log: list[str] = []
         folder, results, notes, cost = run_comparison(
-            "mini-scenes-onelabel", variants, [0, 1], "cmp", settings, workers, log.append
+            "mini-scenes-onelabel", variants, [0, 1], "cmp", settings, RUNNERS, workers, log.append
         )
         teacher_jobs = [j for j in cost["job_seconds"] if j.startswith("teacher ")]
         assert len(teacher_jobs) == 6  # 3 tasks × 2 seeds (label splits), not × 3 variants
@@ -118,7 +122,7 @@ def test_side_by_side_jobs_compute_what_one_process_computes_and_share_teachers(
     # a second invocation trains nothing and reads every run back
     before = sorted(p.stat().st_mtime_ns for p in (tmp_path / "out2").rglob("metrics.json"))
     _, again, _, cost = run_comparison(
-        "mini-scenes-onelabel", variants, [0, 1], "cmp", settings, 2, lambda _: None
+        "mini-scenes-onelabel", variants, [0, 1], "cmp", settings, RUNNERS, 2, lambda _: None
     )
     assert not [j for j in cost["job_seconds"] if j.startswith("teacher ")]
     assert _without_seconds(again) == found[2][0]
@@ -191,3 +195,34 @@ def test_jobs_run_in_worker_processes_and_a_failure_is_raised() -> None:
     assert {n: r.value for n, r in done.items()} == {"j0": 0, "j1": 10, "j2": 20}
     with pytest.raises(ZeroDivisionError):
         run_jobs([Job("bad", operator.truediv, (1, 0))], 2, log=lambda _: None)
+
+
+def test_the_critical_path_runs_first_and_derived_runs_start_as_soon_as_they_can(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    """Teachers, then the candidates of a derived variant, then the derived runs, then the rest
+    (which only fill idle workers); the runners are injected, so nothing trains here."""
+    calls: list[str] = []
+
+    def fake_run(preset: str | None, overrides: list[str]) -> dict:
+        name = next(o for o in overrides if o.startswith("name=")).rsplit("/", 1)[1]
+        calls.append(name)
+        return _metrics(0.5, 0.5, val=2.0 if name.startswith("c-") else 1.0, dm=0.0)
+
+    def fake_teacher(preset: str | None, overrides: list[str], task: str, folder: str) -> str:
+        calls.append(f"teacher {task}")
+        return folder
+
+    settings = [*TINY_DENSE, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}",
+                f"teachers.root={tmp_path / 'teachers'}"]  # fmt: skip
+    variants = parse_variants(["a=seed=0", "b=train.max_steps=3", "c=train.max_steps=5",
+                               "best-of:b,c"])  # fmt: skip
+    _, results, notes, _ = run_comparison(
+        "mini-scenes", variants, [0, 1], "cmp", settings, Runners(fake_run, fake_teacher), 1,
+        lambda _: None,
+    )  # fmt: skip
+    teachers = [c for c in calls if c.startswith("teacher ")]
+    assert len(teachers) == 6 and calls[:6] == teachers  # 3 tasks × 2 seeds (seed in the key)
+    assert calls[6:] == ["b-seed0", "b-seed1", "c-seed0", "c-seed1", "best-of-b-c-seed0",
+                         "best-of-b-c-seed1", "a-seed0", "a-seed1"]  # fmt: skip
+    assert "→ c" in notes[0] and list(results) == ["a", "b", "c", "best-of:b,c"]

@@ -156,3 +156,32 @@ def test_cross_task_terms_need_a_dense_run() -> None:
         load_config("mini-decathlon", ["xtask.consistency.weight=0.1"])
     cfg = load_config("mini-decathlon", ["distill.contrastive_weight=0.5"])  # classification too
     assert cfg.distill.contrastive_weight == 0.5
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("weighting", ["uncertainty", "pcgrad"])
+def test_cross_task_terms_train_with_partial_labels_and_any_weighting(
+    weighting: str, tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Alignment on one label per image, under a loss weighting and a gradient method: the
+    student and the transfer networks train, every value stays finite."""
+    torch.set_num_threads(1)
+    extra = [
+        "partial.method=none",
+        "distill.enabled=false",
+        "xtask.alignment.weight=0.5",
+        "xtask.consistency.weight=0.1",
+        f"weighting={weighting}",
+    ]
+    cfg = tiny_dense_config(tiny_cache, tmp_path / "a", *extra, "train.max_steps=3",
+                            preset="mini-scenes-onelabel")  # fmt: skip
+    phase, result = fit_interrupted(cfg, tmp_path / "a", "student", None, monkeypatch)
+    state = phase.module.state_dict()
+    transfer = {k: v for k, v in state.items() if ".transfers." in k}
+    assert transfer
+    assert all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+    fresh = tiny_dense_config(tiny_cache, tmp_path / "b", *extra, "train.max_steps=1",
+                              preset="mini-scenes-onelabel")  # fmt: skip
+    before, _ = fit_interrupted(fresh, tmp_path / "b", "student", None, monkeypatch)
+    moved = [k for k, v in transfer.items() if not torch.equal(v, before.module.state_dict()[k])]
+    assert moved and result.skipped_steps == 0

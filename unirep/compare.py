@@ -23,7 +23,7 @@ import torch
 
 from unirep.config import ConfigError
 from unirep.io import atomic_write_json, atomic_write_text, read_json
-from unirep.jobs import Job, JobResult, run_jobs, run_recipe, train_teacher_job
+from unirep.jobs import Job, JobResult, run_jobs
 from unirep.metrics import delta_m
 from unirep.report import format_metric, write_figure
 from unirep.rundir import make_accelerator, teacher_path
@@ -347,8 +347,23 @@ def _settings(overrides: list[str], extra: list[str], seed: int, run_name: str) 
     return ["baseline=false", *overrides, *extra, f"seed={seed}", f"name={run_name}"]
 
 
+@dataclass(frozen=True)
+class Runners:
+    """How a comparison runs a whole run (``run(preset, overrides) -> metrics``) and trains one
+    teacher into the cache (``teacher(preset, overrides, task, folder) -> cache folder``):
+    module-level functions, so that worker processes can run them (the library never imports
+    ``teachers/``: ``scripts/compare.py`` passes :mod:`teachers.pipeline`'s)."""
+
+    run: Callable[[str | None, list[str]], dict[str, Any]]
+    teacher: Callable[[str | None, list[str], str, str], str]
+
+
 def _teacher_jobs(
-    preset: str | None, settings: list[str], folder: Path, known: dict[str, str]
+    preset: str | None,
+    settings: list[str],
+    folder: Path,
+    known: dict[str, str],
+    train_teacher: Callable[..., str],
 ) -> tuple[list[Job], list[str]]:
     """Jobs training the teachers that ``preset`` + ``settings`` needs and the cache lacks, one
     per teacher, and the names of every teacher job the run must wait for (``known`` maps a
@@ -368,7 +383,7 @@ def _teacher_jobs(
             first = [known[folders[source]]] if source and source != task else []
             scratch = str(folder / "teachers" / f"seed{cfg.seed}")
             args = (preset, settings, task, scratch)
-            jobs.append(Job(known[cached], train_teacher_job, args, [a for a in first if a]))
+            jobs.append(Job(known[cached], train_teacher, args, [a for a in first if a]))
         if cached in known:
             after.append(known[cached])
     return jobs, after
@@ -380,6 +395,7 @@ def run_comparison(
     seeds: list[int],
     name: str,
     overrides: list[str],
+    runners: Runners,
     workers: int = 1,
     log: Callable[[str], None] = print,
     reference: str | None = None,
@@ -408,9 +424,9 @@ def run_comparison(
     def run_jobs_of(variant: Variant, extra: list[str], seed: int) -> list[Job]:
         """The missing teachers' jobs, then the run waiting for them."""
         settings = _settings(overrides, extra, seed, _run_name(name, variant.name, seed))
-        teachers, after = _teacher_jobs(preset, settings, folder, known)
-        rank = 1 if variant in waiting else 2 if variant.name in critical else 3
-        run = Job(f"{variant.name} seed {seed}", run_recipe, (preset, settings), after, rank)
+        teachers, after = _teacher_jobs(preset, settings, folder, known, runners.teacher)
+        rank = 1 if _derived(variant.name) else 2 if variant.name in critical else 3
+        run = Job(f"{variant.name} seed {seed}", runners.run, (preset, settings), after, rank)
         return [*teachers, run]
 
     for variant in variants:

@@ -1,87 +1,28 @@
-"""Whole runs as functions, and a small scheduler that runs independent ones side by side.
+"""A small scheduler that runs independent jobs side by side in worker processes.
 
-:func:`run_recipe` is what ``scripts/distill.py`` does (stage one, the teachers that are missing
-from the cache, then stage two) for a preset and its ``key=value`` overrides, in the calling
-process. :func:`train_teacher_job` trains one task's teacher into the cache. :func:`run_jobs`
-runs a graph of such jobs on ``workers`` worker processes (``spawn``), each at the calling
-process's thread count, starting a job as soon as the jobs it depends on are finished: a
-comparison of variants × seeds on a 2-core machine keeps both cores busy with one-thread runs
-instead of one run that a small model cannot spread over two threads. A run computes the same
-numbers in a worker as in the calling process at the same thread count (tested), because every
-run seeds itself and owns its folder; teachers are keyed by what determines them
-(:func:`unirep.rundir.teacher_key`), so runs that share them wait for one job that trains them.
+:func:`run_jobs` runs a graph of jobs (e.g. whole runs, :func:`teachers.pipeline.run_recipe`,
+and the teachers they share, :func:`teachers.pipeline.train_teacher_job`) on ``workers`` worker
+processes (``spawn``), each at the calling process's thread count, starting a job as soon as the
+jobs it depends on are finished: a comparison of variants × seeds on a 2-core machine keeps both
+cores busy with one-thread runs instead of one run that a small model cannot spread over two
+threads. A run computes the same numbers in a worker as in the calling process at the same
+thread count (tested), because every run seeds itself and owns its folder; teachers are keyed by
+what determines them (:func:`unirep.rundir.teacher_key`), so runs that share them wait for one
+job that trains them.
 """
 
 from __future__ import annotations
 
 import multiprocessing
-import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from unirep.config import Config, ConfigError
-from unirep.rundir import make_accelerator, prepare_run_dir, run_finished, teacher_path
-from unirep.teachers import MANIFEST
-from unirep.validate import load_config
-
-
-def _config(preset: str | None, overrides: list[str]) -> Config:
-    cfg = load_config(preset, overrides)
-    cfg.progress = False
-    return cfg
-
-
-def run_recipe(preset: str | None, overrides: list[str]) -> dict[str, Any]:
-    """Run (or resume, or read back when finished) the whole recipe of ``preset`` with
-    ``overrides`` (which must name the run: ``name=...``); returns its ``metrics.json``."""
-    from teachers.recipe import ensure_teachers
-    from unirep.recipe import METRICS, distill, resolve_data
-
-    cfg = _config(preset, overrides)
-    if not cfg.name:
-        raise ConfigError("run_recipe needs the run's name (name=<run name>)")
-    run_dir = Path(cfg.output_dir) / cfg.name
-    if run_finished(run_dir):
-        from unirep.io import read_json
-
-        return read_json(run_dir / METRICS, what="run metrics")
-    if (run_dir / "config.yaml").exists():
-        cfg.resume = True  # an interrupted run continues where it stopped
-    accelerator = make_accelerator(cfg)
-    data = resolve_data(cfg, accelerator)
-    run_dir = prepare_run_dir(cfg, accelerator)
-    seconds = ensure_teachers(cfg, accelerator, data, run_dir)
-    return distill(cfg, accelerator, data, run_dir, seconds)
-
-
-def train_teacher_job(preset: str | None, overrides: list[str], task: str, folder: str) -> str:
-    """Train ``task``'s teacher of the run ``preset`` + ``overrides`` into the cache unless it
-    is there (verified); its checkpoints and logs go to ``folder``. Returns the cache folder."""
-    from teachers.recipe import ensure_teachers
-    from unirep.recipe import resolve_data
-
-    cfg = _config(preset, overrides)
-    accelerator = make_accelerator(cfg)
-    data = resolve_data(cfg, accelerator)
-    cached = teacher_path(cfg, data, task, accelerator.num_processes)
-    scratch = Path(folder)
-    checkpoints = scratch / "checkpoints" / f"teacher-{task}"
-    if accelerator.is_main_process:
-        if not (cached / MANIFEST).exists():  # a killed job's partial training starts over
-            shutil.rmtree(checkpoints, ignore_errors=True)
-            (scratch / "logs" / f"teacher-{task}.csv").unlink(missing_ok=True)
-        scratch.mkdir(parents=True, exist_ok=True)
-    accelerator.wait_for_everyone()
-    ensure_teachers(cfg, accelerator, data, scratch, only=[task])
-    if accelerator.is_main_process:
-        shutil.rmtree(checkpoints, ignore_errors=True)  # the cache holds the teacher
-    return str(cached)
+from unirep.config import ConfigError
 
 
 @dataclass
