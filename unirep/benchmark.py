@@ -370,6 +370,23 @@ def phase_split(cfg: Config, real: dict[str, Any]) -> dict[str, float]:
             "checkpoints": checkpoints}  # fmt: skip
 
 
+def _teacher_val(
+    cfg: Config, data: RunData, accelerator: Any, untrained_teachers: bool
+) -> Results | None:
+    """The teachers' validation results when the student's selection score needs them (Δm)."""
+    if cfg.train.selection_metric != "delta_m":
+        return None
+    teachers = _teachers(cfg, data, untrained_teachers)
+    for t in teachers.values():
+        t.net.to(accelerator.device)
+    evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
+    teacher_val = evaluate_teachers(evaluator, teachers, data.tasks(), "val", data)
+    del teachers, evaluator
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return teacher_val
+
+
 def run_benchmark(
     cfg: Config,
     steps: int = 20,
@@ -391,16 +408,7 @@ def run_benchmark(
     accelerator = accelerator or make_accelerator(cfg)
     data = data or resolve_data(cfg, accelerator)
     tasks = data.tasks()
-    teacher_val = None
-    if cfg.train.selection_metric == "delta_m":  # the student's selection score needs them
-        teachers = _teachers(cfg, data, untrained_teachers)
-        for t in teachers.values():
-            t.net.to(accelerator.device)
-        evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
-        teacher_val = evaluate_teachers(evaluator, teachers, tasks, "val", data)
-        del teachers, evaluator
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+    teacher_val = _teacher_val(cfg, data, accelerator, untrained_teachers)
     results: dict[str, dict[str, Any]] = {}
     for mode in MODES:
         for loop in LOOPS:
@@ -596,8 +604,12 @@ def term_costs(
     """
     out: dict[str, dict[str, Any]] = {}
     first: dict[str, float] | None = None
+    base = next(iter(configs.values()))
+    accelerator = make_accelerator(base)
+    teacher_val = _teacher_val(base, resolve_data(base, accelerator), accelerator,
+                               untrained_teachers)  # fmt: skip
     for name, cfg in configs.items():
-        args = (cfg, "student", "real", steps, warmup, None, untrained_teachers)
+        args = (cfg, "student", "real", steps, warmup, teacher_val, untrained_teachers)
         result = _spawned(args) if spawn else measure(*args)
         s = result["seconds"]
         compute = s["step"] + s["teachers"] + s["other"]

@@ -243,7 +243,9 @@ class CrossTaskConfig:
     cycle: TermConfig = field(default_factory=TermConfig)
     contrastive: TermConfig = field(default_factory=TermConfig)
     pairs: list[list[str]] | None = None  # [[a, b], ...]; None: every ordered pair
-    widths: list[int] = field(default_factory=lambda: [16, 32, 64])  # transfer U-Net stages
+    # transfer U-Net stages; the reference's 64/128/256 sit beside 128-channel decoders, these
+    # beside mini-scenes' 32 (README "Cross-task alignment losses": the cost of each term)
+    widths: list[int] = field(default_factory=lambda: [8, 16, 32])
     semantic_distance: str = "kl"  # "kl" or "ce" (on the argmax of the direct prediction)
     temperature: float = 0.1  # contrastive
     embed_dim: int = 64  # contrastive projector
