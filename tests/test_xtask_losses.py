@@ -308,7 +308,7 @@ def test_alignment_accepts_a_three_dim_depth_target_and_refuses_bad_shapes() -> 
         ({"pairs": []}, "pairs is empty"),
         ({"terms": ("consistency", "bogus")}, r"unknown terms \['bogus'\]; valid"),
         ({"terms": ()}, "at most once"),
-        ({"semantic_distance": "l2"}, "unknown semantic_distance 'l2'; valid"),
+        ({"class_distance": "l2"}, "unknown class_distance 'l2'; valid"),
         ({"temperature": 0.0}, "temperature must be positive, got 0.0"),
         ({"temperature": -1.0}, "temperature must be positive"),
         ({"terms": ("cycle",), "pairs": [("seg", "depth")]}, "reverse"),
@@ -352,7 +352,7 @@ def test_every_term_matches_the_per_image_reference() -> None:
 def test_semantic_cross_entropy_distance_is_used() -> None:
     preds, targets = _batch()
     pairs = [("depth", "seg")]
-    module = _terms(("consistency",), pairs=pairs, semantic_distance="ce")
+    module = _terms(("consistency",), pairs=pairs, class_distance="ce")
     moved = module.transfer("depth", "seg", preds["depth"])
     expected = F.cross_entropy(moved, preds["seg"].argmax(1))
     torch.testing.assert_close(module(preds, targets, {})["consistency"], expected)

@@ -130,7 +130,7 @@ def test_a_run_with_transfer_networks_resumes_bit_exactly(
         (["xtask.consistency.weight=-1"], "xtask.consistency.weight"),
         (["xtask.alignment.weight=nan"], "xtask.alignment.weight"),
         (["xtask.cycle.rampup_steps=-2"], "xtask.cycle.rampup_steps"),
-        (["xtask.semantic_distance=l2"], "kl or ce"),
+        (["xtask.class_distance=l2"], "kl or ce"),
         (["xtask.temperature=0"], "xtask.temperature"),
         (["xtask.embed_dim=0"], "xtask.embed_dim"),
         (["xtask.widths=[]"], "xtask.widths"),

@@ -246,7 +246,7 @@ class CrossTaskConfig:
     # transfer U-Net stages; the reference's 64/128/256 sit beside 128-channel decoders, these
     # beside mini-scenes' 32 (README "Cross-task alignment losses": the cost of each term)
     widths: list[int] = field(default_factory=lambda: [8, 16, 32])
-    semantic_distance: str = "kl"  # "kl" or "ce" (on the argmax of the direct prediction)
+    class_distance: str = "kl"  # tasks with classes: "kl", or "ce" on the direct argmax
     temperature: float = 0.1  # contrastive
     embed_dim: int = 64  # contrastive projector
 

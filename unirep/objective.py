@@ -316,7 +316,7 @@ def build_cross_task_terms(xtask: CrossTaskConfig, tasks: dict[str, Task]) -> di
         pairs=[(a, b) for a, b in xtask.pairs] if xtask.pairs else None,
         terms=tuple(active),
         widths=tuple(xtask.widths),
-        semantic_distance=xtask.semantic_distance,
+        class_distance=xtask.class_distance,
         temperature=xtask.temperature,
         embed_dim=xtask.embed_dim,
     )

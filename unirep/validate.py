@@ -369,8 +369,8 @@ def _check_xtask(cfg: Config) -> None:
                  "a finite number >= 0 (0: off)")  # fmt: skip
         _require(term.rampup_steps >= 0, f"xtask.{name}.rampup_steps", term.rampup_steps,
                  "an integer >= 0")  # fmt: skip
-    _require(x.semantic_distance in ("kl", "ce"), "xtask.semantic_distance",
-             x.semantic_distance, "kl or ce")  # fmt: skip
+    _require(x.class_distance in ("kl", "ce"), "xtask.class_distance",
+             x.class_distance, "kl or ce")  # fmt: skip
     _require(_finite(x.temperature) and x.temperature > 0, "xtask.temperature", x.temperature,
              "a finite number > 0")  # fmt: skip
     _require(x.embed_dim >= 1, "xtask.embed_dim", x.embed_dim, "a positive integer")

@@ -57,7 +57,7 @@ __all__ = [
 
 KINDS = ("semantic", "depth", "normal")
 TERMS = ("consistency", "alignment", "cycle", "contrastive")
-SEMANTIC_DISTANCES = ("kl", "ce")
+CLASS_DISTANCES = ("kl", "ce")
 
 
 def _check_kind(kind: str) -> None:
@@ -184,10 +184,8 @@ def consistency_distance(
     Computed in at least float32 with autocast off.
     """
     _check_kind(kind)
-    if semantic not in SEMANTIC_DISTANCES:
-        raise ValueError(
-            f"unknown semantic distance {semantic!r}; valid: {list(SEMANTIC_DISTANCES)}"
-        )
+    if semantic not in CLASS_DISTANCES:
+        raise ValueError(f"unknown semantic distance {semantic!r}; valid: {list(CLASS_DISTANCES)}")
     if transferred.dim() != 4 or transferred.shape != direct.shape:
         raise ValueError(
             f"expected transferred and direct [B, C, H, W] of the same shape, got "
@@ -281,7 +279,7 @@ class CrossTaskTerms(nn.Module):
     ``T_{a→b}(ŷ_a) = transfer_output(b, net(transfer_input(a, ŷ_a)))``, computed once per
     forward and shared by the terms. ``terms`` chooses among (see the module docstring):
 
-    * ``"consistency"``: :func:`consistency_distance` of ``b`` (``semantic_distance``: ``"kl"``
+    * ``"consistency"``: :func:`consistency_distance` of ``b`` (``class_distance``: ``"kl"``
       or ``"ce"``) between ``T_{a→b}(ŷ_a)`` and ``ŷ_b`` detached;
     * ``"alignment"``: :func:`alignment_distance` of ``b`` between ``T_{a→b}(ŷ_a)`` and the
       target of ``b``, masked by the label mask of ``b``;
@@ -306,7 +304,7 @@ class CrossTaskTerms(nn.Module):
         pairs: list[tuple[str, str]] | None = None,
         terms: tuple[str, ...] = ("consistency",),
         widths: tuple[int, ...] = (16, 32, 64),
-        semantic_distance: str = "kl",
+        class_distance: str = "kl",
         temperature: float = 0.1,
         embed_dim: int = 64,
     ) -> None:
@@ -321,16 +319,15 @@ class CrossTaskTerms(nn.Module):
             pairs = [(a, b) for a in self.tasks for b in self.tasks if a != b]
         self.pairs = self._check_pairs(pairs)
         self.terms = self._check_terms(terms)
-        if semantic_distance not in SEMANTIC_DISTANCES:
+        if class_distance not in CLASS_DISTANCES:
             raise ValueError(
-                f"unknown semantic_distance {semantic_distance!r}; valid: "
-                f"{list(SEMANTIC_DISTANCES)}"
+                f"unknown class_distance {class_distance!r}; valid: {list(CLASS_DISTANCES)}"
             )
         if temperature <= 0:
             raise ValueError(f"temperature must be positive, got {temperature}")
         if embed_dim < 1:
             raise ValueError(f"embed_dim must be positive, got {embed_dim}")
-        self.semantic_distance = semantic_distance
+        self.class_distance = class_distance
         self.temperature = temperature
         self.cycle_pairs = [(a, b) for a, b in self.pairs if (b, a) in self.pairs]
         if "cycle" in self.terms and not self.cycle_pairs:
@@ -430,9 +427,7 @@ class CrossTaskTerms(nn.Module):
             values: list[Tensor] = []
             if term == "consistency":
                 for (_, b), y in moved.items():
-                    values.append(
-                        consistency_distance(kinds[b], y, preds[b], self.semantic_distance)
-                    )
+                    values.append(consistency_distance(kinds[b], y, preds[b], self.class_distance))
             elif term == "alignment":
                 for (_, b), y in moved.items():
                     values.append(alignment_distance(kinds[b], y, targets[b], masks[b]))
@@ -440,7 +435,7 @@ class CrossTaskTerms(nn.Module):
                 for a, b in self.cycle_pairs:
                     back = self.transfer(b, a, moved[(a, b)])
                     values.append(
-                        consistency_distance(kinds[a], back, preds[a], self.semantic_distance)
+                        consistency_distance(kinds[a], back, preds[a], self.class_distance)
                     )
             else:
                 assert self.projectors is not None
