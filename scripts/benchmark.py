@@ -29,6 +29,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from teachers.recipe import ensure_teachers
 from unirep.benchmark import (
@@ -43,6 +44,7 @@ from unirep.benchmark import (
 from unirep.cli import parse_args, run
 from unirep.compare import XTASK_VARIANTS
 from unirep.config import Config
+from unirep.data.streams import RunData
 from unirep.recipe import resolve_data
 from unirep.rundir import make_accelerator
 
@@ -60,6 +62,22 @@ def split_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return parser.parse_known_args(argv)
 
 
+def _with_teachers(
+    cfg: Config, flags: argparse.Namespace, tmp: Path
+) -> tuple[Config, str, tuple[Any, RunData]]:
+    """(config whose teacher root holds the benchmark's teachers, where they come from, its
+    accelerator and data): the config's own teachers when they verify, else teachers trained
+    into ``--run-dir`` (default ``tmp``); none with ``--untrained-teachers``."""
+    run_dir = flags.run_dir or tmp
+    accelerator = make_accelerator(cfg)
+    data = resolve_data(cfg, accelerator)
+    source = "untrained (random weights)"
+    if not flags.untrained_teachers:
+        cfg, source = teacher_config(cfg, data, run_dir)
+        ensure_teachers(cfg, accelerator, data, run_dir)
+    return cfg, source, (accelerator, data)
+
+
 def _term_costs(cfg: Config, rest: list[str], flags: argparse.Namespace) -> None:
     """The student's step with distillation alone, then with each cross-task / contrastive
     term of the ablation (:data:`unirep.compare.XTASK_VARIANTS`), side by side."""
@@ -71,15 +89,9 @@ def _term_costs(cfg: Config, rest: list[str], flags: argparse.Namespace) -> None
     every = [o for n, over in XTASK_VARIANTS.items() for o in over if n != "distill"]
     configs["+all terms"] = parse_args([*rest, *dict.fromkeys(every)], prog="benchmark.py")
     with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
-        run_dir = flags.run_dir or Path(tmp)
-        accelerator = make_accelerator(cfg)
-        data = resolve_data(cfg, accelerator)
-        source = "untrained (random weights)"
-        if not flags.untrained_teachers:
-            cfg, source = teacher_config(cfg, data, run_dir)
-            ensure_teachers(cfg, accelerator, data, run_dir)
-            for c in configs.values():
-                c.teachers.root = cfg.teachers.root
+        cfg, source, _ = _with_teachers(cfg, flags, Path(tmp))
+        for c in configs.values():
+            c.teachers.root = cfg.teachers.root
         rows = term_costs(configs, flags.steps, flags.warmup, flags.untrained_teachers)
     print(f"teachers: {source}; device {rows['distill']['device']}, "
           f"{rows['distill']['threads']} thread(s), {flags.steps} steps")  # fmt: skip
@@ -101,13 +113,7 @@ def main() -> None:
         _term_costs(cfg, rest, flags)
         return
     with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
-        run_dir = flags.run_dir or Path(tmp)
-        accelerator = make_accelerator(cfg)
-        data = resolve_data(cfg, accelerator)
-        source = "untrained (random weights)"
-        if not flags.untrained_teachers:
-            cfg, source = teacher_config(cfg, data, run_dir)
-            ensure_teachers(cfg, accelerator, data, run_dir)
+        cfg, source, (accelerator, data) = _with_teachers(cfg, flags, Path(tmp))
         print(f"teachers: {source}")
         results = run_benchmark(
             cfg, flags.steps, flags.warmup, flags.untrained_teachers, data=data,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
+import torch.nn.functional as F
 
 from unirep.config import Config
 from unirep.validate import load_config
@@ -101,3 +103,24 @@ def fit_interrupted(cfg: Config, run_dir: Path, role: str, crash_at: int | None,
         monkeypatch.setattr(trainer_module, "train_step", real)
     phase = student_phase(cfg, role, data, tasks, run_dir, {}, reference, distill)
     return phase, trainer_module.fit(accelerator, phase, evaluator, progress=False)
+
+
+def random_dense_batch(
+    b: int, h: int, w: int, seed: int = 0, dtype: torch.dtype = torch.float64
+) -> tuple[dict, dict, torch.Generator]:
+    """Random predictions (``seg`` 4 classes, ``depth``, unit ``normal``) and targets with about
+    a fifth of the pixels invalid, for loss tests; the generator, to draw more from it."""
+    g = torch.Generator().manual_seed(seed)
+    valid = torch.rand(b, 1, h, w, generator=g) > 0.2
+    preds = {
+        "seg": torch.randn(b, 4, h, w, generator=g, dtype=dtype),
+        "depth": torch.rand(b, 1, h, w, generator=g, dtype=dtype) * 5,
+        "normal": F.normalize(torch.randn(b, 3, h, w, generator=g, dtype=dtype), dim=1),
+    }
+    normal = F.normalize(torch.randn(b, 3, h, w, generator=g, dtype=dtype), dim=1)
+    targets = {
+        "seg": torch.randint(-1, 4, (b, h, w), generator=g),
+        "depth": (torch.rand(b, 1, h, w, generator=g, dtype=dtype) * 5 + 0.1) * valid,
+        "normal": normal * valid,
+    }
+    return preds, targets, g

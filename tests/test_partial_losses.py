@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from tests.conftest import random_dense_batch
 from unirep.losses.partial import (
     JTRLoss,
     MTPSLLoss,
@@ -23,19 +24,7 @@ WIDTHS = (4, 8)
 
 def _batch(seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[dict, dict, Tensor]:
     """Predictions, targets with about a fifth of the pixels invalid, and a student feature."""
-    g = torch.Generator().manual_seed(seed)
-    valid = torch.rand(B, 1, H, W, generator=g) > 0.2
-    preds = {
-        "seg": torch.randn(B, 4, H, W, generator=g, dtype=dtype),
-        "depth": torch.rand(B, 1, H, W, generator=g, dtype=dtype) * 5,
-        "normal": F.normalize(torch.randn(B, 3, H, W, generator=g, dtype=dtype), dim=1),
-    }
-    normal = F.normalize(torch.randn(B, 3, H, W, generator=g, dtype=dtype), dim=1)
-    targets = {
-        "seg": torch.randint(-1, 4, (B, H, W), generator=g),
-        "depth": (torch.rand(B, 1, H, W, generator=g, dtype=dtype) * 5 + 0.1) * valid,
-        "normal": normal * valid,
-    }
+    preds, targets, g = random_dense_batch(B, H, W, seed, dtype)
     feature = torch.randn(B, FEAT_C, 2, 2, generator=g, dtype=dtype)
     return preds, targets, feature
 

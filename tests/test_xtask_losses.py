@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import unirep.losses.contrastive  # noqa: F401  (registers FEATURE_LOSSES["infonce"])
+from tests.conftest import random_dense_batch
 from unirep.losses.contrastive import InfoNCEFeatureLoss, gather_batch, info_nce
 from unirep.losses.distillation import FEATURE_LOSSES
 from unirep.losses.xtask import (
@@ -48,19 +49,7 @@ def _one_thread() -> Iterator[None]:
 
 def _batch(seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[dict, dict]:
     """Predictions (leaf tensors with gradients) and targets with about a fifth invalid."""
-    g = torch.Generator().manual_seed(seed)
-    valid = torch.rand(B, 1, H, W, generator=g) > 0.2
-    preds = {
-        "seg": torch.randn(B, 4, H, W, generator=g, dtype=dtype),
-        "depth": torch.rand(B, 1, H, W, generator=g, dtype=dtype) * 5,
-        "normal": F.normalize(torch.randn(B, 3, H, W, generator=g, dtype=dtype), dim=1),
-    }
-    normal = F.normalize(torch.randn(B, 3, H, W, generator=g, dtype=dtype), dim=1)
-    targets = {
-        "seg": torch.randint(-1, 4, (B, H, W), generator=g),
-        "depth": (torch.rand(B, 1, H, W, generator=g, dtype=dtype) * 5 + 0.1) * valid,
-        "normal": normal * valid,
-    }
+    preds, targets, _ = random_dense_batch(B, H, W, seed, dtype)
     return {t: p.requires_grad_() for t, p in preds.items()}, targets
 
 

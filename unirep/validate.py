@@ -351,17 +351,20 @@ def _check_weights(cfg: Config) -> None:
         _require(_finite(lr) and lr > 0, key, lr, "a positive learning rate")
 
 
+def _dense_only(key: str, changed: bool, why: str) -> None:
+    """Refuse a section of dense runs that a classification run sets."""
+    if changed:
+        raise ConfigError(f"config key {key!r}: {why}")
+
+
 def _check_xtask(cfg: Config) -> None:
     """Cross-task terms: dense runs with 2+ tasks; weights, ramp-ups, pairs and settings."""
     from unirep.config import XTASK_TERMS, CrossTaskConfig
 
     x = cfg.xtask
     if cfg.dense is None:
-        if x != CrossTaskConfig():
-            raise ConfigError(
-                "config key 'xtask': cross-task terms map one dense task's prediction to "
-                "another's; they need a 'dense' section"
-            )
+        _dense_only("xtask", x != CrossTaskConfig(), "cross-task terms map one dense task's "
+                    "prediction to another's; they need a 'dense' section")  # fmt: skip
         return
     for name in XTASK_TERMS:
         term = getattr(x, name)
@@ -404,11 +407,9 @@ def _check_partial(cfg: Config) -> None:
 
     part = cfg.partial
     if cfg.dense is None:
-        if part != PartialConfig():
-            raise ConfigError(
-                "config key 'partial': partially labelled training data is for dense runs "
-                "(a 'dense' section); classification domains are labelled per image"
-            )
+        _dense_only("partial", part != PartialConfig(), "partially labelled training data is "
+                    "for dense runs (a 'dense' section); classification domains are labelled per "
+                    "image")  # fmt: skip
         return
     _require(part.protocol in PROTOCOLS, "partial.protocol", part.protocol,
              f"one of {', '.join(PROTOCOLS)}")  # fmt: skip
