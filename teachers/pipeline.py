@@ -16,7 +16,13 @@ from teachers.recipe import ensure_teachers
 from unirep.config import Config, ConfigError
 from unirep.io import read_json
 from unirep.recipe import METRICS, distill, resolve_data
-from unirep.rundir import make_accelerator, prepare_run_dir, run_finished, teacher_path
+from unirep.rundir import (
+    check_same_config,
+    make_accelerator,
+    prepare_run_dir,
+    run_finished,
+    teacher_path,
+)
 from unirep.teachers import MANIFEST
 from unirep.validate import load_config
 
@@ -34,7 +40,8 @@ def run_recipe(preset: str | None, overrides: list[str]) -> dict[str, Any]:
     if not cfg.name:
         raise ConfigError("run_recipe needs the run's name (name=<run name>)")
     run_dir = Path(cfg.output_dir) / cfg.name
-    if run_finished(run_dir):
+    if run_finished(run_dir):  # read back only for the config that produced it
+        check_same_config(cfg, run_dir / "config.yaml", finished=True)
         return read_json(run_dir / METRICS, what="run metrics")
     if (run_dir / "config.yaml").exists():
         cfg.resume = True  # an interrupted run continues where it stopped

@@ -129,6 +129,11 @@ def test_side_by_side_jobs_compute_what_one_process_computes_and_share_teachers(
     assert not [j for j in cost["job_seconds"] if j.startswith("teacher ")]
     assert _without_seconds(again) == found[2][0]
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "out2").rglob("metrics.json")) == before
+    # a finished run is never read back for another config: refused in one line, naming it
+    changed = [*settings, "distill.contrastive_temperature=0.2"]
+    with pytest.raises(ConfigError, match=r"supervised-seed0.*finished with a different config.*"
+                       r"contrastive_temperature"):  # fmt: skip
+        run_comparison("mini-scenes-onelabel", variants, [0], "cmp", changed, RUNNERS, 1, print)
 
 
 def test_best_of_variants_name_two_other_variants() -> None:

@@ -83,7 +83,7 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         elif directory.is_dir() and accelerator.is_main_process:
             clean_partial(directory)
     if cfg.resume:
-        _check_same_config(cfg, directory / CONFIG)  # and it stays as written at the start
+        check_same_config(cfg, directory / CONFIG)  # and it stays as written at the start
         if accelerator.is_main_process:
             clean_partial(directory)
     elif accelerator.is_main_process:
@@ -125,8 +125,9 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def _check_same_config(cfg: Config, saved_path: Path) -> None:
-    """A resumed run must use the config it started with (same command plus ``resume=``)."""
+def check_same_config(cfg: Config, saved_path: Path, finished: bool = False) -> None:
+    """A resumed run must use the config it started with (same command plus ``resume=``), and a
+    finished run is only read back (``finished``) for the config that produced it."""
     if not saved_path.is_file():
         raise ConfigError(f"cannot resume: {str(saved_path)!r} does not exist")
     saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
@@ -138,6 +139,11 @@ def _check_same_config(cfg: Config, saved_path: Path) -> None:
     )
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
+        if finished:
+            raise ConfigError(
+                f"{str(saved_path.parent)!r} finished with a different config ({details}); "
+                "choose another name (or output_dir), or delete that run"
+            )
         raise ConfigError(
             f"cannot resume {str(saved_path.parent)!r} with a different config ({details}); "
             "repeat the original command with resume=true"
