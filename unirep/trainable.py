@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from unirep.batch import Batch
@@ -50,20 +51,37 @@ class TrainableModule(nn.Module):
         step: int = 0,
         total_steps: int = 1,
     ) -> LossBundle:
-        """The losses of one micro-batch (inside ``forward`` so that DDP sees every use)."""
-        outputs = self.student(batch.inputs)
+        """The losses of one micro-batch (inside ``forward`` so that DDP sees every use). When the
+        weighting works on the shared representation (``mgda_ub``), every tensor the student's
+        trunk returns is kept in ``bundle.shared``."""
+        captured: list[Tensor] = []
+        hook = None
+        if getattr(self.weighting, "wants_representation", False) and torch.is_grad_enabled():
+            trunk: nn.Module = self.student.trunk  # type: ignore[assignment]
+            hook = trunk.register_forward_hook(
+                lambda _m, _i, out: captured.extend(out if isinstance(out, list | tuple) else [out])
+            )
+        try:
+            outputs = self.student(batch.inputs)
+        finally:
+            if hook is not None:
+                hook.remove()
         aligned = {t: self.aligners[t](outputs[t]) for t in self.aligners if t in outputs}
-        return self.objective(outputs, aligned, batch, teacher_outputs, step, total_steps)
+        bundle = self.objective(outputs, aligned, batch, teacher_outputs, step, total_steps)
+        bundle.shared = [t for t in captured if isinstance(t, Tensor)]
+        return bundle
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(main optimizer's parameters, alignment adapters' parameters), from the modules:
-        the student, the objective's and the weighting's own parameters go to the main one."""
+        the student, the objective's and the weighting's own parameters go to the main one
+        (the weighting's :meth:`~unirep.weighting.Weighting.optimized_parameters`: a method
+        that updates its state itself, like FAMO, keeps it out)."""
         main = [
             p
-            for module in (self.student, self.objective, self.weighting)
+            for module in (self.student, self.objective)
             for p in module.parameters()
             if p.requires_grad
-        ]
+        ] + self.weighting.optimized_parameters()
         adapters = [p for p in self.aligners.parameters() if p.requires_grad]
         return main, adapters
 

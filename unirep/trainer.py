@@ -124,6 +124,7 @@ def train_step(
     accum = cfg.gradient_accumulation_steps
     weighting, shared = ctx.unwrapped.weighting, ctx.unwrapped.shared_parameters()
     logs: dict[str, Tensor] = {}
+    counts: dict[str, int] = {}
     finite: dict[str, Tensor] = {}  # every logged term: finite in every micro-batch so far
     # float64 sums where the device has it: the same numbers as summing Python floats
     dtype = torch.float32 if acc.device.type == "mps" else torch.float64
@@ -139,6 +140,7 @@ def train_step(
             if timings is not None:
                 _sync(acc.device)
         t2 = clock()
+        updated = False
         with acc.accumulate(ctx.module):
             bundle = ctx.module(batch, teacher_out, step, cfg.max_steps)
             extra = weighting.backward(bundle, shared, acc)
@@ -154,11 +156,19 @@ def train_step(
                     acc.clip_grad_norm_(ctx.module.parameters(), cfg.grad_clip)
                 for opt in ctx.optimizers:
                     opt.step()
+                updated = True
             for opt in ctx.optimizers:
                 opt.zero_grad(set_to_none=True)
-        for k, v in terms.items():
-            v = v.to(dtype) / accum
+        if updated:  # FAMO: the losses of the same batch after the update
+            after: dict[str, Tensor] = {}
+            if weighting.wants_losses_after_step:
+                with torch.no_grad():
+                    after = ctx.module(batch, teacher_out, step, cfg.max_steps).task_losses()
+            weighting.after_step(after, acc)
+        for k, v in terms.items():  # the mean over the micro-batches that logged the term
+            v = v.to(dtype)
             logs[k] = logs[k] + v if k in logs else v
+            counts[k] = counts.get(k, 0) + 1
         if timings is not None:
             _sync(acc.device)
             t3 = clock()
@@ -166,7 +176,7 @@ def train_step(
                 timings[key] = timings.get(key, 0.0) + dt
     for sch in ctx.schedulers:
         sch.step()
-    return logs
+    return {k: v / counts[k] for k, v in logs.items()}
 
 
 def _update_is_finite(ctx: StepContext, finite: dict[str, Tensor], step: int) -> bool:

@@ -27,12 +27,15 @@ class LossBundle:
         joint: ``{name: loss}``, terms that belong to no single task (cross-task consistency, a
             contrastive term over all tasks, ...).
         logs: detached scalars for the training log (``task/<t>``, ``feature/<t>``, ``anneal``).
+        shared: the tensors the student's shared trunk returned in this forward (graphs kept),
+            filled only for a weighting that asks for them (``mgda_ub``).
     """
 
     supervised: dict[str, Tensor]
     distill: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     joint: dict[str, Tensor] = field(default_factory=dict)
     logs: dict[str, Tensor] = field(default_factory=dict)
+    shared: list[Tensor] = field(default_factory=list)
 
     @property
     def tasks(self) -> list[str]:

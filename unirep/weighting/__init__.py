@@ -1,20 +1,24 @@
 """Weightings: how a :class:`~unirep.losses.bundle.LossBundle` becomes gradients.
 
-Build one with ``build_weighting(name, tasks, **kwargs)`` (config ``weighting: {name, kwargs}``):
+Build one with ``build_weighting(name, tasks, **kwargs)`` (config ``weighting: {name, kwargs}``).
 
-- ``sum`` (default): the plain sum, one backward (:class:`SumWeighting`);
-- ``mean``: per-task losses averaged, joint terms added (:class:`MeanWeighting`);
-- ``uncertainty``: learned log-variances, Kendall et al. 2018 (:class:`UncertaintyWeighting`);
-- ``pcgrad``: gradient surgery on the shared parameters, Yu et al. 2020 (:class:`PCGrad`).
+Loss weightings (one backward): ``sum`` (default), ``mean``, ``uncertainty`` (Kendall et al.
+2018), ``imtl`` with ``mode="l"``.
+
+Gradient methods (:class:`GradientWeighting`, per-task gradients averaged over processes before
+they are combined): ``mgda``, ``mgda_ub``, ``pcgrad``, ``cagrad``, ``imtl`` (``g`` / ``h``),
+``nash_mtl``, ``aligned_mtl``, ``upgrad``. Their combination rules are
+:mod:`unirep.weighting.aggregators`; :func:`aggregate` applies one to a ``[T, P]`` Jacobian.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from unirep.weighting.base import WEIGHTINGS, LossWeighting, Weighting
+from unirep.weighting.aggregators import AGGREGATORS, Aggregator, aggregate, build_aggregator
+from unirep.weighting.base import WEIGHTINGS, LossWeighting, Weighting, process_mean
+from unirep.weighting.gradient import GradientWeighting
 from unirep.weighting.mean import MeanWeighting
-from unirep.weighting.pcgrad import PCGrad
 from unirep.weighting.sum import SumWeighting
 from unirep.weighting.uncertainty import UncertaintyWeighting
 
@@ -25,12 +29,17 @@ def build_weighting(name: str, tasks: list[str], **kwargs: Any) -> Weighting:
 
 
 __all__ = [
+    "AGGREGATORS",
     "WEIGHTINGS",
+    "Aggregator",
+    "GradientWeighting",
     "LossWeighting",
     "MeanWeighting",
-    "PCGrad",
     "SumWeighting",
     "UncertaintyWeighting",
     "Weighting",
+    "aggregate",
+    "build_aggregator",
     "build_weighting",
+    "process_mean",
 ]

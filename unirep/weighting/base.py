@@ -30,10 +30,20 @@ WEIGHTINGS: Registry[Weighting] = Registry("weighting")
 class Weighting(nn.Module, abc.ABC):
     """Turns a :class:`LossBundle` into gradients on every trainable parameter.
 
+    The loop's whole contract with a method (it never asks which method it holds):
+
+    - :meth:`backward` once per micro-batch;
+    - :meth:`after_step` after each optimizer step, with the task losses recomputed on the same
+      batch when :attr:`wants_losses_after_step` (FAMO);
+    - :meth:`optimized_parameters`: the state the run's optimizer trains (e.g. log-variances);
+      state a method updates itself (FAMO's logits) stays out of it.
+
     Args:
         tasks: the task names of the phase, in the run's order (a weighting may keep one state
             entry per task, e.g. a log-variance).
     """
+
+    wants_losses_after_step: bool = False
 
     def __init__(self, tasks: list[str]) -> None:
         super().__init__()
@@ -58,13 +68,23 @@ class Weighting(nn.Module, abc.ABC):
             ``gradcos/<a>~<b>`` (cosine between two tasks' shared gradients).
         """
 
+    def after_step(self, task_losses: dict[str, Tensor], accelerator: Any) -> None:
+        """Called after each optimizer step; ``task_losses`` are the losses recomputed on the
+        step's (last) micro-batch with the updated weights when :attr:`wants_losses_after_step`,
+        else empty."""
+
+    def optimized_parameters(self) -> list[nn.Parameter]:
+        """The parameters the run's optimizer trains (default: every one that requires grad)."""
+        return [p for p in self.parameters() if p.requires_grad]
+
 
 class LossWeighting(Weighting):
     """A weighting that only rescales losses: one scalar, one ``accelerator.backward``."""
 
     @abc.abstractmethod
-    def combine(self, bundle: LossBundle) -> Tensor:
-        """The scalar to back-propagate."""
+    def combine(self, bundle: LossBundle, accelerator: Any = None) -> Tensor:
+        """The scalar to back-propagate. ``accelerator`` (None in unit tests of the formula)
+        gives stateful methods ``reduce``, so that every process keeps the same state."""
 
     def weights(self) -> dict[str, float]:
         """Effective weight of each task's loss (logged as ``weight/<task>``)."""
@@ -73,5 +93,12 @@ class LossWeighting(Weighting):
     def backward(
         self, bundle: LossBundle, shared: list[nn.Parameter], accelerator: Any
     ) -> dict[str, float]:
-        accelerator.backward(self.combine(bundle))
+        accelerator.backward(self.combine(bundle, accelerator))
         return {f"weight/{t}": w for t, w in self.weights().items()}
+
+
+def process_mean(values: Tensor, accelerator: Any) -> Tensor:
+    """``values`` averaged over processes (as is with one process or no accelerator)."""
+    if accelerator is None or getattr(accelerator, "num_processes", 1) <= 1:
+        return values
+    return accelerator.reduce(values.contiguous(), "mean")

@@ -6,6 +6,8 @@ is ``sum`` with a T× smaller learning rate on the task terms; Adam is nearly in
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from unirep.losses.bundle import LossBundle
@@ -21,7 +23,7 @@ class MeanWeighting(LossWeighting):
     Shapes: every term is a scalar; the result is a scalar.
     """
 
-    def combine(self, bundle: LossBundle) -> Tensor:
+    def combine(self, bundle: LossBundle, accelerator: Any = None) -> Tensor:
         total: Tensor | None = None
         for loss in bundle.task_losses().values():
             total = loss if total is None else total + loss

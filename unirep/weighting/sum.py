@@ -7,6 +7,8 @@ once properly regularised.
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import Tensor
 
 from unirep.losses.bundle import LossBundle
@@ -22,7 +24,7 @@ class SumWeighting(LossWeighting):
     Shapes: every term is a scalar; the result is a scalar.
     """
 
-    def combine(self, bundle: LossBundle) -> Tensor:
+    def combine(self, bundle: LossBundle, accelerator: Any = None) -> Tensor:
         return bundle.total()
 
     def weights(self) -> dict[str, float]:

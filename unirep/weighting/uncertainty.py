@@ -6,6 +6,8 @@ and Semantics", CVPR 2018.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -55,7 +57,7 @@ class UncertaintyWeighting(LossWeighting):
         self.log_var = nn.Parameter(torch.full((len(self.tasks),), float(init)))
         self._index = {task: i for i, task in enumerate(self.tasks)}
 
-    def combine(self, bundle: LossBundle) -> Tensor:
+    def combine(self, bundle: LossBundle, accelerator: Any = None) -> Tensor:
         total: Tensor | None = None
         for task, loss in bundle.task_losses().items():
             if task not in self._index:
