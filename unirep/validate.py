@@ -589,6 +589,24 @@ def _check_common_names(cfg: Config) -> None:
         _check(SCHEDULES, optim.scheduler.name, f"{prefix}.scheduler.name")
 
 
+    _check_adatask(cfg)
+
+
+def _check_adatask(cfg: Config) -> None:
+    """AdaTask's two halves go together on the student's (and baseline's) recipe."""
+    weighting, optimizer = cfg.weighting.name, cfg.train.optim.optimizer.name
+    if (weighting == "adatask") != (optimizer == "adatask"):
+        key, value, other = (
+            ("train.optim.optimizer.name", optimizer, "weighting.name=adatask")
+            if weighting == "adatask"
+            else ("weighting.name", weighting, "train.optim.optimizer.name=adatask")
+        )
+        raise ConfigError(
+            f"config key {key!r}: must be 'adatask' with {other} (the weighting hands the "
+            f"per-task gradients to the optimizer), got {value!r}"
+        )
+
+
 def _check(registry: Registry, name: str, key: str) -> None:
     if name not in registry:
         raise ConfigError(
