@@ -2,8 +2,11 @@
 
 Build one with ``build_weighting(name, tasks, **kwargs)`` (config ``weighting: {name, kwargs}``).
 
-Loss weightings (one backward): ``sum`` (default), ``mean``, ``uncertainty`` (Kendall et al.
-2018), ``imtl`` with ``mode="l"``.
+Loss weightings (one backward): ``sum`` (default), ``mean``, ``static`` (fixed per-task weights),
+``uncertainty`` (Kendall et al. 2018), ``restrained_uncertainty`` (DRUW, Song et al. 2022),
+``grouped_uncertainty`` (GALW, Tian et al. 2022), ``dwa`` (Liu et al. 2019), ``rlw`` (Lin et al.
+2022), ``famo`` (Liu et al. 2023), ``imtl`` with ``mode="l"``; ``gradnorm`` (Chen et al. 2018:
+one backward plus the gradient norms on the last shared layer).
 
 Gradient methods (:class:`GradientWeighting`, per-task gradients averaged over processes before
 they are combined): ``mgda``, ``mgda_ub``, ``pcgrad``, ``cagrad``, ``imtl`` (``g`` / ``h``),
@@ -17,10 +20,19 @@ from typing import Any
 
 from unirep.weighting.aggregators import AGGREGATORS, Aggregator, aggregate, build_aggregator
 from unirep.weighting.base import WEIGHTINGS, LossWeighting, Weighting, process_mean
+from unirep.weighting.dwa import DWAWeighting
+from unirep.weighting.famo import FAMOWeighting
 from unirep.weighting.gradient import GradientWeighting
+from unirep.weighting.gradnorm import GradNormWeighting
 from unirep.weighting.mean import MeanWeighting
+from unirep.weighting.rlw import RLWWeighting
+from unirep.weighting.static import StaticWeighting
 from unirep.weighting.sum import SumWeighting
-from unirep.weighting.uncertainty import UncertaintyWeighting
+from unirep.weighting.uncertainty import (
+    GroupedUncertaintyWeighting,
+    RestrainedUncertaintyWeighting,
+    UncertaintyWeighting,
+)
 
 
 def build_weighting(name: str, tasks: list[str], **kwargs: Any) -> Weighting:
@@ -32,9 +44,16 @@ __all__ = [
     "AGGREGATORS",
     "WEIGHTINGS",
     "Aggregator",
+    "DWAWeighting",
+    "FAMOWeighting",
+    "GradNormWeighting",
     "GradientWeighting",
+    "GroupedUncertaintyWeighting",
     "LossWeighting",
     "MeanWeighting",
+    "RLWWeighting",
+    "RestrainedUncertaintyWeighting",
+    "StaticWeighting",
     "SumWeighting",
     "UncertaintyWeighting",
     "Weighting",
