@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+import yaml
 
 from teachers.pipeline import run_recipe, train_teacher_job
 from tests.conftest import TINY_DENSE
@@ -129,6 +130,15 @@ def test_side_by_side_jobs_compute_what_one_process_computes_and_share_teachers(
     assert not [j for j in cost["job_seconds"] if j.startswith("teacher ")]
     assert _without_seconds(again) == found[2][0]
     assert sorted(p.stat().st_mtime_ns for p in (tmp_path / "out2").rglob("metrics.json")) == before
+    # a run saved before a config key existed is the same run when the key holds its default
+    saved = tmp_path / "out2" / "cmp" / "supervised-seed0" / "config.yaml"
+    older = yaml.safe_load(saved.read_text())
+    del older["xtask"]["class_distance"], older["train"]["grad_clip"]
+    saved.write_text(yaml.safe_dump(older))
+    _, again, _, _ = run_comparison(
+        "mini-scenes-onelabel", variants, [0], "cmp", settings, RUNNERS, 1, lambda _: None
+    )
+    assert _without_seconds(again) == found[2][0]
     # a finished run is never read back for another config: refused in one line, naming it
     changed = [*settings, "distill.contrastive_temperature=0.2"]
     with pytest.raises(ConfigError, match=r"supervised-seed0.*finished with a different config.*"

@@ -9,6 +9,7 @@ CUDA exists so that ``accelerate launch --multi_gpu --num_processes 2`` really s
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
 import shutil
@@ -125,6 +126,29 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _is_default(cfg: Config, key: str) -> bool:
+    """Whether ``key`` (dotted) holds its dataclass default in ``cfg``: a config key added after a
+    run was saved, at the default (which keeps the old behaviour), does not make it different."""
+    *path, name = key.split(".")
+    owner: Any = cfg
+    for part in path:
+        owner = owner.get(part) if isinstance(owner, dict) else getattr(owner, part, None)
+    if not dataclasses.is_dataclass(owner) or isinstance(owner, type):
+        return False
+    try:
+        default = getattr(type(owner)(), name)
+    except (TypeError, AttributeError):
+        return False
+    return _plain(default) == _plain(getattr(owner, name))
+
+
+def _plain(value: Any) -> Any:
+    """A config value as its YAML form (dataclasses as dicts)."""
+    return yaml.safe_load(
+        yaml.safe_dump(to_dict(value) if dataclasses.is_dataclass(value) else value)
+    )
+
+
 def check_same_config(cfg: Config, saved_path: Path, finished: bool = False) -> None:
     """A resumed run must use the config it started with (same command plus ``resume=``), and a
     finished run is only read back (``finished``) for the config that produced it."""
@@ -135,7 +159,9 @@ def check_same_config(cfg: Config, saved_path: Path, finished: bool = False) -> 
     changed = sorted(
         k
         for k in set(saved) | set(now)
-        if k.split(".")[0] not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k)
+        if k.split(".")[0] not in RESUME_MAY_CHANGE
+        and saved.get(k) != now.get(k)
+        and not (k not in saved and _is_default(cfg, k))  # a key added later, at its default
     )
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:8])
