@@ -194,6 +194,8 @@ def _raw_curves() -> dict[str, dict[str, list[tuple[int, float]]]]:
             "train/weight/a": [(10, 0.5), (0, 1.0)],  # out of order on purpose
             "train/weight/b": [(0, 1.0), (10, 2.0)],
             "train/gradcos/a~b": [(0, 0.25), (10, -0.5)],
+            "train/dominance/enc.conv1/a": [(10, 0.9)],
+            "train/dominance/enc.conv1/b": [(10, 0.1)],
             "val/score": [(10, 0.7)],
         },
         "teacher-a": {"train/task/a": [(0, 2.0)], "train/weight/a": [(0, 1.0)]},
@@ -209,7 +211,11 @@ def test_report_curves_average_tasks_but_not_weighting_terms() -> None:
         "val/score": [(10, 0.7)],
     }
     assert out["teacher-a"] == {"train/task (task mean)": [(0, 2.0)]}
-    assert not any("weight" in k or "gradcos" in k for series in out.values() for k in series)
+    assert not any(
+        "weight" in k or "gradcos" in k or "dominance" in k
+        for series in out.values()
+        for k in series
+    )
 
 
 def test_weighting_curves_are_split_out_per_task_and_pair() -> None:
@@ -218,8 +224,9 @@ def test_weighting_curves_are_split_out_per_task_and_pair() -> None:
     assert out["student"] == {
         "weight": {"a": [(0, 1.0), (10, 0.5)], "b": [(0, 1.0), (10, 2.0)]},
         "gradcos": {"a~b": [(0, 0.25), (10, -0.5)]},
+        "dominance": {"enc.conv1/a": [(10, 0.9)], "enc.conv1/b": [(10, 0.1)]},
     }
-    assert out["teacher-a"] == {"weight": {"a": [(0, 1.0)]}, "gradcos": {}}
+    assert out["teacher-a"] == {"weight": {"a": [(0, 1.0)]}, "gradcos": {}, "dominance": {}}
     assert weighting_curves({"p": {"train/weight/a": []}, "q": {"train/task/a": [(0, 1.0)]}}) == {}
 
 
@@ -232,6 +239,7 @@ def test_weighting_curves_from_the_csv_log(tmp_path: Path) -> None:
         "student": {
             "weight": {"a": [(0, 0.5), (1, 0.75)]},
             "gradcos": {"a~b": [(0, -0.25), (1, 0.125)]},
+            "dominance": {},
         }
     }
 
@@ -240,7 +248,7 @@ def test_weighting_figure_written_and_referenced(tmp_path: Path) -> None:
     raw = _raw_curves()
     report = write_report(tmp_path, _metrics(), report_curves(raw), weighting=weighting_curves(raw))
     text = report.read_text(encoding="utf-8")
-    assert "## Task weighting" in text
+    assert "## Task weighting" in text and "rAU" in text
     assert f"![Task weighting]({WEIGHTING_FIGURE})" in text
     assert _is_png(tmp_path / WEIGHTING_FIGURE)
     # before any extra section, after the training curves

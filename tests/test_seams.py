@@ -122,7 +122,7 @@ def test_interrupted_uncertainty_run_resumes_bit_exactly(
     killed after step 4 and resumed, the run equals the uninterrupted one bit for bit."""
     torch.set_num_threads(1)
     extra = ["weighting=uncertainty", "train.max_steps=6", "train.checkpoint_every=2",
-             "train.eval_every=3", "train.log_every=1"]  # fmt: skip
+             "train.eval_every=3", "train.log_every=1", "train.diagnostics_every=3"]  # fmt: skip
     if preset == "mini-decathlon":
         extra.append("distill.init_from_teacher=null")
     build = tiny_config if preset == "mini-decathlon" else tiny_dense_config
@@ -136,6 +136,10 @@ def test_interrupted_uncertainty_run_resumes_bit_exactly(
         assert torch.equal(value, resumed[key]), key
     assert log_a == log_b
     assert not torch.all(whole["weighting.log_var"] == 0)  # the log-variances did train
+    # the task-dominance EMA is resumed too: step 6's measurement builds on step 3's
+    assert whole["diagnostics.seen"] and whole["diagnostics.au"].sum() > 0
+    measured = [line for line in log_a if ",train/dominance/" in line]
+    assert {line.split(",")[0] for line in measured} == {"3", "6"}
 
 
 def test_a_run_folder_is_never_reused_without_resume(tiny_cache: Path, tmp_path: Path) -> None:

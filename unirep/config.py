@@ -112,6 +112,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     log_every: int = 10
     on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
+    # every N optimizer steps: per-task gradient cosines and per-layer task dominance of the
+    # shared parameters (unirep.diagnostics; T extra backward passes on those steps); 0: off
+    diagnostics_every: int = 0
     # "accuracy" (mean over domains) for classification; "delta_m" (vs the teachers) for dense
     # students. Always on the validation split. Teachers always select on their task's main
     # metric, so teachers.train leaves it at its default (unirep.validate refuses other values).

@@ -156,7 +156,7 @@ def student_phase(
         joint.update(build_cross_task_terms(cfg.xtask, tasks))
     weighting = build_weighting(cfg.weighting.name, list(tasks), **cfg.weighting.kwargs)
     objective = Objective(tasks, cfg.distill if distill else None, joint)
-    module = TrainableModule(net, objective, weighting, aligners)
+    module = TrainableModule(net, objective, weighting, aligners, cfg.train.diagnostics_every)
     score, score_name = selection(cfg, tasks, teacher_val)
     checkpoint_dir = run_dir / "checkpoints" / role
     return Phase(
@@ -534,7 +534,11 @@ def informative_weighting(curves: dict[str, Any]) -> dict[str, Any]:
     keep = {}
     for phase, series in curves.items():
         moving = any(len({v for _, v in pts}) > 1 for pts in series.get("weight", {}).values())
-        if moving or any(series.get("gradcos", {}).values()):
+        if (
+            moving
+            or any(series.get("gradcos", {}).values())
+            or any(series.get("dominance", {}).values())
+        ):
             keep[phase] = series
     return keep
 

@@ -257,13 +257,17 @@ def _weighting_figure(
     ]
     if not phases:
         return None
-    fig = Figure(figsize=(11.0, 3.4 * len(phases)), layout="constrained")
-    axes = fig.subplots(len(phases), 2, squeeze=False)
+    dominance = any(_has_points(weighting[p].get("dominance", {})) for p in phases)
+    columns = 3 if dominance else 2
+    fig = Figure(figsize=(5.5 * columns, 3.4 * len(phases)), layout="constrained")
+    axes = fig.subplots(len(phases), columns, squeeze=False)
     panels = (
         ("weight", "effective task weight", "task"),
         ("gradcos", "gradient cosine", "task pair"),
     )
     for row, phase in enumerate(phases):
+        if dominance:
+            _dominance_panel(axes[row, 2], phase, weighting[phase].get("dominance", {}))
         for col, (term, ylabel, what) in enumerate(panels):
             ax = axes[row, col]
             lines = {name: pts for name, pts in weighting[phase].get(term, {}).items() if pts}
@@ -301,6 +305,28 @@ def _weighting_figure(
                 bbox_to_anchor=(1.01, 1.0),  # outside: pairs grow quadratically with tasks
             )
     return _figure_png(fig)
+
+
+def _dominance_panel(ax: Any, phase: str, series: Mapping[str, list[tuple[int, float]]]) -> None:
+    """Heat map of the last measured task dominance (rAU): shared layers (rows, input side at the
+    top) × tasks (columns); a row near 1 in one column is a layer that task dominates."""
+    last = {name: pts[-1] for name, pts in series.items() if pts}
+    ax.set_title(f"{phase}: task dominance of shared layers", fontsize=10)
+    if not last:
+        ax.text(0.5, 0.5, "no task dominance measured", ha="center", va="center", fontsize=9)
+        ax.set_axis_off()
+        return
+    layers = list(dict.fromkeys(name.rsplit("/", 1)[0] for name in last))
+    tasks = list(dict.fromkeys(name.rsplit("/", 1)[1] for name in last))
+    grid = [
+        [last.get(f"{layer}/{task}", (0, float("nan")))[1] for task in tasks] for layer in layers
+    ]
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, fontsize=8)
+    ax.set_yticks(range(len(layers)), layers, fontsize=max(4, 8 - len(layers) // 12))
+    step = max(pts[-1][0] for pts in series.values() if pts)
+    ax.set_xlabel(f"task (rAU at step {step})")
+    ax.figure.colorbar(image, ax=ax, fraction=0.05)
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,9 +480,11 @@ def write_report(
         sections.append(
             "## Task weighting\n\n"
             "Left: the effective weight the task-balancing method gave each task's loss at each "
-            "step; right: the cosine between two tasks' gradients on the shared parameters "
+            "step; middle: the cosine between two tasks' gradients on the shared parameters "
             "(below the black zero line the tasks pull the shared parameters in conflicting "
-            "directions).\n\n"
+            "directions); right, when measured (``train.diagnostics_every``): each task's share "
+            "of each shared layer's accumulated update (AdaTask's rAU; near 1: the layer is "
+            "dominated by that task).\n\n"
             f"![Task weighting]({WEIGHTING_FIGURE})"
         )
     sections.extend(block.strip() for block in extra_sections or [] if block.strip())

@@ -76,11 +76,12 @@ def read_curves(log_dir: Path) -> Curves:
     return curves
 
 
-WEIGHTING_TERMS: tuple[str, ...] = ("weight", "gradcos")
-"""Per-task terms of the task-balancing method: ``train/weight/<task>`` (effective loss weight)
-and ``train/gradcos/<a>~<b>`` (cosine between two tasks' shared gradients). They are per task or
-per pair by nature, so :func:`report_curves` never averages them; :func:`weighting_curves` keeps
-them apart."""
+WEIGHTING_TERMS: tuple[str, ...] = ("weight", "gradcos", "dominance")
+"""Per-task terms of the task-balancing method: ``train/weight/<task>`` (effective loss weight),
+``train/gradcos/<a>~<b>`` (cosine between two tasks' shared gradients) and
+``train/dominance/<layer>/<task>`` (a task's share of a shared layer's accumulated update,
+:mod:`unirep.diagnostics`). They are per task, pair or layer by nature, so :func:`report_curves`
+never averages them; :func:`weighting_curves` keeps them apart."""
 
 
 def report_curves(curves: Curves) -> Curves:
@@ -117,10 +118,10 @@ def weighting_curves(curves: Curves) -> WeightingCurves:
     """The task-balancing series of each phase, one curve per task or task pair, not averaged.
 
     Returns:
-        ``{phase: {"weight": {task: [(step, value)]}, "gradcos": {"<a>~<b>": [(step, value)]}}}``
-        from the ``train/weight/<task>`` and ``train/gradcos/<a>~<b>`` series, points sorted by
-        step. Only phases that logged at least one point of either appear; both keys are always
-        present (an empty dict when the method logs no such term).
+        ``{phase: {"weight": {task: [(step, value)]}, "gradcos": {"<a>~<b>": [(step, value)]},
+        "dominance": {"<layer>/<task>": [(step, value)]}}}`` from the ``train/<term>/...``
+        series, points sorted by step. Only phases that logged at least one point appear; every
+        key is present (an empty dict when the run logs no such term).
     """
     out: WeightingCurves = {}
     for phase, series in curves.items():

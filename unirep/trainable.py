@@ -14,6 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from unirep.batch import Batch
+from unirep.diagnostics import TaskDiagnostics
 from unirep.losses.bundle import LossBundle
 from unirep.objective import Objective
 from unirep.weighting import Weighting
@@ -29,6 +30,8 @@ class TrainableModule(nn.Module):
         weighting: turns the bundle into gradients.
         aligners: ``{task: module(student output) -> [aligned features]}``; empty for teachers
             and the baseline. They get their own optimizer (``train.adapter_optim``).
+        diagnostics_every: measure task dominance and gradient cosines on the shared trunk every
+            N optimizer steps (:mod:`unirep.diagnostics`; 0: never).
     """
 
     def __init__(
@@ -37,12 +40,18 @@ class TrainableModule(nn.Module):
         objective: Objective,
         weighting: Weighting,
         aligners: nn.ModuleDict | None = None,
+        diagnostics_every: int = 0,
     ) -> None:
         super().__init__()
         self.student = student
         self.aligners = aligners if aligners is not None else nn.ModuleDict()
         self.objective = objective
         self.weighting = weighting
+        self.diagnostics: TaskDiagnostics | None = None
+        if diagnostics_every > 0 and len(weighting.tasks) > 1:
+            trunk: nn.Module = student.trunk  # type: ignore[assignment]
+            named = [(n, p) for n, p in trunk.named_parameters() if p.requires_grad]
+            self.diagnostics = TaskDiagnostics(weighting.tasks, named, diagnostics_every)
 
     def forward(
         self,

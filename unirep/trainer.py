@@ -129,7 +129,9 @@ def train_step(
     # float64 sums where the device has it: the same numbers as summing Python floats
     dtype = torch.float32 if acc.device.type == "mps" else torch.float64
     clock = time.perf_counter
-    for _ in range(accum):
+    diagnostics = ctx.unwrapped.diagnostics
+    measure = diagnostics is not None and diagnostics.due(step)
+    for micro in range(accum):
         t0 = clock()
         batch = make_batch(next(ctx.stream), ctx.tasks).to(acc.device)
         t1 = clock()
@@ -143,6 +145,10 @@ def train_step(
         updated = False
         with acc.accumulate(ctx.module):
             bundle = ctx.module(batch, teacher_out, step, cfg.max_steps)
+            task_grads = None
+            if measure and micro == accum - 1:  # before the weighting frees the graph
+                assert diagnostics is not None
+                task_grads = diagnostics.gradients(bundle, shared, acc)
             extra = weighting.backward(bundle, shared, acc)
             terms: dict[str, Tensor] = {
                 k: torch.as_tensor(v, device=acc.device).detach()
@@ -157,6 +163,11 @@ def train_step(
                 for opt in ctx.optimizers:
                     opt.step()
                 updated = True
+                if task_grads is not None:
+                    assert diagnostics is not None
+                    found = diagnostics.measure(task_grads, shared, extra, ctx.optimizers[0])
+                    terms.update({k: torch.tensor(v, device=acc.device)
+                                  for k, v in found.items() if k not in terms})  # fmt: skip
             for opt in ctx.optimizers:
                 opt.zero_grad(set_to_none=True)
         if updated:  # FAMO: the losses of the same batch after the update
@@ -292,25 +303,27 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
     log = CSVLog(phase.log_dir, phase.name, accelerator.is_main_process, resume_step=start)
     show = progress and accelerator.is_main_process
     bar = tqdm(total=cfg.max_steps, initial=start, desc=phase.name, disable=not show)
-    t0, since = time.perf_counter(), 0
+    t0 = time.perf_counter()
     running: dict[str, Tensor] = {}
+    seen: dict[str, int] = {}
     ctx.module.train()
     for step in range(start, cfg.max_steps):
         # Update: one optimizer step (teachers, forward, weighting, clip, step).
-        for k, v in train_step(ctx, step).items():
+        for k, v in train_step(ctx, step).items():  # some terms only on some steps
             running[k] = running[k] + v if k in running else v
-        done, since = step + 1, since + 1
+            seen[k] = seen.get(k, 0) + 1
+        done = step + 1
         failpoint(f"step:{phase.name}:{done}")
         # Log: means since the last log, averaged over processes.
         if _due(done, cfg.log_every, cfg.max_steps):
             keys = sorted(running)
-            values = torch.stack([running[k] / since for k in keys]).float()
+            values = torch.stack([running[k] / seen[k] for k in keys]).float()
             mean = accelerator.reduce(values, "mean").tolist()
             logged = {f"train/{k}": float(v) for k, v in zip(keys, mean, strict=True)}
             logged["train/lr"] = ctx.schedulers[0].get_last_lr()[0]
             log.log(done, logged)
             bar.set_postfix(loss=f"{logged['train/loss']:.3f}")
-            running, since = {}, 0
+            running, seen = {}, {}
         # Evaluate on the validation split; keep the best weights (never chosen on test).
         if _due(done, cfg.eval_every, cfg.max_steps):
             val = evaluator.evaluate(student, "val", phase.val_sets, phase.tasks)

@@ -313,6 +313,13 @@ def _check_recipe(prefix: str, recipe: TrainConfig) -> None:
         "keep_checkpoints",
     ):
         _at_least_one(f"{prefix}.{name}", getattr(recipe, name))
+    every = recipe.diagnostics_every
+    _require(
+        isinstance(every, int) and not isinstance(every, bool) and every >= 0,
+        f"{prefix}.diagnostics_every",
+        every,
+        "an integer >= 0 (0: off)",
+    )
     clip = recipe.grad_clip
     _require(
         clip is None or (_finite(clip) and clip > 0),
@@ -587,7 +594,6 @@ def _check_common_names(cfg: Config) -> None:
     for prefix, optim in _optims(cfg).items():
         _check(OPTIMIZERS, optim.optimizer.name, f"{prefix}.optimizer.name")
         _check(SCHEDULES, optim.scheduler.name, f"{prefix}.scheduler.name")
-
 
     _check_adatask(cfg)
 
