@@ -14,8 +14,8 @@ from unirep.losses.bundle import LossBundle
 from unirep.registry import UnknownNameError
 from unirep.weighting import (
     WEIGHTINGS,
+    GradientWeighting,
     LossWeighting,
-    PCGrad,
     UncertaintyWeighting,
     Weighting,
     build_weighting,
@@ -26,13 +26,15 @@ TASKS = ["a", "b"]
 
 class FakeAccelerator:
     """One process: ``backward`` divides by the accumulation steps (and scales like a
-    GradScaler when given a scale), ``reduce`` is the identity."""
+    GradScaler when given a scale), ``reduce`` is the identity. ``sync_gradients`` (True unless
+    the test sets it) says whether this micro-batch ends the accumulation window."""
 
     num_processes = 1
 
     def __init__(self, gradient_accumulation_steps: int = 1, scale: float | None = None) -> None:
         self.gradient_accumulation_steps = gradient_accumulation_steps
         self.scaler = None if scale is None else _FakeScaler(scale)
+        self.sync_gradients = True
 
     def backward(self, loss: Tensor) -> None:
         loss = loss / self.gradient_accumulation_steps
@@ -53,15 +55,18 @@ class _FakeScaler:
 
 
 class TinyModel(nn.Module):
-    """``[B, 4] → trunk (linear, tanh) → [B, 3] → head_t → [B]`` for each task ``t``."""
+    """``[B, 4] → trunk (linear, tanh) → [B, 3] → head_t → [B]`` for each task ``t``; the last
+    forward's trunk output is :attr:`z` (``bundle.shared``, for ``mgda_ub``)."""
 
     def __init__(self, tasks: list[str] = TASKS) -> None:
         super().__init__()
         self.trunk = nn.Linear(4, 3)
         self.heads = nn.ModuleDict({t: nn.Linear(3, 1) for t in tasks})
+        self.z: Tensor | None = None
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = torch.tanh(self.trunk(x))
+        self.z = z
         return {t: head(z).squeeze(-1) for t, head in self.heads.items()}
 
 
@@ -84,8 +89,10 @@ def _losses(model: nn.Module, x: Tensor, targets: dict[str, Tensor]) -> dict[str
     return {t: ((out[t] - y) ** 2).mean() for t, y in targets.items()}
 
 
-def _bundle(model: nn.Module, x: Tensor, targets: dict[str, Tensor], **extra: Any) -> LossBundle:
-    return LossBundle(supervised=_losses(model, x, targets), **extra)
+def _bundle(model: TinyModel, x: Tensor, targets: dict[str, Tensor], **extra: Any) -> LossBundle:
+    """The supervised losses, with the trunk output as ``shared`` (what mgda_ub reads)."""
+    supervised = _losses(model, x, targets)
+    return LossBundle(supervised=supervised, shared=[model.z], **extra)
 
 
 def _rich_bundle(model: TinyModel, x: Tensor, targets: dict[str, Tensor]) -> LossBundle:
@@ -96,6 +103,7 @@ def _rich_bundle(model: TinyModel, x: Tensor, targets: dict[str, Tensor]) -> Los
         supervised=supervised,
         distill={"a": {"feature": 0.1 * out["a"].pow(2).mean()}},
         joint={"consistency": 0.05 * (out["a"] + out["b"]).pow(2).mean()},
+        shared=[model.z],
     )
 
 
@@ -296,18 +304,29 @@ def test_pcgrad_matches_the_naive_per_task_reference() -> None:
 
 
 def test_pcgrad_accumulates_over_micro_batches() -> None:
+    """One combination per window, of the Jacobian summed over its micro-batches (accumulation
+    behaves like a larger batch); nothing is combined, logged or counted before the last."""
     batches = [_data(seed=1), _data(seed=2)]
     model = _model()
     weighting = build_weighting("pcgrad", TASKS)
     accelerator = FakeAccelerator(gradient_accumulation_steps=2)
-    for x, targets in batches:
-        weighting.backward(_bundle(model, x, targets), _shared(model), accelerator)
+    for i, (x, targets) in enumerate(batches):
+        accelerator.sync_gradients = i == len(batches) - 1
+        logs = weighting.backward(_bundle(model, x, targets), _shared(model), accelerator)
+        if not accelerator.sync_gradients:
+            assert logs == {}
+            assert all(p.grad is None for p in _shared(model))
+            assert int(weighting.calls) == 0
+    assert int(weighting.calls) == 1
 
-    combined = [
-        _pcgrad_two(_task_grad("a", x, t, scale=0.5), _task_grad("b", x, t, scale=0.5))
-        for x, t in batches
-    ]
-    torch.testing.assert_close(_flat(_shared(model)), combined[0] + combined[1])
+    g_a, g_b = (sum(_task_grad(t, x, y, scale=0.5) for x, y in batches) for t in TASKS)
+    torch.testing.assert_close(_flat(_shared(model)), _pcgrad_two(g_a, g_b))
+    assert logs["gradcos/a~b"] == pytest.approx(_cos(g_a, g_b), abs=1e-6)
+    separate = sum(
+        _pcgrad_two(_task_grad("a", x, y, scale=0.5), _task_grad("b", x, y, scale=0.5))
+        for x, y in batches
+    )
+    assert not torch.allclose(_flat(_shared(model)), separate), "per micro-batch would differ"
     plain = _model()
     for x, targets in batches:
         (sum(_losses(plain, x, targets).values()) / 2).backward()
@@ -388,7 +407,7 @@ def test_pcgrad_with_a_real_accelerator() -> None:
     x, targets = _data()
     model = _model()
     model.weighting = build_weighting("pcgrad", TASKS)
-    assert isinstance(model.weighting, PCGrad)
+    assert isinstance(model.weighting, GradientWeighting)
     prepared = accelerator.prepare(model)
     inner = accelerator.unwrap_model(prepared)
     bundle = LossBundle(supervised={t: ((out - targets[t]) ** 2).mean() for t, out in prepared(

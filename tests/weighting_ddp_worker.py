@@ -1,32 +1,50 @@
-"""Worker of tests/test_weighting_distributed.py: ``pcgrad`` under DDP with two CPU processes.
+"""Worker of tests/test_weighting_distributed.py: every gradient method under DDP on two CPUs.
 
 Run as ``accelerate launch --multi_gpu --num_processes 2 tests/weighting_ddp_worker.py OUT``.
-Each rank trains the same tiny two-task model on its own data for one accumulation window of
-:data:`MICRO_BATCHES` micro-batches and saves its gradients to ``OUT.rank<i>``. The test imports
-:func:`build_model` and :func:`rank_batches` to compute the reference in one process.
+For each method of :data:`METHODS`, each rank trains a fresh copy of the same tiny two-task model
+on its own data for one accumulation window of :data:`MICRO_BATCHES` micro-batches and records
+its gradients (all parameters, after the window) and the logs; everything goes to ``OUT.rank<i>``.
+The test imports :func:`build_model`, :func:`rank_batches` and :func:`make_bundle` to compute the
+one-process result on the global batches.
 """
 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 TASKS = ["a", "b"]
 MICRO_BATCHES = 2
+BATCH = 5  # per rank and micro-batch
+METHODS: dict[str, dict[str, Any]] = {
+    "mgda": {},
+    "mgda_ub": {},
+    "pcgrad": {"seed": 3},
+    "cagrad": {},
+    "imtl": {"mode": "h"},
+    "nash_mtl": {},
+    "aligned_mtl": {},
+    "upgrad": {},
+}
+"""Every gradient method (registry name → kwargs)."""
 
 
 class TinyTwoTask(nn.Module):
-    """A shared linear trunk (``[B, 4] → [B, 3]``, tanh) and one linear head per task."""
+    """A shared linear trunk (``[B, 4] → [B, 3]``, tanh) and one linear head per task; the last
+    forward's trunk output is :attr:`z` (``bundle.shared``, for ``mgda_ub``)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.trunk = nn.Linear(4, 3)
         self.heads = nn.ModuleDict({t: nn.Linear(3, 1) for t in TASKS})
+        self.z: Tensor | None = None
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         z = torch.tanh(self.trunk(x))
+        self.z = z
         return {t: head(z).squeeze(-1) for t, head in self.heads.items()}
 
 
@@ -37,19 +55,28 @@ def build_model() -> TinyTwoTask:
 
 
 def rank_batches(rank: int) -> list[tuple[Tensor, dict[str, Tensor]]]:
-    """``MICRO_BATCHES`` batches of 5 inputs for ``rank``, with targets that pull apart."""
+    """``MICRO_BATCHES`` batches of ``BATCH`` inputs for ``rank``, with targets that partly
+    conflict (the tasks' shared gradients point apart, but not exactly opposite)."""
     gen = torch.Generator().manual_seed(100 + rank)
     out = []
     for _ in range(MICRO_BATCHES):
-        x = torch.randn(5, 4, generator=gen)
-        base = torch.randn(5, generator=gen)
-        out.append((x, {"a": 2.0 * base + 1.0, "b": -2.0 * base - 1.0}))
+        x = torch.randn(BATCH, 4, generator=gen)
+        base, other = torch.randn(BATCH, generator=gen), torch.randn(BATCH, generator=gen)
+        out.append((x, {"a": 2.0 * base + 1.0, "b": -base + other}))
     return out
 
 
-def task_losses(outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Mean squared error per task (scalars)."""
-    return {t: ((outputs[t] - targets[t]) ** 2).mean() for t in TASKS}
+def make_bundle(model: TinyTwoTask, outputs: dict[str, Tensor], targets: dict[str, Tensor]) -> Any:
+    """Per-sample means only (a global batch's loss is the mean of the ranks'): supervised
+    squared errors, a distillation term on task a, a joint term, and the trunk output."""
+    from unirep.losses.bundle import LossBundle
+
+    return LossBundle(
+        supervised={t: ((outputs[t] - targets[t]) ** 2).mean() for t in TASKS},
+        distill={"a": {"feature": 0.1 * outputs["a"].pow(2).mean()}},
+        joint={"consistency": 0.05 * (outputs["a"] + outputs["b"]).pow(2).mean()},
+        shared=[model.z],
+    )
 
 
 def grads(module: nn.Module) -> dict[str, Tensor]:
@@ -60,28 +87,30 @@ def grads(module: nn.Module) -> dict[str, Tensor]:
 def main(out: str) -> None:
     from accelerate import Accelerator
 
-    from unirep.losses.bundle import LossBundle
     from unirep.weighting import build_weighting
 
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=MICRO_BATCHES)
     assert accelerator.num_processes == 2, accelerator.num_processes
     rank = accelerator.process_index
-    model = build_model()
-    model.weighting = build_weighting("pcgrad", TASKS)
-    ddp = accelerator.prepare(model)
-    assert isinstance(ddp, nn.parallel.DistributedDataParallel), type(ddp)
-    torch.manual_seed(1000 + rank)  # different global RNG per process: must not matter
-    inner = accelerator.unwrap_model(ddp)
-    shared = list(inner.trunk.parameters())
-
-    record: dict[str, object] = {"rank": rank, "steps": []}
-    for x, targets in rank_batches(rank):
-        with accelerator.accumulate(ddp):
-            bundle = LossBundle(supervised=task_losses(ddp(x), targets))
-            logs = inner.weighting.backward(bundle, shared, accelerator)
-            record["steps"].append(
-                {"sync": accelerator.sync_gradients, "grads": grads(inner), "logs": logs}
-            )
+    record: dict[str, Any] = {"rank": rank, "methods": {}}
+    for name, kwargs in METHODS.items():
+        model = build_model()
+        model.weighting = build_weighting(name, TASKS, **kwargs)
+        ddp = accelerator.prepare(model)
+        assert isinstance(ddp, nn.parallel.DistributedDataParallel), type(ddp)
+        torch.manual_seed(1000 + rank)  # different global RNG per process: must not matter
+        inner = accelerator.unwrap_model(ddp)
+        shared = list(inner.trunk.parameters())
+        syncs, logs = [], []
+        for x, targets in rank_batches(rank):
+            with accelerator.accumulate(ddp):
+                bundle = make_bundle(inner, ddp(x), targets)
+                logs.append(inner.weighting.backward(bundle, shared, accelerator))
+                syncs.append(accelerator.sync_gradients)
+        state = {k: v.clone() for k, v in inner.weighting.state_dict().items()}
+        record["methods"][name] = {"sync": syncs, "logs": logs, "grads": grads(inner),
+                                   "state": state}  # fmt: skip
+        accelerator.free_memory()
     torch.save(record, f"{out}.rank{rank}")
     accelerator.wait_for_everyone()
     accelerator.end_training()

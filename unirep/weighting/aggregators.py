@@ -29,14 +29,22 @@ the previous weights when its solver fails; ours keeps the state in buffers (res
 warns on every failure.
 
 Scale. ``mgda``, ``imtl_g``, ``cagrad`` and ``mean`` give weights summing to 1 (a convex
-combination, ~1/T of the ``sum`` step under SGD); ``scale="sum"`` multiplies them by ``T`` (what
-the nash-mtl and CAGrad reference code do "to match the sum loss"). ``pcgrad``, ``upgrad`` and
-``aligned_mtl`` are on the scale of the sum already.
+combination, ~1/T of the ``sum`` step under SGD); ``upgrad`` and ``aligned_mtl`` (torchjd's, with
+its default preference vector ``1/T``) are on that mean scale too (``upgrad`` is the mean when no
+gradients conflict). ``scale="sum"`` multiplies their weights by ``T`` (the number of tasks
+present): what the nash-mtl and CAGrad reference code do "to match the sum loss", and the original
+Aligned-MTL code's ``B.sum(0)``. ``pcgrad`` is on the scale of the sum already (no ``scale``).
+
+The torchjd weightings are invariant to a uniform scaling of the Gramian, but some compare it with
+absolute thresholds (CAGrad's and UPGrad's ``norm_eps = 1e-4`` on ``trace(J Jᵀ)``: below it,
+torchjd's CAGrad returns a zero update and UPGrad the mean). So they are given ``J Jᵀ / trace``:
+the same weights, whatever the gradients' magnitude.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import warnings
 from typing import Any
 
@@ -99,16 +107,25 @@ class Aggregator(nn.Module):
 
 
 class _TorchJD(Aggregator):
-    """A torchjd Gramian weighting (``torchjd.aggregation.<Name>Weighting``)."""
+    """A torchjd Gramian weighting (``torchjd.aggregation.<Name>Weighting``), given the Gramian
+    divided by its trace (the weights do not change; torchjd's absolute thresholds then do not
+    bite on small gradients), its weights times ``factor``."""
 
-    convex = True  # weights sum to 1: ``scale`` applies
+    mean_scale = True  # weights on the scale of the mean: ``scale`` applies
 
-    def __init__(self, num_tasks: int, weighting: nn.Module, scale: str = "mean") -> None:
-        super().__init__(num_tasks, scale if self.convex else "mean")
+    def __init__(
+        self, num_tasks: int, weighting: nn.Module, scale: str = "mean", factor: float = 1.0
+    ) -> None:
+        super().__init__(num_tasks, scale if self.mean_scale else "mean")
         self.inner = weighting
+        self.factor = float(factor)
 
     def weights(self, gramian: Tensor) -> Tensor:
-        return self.inner(gramian).to(gramian.dtype)
+        trace = gramian.diagonal().sum()
+        if bool(trace > 0) and bool(torch.isfinite(trace)):
+            gramian = gramian / trace
+        weights = self.inner(gramian).to(device=gramian.device, dtype=gramian.dtype)
+        return weights * self.factor if self.factor != 1.0 else weights
 
 
 def _needs_solvers(method: str, build: Any) -> Any:
@@ -150,7 +167,7 @@ def mgda(
 
 
 class _Unscaled(_TorchJD):
-    convex = False
+    mean_scale = False
 
 
 @AGGREGATORS.register("pcgrad")
@@ -164,16 +181,23 @@ def pcgrad(num_tasks: int) -> Aggregator:
 
 @AGGREGATORS.register("cagrad")
 def cagrad(
-    num_tasks: int, c: float = 0.4, scale: str = "sum", norm_eps: float = 1e-4
+    num_tasks: int, c: float = 0.4, scale: str = "sum", rescale: int = 1, norm_eps: float = 1e-4
 ) -> Aggregator:
     """CAGrad (Liu et al., NeurIPS 2021): ``d = g₀ + (√φ/‖g_w‖) g_w`` with ``g₀`` the mean
-    gradient, ``φ = c²‖g₀‖²`` and ``w`` the dual solution; ``c = 0.4`` as the reference's NYUv2 /
-    Cityscapes runs, ``scale="sum"`` as its code (× T). Needs ``unirep[solvers]``."""
+    gradient, ``φ = c²‖g₀‖²`` and ``w`` the dual solution (``min_{w ∈ Δ} g_wᵀg₀ + √φ‖g_w‖``);
+    ``rescale`` divides ``d`` by ``1 + c²`` (1, the reference code's default and runs), ``1 + c``
+    (2) or nothing (0); ``c = 0.4`` as the reference's NYUv2 / Cityscapes runs, ``scale="sum"``
+    as its code (× T): the defaults give the reference's ``T d / (1 + c²)``. ``norm_eps``:
+    torchjd's, on the trace-normalised Gramian (below it, ``‖g_w‖ ≈ 0``, the update is zero).
+    Needs ``unirep[solvers]``."""
+    if rescale not in (0, 1, 2):
+        raise ValueError(f"cagrad rescale must be 0, 1 or 2, got {rescale!r}")
+    factor = (1.0, 1.0 / (1.0 + c**2), 1.0 / (1.0 + c))[rescale]
 
     def build() -> Aggregator:
         from torchjd.aggregation import CAGradWeighting
 
-        return _TorchJD(num_tasks, CAGradWeighting(c=c, norm_eps=norm_eps), scale)
+        return _TorchJD(num_tasks, CAGradWeighting(c=c, norm_eps=norm_eps), scale, factor)
 
     return _needs_solvers("cagrad", build)
 
@@ -188,23 +212,25 @@ def imtl_g(num_tasks: int, scale: str = "mean") -> Aggregator:
 
 
 @AGGREGATORS.register("aligned_mtl")
-def aligned_mtl(num_tasks: int, scale_mode: str = "min") -> Aggregator:
+def aligned_mtl(num_tasks: int, scale_mode: str = "min", scale: str = "mean") -> Aggregator:
     """Aligned-MTL (Senushkin et al., CVPR 2023): the gradients' stable principal directions,
-    rescaled by the smallest (``scale_mode="min"``), median or RMSE singular value."""
+    rescaled by the smallest (``scale_mode="min"``), median or RMSE singular value, averaged
+    (torchjd's; ``scale="sum"`` sums them, as the original code's ``B.sum(0)``)."""
     from torchjd.aggregation import AlignedMTLWeighting
 
-    return _Unscaled(num_tasks, AlignedMTLWeighting(scale_mode=scale_mode))
+    return _TorchJD(num_tasks, AlignedMTLWeighting(scale_mode=scale_mode), scale)
 
 
 @AGGREGATORS.register("upgrad")
-def upgrad(num_tasks: int) -> Aggregator:
+def upgrad(num_tasks: int, scale: str = "mean") -> Aggregator:
     """UPGrad (Quinton & Rey, 2024): each gradient projected onto the dual cone of all, then
-    averaged; never conflicts with any task. Needs ``unirep[solvers]`` (quadprog)."""
+    averaged (``scale="sum"``: summed); never conflicts with any task. Needs ``unirep[solvers]``
+    (quadprog)."""
 
     def build() -> Aggregator:
         from torchjd.aggregation import UPGradWeighting
 
-        return _Unscaled(num_tasks, UPGradWeighting())
+        return _TorchJD(num_tasks, UPGradWeighting(), scale)
 
     return _needs_solvers("upgrad", build)
 
@@ -223,9 +249,12 @@ class NashMTL(Aggregator):
     shared gradient norm to 1).
 
     ``update_weights_every = k`` solves on every k-th call and reuses the previous ``α`` in
-    between. When ECOS fails or returns nothing, the previous ``α`` is kept **and a
-    ``RuntimeWarning`` says so** (the reference code keeps it silently); :attr:`failures` counts
-    them.
+    between. When ECOS fails or returns nothing, the last iterate (the previous call's ``α`` when
+    the first solve fails) is kept, as the reference does, **and a ``RuntimeWarning`` says so**
+    (the reference code keeps it silently); :attr:`failures` counts them, and the calls whose
+    Gramian is zero or not finite (nothing solved, ``α`` kept, a warning too). With some tasks
+    absent (``present``), the problem of the present tasks is solved, warm-started from their
+    ``α`` (one task: ``α = 1/‖g‖``, no solver).
 
     State (buffers, checkpointed): the previous ``α`` (``[T]``, initially ones), the call count and
     the failure count.
@@ -289,7 +318,7 @@ class NashMTL(Aggregator):
             self._build()
         self._gram.value = gram
         self._norm.value = np.array([norm])
-        alpha = self.alpha.numpy().copy()
+        alpha = self.alpha.detach().to("cpu", torch.float64).numpy().copy()
         for _ in range(self.optim_niter):
             self._alpha.value = alpha
             self._prev.value = alpha
@@ -321,37 +350,48 @@ class NashMTL(Aggregator):
         return alpha
 
     def subset_weights(self, gramian: Tensor, index: Tensor) -> Tensor:
-        """Solved for the present tasks alone, warm-started from (and updating) their ``α``."""
-        sub = NashMTL(len(index), 1, self.optim_niter, self.max_norm)
-        sub.alpha.copy_(self.alpha[index.cpu()])
+        """Solved for the present tasks alone, warm-started from (and updating) their ``α``
+        (a problem of that size, built on first use and kept for the next such call)."""
+        index = index.to(self.alpha.device)
+        key = tuple(index.tolist())
+        subs = self.__dict__.setdefault("_subsets", {})
+        sub = subs.get(key)
+        if sub is None:
+            sub = subs[key] = NashMTL(len(key), self.update_weights_every, self.optim_niter,
+                                      self.max_norm)  # fmt: skip
+        sub.alpha.copy_(self.alpha[index])
         sub.calls.copy_(self.calls)
-        sub.update_weights_every = self.update_weights_every
+        sub.failures.copy_(self.failures)
         w = sub.weights(gramian)
-        self.alpha[index.cpu()] = sub.alpha
+        self.alpha[index] = sub.alpha.to(self.alpha.device)
         self.calls.copy_(sub.calls)
-        self.failures += sub.failures
+        self.failures.copy_(sub.failures)
         return w
 
     def weights(self, gramian: Tensor) -> Tensor:
         gram = gramian.detach().to("cpu", torch.float64)
         if int(self.calls) % self.update_weights_every == 0:
             norm = float(torch.linalg.matrix_norm(gram))  # Frobenius
-            if norm > 0:
+            if norm > 0 and math.isfinite(norm) and self.num_tasks == 1:
+                self.alpha.fill_(1.0 / math.sqrt(norm))  # α (Gα) = 1 in closed form
+            elif norm > 0 and math.isfinite(norm):
                 self.alpha.copy_(torch.from_numpy(self._solve((gram / norm).numpy(), norm)))
             else:
+                self.failures += 1
                 warnings.warn(
-                    f"nash_mtl: every task gradient is zero at call {int(self.calls)}; "
-                    "keeping the previous weights",
+                    f"nash_mtl: the task gradients are {'zero' if norm == 0 else 'not finite'} "
+                    f"at call {int(self.calls)}; keeping the previous weights "
+                    f"({int(self.failures)} failures so far)",
                     RuntimeWarning,
                     stacklevel=2,
                 )
         self.calls += 1
-        w = self.alpha.clone()
+        w = self.alpha.detach().to("cpu", torch.float64)
         if self.max_norm > 0:
             length = (w @ gram @ w).clamp_min(0).sqrt()
             if length > self.max_norm:
                 w = w * (self.max_norm / length)
-        return w.to(gramian.dtype).to(gramian.device)
+        return w.to(device=gramian.device, dtype=gramian.dtype)
 
 
 def build_aggregator(name: str, num_tasks: int, **kwargs: Any) -> Aggregator:

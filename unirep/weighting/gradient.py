@@ -44,7 +44,10 @@ class GradientWeighting(Weighting):
        the same global batch. Tasks whose row is zero on every process (absent from the whole
        window) get weight 0 and are left out of the combination. ``w = aggregator(J Jᵀ)``
        (``[T]``), drawn inside ``torch.random.fork_rng`` seeded with ``seed + calls`` (same task
-       orders on every process, reproduced on resume, the run's RNG untouched).
+       orders on every process, reproduced on resume, the run's RNG untouched). A Gramian that is
+       not finite (an fp16 overflow) reaches no aggregator: ``w`` is 1 for the present tasks (the
+       sum's update, as non-finite, so the GradScaler skips the step; no method's state takes
+       it in).
     4. The shared parameters' ``.grad`` becomes ``w @ J[:T] + J[T]`` (times the fp16 loss
        scale, when a ``GradScaler`` is active: ``J`` itself is combined unscaled, in float32).
 
@@ -56,7 +59,8 @@ class GradientWeighting(Weighting):
     (captured by :class:`~unirep.trainable.TrainableModule`); row ``t`` of ``J_Z`` is
     ``∇_Z L_t`` flattened (``[T, |Z|]``); the Gramian of the *global* batch is
     ``Σ_p J_Zp J_Zpᵀ / P²`` (process ``p``'s rows are disjoint coordinates of the global ``Z``),
-    computed with one all-reduce of a ``[T, T]`` matrix; ``w = aggregator(M)``; then
+    computed with one all-reduce of a ``[T, T]`` matrix (``∇_Z`` of the loss times the fp16 loss
+    scale, then unscaled); ``w = aggregator(M)``; then
     ``accelerator.backward(Σ_t w_t L_t + joint)``, one backward through the trunk, as the
     reference (which weights the heads' gradients by ``w`` too). Combined per micro-batch.
 
@@ -115,9 +119,15 @@ class GradientWeighting(Weighting):
 
     def _weights(self, gramian: Tensor, accelerator: Any) -> Tensor:
         present = gramian.diagonal() > 0
-        with torch.random.fork_rng(devices=[]):
-            torch.default_generator.manual_seed(self.seed + int(self.calls))
-            weights = self.aggregator(gramian, present)
+        if not bool(torch.isfinite(gramian).all()):
+            # an fp16 overflow (the GradScaler then skips the step and lowers its scale) or a
+            # diverged loss: no aggregator sees it (solvers raise on it; Nash-MTL's state would
+            # take it in); the update is the sum's, as non-finite as the gradients
+            weights = present.to(gramian.dtype)
+        else:
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(self.seed + int(self.calls))
+                weights = self.aggregator(gramian, present)
         self.calls += 1
         return weights
 
@@ -157,6 +167,7 @@ class GradientWeighting(Weighting):
             self._jacobian = None
             if accelerator.num_processes > 1:
                 window = accelerator.reduce(window.contiguous(), "mean")
+            self.on_window(params, window)
             task_jacobian, joint_grad = window[:-1], window[-1]
             gramian = task_jacobian @ task_jacobian.T
             weights = self._weights(gramian, accelerator)
@@ -178,6 +189,11 @@ class GradientWeighting(Weighting):
                     p.grad.copy_(grad)  # in place: DDP may hold .grad as a bucket view
         return logs
 
+    def on_window(self, params: list[nn.Parameter], jacobian: Tensor) -> None:
+        """Called at the window's last micro-batch with the process-averaged ``[T + 1, n]``
+        Jacobian (rows: tasks, then the joint terms; unscaled) before it is combined (AdaTask
+        hands it to its optimizer)."""
+
     def _backward_representation(
         self,
         bundle: LossBundle,
@@ -192,17 +208,20 @@ class GradientWeighting(Weighting):
                 "the trainable module (bundle.shared is empty)"
             )
         dtype = torch.promote_types(torch.float32, z[0].dtype)
+        scaler = getattr(accelerator, "scaler", None)
+        loss_scale = 1.0 if scaler is None else float(scaler.get_scale())
         rows = []
         for loss in losses:
             if loss is None or not loss.requires_grad:
                 rows.append(torch.zeros(sum(t.numel() for t in z), device=z[0].device, dtype=dtype))
                 continue
-            grads = torch.autograd.grad(loss, z, retain_graph=True, allow_unused=True)
+            # scaled like the backward (no fp16 underflow in ∇_Z), then unscaled
+            grads = torch.autograd.grad(loss * loss_scale, z, retain_graph=True, allow_unused=True)
             rows.append(torch.cat([
                 (torch.zeros_like(t, dtype=dtype) if g is None else g.to(dtype)).reshape(-1)
                 for t, g in zip(z, grads, strict=True)
             ]))  # fmt: skip
-        jz = torch.stack(rows)
+        jz = torch.stack(rows) / loss_scale
         gramian = jz @ jz.T
         if accelerator.num_processes > 1:  # Σ_p G_p / P²: the global mean loss's Gramian
             gramian = accelerator.reduce(gramian.contiguous(), "mean") / accelerator.num_processes
@@ -306,9 +325,13 @@ def pcgrad(tasks: list[str], seed: int = 0) -> Weighting:
 
 
 @WEIGHTINGS.register("cagrad")
-def cagrad(tasks: list[str], c: float = 0.4, scale: str = "sum", seed: int = 0) -> Weighting:
-    """CAGrad (Liu et al., NeurIPS 2021), ``c = 0.4`` (the reference's NYUv2 / Cityscapes)."""
-    return GradientWeighting(tasks, build_aggregator("cagrad", len(tasks), c=c, scale=scale), seed)
+def cagrad(
+    tasks: list[str], c: float = 0.4, scale: str = "sum", rescale: int = 1, seed: int = 0
+) -> Weighting:
+    """CAGrad (Liu et al., NeurIPS 2021), ``c = 0.4`` (the reference's NYUv2 / Cityscapes); the
+    defaults give the reference code's update ``T d / (1 + c²)`` (see the aggregator)."""
+    aggregator = build_aggregator("cagrad", len(tasks), c=c, scale=scale, rescale=rescale)
+    return GradientWeighting(tasks, aggregator, seed)
 
 
 @WEIGHTINGS.register("imtl")
@@ -343,13 +366,17 @@ def nash_mtl(
 
 
 @WEIGHTINGS.register("aligned_mtl")
-def aligned_mtl(tasks: list[str], scale_mode: str = "min", seed: int = 0) -> Weighting:
-    """Aligned-MTL (Senushkin et al., CVPR 2023): the gradient matrix's condition number made 1."""
-    aggregator = build_aggregator("aligned_mtl", len(tasks), scale_mode=scale_mode)
+def aligned_mtl(
+    tasks: list[str], scale_mode: str = "min", scale: str = "mean", seed: int = 0
+) -> Weighting:
+    """Aligned-MTL (Senushkin et al., CVPR 2023): the gradient matrix's condition number made 1;
+    averaged as torchjd (``scale="sum"``: summed, as the original code)."""
+    aggregator = build_aggregator("aligned_mtl", len(tasks), scale_mode=scale_mode, scale=scale)
     return GradientWeighting(tasks, aggregator, seed)
 
 
 @WEIGHTINGS.register("upgrad")
-def upgrad(tasks: list[str], seed: int = 0) -> Weighting:
-    """UPGrad (Quinton & Rey, 2024): projections onto the dual cone, averaged."""
-    return GradientWeighting(tasks, build_aggregator("upgrad", len(tasks)), seed)
+def upgrad(tasks: list[str], scale: str = "mean", seed: int = 0) -> Weighting:
+    """UPGrad (Quinton & Rey, 2024): projections onto the dual cone, averaged (``scale="sum"``:
+    summed)."""
+    return GradientWeighting(tasks, build_aggregator("upgrad", len(tasks), scale=scale), seed)
