@@ -225,30 +225,33 @@ def test_uncertainty_value_gradient_and_weights_by_hand() -> None:
         supervised={"a": la, "b": lb}, distill={"a": {"feature": fa}}, joint={"j": joint}
     )
     value = weighting.combine(bundle)
-    expected = math.exp(-0.5) * (1.5 + 0.2) + 0.5 + math.exp(0.2) * 0.4 - 0.2 + 0.7
+    # Kendall et al. / LibMTL / torchjd's UW: ½ e^{-s} L + ½ s per task, joint terms as is
+    expected = 0.5 * math.exp(-0.5) * (1.5 + 0.2) + 0.25 + 0.5 * math.exp(0.2) * 0.4 - 0.1 + 0.7
     assert value.item() == pytest.approx(expected, rel=1e-6)
 
     value.backward()
-    # d/ds [e^{-s} L + s] = 1 - e^{-s} L
-    expected_grad = torch.tensor([1 - math.exp(-0.5) * 1.7, 1 - math.exp(0.2) * 0.4])
+    # d/ds [½ e^{-s} L + ½ s] = ½ - ½ e^{-s} L
+    expected_grad = torch.tensor(
+        [0.5 - 0.5 * math.exp(-0.5) * 1.7, 0.5 - 0.5 * math.exp(0.2) * 0.4]
+    )
     torch.testing.assert_close(weighting.log_var.grad, expected_grad)
-    assert la.grad.item() == pytest.approx(math.exp(-0.5))
-    assert fa.grad.item() == pytest.approx(math.exp(-0.5))
-    assert lb.grad.item() == pytest.approx(math.exp(0.2))
+    assert la.grad.item() == pytest.approx(0.5 * math.exp(-0.5))
+    assert fa.grad.item() == pytest.approx(0.5 * math.exp(-0.5))
+    assert lb.grad.item() == pytest.approx(0.5 * math.exp(0.2))
     assert joint.grad.item() == 1.0
     weights = weighting.weights()
-    assert weights["a"] == pytest.approx(math.exp(-0.5))
-    assert weights["b"] == pytest.approx(math.exp(0.2))
+    assert weights["a"] == pytest.approx(0.5 * math.exp(-0.5))
+    assert weights["b"] == pytest.approx(0.5 * math.exp(0.2))
 
 
-def test_uncertainty_starts_as_sum_and_ignores_absent_tasks() -> None:
-    weighting = build_weighting("uncertainty", ["a", "b", "c"])
-    assert weighting.weights() == {"a": 1.0, "b": 1.0, "c": 1.0}
+def test_uncertainty_starts_at_weight_one_and_ignores_absent_tasks() -> None:
+    weighting = build_weighting("uncertainty", ["a", "b", "c"])  # init s = -log 2: ½e^{-s} = 1
+    assert weighting.weights() == pytest.approx({"a": 1.0, "b": 1.0, "c": 1.0})
     la = torch.tensor(2.0, requires_grad=True)
     value = weighting.combine(LossBundle(supervised={"a": la}))
-    assert value.item() == pytest.approx(2.0)
+    assert value.item() == pytest.approx(2.0 - 0.5 * math.log(2))
     value.backward()
-    torch.testing.assert_close(weighting.log_var.grad, torch.tensor([1 - 2.0, 0.0, 0.0]))
+    torch.testing.assert_close(weighting.log_var.grad, torch.tensor([0.5 - 2.0, 0.0, 0.0]))
     with pytest.raises(KeyError, match="'z'"):
         weighting.combine(LossBundle(supervised={"z": la}))
 

@@ -10,7 +10,8 @@ one backward plus the gradient norms on the last shared layer).
 
 Gradient methods (:class:`GradientWeighting`, per-task gradients averaged over processes before
 they are combined): ``mgda``, ``mgda_ub``, ``pcgrad``, ``cagrad``, ``imtl`` (``g`` / ``h``),
-``nash_mtl``, ``aligned_mtl``, ``upgrad``. Their combination rules are
+``nash_mtl``, ``aligned_mtl``, ``upgrad``, and ``adatask`` (with the ``adatask`` optimizer:
+task-wise second moments on the shared parameters). Their combination rules are
 :mod:`unirep.weighting.aggregators`; :func:`aggregate` applies one to a ``[T, P]`` Jacobian.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from unirep.weighting.adatask import AdaTask
 from unirep.weighting.aggregators import AGGREGATORS, Aggregator, aggregate, build_aggregator
 from unirep.weighting.base import WEIGHTINGS, LossWeighting, Weighting, process_mean
 from unirep.weighting.dwa import DWAWeighting
@@ -43,6 +45,7 @@ def build_weighting(name: str, tasks: list[str], **kwargs: Any) -> Weighting:
 __all__ = [
     "AGGREGATORS",
     "WEIGHTINGS",
+    "AdaTask",
     "Aggregator",
     "DWAWeighting",
     "FAMOWeighting",
