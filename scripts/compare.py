@@ -13,7 +13,11 @@ multi-task model on the same labels, no distillation; ``distill``; ``mtpsl``; ``
 ``distill+best-of:mtpsl,jtr``: distillation plus whichever of the two scored better on
 validation), the cross-task ablation's (``--variants xtask``: ``distill``, ``+consistency``,
 ``+alignment``, ``+cycle``, ``+contrastive``, ``+contrastive-distill`` and ``combine:...``, the
-terms that beat distillation alone on validation, together), or ``name=key=value;key=value``.
+terms that beat distillation alone on validation, together), the task-balancing comparison's
+(``--variants balance``: ``sum``, ``uncertainty``, ``dwa``, ``famo``, ``mgda_ub``, ``pcgrad``,
+``cagrad``, ``nash_mtl``, ``adatask``, ``distill``, ``distill+best-of:...`` and ``front``, a sweep
+of static task weights drawn as the scalarisation front every method is plotted against, in
+``front.png``), or ``name=key=value;key=value``.
 The table and plot go to ``<output_dir>/<name>/comparison.{md,json,png}`` (default name
 ``compare-<preset>``, or ``compare-xtask-<preset>`` for ``--variants xtask``), with what this
 invocation cost.
@@ -31,10 +35,13 @@ import sys
 from teachers.pipeline import run_recipe, train_teacher_job
 from unirep.cli import parse_args, run
 from unirep.compare import (
+    FRONT,
     VARIANT_SETS,
     Runners,
+    expand_front,
     parse_variants,
     run_comparison,
+    run_tasks,
     write_comparison,
 )
 from unirep.config import ConfigError
@@ -70,14 +77,16 @@ def main() -> None:
     if workers < 1:
         raise ConfigError(f"compare.py: --jobs must be a positive integer, got {workers}")
     spec = options.get("--variants", "partial")
+    overrides = [a for a in argv if "=" in a and not a.startswith("--config")]
+    preset = argv[argv.index("--config") + 1] if "--config" in argv else None
     variants = parse_variants(spec.split())
+    if any(v.name == FRONT for v in variants):  # the static-weight sweep over the run's tasks
+        variants = expand_front(variants, run_tasks(preset, overrides))
     reference = options.get("--reference", variants[0].name)
     if reference not in {v.name for v in variants}:
         raise ConfigError(f"compare.py: --reference {reference!r} is not one of the variants")
     default = f"compare-{spec}-{base.preset}" if spec in VARIANT_SETS and spec != "partial" else ""
     name = options.get("--name", default or f"compare-{base.preset}")
-    overrides = [a for a in argv if "=" in a and not a.startswith("--config")]
-    preset = argv[argv.index("--config") + 1] if "--config" in argv else None
     accelerator = make_accelerator(base)
     if workers > 1 and accelerator.num_processes > 1:
         raise ConfigError(

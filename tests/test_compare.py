@@ -17,6 +17,9 @@ from unirep.compare import (
     PARTIAL_VARIANTS,
     Runners,
     Variant,
+    dominated_by_front,
+    expand_front,
+    front_figure,
     parse_variants,
     resolve,
     run_comparison,
@@ -25,6 +28,7 @@ from unirep.compare import (
 )
 from unirep.config import ConfigError
 from unirep.jobs import Job, run_jobs
+from unirep.validate import load_config
 
 RUNNERS = Runners(run=run_recipe, teacher=train_teacher_job)
 
@@ -243,3 +247,48 @@ def test_the_critical_path_runs_first_and_derived_runs_start_as_soon_as_they_can
     assert calls[6:] == ["b-seed0", "b-seed1", "c-seed0", "c-seed1", "best-of-b-c-seed0",
                          "best-of-b-c-seed1", "a-seed0", "a-seed1"]  # fmt: skip
     assert "→ c" in notes[0] and list(results) == ["a", "b", "c", "best-of:b,c"]
+
+
+def test_the_balance_set_sweeps_static_weights_over_the_run_tasks() -> None:
+    variants = parse_variants(["balance"])
+    names = [v.name for v in variants]
+    assert names[0] == "sum" and "front" in names and "distill" in names
+    assert {"uncertainty", "dwa", "famo", "mgda_ub", "pcgrad", "cagrad", "nash_mtl",
+            "adatask"} <= set(names)  # fmt: skip
+    assert all("distill.enabled=false" in v.overrides for v in variants[:9])
+    best = next(n for n in names if n.startswith("distill+best-of:"))
+    assert "front" not in best and "adatask" in best
+    expanded = expand_front(variants, ["semantic", "depth", "normal"])
+    front = [v for v in expanded if v.name.startswith("static-")]
+    assert [v.name for v in front] == ["static-1-1-1", "static-2-1-1", "static-4-1-1",
+        "static-1-2-1", "static-1-4-1", "static-1-1-2", "static-1-1-4"]  # fmt: skip
+    assert "front" not in [v.name for v in expanded]
+    # weights normalised to the sum scale (Σ w = T)
+    cfg = load_config("mini-scenes", front[2].overrides)
+    assert cfg.weighting.name == "static" and not cfg.distill.enabled
+    assert sum(cfg.weighting.kwargs["weights"].values()) == pytest.approx(3.0)
+    assert cfg.weighting.kwargs["weights"]["semantic"] == pytest.approx(2.0)
+    with pytest.raises(ConfigError, match="two or more"):
+        parse_variants(["sum", "front", "best-of:sum,front"])
+
+
+def test_methods_are_drawn_and_judged_against_the_static_weight_front(tmp_path: Path) -> None:
+    def run(miou: float, abs_err: float) -> dict:
+        return _metrics(miou, abs_err, val=0.0, dm=0.0)
+
+    results = {  # miou ↑, abs_err ↓
+        "sum": [run(0.50, 0.50), run(0.52, 0.50)],
+        "static-2-1": [run(0.60, 0.60), run(0.60, 0.60)],
+        "static-1-2": [run(0.40, 0.40), run(0.40, 0.40)],
+        "static-1-1": [run(0.55, 0.45), run(0.55, 0.45)],  # beats sum on both
+        "pcgrad": [run(0.70, 0.30), run(0.70, 0.30)],  # beyond the front
+    }
+    notes = dominated_by_front(results)
+    assert "sum: dominated by the static weightings static-1-1" in notes
+    assert "pcgrad: not dominated by any static weighting of the sweep" in notes
+    assert front_figure(results)[:8] == b"\x89PNG\r\n\x1a\n"
+    write_comparison(tmp_path, "p", [0, 1], results, "sum", [])
+    text = (tmp_path / "comparison.md").read_text()
+    assert "](front.png)" in text and "pcgrad: not dominated" in text
+    assert (tmp_path / "front.png").stat().st_size > 0
+    assert front_figure({"sum": results["sum"]}) is None

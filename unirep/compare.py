@@ -24,7 +24,7 @@ import torch
 from unirep.config import ConfigError
 from unirep.io import atomic_write_json, atomic_write_text, read_json
 from unirep.jobs import Job, JobResult, run_jobs
-from unirep.metrics import delta_m
+from unirep.metrics import METRIC_HIGHER_IS_BETTER, delta_m
 from unirep.report import format_metric, write_figure
 from unirep.rundir import make_accelerator, teacher_path
 from unirep.tasks import TASK_KINDS
@@ -32,6 +32,8 @@ from unirep.teachers import MANIFEST
 from unirep.validate import load_config
 
 COMPARISON = "comparison"
+FRONT = "front"
+FRONT_PREFIX = "static-"
 
 PARTIAL_VARIANTS: dict[str, list[str]] = {
     "supervised": ["distill.enabled=false", "partial.method=none"],
@@ -56,7 +58,28 @@ XTASK_VARIANTS: dict[str, list[str]] = {
 student with distillation alone (the reference), + each term, + the combination of the terms
 that beat distillation alone on validation."""
 
-VARIANT_SETS = {"partial": PARTIAL_VARIANTS, "xtask": XTASK_VARIANTS}
+_NO_DISTILL = "distill.enabled=false"
+BALANCE_METHODS = ["uncertainty", "dwa", "famo", "mgda_ub", "pcgrad", "cagrad", "nash_mtl"]
+BALANCE_VARIANTS: dict[str, list[str]] = {
+    "sum": [_NO_DISTILL, "weighting.name=sum"],
+    **{m: [_NO_DISTILL, f"weighting.name={m}"] for m in BALANCE_METHODS},
+    "adatask": [
+        _NO_DISTILL,
+        "weighting.name=adatask",
+        "train.optim.optimizer={name: adatask, kwargs: {base: adam}}",
+    ],
+    "distill": ["weighting.name=sum"],
+    f"distill+best-of:{','.join([*BALANCE_METHODS, 'adatask'])}": [],
+    FRONT: [],
+}
+"""The task-balancing comparison of issue 12 (``mini-scenes-balance``): the multi-task model
+with ``sum`` (the reference), with each balancing method, distillation alone, distillation with
+the method that scored best on validation, and ``front``: a sweep of static task weights (the
+scalarisation front every method is plotted against, Xin et al. and Kurin et al., NeurIPS 2022),
+expanded from the run's tasks by :func:`front_variants`. The optimizer settings are the preset's
+for every method (AdaTask: its Adam rule at the same learning rate, as its paper)."""
+
+VARIANT_SETS = {"partial": PARTIAL_VARIANTS, "xtask": XTASK_VARIANTS, "balance": BALANCE_VARIANTS}
 """Named variant lists for ``--variants`` (e.g. ``--variants xtask``)."""
 
 RULES = ("best-of", "combine")
@@ -75,7 +98,7 @@ def parse_variants(specs: list[str]) -> list[Variant]:
     with distillation switched on by the prefix) or ``combine:a,b,...`` (the overrides of every
     candidate whose mean validation score beats the reference variant's, together; the best one
     alone when none does)."""
-    known = {**PARTIAL_VARIANTS, **XTASK_VARIANTS}
+    known = {**PARTIAL_VARIANTS, **XTASK_VARIANTS, **BALANCE_VARIANTS}
     variants: list[Variant] = []
     for spec in specs:
         if spec in VARIANT_SETS:
@@ -100,7 +123,7 @@ def parse_variants(specs: list[str]) -> list[Variant]:
         if derived is None:
             continue
         prefix, rule, candidates = derived
-        unknown = [c for c in candidates if c not in names or _derived(c)]
+        unknown = [c for c in candidates if c not in names or _derived(c) or c == FRONT]
         if len(candidates) < 2 or unknown or prefix not in ("", "distill+"):
             raise ConfigError(
                 f"variant {variant.name!r}: write [distill+]{rule}:a,b,... with two or more "
@@ -108,6 +131,42 @@ def parse_variants(specs: list[str]) -> list[Variant]:
                 f"({', '.join(n for n in names if not _derived(n))})"
             )
     return variants
+
+
+def run_tasks(preset: str | None, overrides: list[str]) -> list[str]:
+    """The task names of the run ``preset`` + ``overrides``, in the run's order."""
+    from unirep.recipe import resolve_data
+
+    cfg = load_config(preset, overrides)
+    return list(resolve_data(cfg, make_accelerator(cfg)).tasks())
+
+
+def front_variants(tasks: list[str], factors: tuple[float, ...] = (2.0, 4.0)) -> list[Variant]:
+    """The static-weight sweep of the scalarisation front, without distillation: equal weights,
+    then each task's weight raised by each factor (the others 1), normalised to sum to ``T`` (the
+    ``sum`` scale). Named ``static-<w_1>-...-<w_T>`` by the unnormalised weights, in task order.
+    With three tasks: ``1+2·3 = 7`` points."""
+    grid = [[1.0] * len(tasks)]
+    for i in range(len(tasks)):
+        for factor in factors:
+            grid.append([factor if j == i else 1.0 for j in range(len(tasks))])
+    variants = []
+    for raw in grid:
+        total = sum(raw)
+        weights = {t: round(w * len(tasks) / total, 6) for t, w in zip(tasks, raw, strict=True)}
+        name = FRONT_PREFIX + "-".join(f"{w:g}" for w in raw)
+        kwargs = ", ".join(f"{t}: {w}" for t, w in weights.items())
+        spec = f"weighting={{name: static, kwargs: {{weights: {{{kwargs}}}}}}}"
+        variants.append(Variant(name, [_NO_DISTILL, spec]))
+    return variants
+
+
+def expand_front(variants: list[Variant], tasks: list[str]) -> list[Variant]:
+    """``variants`` with the ``front`` placeholder replaced by :func:`front_variants`."""
+    out: list[Variant] = []
+    for v in variants:
+        out += front_variants(tasks) if v.name == FRONT else [v]
+    return out
 
 
 def _derived(name: str) -> tuple[str, str, list[str]] | None:
@@ -291,6 +350,101 @@ def figure(table: dict[str, dict[str, Any]], reference: str | None) -> bytes | N
     return buffer.getvalue()
 
 
+def _front_points(
+    results: dict[str, list[dict[str, Any]]],
+) -> tuple[list[tuple[str, str]], dict[str, dict[str, tuple[float, float]]]]:
+    """The tasks' main metrics ``[(task, metric)]`` and, per variant, their ``(mean, std)`` over
+    seeds on the test split."""
+    first = next(iter(results.values()))[0]
+    axes = [(t, m) for t, e in first["tasks"].items() if (m := _main_metric(e["student"]))]
+    points: dict[str, dict[str, tuple[float, float]]] = {}
+    for name, runs in results.items():
+        values = {}
+        for task, metric in axes:
+            got = [r["tasks"][task]["student"].get(metric) for r in runs]
+            if all(v is not None for v in got):
+                values[task] = _stat([float(v) for v in got])
+        if len(values) == len(axes):
+            points[name] = values
+    return axes, points
+
+
+def dominated_by_front(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """For each variant off the static-weight sweep: the sweep points at least as good on every
+    task's main metric (seed means) and better on one, i.e. the weightings it does not beat."""
+    axes, points = _front_points(results)
+    front = {n: p for n, p in points.items() if n.startswith(FRONT_PREFIX)}
+    if not front:
+        return []
+    sign = {t: 1.0 if METRIC_HIGHER_IS_BETTER[m] else -1.0 for t, m in axes}
+    notes = []
+    for name, p in points.items():
+        if name.startswith(FRONT_PREFIX):
+            continue
+        better = [
+            f
+            for f, q in front.items()
+            if all(sign[t] * q[t][0] >= sign[t] * p[t][0] for t, _ in axes)
+            and any(sign[t] * q[t][0] > sign[t] * p[t][0] for t, _ in axes)
+        ]
+        notes.append(
+            f"{name}: dominated by the static weightings {', '.join(better)}"
+            if better
+            else f"{name}: not dominated by any static weighting of the sweep"
+        )
+    return notes
+
+
+def front_figure(results: dict[str, list[dict[str, Any]]]) -> bytes | None:
+    """Every pair of tasks' main metrics (test, mean ± std over seeds): the static-weight sweep
+    in grey with its non-dominated points joined (the empirical scalarisation front of the pair),
+    each other variant as a coloured marker. ``None`` without a sweep."""
+    axes, points = _front_points(results)
+    front = {n: p for n, p in points.items() if n.startswith(FRONT_PREFIX)}
+    if not front or len(axes) < 2:
+        return None
+    import io
+    from itertools import combinations
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = list(combinations(axes, 2))
+    fig, grid = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs) + 2.4, 4.0), squeeze=False)
+    others = [n for n in points if n not in front]
+    for ax, ((ta, ma), (tb, mb)) in zip(grid[0], pairs, strict=True):
+        xs = {n: p[ta] for n, p in points.items()}
+        ys = {n: p[tb] for n, p in points.items()}
+        sx = 1.0 if METRIC_HIGHER_IS_BETTER[ma] else -1.0
+        sy = 1.0 if METRIC_HIGHER_IS_BETTER[mb] else -1.0
+        for n in front:
+            ax.errorbar(xs[n][0], ys[n][0], xerr=xs[n][1], yerr=ys[n][1], fmt="o", color="0.6",
+                        ms=4, capsize=2, zorder=1)  # fmt: skip
+        best = [
+            n for n in front
+            if not any(sx * xs[m][0] >= sx * xs[n][0] and sy * ys[m][0] >= sy * ys[n][0]
+                       and (xs[m][0], ys[m][0]) != (xs[n][0], ys[n][0]) for m in front)
+        ]  # fmt: skip
+        best.sort(key=lambda n: xs[n][0])
+        ax.plot([xs[n][0] for n in best], [ys[n][0] for n in best], color="0.4", linewidth=1.2,
+                label="static weights (front)", zorder=1)  # fmt: skip
+        for k, n in enumerate(others):
+            ax.errorbar(xs[n][0], ys[n][0], xerr=xs[n][1], yerr=ys[n][1], fmt="os^vD<>ph*"[k % 10],
+                        color=f"C{k % 10}", ms=6, capsize=2, label=n, zorder=2)  # fmt: skip
+        ax.set_xlabel(f"{ta} {ma} ({'↑' if sx > 0 else '↓'})")
+        ax.set_ylabel(f"{tb} {mb} ({'↑' if sy > 0 else '↓'})")
+        ax.grid(alpha=0.3)
+    handles, labels = grid[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7)
+    fig.tight_layout(rect=(0, 0, 1 - 2.2 / (4.6 * len(pairs) + 2.4), 1))
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    plt.close(fig)
+    return buffer.getvalue()
+
+
 def write_comparison(
     folder: Path,
     preset: str,
@@ -320,11 +474,21 @@ def write_comparison(
             f"jobs ({sum(cost['job_seconds'].values()) / 60:.1f} worker-minutes; a finished run "
             "is read back in about a second)",
         ]
+    notes = [*notes, *dominated_by_front(results)]
     text = markdown(table, preset, seeds, notes)
     png = figure(table, reference)
     if png is not None:
         write_figure(folder / f"{COMPARISON}.png", png)
         text += f"\n![comparison]({COMPARISON}.png)\n"
+    png = front_figure(results)
+    if png is not None:
+        write_figure(folder / f"{FRONT}.png", png)
+        text += (
+            f"\n![each method against the static-weight front]({FRONT}.png)\n\n"
+            "Grey: the static task weightings of the sweep (joined: those no other sweep point "
+            "beats on both tasks of the panel); coloured: the other variants (test split, mean ± "
+            "std over seeds).\n"
+        )
     atomic_write_text(folder / f"{COMPARISON}.md", text)
     return content
 
