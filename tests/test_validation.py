@@ -327,3 +327,23 @@ def test_script_prints_one_line_and_writes_nothing(tmp_path: Path) -> None:
     assert "train.optim.optimizer.kwargs.lrr" in lines[0] and "lr" in lines[0]
     assert not out.exists()
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("{name: grouped_uncertainty, kwargs: {groups: [[semantic, dept]]}}", "dept"),
+        ("{name: rlw, kwargs: {distribution: foo}}", "distribution"),
+        ("{name: cagrad, kwargs: {c: -1}}", "cagrad c"),
+        ("{name: nash_mtl, kwargs: {update_weights_every: 0}}", "update_weights_every"),
+        ("{name: imtl, kwargs: {mode: x}}", "imtl mode"),
+        ("{name: static, kwargs: {weights: {semantic: -1}}}", "semantic"),
+        ("{name: mgda, kwargs: {scale: big}}", "scale"),
+        ("{name: aligned_mtl, kwargs: {scale_mode: foo}}", "scale_mode"),
+    ],
+)
+def test_a_weighting_refuses_its_arguments_at_start_up(setting: str, message: str) -> None:
+    """The weighting is built for the run's tasks while the config is checked: its own refusal
+    is one line naming ``weighting.kwargs``, before any data or training."""
+    with pytest.raises(ConfigError, match=rf"config key 'weighting\.kwargs': .*{message}"):
+        load_config("mini-scenes", [f"weighting={setting}"])

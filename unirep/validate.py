@@ -144,6 +144,7 @@ def check_against_data(cfg: Config, data: RunData, world_size: int = 1) -> None:
     if cfg.dense is None:
         everything = _source_domains(cfg) if cfg.data.domains else tasks
         _check_task_keys(cfg, tasks, everything)
+    _check_weighting_build(cfg, tasks)
     sizes = data.batch_sizes()
     for stream, dataset in data.datasets("train", train=True).items():
         available = len(dataset)  # type: ignore[arg-type]
@@ -657,6 +658,8 @@ def _check_common_kwargs(cfg: Config) -> None:
     _check_kwargs(FEATURE_LOSSES, cfg.distill.feature_loss, "distill.feature_loss")
     _trial("distill.feature_loss.kwargs", lambda: _build(FEATURE_LOSSES, cfg.distill.feature_loss))
     _check_kwargs(WEIGHTINGS, cfg.weighting, "weighting", ("tasks",))
+    if cfg.dense is not None:  # the tasks are known before the data is read
+        _check_weighting_build(cfg, list(cfg.dense.tasks))
     recipes = _recipes(cfg)
     for prefix, optim in _optims(cfg).items():
         _check_optim(prefix, optim, recipes[prefix.rsplit(".", 1)[0]].max_steps)
@@ -721,6 +724,13 @@ def _loss_kinds(registry: Registry, default_attr: str) -> dict[str, set[str]]:
 
 def _build(registry: Registry, spec: Spec) -> Any:
     return registry.build(spec.name, **spec.kwargs)
+
+
+def _check_weighting_build(cfg: Config, tasks: list[str]) -> None:
+    """The weighting built for the run's tasks: its own refusals (a negative weight, an unknown
+    distribution or group member, a missing optional solver) stop the run before any work."""
+    spec = cfg.weighting
+    _trial("weighting.kwargs", lambda: WEIGHTINGS.build(spec.name, tasks=tasks, **spec.kwargs))
 
 
 def _trial(key: str, build: Callable[[], Any]) -> Any:

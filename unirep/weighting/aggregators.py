@@ -192,6 +192,8 @@ def cagrad(
     Needs ``unirep[solvers]``."""
     if rescale not in (0, 1, 2):
         raise ValueError(f"cagrad rescale must be 0, 1 or 2, got {rescale!r}")
+    if not (isinstance(c, int | float) and 0 <= c < float("inf")):
+        raise ValueError(f"cagrad c must be a finite number >= 0 (0: gradient descent), got {c!r}")
     factor = (1.0, 1.0 / (1.0 + c**2), 1.0 / (1.0 + c))[rescale]
 
     def build() -> Aggregator:
@@ -218,6 +220,8 @@ def aligned_mtl(num_tasks: int, scale_mode: str = "min", scale: str = "mean") ->
     (torchjd's; ``scale="sum"`` sums them, as the original code's ``B.sum(0)``)."""
     from torchjd.aggregation import AlignedMTLWeighting
 
+    if scale_mode not in ("min", "median", "rmse"):
+        raise ValueError(f"aligned_mtl scale_mode must be min, median or rmse, got {scale_mode!r}")
     return _TorchJD(num_tasks, AlignedMTLWeighting(scale_mode=scale_mode), scale)
 
 
