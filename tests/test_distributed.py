@@ -104,3 +104,25 @@ def test_two_processes_train_the_partial_label_joint_terms(
     assert metrics["summary"]["num_processes"] == 2
     assert metrics["summary"]["partial"]["method"] == "mtpsl"
     assert "train/mtpsl/loss" in (tmp_path / "part" / "logs" / "student.csv").read_text()
+
+
+def test_two_processes_alternate_task_groups(tiny_cache: Path, tmp_path: Path) -> None:
+    """``weighting=alternating`` on 2 processes: each group's step leaves the other tasks' heads
+    and adapters without a gradient, which DDP is told to expect; the run finishes, both ranks
+    taking part."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29543",
+        str(ROOT / "scripts" / "distill.py"), "--config", "mini-scenes",
+        *TINY_DENSE, "data.batch_size=2", f"data.cache_dir={tiny_cache}",
+        f"output_dir={tmp_path}", "name=alt", "baseline=false",
+        "weighting={name: alternating, kwargs: {group_size: 1}}",
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "alt" / "metrics.json").read_text())
+    assert metrics["summary"]["num_processes"] == 2
+    step = sorted((tmp_path / "alt" / "checkpoints" / "student").glob("step_*"))[-1]
+    assert {p.name for p in step.glob("rng_*.pt")} == {"rng_0.pt", "rng_1.pt"}

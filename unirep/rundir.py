@@ -19,19 +19,26 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 
 from unirep.config import Config, ConfigError, TrainConfig, cache_dir, save_config, to_dict
 from unirep.data.streams import RunData
 from unirep.models.build import architecture
+from unirep.weighting import WEIGHTINGS
 
 CONFIG = "config.yaml"
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
-    """The run's Accelerator: CUDA when present (unless ``cpu=true``), else CPU processes."""
+    """The run's Accelerator: CUDA when present (unless ``cpu=true``), else CPU processes; DDP
+    told to expect unused parameters when the weighting's steps may leave some (``alternating``)."""
+    handlers = []
+    if getattr(WEIGHTINGS.get(cfg.weighting.name), "leaves_parameters_unused", False):
+        handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
     return Accelerator(
-        cpu=cfg.cpu or not torch.cuda.is_available(), mixed_precision=cfg.mixed_precision
+        cpu=cfg.cpu or not torch.cuda.is_available(),
+        mixed_precision=cfg.mixed_precision,
+        kwargs_handlers=handlers,
     )
 
 

@@ -59,10 +59,14 @@ class TrainableModule(nn.Module):
         teacher_outputs: dict[str, dict[str, Tensor]] | None = None,
         step: int = 0,
         total_steps: int = 1,
+        tasks: list[str] | None = None,
+        joint: bool = True,
     ) -> LossBundle:
         """The losses of one micro-batch (inside ``forward`` so that DDP sees every use). When the
         weighting works on the shared representation (``mgda_ub``), every tensor the student's
-        trunk returns is kept in ``bundle.shared``."""
+        trunk returns is kept in ``bundle.shared``. With ``tasks``, only those tasks' terms (and
+        the joint ones when ``joint``) are returned, the whole loss going to ``logs["loss"]``.
+        """
         captured: list[Tensor] = []
         hook = None
         if getattr(self.weighting, "wants_representation", False) and torch.is_grad_enabled():
@@ -78,6 +82,10 @@ class TrainableModule(nn.Module):
         aligned = {t: self.aligners[t](outputs[t]) for t in self.aligners if t in outputs}
         bundle = self.objective(outputs, aligned, batch, teacher_outputs, step, total_steps)
         bundle.shared = [t for t in captured if isinstance(t, Tensor)]
+        if tasks is not None:  # only these tasks' terms leave forward: DDP sees the rest unused
+            total = bundle.total().detach()
+            bundle = bundle.only(tasks, joint)
+            bundle.logs = {**bundle.logs, "loss": total}
         return bundle
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:

@@ -113,7 +113,8 @@ def _sync(device: torch.device) -> None:
 def train_step(
     ctx: StepContext, step: int, timings: dict[str, float] | None = None
 ) -> dict[str, Tensor]:
-    """One optimizer step over ``gradient_accumulation_steps`` micro-batches.
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches (or, for a weighting
+    that updates task groups one after the other, one step per group on the same batch).
 
     Returns the micro-batch mean of every logged term (``loss``, ``task/<t>``, ``weight/<t>``, ...)
     as detached 0-dim tensors on the device: nothing here waits for the device, the loop converts
@@ -122,10 +123,12 @@ def train_step(
     """
     acc, cfg = ctx.accelerator, ctx.cfg
     accum = cfg.gradient_accumulation_steps
-    weighting, shared = ctx.unwrapped.weighting, ctx.unwrapped.shared_parameters()
+    weighting = ctx.unwrapped.weighting
     logs: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
-    finite: dict[str, Tensor] = {}  # every logged term: finite in every micro-batch so far
+    groups = weighting.update_groups()
+    # per update: every logged term finite in every micro-batch so far
+    finite: list[dict[str, Tensor]] = [{} for _ in groups]
     # float64 sums where the device has it: the same numbers as summing Python floats
     dtype = torch.float32 if acc.device.type == "mps" else torch.float64
     clock = time.perf_counter
@@ -142,44 +145,14 @@ def train_step(
             if timings is not None:
                 _sync(acc.device)
         t2 = clock()
-        updated = False
-        with acc.accumulate(ctx.module):
-            bundle = ctx.module(batch, teacher_out, step, cfg.max_steps)
-            task_grads = None
-            if measure and micro == accum - 1:  # before the weighting frees the graph
-                assert diagnostics is not None
-                task_grads = diagnostics.gradients(bundle, shared, acc)
-            extra = weighting.backward(bundle, shared, acc)
-            terms: dict[str, Tensor] = {
-                k: torch.as_tensor(v, device=acc.device).detach()
-                for k, v in {"loss": bundle.total(), **bundle.logs, **extra}.items()
-            }
-            for k, v in terms.items():
-                ok = torch.isfinite(v).all()
-                finite[k] = finite[k] & ok if k in finite else ok
-            if acc.sync_gradients and _update_is_finite(ctx, finite, step):
-                if cfg.grad_clip:
-                    acc.clip_grad_norm_(ctx.module.parameters(), cfg.grad_clip)
-                for opt in ctx.optimizers:
-                    opt.step()
-                updated = True
-                if task_grads is not None:
-                    assert diagnostics is not None
-                    found = diagnostics.measure(task_grads, shared, extra, ctx.optimizers[0])
-                    terms.update({k: torch.tensor(v, device=acc.device)
-                                  for k, v in found.items() if k not in terms})  # fmt: skip
-            for opt in ctx.optimizers:
-                opt.zero_grad(set_to_none=True)
-        if updated:  # FAMO: the losses of the same batch after the update
-            after: dict[str, Tensor] = {}
-            if weighting.wants_losses_after_step:
-                with torch.no_grad():
-                    after = ctx.module(batch, teacher_out, step, cfg.max_steps).task_losses()
-            weighting.after_step(after, acc)
-        for k, v in terms.items():  # the mean over the micro-batches that logged the term
-            v = v.to(dtype)
-            logs[k] = logs[k] + v if k in logs else v
-            counts[k] = counts.get(k, 0) + 1
+        for g, group in enumerate(groups):
+            last = micro == accum - 1 and g == len(groups) - 1
+            terms = _update(ctx, batch, teacher_out, step, group, g == 0, measure and last,
+                            finite[g])  # fmt: skip
+            for k, v in terms.items():  # the mean over the micro-batches that logged the term
+                v = v.to(dtype)
+                logs[k] = logs[k] + v if k in logs else v
+                counts[k] = counts.get(k, 0) + 1
         if timings is not None:
             _sync(acc.device)
             t3 = clock()
@@ -188,6 +161,64 @@ def train_step(
     for sch in ctx.schedulers:
         sch.step()
     return {k: v / counts[k] for k, v in logs.items()}
+
+
+def _update(
+    ctx: StepContext,
+    batch: Batch,
+    teacher_out: Any,
+    step: int,
+    group: list[str] | None,
+    log_bundle: bool,
+    measure: bool,
+    finite: dict[str, Tensor],
+) -> dict[str, Tensor]:
+    """Forward, the weighting's backward and, at the end of an accumulation window, the checked
+    optimizer step, for the losses of ``group`` (``None``: every task). Returns the logged terms:
+    the whole bundle's (``log_bundle``) and the weighting's."""
+    acc, cfg = ctx.accelerator, ctx.cfg
+    unwrapped = ctx.unwrapped
+    weighting, shared, diagnostics = unwrapped.weighting, unwrapped.shared_parameters(), None
+    updated = False
+    with acc.accumulate(ctx.module):
+        bundle = ctx.module(batch, teacher_out, step, cfg.max_steps, group, log_bundle)
+        task_grads = None
+        if measure:  # before the weighting frees the graph
+            diagnostics = unwrapped.diagnostics
+            assert diagnostics is not None
+            task_grads = diagnostics.gradients(bundle, shared, acc)
+        extra = weighting.backward(bundle, shared, acc)
+        logged: dict[str, Any] = {}
+        if log_bundle:  # a group's bundle carries the whole loss in its logs
+            logged = dict(bundle.logs) if "loss" in bundle.logs else {
+                "loss": bundle.total(), **bundle.logs}  # fmt: skip
+        terms: dict[str, Tensor] = {
+            k: torch.as_tensor(v, device=acc.device).detach()
+            for k, v in {**logged, **extra}.items()
+        }
+        for k, v in terms.items():
+            ok = torch.isfinite(v).all()
+            finite[k] = finite[k] & ok if k in finite else ok
+        if acc.sync_gradients and _update_is_finite(ctx, finite, step):
+            if cfg.grad_clip:
+                acc.clip_grad_norm_(ctx.module.parameters(), cfg.grad_clip)
+            for opt in ctx.optimizers:
+                opt.step()
+            updated = True
+            if task_grads is not None:
+                assert diagnostics is not None
+                found = diagnostics.measure(task_grads, shared, extra, ctx.optimizers[0])
+                terms.update({k: torch.tensor(v, device=acc.device)
+                              for k, v in found.items() if k not in terms})  # fmt: skip
+        for opt in ctx.optimizers:
+            opt.zero_grad(set_to_none=True)
+    if updated:  # FAMO: the losses of the same batch after the update
+        after: dict[str, Tensor] = {}
+        if weighting.wants_losses_after_step:
+            with torch.no_grad():
+                after = ctx.module(batch, teacher_out, step, cfg.max_steps).task_losses()
+        weighting.after_step(after, acc)
+    return terms
 
 
 def _update_is_finite(ctx: StepContext, finite: dict[str, Tensor], step: int) -> bool:

@@ -597,6 +597,20 @@ def _check_common_names(cfg: Config) -> None:
         _check(SCHEDULES, optim.scheduler.name, f"{prefix}.scheduler.name")
 
     _check_adatask(cfg)
+    _check_update_groups(cfg)
+
+
+def _check_update_groups(cfg: Config) -> None:
+    """A weighting that steps once per task group does not combine with accumulation."""
+    builder = WEIGHTINGS.get(cfg.weighting.name)
+    if getattr(builder, "leaves_parameters_unused", False):
+        _require(
+            cfg.train.gradient_accumulation_steps == 1,
+            "train.gradient_accumulation_steps",
+            cfg.train.gradient_accumulation_steps,
+            f"1 with weighting {cfg.weighting.name!r} (one optimizer step per task group and "
+            "batch)",
+        )
 
 
 def _check_adatask(cfg: Config) -> None:

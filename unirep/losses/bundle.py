@@ -53,6 +53,17 @@ class LossBundle:
             out[task] = total
         return out
 
+    def only(self, tasks: list[str], joint: bool = True) -> LossBundle:
+        """The terms of ``tasks`` (and the joint terms when ``joint``); logs and ``shared`` kept."""
+        keep = set(tasks)
+        return LossBundle(
+            supervised={t: v for t, v in self.supervised.items() if t in keep},
+            distill={t: v for t, v in self.distill.items() if t in keep},
+            joint=dict(self.joint) if joint else {},
+            logs=self.logs,
+            shared=self.shared,
+        )
+
     def joint_loss(self) -> Tensor | None:
         """Σ of the joint terms, or None when there are none."""
         total: Tensor | None = None

@@ -13,6 +13,9 @@ they are combined): ``mgda``, ``mgda_ub``, ``pcgrad``, ``cagrad``, ``imtl`` (``g
 ``nash_mtl``, ``aligned_mtl``, ``upgrad``, and ``adatask`` (with the ``adatask`` optimizer:
 task-wise second moments on the shared parameters). Their combination rules are
 :mod:`unirep.weighting.aggregators`; :func:`aggregate` applies one to a ``[T, P]`` Jacobian.
+
+Update schedules: ``alternating`` (Pascal et al. 2021): one optimizer step per random task group
+on every batch.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from typing import Any
 
 from unirep.weighting.adatask import AdaTask
 from unirep.weighting.aggregators import AGGREGATORS, Aggregator, aggregate, build_aggregator
+from unirep.weighting.alternating import AlternatingWeighting
 from unirep.weighting.base import WEIGHTINGS, LossWeighting, Weighting, process_mean
 from unirep.weighting.dwa import DWAWeighting
 from unirep.weighting.famo import FAMOWeighting
@@ -47,6 +51,7 @@ __all__ = [
     "WEIGHTINGS",
     "AdaTask",
     "Aggregator",
+    "AlternatingWeighting",
     "DWAWeighting",
     "FAMOWeighting",
     "GradNormWeighting",

@@ -33,6 +33,8 @@ class Weighting(nn.Module, abc.ABC):
     The loop's whole contract with a method (it never asks which method it holds):
 
     - :meth:`backward` once per micro-batch;
+    - :meth:`update_groups`: the task groups updated one after the other on the same batch, one
+      optimizer step each (``[None]``: one step with every task; ``alternating`` splits them);
     - :meth:`after_step` after each optimizer step, with the task losses recomputed on the same
       batch when :attr:`wants_losses_after_step` (FAMO);
     - :meth:`optimized_parameters`: the state the run's optimizer trains (e.g. log-variances);
@@ -44,6 +46,7 @@ class Weighting(nn.Module, abc.ABC):
     """
 
     wants_losses_after_step: bool = False
+    leaves_parameters_unused: bool = False  # a step may not reach every parameter (DDP must know)
 
     def __init__(self, tasks: list[str]) -> None:
         super().__init__()
@@ -67,6 +70,10 @@ class Weighting(nn.Module, abc.ABC):
             Scalars for the training log, e.g. ``weight/<task>`` (effective task weights) or
             ``gradcos/<a>~<b>`` (cosine between two tasks' shared gradients).
         """
+
+    def update_groups(self) -> list[list[str] | None]:
+        """Task groups to update one after the other on each batch (``[None]``: all at once)."""
+        return [None]
 
     def after_step(self, task_losses: dict[str, Tensor], accelerator: Any) -> None:
         """Called after each optimizer step; ``task_losses`` are the losses recomputed on the
