@@ -201,6 +201,11 @@ def teacher_recipe(cfg: Config, task: str) -> TrainConfig:
     return recipe
 
 
+MEASUREMENT_ONLY = frozenset({"diagnostics_every"})
+"""Training-recipe keys that measure a phase without changing its weights: not in a teacher's
+key (so adding one never invalidates the teachers already cached)."""
+
+
 def teacher_key(cfg: Config, data: RunData, task: str, world_size: int = 1) -> str:
     """What determines a teacher's weights, hashed: the architecture, the task (kind, classes,
     loss), the training data's fingerprint, its preprocessing and global batch size (per process
@@ -216,7 +221,9 @@ def teacher_key(cfg: Config, data: RunData, task: str, world_size: int = 1) -> s
         "data": data.fingerprint(task),
         "preprocessing": data.preprocessing(stream),
         "global_batch_size": data.batch_sizes()[stream] * world_size,
-        "recipe": to_dict(teacher_recipe(cfg, task)),
+        "recipe": {
+            k: v for k, v in to_dict(teacher_recipe(cfg, task)).items() if k not in MEASUREMENT_ONLY
+        },
         "seed": cfg.seed,
     }
     source = cfg.teachers.finetune_from
