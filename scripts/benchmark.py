@@ -1,7 +1,8 @@
 """Time the real training step against a minimal loop; split a phase into its parts.
 
     python scripts/benchmark.py [--steps N] [--warmup N] [--json PATH] [--run-dir DIR]
-        [--untrained-teachers] [--config PRESET_OR_PATH] [key=value ...]
+        [--untrained-teachers] [--joint-scaling | --term-costs | --weightings[=NAMES]
+        [--with-distill]] [--config PRESET_OR_PATH] [key=value ...]
 
 For the baseline and the distilled student of the config (any preset, any ``weighting=``), times
 ``unirep.trainer.train_step`` (what ``fit`` runs) split into data / teachers / step, one
@@ -17,9 +18,17 @@ untrained teachers (same cost, no training; say so where you quote the numbers),
 ``--joint-scaling`` only times the partial-label joint terms (MTPSL, JTR) against the number of
 tasks (random inputs, 8 images of 48×64; no config needed), ``--term-costs`` only times the
 student's real step with distillation alone, then + each cross-task / contrastive term of the
-ablation (``scripts/compare.py --variants xtask``) and + all of them. Otherwise the
-config's teachers are used when they verify, else trained into the run dir with the config's
-teacher recipe, which overrides can shorten, e.g. ``teachers.train.max_steps=50``.
+ablation (``scripts/compare.py --variants xtask``) and + all of them, ``--weightings`` only
+times the student's real step under each task-balancing method (``unirep.weighting``; NAMES:
+comma-separated registry names, ``imtl`` for its three modes or ``imtl-l`` / ``-g`` / ``-h``;
+default ``unirep.benchmark.WEIGHTING_METHODS``), the methods alternated step by step in one
+process, against ``sum``, with the backward passes through the trunk each needs; distillation is
+off (the plain multi-task model) unless ``--with-distill``, and methods whose optional solvers
+are missing (``unirep[solvers]``) are skipped with a note, e.g.
+``python scripts/benchmark.py --config mini-scenes-balance --weightings``. Otherwise (and with
+``--with-distill``) the config's teachers are used when they verify, else trained into the run
+dir with the config's teacher recipe, which overrides can shorten, e.g.
+``teachers.train.max_steps=50``. ``--json`` writes the rows of the table of each mode.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ import argparse
 import json
 import sys
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +46,13 @@ from unirep.benchmark import (
     format_joint_scaling,
     format_report,
     format_term_costs,
+    format_weighting_costs,
     joint_term_scaling,
     run_benchmark,
     teacher_config,
     term_costs,
+    weighting_configs,
+    weighting_costs,
 )
 from unirep.cli import parse_args, run
 from unirep.compare import XTASK_VARIANTS
@@ -59,18 +72,23 @@ def split_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--untrained-teachers", action="store_true")
     parser.add_argument("--joint-scaling", action="store_true")
     parser.add_argument("--term-costs", action="store_true")
-    return parser.parse_known_args(argv)
+    parser.add_argument("--weightings", nargs="?", const="", metavar="NAMES")
+    parser.add_argument("--with-distill", action="store_true")
+    flags, rest = parser.parse_known_args(argv)
+    if flags.weightings and "=" in flags.weightings:  # a config override, not a list of names
+        rest.insert(0, flags.weightings)
+        flags.weightings = ""
+    return flags, rest
 
 
 def _with_teachers(
-    cfg: Config, flags: argparse.Namespace, tmp: Path
+    cfg: Config, flags: argparse.Namespace, tmp: Path, run: tuple[Any, RunData] | None = None
 ) -> tuple[Config, str, tuple[Any, RunData]]:
     """(config whose teacher root holds the benchmark's teachers, where they come from, its
-    accelerator and data): the config's own teachers when they verify, else teachers trained
-    into ``--run-dir`` (default ``tmp``); none with ``--untrained-teachers``."""
+    accelerator and data, ``run`` when given): the config's own teachers when they verify, else
+    teachers trained into ``--run-dir`` (default ``tmp``); none with ``--untrained-teachers``."""
     run_dir = flags.run_dir or tmp
-    accelerator = make_accelerator(cfg)
-    data = resolve_data(cfg, accelerator)
+    accelerator, data = run or _resolved(cfg)
     source = "untrained (random weights)"
     if not flags.untrained_teachers:
         cfg, source = teacher_config(cfg, data, run_dir)
@@ -78,26 +96,71 @@ def _with_teachers(
     return cfg, source, (accelerator, data)
 
 
+def _resolved(cfg: Config) -> tuple[Any, RunData]:
+    accelerator = make_accelerator(cfg)
+    return accelerator, resolve_data(cfg, accelerator)
+
+
+def _configs(rest: list[str], variants: dict[str, list[str]]) -> dict[str, Config]:
+    """The run's config with each variant's overrides after its own."""
+    return {name: parse_args([*rest, *o], prog="benchmark.py") for name, o in variants.items()}
+
+
+def _use_teachers(configs: Iterable[Config | str], root: str) -> None:
+    """Point every config (not the notes of skipped methods) at the teachers in ``root``."""
+    for c in configs:
+        if isinstance(c, Config):
+            c.teachers.root = root
+
+
+def _report_rows(
+    rows: dict[str, dict[str, Any]],
+    table: str,
+    source: str,
+    flags: argparse.Namespace,
+    note: str = "",
+) -> None:
+    """The rows' device line (and ``note``) and table; the rows as JSON to ``--json``."""
+    first = next(r for r in rows.values() if "device" in r)
+    print(f"teachers: {source}; device {first['device']}, {first['threads']} thread(s), "
+          f"{flags.steps} steps after {flags.warmup} warm-up{note}")  # fmt: skip
+    print(table)
+    if flags.json:
+        flags.json.write_text(json.dumps(rows, indent=2) + "\n")
+        print(f"wrote {flags.json}")
+
+
+def _weightings(cfg: Config, flags: argparse.Namespace) -> None:
+    """The student's step under each task-balancing method, alternated, against ``sum``."""
+    run = _resolved(cfg)
+    names = [n.strip() for n in flags.weightings.split(",") if n.strip()] or None
+    tasks = list(run[1].tasks())
+    configs = weighting_configs(cfg, tasks, names, flags.with_distill)
+    base = next(iter(configs.values()))  # sum, the reference: it needs no solver
+    assert isinstance(base, Config)
+    source = "none (distillation off)"
+    with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
+        if base.distill.enabled or base.distill.init_from_teacher:
+            base, source, run = _with_teachers(base, flags, Path(tmp), run)
+            _use_teachers(configs.values(), base.teachers.root)
+        rows = weighting_costs(configs, flags.steps, flags.warmup, flags.untrained_teachers,
+                               data=run[1], accelerator=run[0])  # fmt: skip
+    note = (f"; T = {len(tasks)} tasks; the methods alternated step by step in one process; "
+            "task diagnostics off; ratios of the medians")  # fmt: skip
+    _report_rows(rows, format_weighting_costs(rows), source, flags, note)
+
+
 def _term_costs(cfg: Config, rest: list[str], flags: argparse.Namespace) -> None:
     """The student's step with distillation alone, then with each cross-task / contrastive
     term of the ablation (:data:`unirep.compare.XTASK_VARIANTS`), side by side."""
-    configs = {
-        name: parse_args([*rest, *overrides], prog="benchmark.py")
-        for name, overrides in XTASK_VARIANTS.items()
-        if not name.startswith("combine:")
-    }
+    variants = {n: o for n, o in XTASK_VARIANTS.items() if not n.startswith("combine:")}
     every = [o for n, over in XTASK_VARIANTS.items() for o in over if n != "distill"]
-    configs["+all terms"] = parse_args([*rest, *dict.fromkeys(every)], prog="benchmark.py")
+    configs = _configs(rest, {**variants, "+all terms": list(dict.fromkeys(every))})
     with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
         cfg, source, _ = _with_teachers(cfg, flags, Path(tmp))
-        for c in configs.values():
-            c.teachers.root = cfg.teachers.root
+        _use_teachers(configs.values(), cfg.teachers.root)
         rows = term_costs(configs, flags.steps, flags.warmup, flags.untrained_teachers)
-    print(f"teachers: {source}; device {rows['distill']['device']}, "
-          f"{rows['distill']['threads']} thread(s), {flags.steps} steps")  # fmt: skip
-    print(format_term_costs(rows))
-    if flags.json:
-        flags.json.write_text(json.dumps(rows, indent=2))
+    _report_rows(rows, format_term_costs(rows), source, flags)
 
 
 def main() -> None:
@@ -111,6 +174,9 @@ def main() -> None:
     cfg = parse_args(rest, prog="benchmark.py")
     if flags.term_costs:
         _term_costs(cfg, rest, flags)
+        return
+    if flags.weightings is not None:
+        _weightings(cfg, flags)
         return
     with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
         cfg, source, (accelerator, data) = _with_teachers(cfg, flags, Path(tmp))

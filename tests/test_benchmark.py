@@ -17,11 +17,22 @@ import pytest
 
 import unirep.trainer
 from teachers.recipe import ensure_teachers
-from tests.conftest import tiny_config, tiny_dense_config
-from unirep.benchmark import format_report, measure, run_benchmark, teacher_config
+from tests.conftest import TINY_DENSE, tiny_config, tiny_dense_config
+from unirep.benchmark import (
+    format_report,
+    format_weighting_costs,
+    measure,
+    run_benchmark,
+    teacher_config,
+    weighting_configs,
+    weighting_costs,
+    weighting_variants,
+)
 from unirep.config import Config
 from unirep.recipe import resolve_data
 from unirep.rundir import make_accelerator
+from unirep.validate import load_config
+from unirep.weighting.aggregators import NashMTL
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST_DENSE_TEACHERS = [
@@ -142,3 +153,63 @@ def test_script_spawns_every_measurement_and_writes_json(tiny_cache: Path, tmp_p
     results = json.loads(out.read_text())
     assert results["info"]["spawned"] and results["info"]["untrained_teachers"]
     _check_benchmark(results)
+
+
+def test_weightings_alternate_against_sum(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--weightings``: the methods' real steps, alternated, against ``sum``; a method whose
+    solver import fails is skipped with its note; the backward passes through the trunk match
+    what a hook on the trunk's first parameter counts."""
+    overrides = [*TINY_DENSE, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}", "cpu=true"]
+    cfg = load_config("mini-scenes", overrides)
+    tasks = ["semantic", "depth", "normal"]
+    variants = weighting_variants(cfg, tasks, ["pcgrad", "mgda_ub", "nash_mtl"])
+    assert list(variants) == ["sum", "pcgrad", "mgda_ub", "nash_mtl"]
+    assert all("distill.enabled=false" in o for o in variants.values())
+    groups = weighting_variants(cfg, tasks, ["grouped_uncertainty", "imtl", "adatask"])
+    assert list(groups) == ["sum", "grouped_uncertainty", "imtl-l", "imtl-g", "imtl-h", "adatask"]
+    assert 'weighting.kwargs={"groups": [["semantic", "depth"]]}' in groups["grouped_uncertainty"]
+    assert 'weighting.kwargs={"mode": "g"}' in groups["imtl-g"]
+    assert any(o.startswith("train.optim.optimizer=") for o in groups["adatask"])
+
+    configs = weighting_configs(cfg, tasks, ["pcgrad", "mgda_ub", "nash_mtl"])
+
+    def no_solvers() -> None:
+        raise ImportError("No module named 'cvxpy'")
+
+    monkeypatch.setattr(NashMTL, "_import", staticmethod(no_solvers))
+    checked = weighting_configs(cfg, tasks, ["pcgrad", "mgda_ub", "nash_mtl"])
+    assert isinstance(checked["nash_mtl"], str) and "unirep[solvers]" in checked["nash_mtl"]
+    calls: list[tuple[str, int]] = []  # (weighting, gradients of the trunk's first parameter)
+    original = unirep.trainer.train_step
+
+    def counting(ctx: Any, step: int, timings: dict[str, float] | None = None) -> Any:
+        first = ctx.unwrapped.shared_parameters()[0]
+        count = [0]
+        hook = first.register_hook(lambda grad: count.__setitem__(0, count[0] + 1))
+        try:
+            return original(ctx, step, timings)
+        finally:
+            hook.remove()
+            weighting = ctx.unwrapped.weighting
+            calls.append((getattr(weighting, "on", "loss"), count[0]))
+
+    monkeypatch.setattr(unirep.trainer, "train_step", counting)
+    rows = weighting_costs(configs, steps=2, warmup=0)  # nash_mtl: refused when it is built
+    assert list(rows) == ["sum", "pcgrad", "mgda_ub", "nash_mtl"]
+    assert "unirep[solvers]" in rows["nash_mtl"]["skipped"]
+    timed = {name: r for name, r in rows.items() if "skipped" not in r}
+    assert timed["sum"]["ratio_total"] == 1.0 and timed["sum"]["ratio_step"] == 1.0
+    for r in timed.values():
+        assert _finite_positive(r["seconds"]["total_median"]) and _finite_positive(r["ratio_total"])
+        assert r["step_peak_mib"] is None  # CPU: one process holds every method
+    assert [r["passes"]["backward"] for r in timed.values()] == [1, 4, 1]  # T = 3
+    assert timed["mgda_ub"]["passes"]["partial"] == 3
+    # round robin, rotated by one each step; autograd reached the trunk's input that many times
+    sum_, pcgrad, mgda_ub = ("loss", 1), ("parameters", 4), ("representation", 1)
+    assert calls == [sum_, pcgrad, mgda_ub, pcgrad, mgda_ub, sum_]
+    table = format_weighting_costs(rows)
+    assert "| sum |" in table and "| pcgrad |" in table
+    assert "| 1 (+3 to the trunk's output) |" in table
+    assert "skipped nash_mtl:" in table

@@ -37,12 +37,19 @@ never into the shared cache. ``random_teachers=True`` uses untrained teachers of
 architecture instead: the same cost per step, but not trained weights (say so where quoted).
 Run it as one process (``python``, not ``accelerate launch``); the device is the accelerator's
 (CUDA when present, ``cpu=true`` forces CPU).
+
+Two comparisons of the student's real step under configs that differ in one setting, each
+against the first: :func:`term_costs` (each config in a fresh process, one after the other) and
+:func:`weighting_costs` (every task-balancing method of :func:`weighting_variants` set up in one
+process and alternated step by step, so that a drift of the machine's load falls on all alike;
+with the backward passes through the trunk each method needs, :func:`trunk_passes`).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import multiprocessing as mp
 import resource
 import shutil
@@ -60,7 +67,7 @@ from accelerate.utils import set_seed
 import unirep.trainer as trainer
 from unirep.batch import make_batch
 from unirep.checkpoint import save_checkpoint
-from unirep.config import Config
+from unirep.config import Config, ConfigError, apply_override, from_dict, to_dict
 from unirep.data.sampling import MultiDomainStream
 from unirep.data.streams import RunData
 from unirep.evaluate import Evaluator, Results
@@ -71,6 +78,9 @@ from unirep.rundir import make_accelerator, teacher_root
 from unirep.tasks import TASK_KINDS, Task
 from unirep.teachers import Teacher, TeacherMismatchError, freeze
 from unirep.trainer import Phase, teacher_outputs
+from unirep.validate import validate
+from unirep.weighting import WEIGHTINGS, GradientWeighting, GradNormWeighting
+from unirep.weighting.aggregators import SOLVERS_EXTRA
 
 MODES = {"baseline": False, "student": True}  # mode -> distill
 LOOPS = ("real", "minimal")
@@ -150,10 +160,27 @@ def _peak(device: torch.device) -> tuple[float, str]:
 
 
 def _means(per_step: list[dict[str, float]]) -> dict[str, float]:
-    """Mean seconds per step of each split and of the total (means add up: total = Σ splits)."""
+    """Mean seconds per step of each split and of the total (means add up: total = Σ splits),
+    of ``compute`` (total − data: teachers + step + other), and the medians ``total_median``
+    and ``compute_median``."""
     means = {k: statistics.fmean(t.get(k, 0.0) for t in per_step) for k in (*SPLITS, "total")}
+    compute = [t["total"] - t.get("data", 0.0) for t in per_step]  # teachers + step + other
+    means["compute"] = statistics.fmean(compute)
     means["total_median"] = statistics.median(t["total"] for t in per_step)
+    means["compute_median"] = statistics.median(compute)
     return means
+
+
+def _timed_step(ctx: Any, step: int, device: torch.device) -> dict[str, float]:
+    """One ``trainer.train_step`` with its own split, plus ``other`` (the rest of the call) and
+    ``total`` (seconds)."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    trainer.train_step(ctx, step, timings)
+    _sync(device)
+    total = time.perf_counter() - t0
+    timings["other"] = total - sum(timings.get(k, 0.0) for k in SPLITS[:3])
+    return {**timings, "total": total}
 
 
 def _bench_phase(phase: Phase, work: Path) -> Phase:
@@ -170,14 +197,9 @@ def _real(accelerator: Any, phase: Phase, steps: int, warmup: int) -> dict[str, 
     _reset_peak(device)
     per_step = []
     for step in range(warmup + steps):
-        timings: dict[str, float] = {}
-        t0 = time.perf_counter()
-        trainer.train_step(ctx, step, timings)
-        _sync(device)
-        total = time.perf_counter() - t0
+        timings = _timed_step(ctx, step, device)
         if step >= warmup:
-            timings["other"] = total - sum(timings.get(k, 0.0) for k in SPLITS[:3])
-            per_step.append({**timings, "total": total})
+            per_step.append(timings)
     peak, memory = _peak(device)
     return {"per_step": per_step, "peak_mib": peak, "memory": memory, "ctx": ctx}
 
@@ -600,10 +622,10 @@ def term_costs(
     in a fresh process, and its ratio to the first config's step.
 
     Returns ``{name: {"seconds": ..., "ratio_step": real (step + teachers + other) / the first's,
-    "ratio_total": ...}}`` (``seconds`` as in :func:`measure`).
+    "ratio_total": ..., "device": ..., "threads": ...}}`` (``seconds`` as in :func:`measure`;
+    ratios of the means).
     """
     out: dict[str, dict[str, Any]] = {}
-    first: dict[str, float] | None = None
     base = next(iter(configs.values()))
     accelerator = make_accelerator(base)
     teacher_val = _teacher_val(base, resolve_data(base, accelerator), accelerator,
@@ -611,18 +633,21 @@ def term_costs(
     for name, cfg in configs.items():
         args = (cfg, "student", "real", steps, warmup, teacher_val, untrained_teachers)
         result = _spawned(args) if spawn else measure(*args)
-        s = result["seconds"]
-        compute = s["step"] + s["teachers"] + s["other"]
-        if first is None:
-            first = {"compute": compute, "total": s["total"]}
-        out[name] = {
-            "seconds": s,
-            "ratio_step": compute / first["compute"],
-            "ratio_total": s["total"] / first["total"],
-            "device": result["device"],
-            "threads": result["threads"],
-        }
-    return out
+        out[name] = {key: result[key] for key in ("seconds", "device", "threads")}
+    return _with_ratios(out, "compute", "total")
+
+
+def _with_ratios(
+    rows: dict[str, dict[str, Any]], step: str, total: str
+) -> dict[str, dict[str, Any]]:
+    """``rows`` with ``ratio_step`` and ``ratio_total``: each row's ``seconds[step]`` and
+    ``seconds[total]`` over the first row's (rows without ``seconds``, skipped ones, get none)."""
+    first = next(iter(rows.values()))["seconds"]
+    for row in rows.values():
+        if "seconds" in row:
+            row["ratio_step"] = row["seconds"][step] / first[step]
+            row["ratio_total"] = row["seconds"][total] / first[total]
+    return rows
 
 
 def format_term_costs(rows: dict[str, dict[str, Any]]) -> str:
@@ -641,3 +666,265 @@ def format_term_costs(rows: dict[str, dict[str, Any]]) -> str:
             f"{r['ratio_total']:.2f} |"
         )
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Task-balancing methods side by side
+
+REFERENCE_WEIGHTING = "sum"
+WEIGHTING_METHODS = (
+    "sum", "mean", "static", "uncertainty", "restrained_uncertainty", "grouped_uncertainty",
+    "dwa", "rlw", "famo", "gradnorm", "imtl", "mgda", "mgda_ub", "pcgrad", "cagrad", "nash_mtl",
+    "aligned_mtl", "upgrad", "adatask",
+)  # fmt: skip
+"""The methods ``scripts/benchmark.py --weightings`` times by default (``imtl``: one row per
+mode, ``imtl-l``, ``imtl-g``, ``imtl-h``)."""
+IMTL_MODES = ("l", "g", "h")
+_ADAM_LIKE = ("adam", "adamw")  # optimizers whose kwargs AdaTask's Adam rule takes as they are
+
+
+def weighting_variants(
+    cfg: Config, tasks: list[str], names: list[str] | None = None, distill: bool = False
+) -> dict[str, list[str]]:
+    """Row name → config overrides that switch ``cfg`` to each task-balancing method.
+
+    ``names``: registry names of :data:`unirep.weighting.WEIGHTINGS` (``imtl`` gives its three
+    modes; ``imtl-g`` one of them); default :data:`WEIGHTING_METHODS`. ``sum`` always comes
+    first: the reference of the ratios. Every row sets ``weighting.name`` and
+    ``weighting.kwargs`` (the method's defaults, except ``grouped_uncertainty``: the first two
+    of ``tasks`` as one group; ``imtl``: its mode); ``adatask`` also sets its optimizer (the
+    run's optimizer settings when it is Adam or AdamW). Without ``distill``, every row also
+    switches distillation off (``distill.enabled=false``): the plain multi-task model.
+    """
+    wanted = list(WEIGHTING_METHODS if names is None else names)
+    rows: list[str] = []
+    for name in dict.fromkeys([REFERENCE_WEIGHTING, *wanted]):
+        if name == "imtl":
+            rows += [f"imtl-{mode}" for mode in IMTL_MODES]
+        elif name in WEIGHTINGS or name in [f"imtl-{mode}" for mode in IMTL_MODES]:
+            rows.append(name)
+        else:
+            modes = ", ".join(f"imtl-{mode}" for mode in IMTL_MODES)
+            raise ConfigError(
+                f"weighting {name!r} is not registered: valid are {', '.join(WEIGHTINGS.names())}"
+                f" and {modes}"
+            )
+    common = [] if distill else ["distill.enabled=false"]
+    variants = {}
+    for row in dict.fromkeys(rows):
+        method, _, mode = row.partition("-")
+        kwargs: dict[str, Any] = {"mode": mode} if mode else {}
+        overrides = [f"weighting.name={method}"]
+        if method == "grouped_uncertainty":
+            kwargs["groups"] = [tasks[:2]]
+        if method == "adatask":
+            optimizer = cfg.train.optim.optimizer
+            kept = optimizer.kwargs if optimizer.name in _ADAM_LIKE else {}
+            spec = {"name": "adatask", "kwargs": {**kept, "base": "adam"}}
+            overrides.append(f"train.optim.optimizer={json.dumps(spec)}")
+        overrides.append(f"weighting.kwargs={json.dumps(kwargs)}")
+        variants[row] = [*common, *overrides]
+    return variants
+
+
+def skipped_for_solvers(err: ConfigError) -> str | None:
+    """The one-line note of a method skipped because its optional solvers (``unirep[solvers]``)
+    do not import, or None when ``err`` is another refusal."""
+    return str(err) if SOLVERS_EXTRA in str(err) else None
+
+
+def weighting_configs(
+    cfg: Config, tasks: list[str], names: list[str] | None = None, distill: bool = False
+) -> dict[str, Config | str]:
+    """:func:`weighting_variants` applied to ``cfg`` (each checked as ``load_config`` checks a
+    config); a method whose optional solvers are missing gets its one-line note instead."""
+    out: dict[str, Config | str] = {}
+    for name, overrides in weighting_variants(cfg, tasks, names, distill).items():
+        values = to_dict(cfg)
+        for override in overrides:
+            apply_override(values, override)
+        variant = from_dict(Config, values)
+        try:
+            validate(variant)
+        except ConfigError as err:
+            note = skipped_for_solvers(err)
+            if note is None:
+                raise
+            out[name] = note
+            continue
+        out[name] = variant
+    return out
+
+
+def trunk_passes(module: Any, accumulation: int = 1) -> dict[str, Any]:
+    """Passes through the student's shared trunk per optimizer step, from the method's nature.
+
+    ``backward``: full backward passes through the trunk: 1 for a loss weighting, ``T + 1`` for a
+    gradient method on the shared parameters (one ``autograd.grad`` per task, one more for the
+    joint terms when the objective has any, then the ordinary backward). ``partial``: backward
+    passes that stop before the trunk's input, and where they stop (``partial_to``): ``T`` to the
+    trunk's output for ``mgda_ub``, ``T`` to the last shared layer for ``gradnorm``.
+    ``forward``: extra forward passes (FAMO's losses after the step). All times the
+    ``accumulation`` micro-batches of a step; ``T`` is the number of the weighting's tasks.
+    """
+    weighting = module.weighting
+    tasks = len(weighting.tasks)
+    backward, partial, partial_to = 1, 0, None
+    if isinstance(weighting, GradientWeighting) and weighting.on == "parameters":
+        backward = 1 + tasks + (1 if len(module.objective.joint) else 0)
+    elif isinstance(weighting, GradientWeighting):
+        partial, partial_to = tasks, "the trunk's output"
+    elif isinstance(weighting, GradNormWeighting):
+        partial, partial_to = tasks, "the last shared layer"
+    return {
+        "backward": backward * accumulation,
+        "partial": partial * accumulation,
+        "partial_to": partial_to,
+        "forward": int(weighting.wants_losses_after_step) * accumulation,
+        "tasks": tasks,
+    }
+
+
+def _timing_config(cfg: Config) -> Config:
+    """``cfg`` without what is the same for every method and no part of its cost: the task
+    diagnostics (``train.diagnostics_every``) and Δm model selection (it needs the teachers'
+    validation results; no validation runs here)."""
+    cfg = copy.deepcopy(cfg)
+    cfg.train.diagnostics_every = 0
+    cfg.train.selection_metric = "accuracy"
+    return cfg
+
+
+def _step_start(device: torch.device) -> int:
+    """CUDA: the peak reset and the bytes allocated now; 0 elsewhere (nothing done)."""
+    if device.type != "cuda":
+        return 0
+    _reset_peak(device)
+    return torch.cuda.memory_allocated(device)
+
+
+def _step_peak_mib(device: torch.device, allocated: int) -> float | None:
+    """CUDA: the step's peak above ``allocated`` (:func:`_step_start`), MiB; None elsewhere."""
+    if device.type != "cuda":
+        return None
+    return (torch.cuda.max_memory_allocated(device) - allocated) / 2**20
+
+
+def weighting_costs(
+    configs: dict[str, Config | str],
+    steps: int = 20,
+    warmup: int = 3,
+    untrained_teachers: bool = False,
+    data: RunData | None = None,
+    accelerator: Any = None,
+) -> dict[str, dict[str, Any]]:
+    """The student's real train step under each of ``configs`` (the task-balancing methods of
+    :func:`weighting_configs`, the reference first; a string is the note of a skipped method),
+    alternated step by step.
+
+    Every config is set up in this process (one accelerator, the first config's data; the
+    configs must differ in the weighting, its optimizer and distillation only), then each
+    step runs :func:`unirep.trainer.train_step` once for every method, the order rotated by one
+    each step, so that drifts of the machine's load fall on every method alike. Task
+    diagnostics and Δm selection are switched off (:func:`_timing_config`). Teachers are
+    loaded (or untrained) only when the first config distils or initialises from a teacher.
+    The methods share the accelerator (with fp16, its GradScaler's scale too) and its
+    accumulation counter, which stays aligned: every ``train_step`` runs a whole step.
+
+    A method whose optional solvers are missing (a ``ConfigError`` naming ``unirep[solvers]``
+    when its config is checked or its weighting built) is skipped: its row is
+    ``{"skipped": message}``.
+
+    Returns ``{name: {"weighting", "kwargs", "seconds" (as :func:`measure`), "ratio_step"
+    (median of teachers + step + other over the first's), "ratio_total" (median whole step over
+    the first's), "passes" (:func:`trunk_passes`), "step_peak_mib" (CUDA: the largest peak of a
+    step above what was allocated before it; None on CPU, where one process holds every method),
+    "device", "threads"}}``.
+    """
+    if steps < 1 or warmup < 0:
+        raise ValueError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup})")
+    rows: dict[str, dict[str, Any]] = {}
+    timing: dict[str, Config] = {}
+    for name, cfg in configs.items():
+        if isinstance(cfg, str):
+            rows[name] = {"skipped": cfg}
+        else:
+            rows[name] = {}
+            timing[name] = _timing_config(cfg)
+    base = next(iter(timing.values()))
+    accelerator = accelerator or make_accelerator(base)
+    data = data or resolve_data(base, accelerator)
+    tasks = data.tasks()
+    needs_teachers = base.distill.enabled or bool(base.distill.init_from_teacher)
+    teachers = _teachers(base, data, untrained_teachers) if needs_teachers else {}
+    device = accelerator.device
+    contexts: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
+        for name, cfg in timing.items():
+            work = Path(tmp) / name
+            try:
+                phase = student_phase(cfg, "student", data, tasks, work, teachers, None, True)
+            except ConfigError as err:
+                note = skipped_for_solvers(err)
+                if note is None:
+                    raise
+                rows[name] = {"skipped": note}
+                continue
+            contexts[name], _ = trainer.setup(accelerator, _bench_phase(phase, work))
+            contexts[name].module.train()
+            rows[name] = {
+                "weighting": cfg.weighting.name,
+                "kwargs": dict(cfg.weighting.kwargs),
+                "passes": trunk_passes(phase.module, cfg.train.gradient_accumulation_steps),
+            }
+        per_step: dict[str, list[dict[str, float]]] = {name: [] for name in contexts}
+        peaks: dict[str, float | None] = dict.fromkeys(contexts)
+        order = list(contexts)
+        for step in range(warmup + steps):
+            shift = step % len(order)
+            for name in order[shift:] + order[:shift]:
+                allocated = _step_start(device)
+                timings = _timed_step(contexts[name], step, device)
+                if step >= warmup:
+                    per_step[name].append(timings)
+                    peak = _step_peak_mib(device, allocated)
+                    if peak is not None:
+                        peaks[name] = max(peaks[name] or 0.0, peak)
+        del contexts
+    for name, timed in per_step.items():
+        rows[name].update(seconds=_means(timed), step_peak_mib=peaks[name], device=str(device),
+                          threads=torch.get_num_threads())  # fmt: skip
+    return _with_ratios(rows, "compute_median", "total_median")
+
+
+def _passes_cell(passes: dict[str, Any]) -> str:
+    cell = str(passes["backward"])
+    if passes["partial"]:
+        cell += f" (+{passes['partial']} to {passes['partial_to']})"
+    if passes["forward"]:
+        cell += f" (+{passes['forward']} forward)"
+    return cell
+
+
+def format_weighting_costs(rows: dict[str, dict[str, Any]]) -> str:
+    """Markdown: each method's step against the first row's (``sum``), then one line per method
+    that was skipped."""
+    ms = 1000.0
+    first = next(iter(rows))
+    lines = [
+        f"| method | ms/step (median) | × {first} | without data (ms, median) | "
+        f"× {first} without data | backward passes through the trunk | step peak MiB |",
+        "|:---|---:|---:|---:|---:|:---|---:|",
+    ]
+    skipped = []
+    for name, r in rows.items():
+        if "skipped" in r:
+            skipped.append(f"skipped {name}: {r['skipped']}")
+            continue
+        s, peak = r["seconds"], r["step_peak_mib"]
+        lines.append(
+            f"| {name} | {ms * s['total_median']:.1f} | {r['ratio_total']:.2f} | "
+            f"{ms * s['compute_median']:.1f} | {r['ratio_step']:.2f} | "
+            f"{_passes_cell(r['passes'])} | {'—' if peak is None else f'{peak:.0f}'} |"
+        )
+    return "\n".join(lines + ([""] if skipped else []) + skipped)
