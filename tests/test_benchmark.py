@@ -173,7 +173,7 @@ def test_weightings_alternate_against_sum(
     assert 'weighting.kwargs={"mode": "g"}' in groups["imtl-g"]
     assert any(o.startswith("train.optim.optimizer=") for o in groups["adatask"])
 
-    configs = weighting_configs(cfg, tasks, ["pcgrad", "mgda_ub", "nash_mtl"])
+    configs = weighting_configs(cfg, tasks, ["pcgrad", "mgda_ub", "alternating", "nash_mtl"])
 
     def no_solvers() -> None:
         raise ImportError("No module named 'cvxpy'")
@@ -193,23 +193,25 @@ def test_weightings_alternate_against_sum(
         finally:
             hook.remove()
             weighting = ctx.unwrapped.weighting
-            calls.append((getattr(weighting, "on", "loss"), count[0]))
+            calls.append((getattr(weighting, "on", type(weighting).__name__), count[0]))
 
     monkeypatch.setattr(unirep.trainer, "train_step", counting)
     rows = weighting_costs(configs, steps=2, warmup=0)  # nash_mtl: refused when it is built
-    assert list(rows) == ["sum", "pcgrad", "mgda_ub", "nash_mtl"]
+    assert list(rows) == ["sum", "pcgrad", "mgda_ub", "alternating", "nash_mtl"]
     assert "unirep[solvers]" in rows["nash_mtl"]["skipped"]
     timed = {name: r for name, r in rows.items() if "skipped" not in r}
     assert timed["sum"]["ratio_total"] == 1.0 and timed["sum"]["ratio_step"] == 1.0
     for r in timed.values():
         assert _finite_positive(r["seconds"]["total_median"]) and _finite_positive(r["ratio_total"])
         assert r["step_peak_mib"] is None  # CPU: one process holds every method
-    assert [r["passes"]["backward"] for r in timed.values()] == [1, 4, 1]  # T = 3
+    assert [r["passes"]["backward"] for r in timed.values()] == [1, 4, 1, 3]  # T = 3
     assert timed["mgda_ub"]["passes"]["partial"] == 3
+    assert timed["alternating"]["passes"]["forward"] == 2  # three groups of one task
     # round robin, rotated by one each step; autograd reached the trunk's input that many times
-    sum_, pcgrad, mgda_ub = ("loss", 1), ("parameters", 4), ("representation", 1)
-    assert calls == [sum_, pcgrad, mgda_ub, pcgrad, mgda_ub, sum_]
+    sum_, pcgrad, mgda_ub = ("SumWeighting", 1), ("parameters", 4), ("representation", 1)
+    alternating = ("AlternatingWeighting", 3)
+    assert calls == [sum_, pcgrad, mgda_ub, alternating, pcgrad, mgda_ub, alternating, sum_]
     table = format_weighting_costs(rows)
     assert "| sum |" in table and "| pcgrad |" in table
-    assert "| 1 (+3 to the trunk's output) |" in table
+    assert "| 1 (+3 to the trunk's output) |" in table and "| 3 (+2 forward) |" in table
     assert "skipped nash_mtl:" in table

@@ -678,7 +678,8 @@ WEIGHTING_METHODS = (
     "aligned_mtl", "upgrad", "adatask",
 )  # fmt: skip
 """The methods ``scripts/benchmark.py --weightings`` times by default (``imtl``: one row per
-mode, ``imtl-l``, ``imtl-g``, ``imtl-h``)."""
+mode, ``imtl-l``, ``imtl-g``, ``imtl-h``); any other registered one (e.g. ``alternating``, which
+needs ``train.gradient_accumulation_steps=1``) when named."""
 IMTL_MODES = ("l", "g", "h")
 _ADAM_LIKE = ("adam", "adamw")  # optimizers whose kwargs AdaTask's Adam rule takes as they are
 
@@ -763,12 +764,15 @@ def trunk_passes(module: Any, accumulation: int = 1) -> dict[str, Any]:
     gradient method on the shared parameters (one ``autograd.grad`` per task, one more for the
     joint terms when the objective has any, then the ordinary backward). ``partial``: backward
     passes that stop before the trunk's input, and where they stop (``partial_to``): ``T`` to the
-    trunk's output for ``mgda_ub``, ``T`` to the last shared layer for ``gradnorm``.
-    ``forward``: extra forward passes (FAMO's losses after the step). All times the
-    ``accumulation`` micro-batches of a step; ``T`` is the number of the weighting's tasks.
+    trunk's output for ``mgda_ub``, ``T`` to the last shared layer for ``gradnorm``. A method
+    that updates its task groups one after the other (``alternating``: ``updates`` optimizer
+    steps per batch) needs all of that once per group. ``forward``: extra forward passes (one
+    per group after the first; FAMO's losses after the step). All times the ``accumulation``
+    micro-batches of a step; ``T`` is the number of the weighting's tasks.
     """
     weighting = module.weighting
     tasks = len(weighting.tasks)
+    updates = len(weighting.update_groups())
     backward, partial, partial_to = 1, 0, None
     if isinstance(weighting, GradientWeighting) and weighting.on == "parameters":
         backward = 1 + tasks + (1 if len(module.objective.joint) else 0)
@@ -777,10 +781,11 @@ def trunk_passes(module: Any, accumulation: int = 1) -> dict[str, Any]:
     elif isinstance(weighting, GradNormWeighting):
         partial, partial_to = tasks, "the last shared layer"
     return {
-        "backward": backward * accumulation,
-        "partial": partial * accumulation,
+        "backward": backward * updates * accumulation,
+        "partial": partial * updates * accumulation,
         "partial_to": partial_to,
-        "forward": int(weighting.wants_losses_after_step) * accumulation,
+        "forward": (updates - 1 + int(weighting.wants_losses_after_step)) * accumulation,
+        "updates": updates,
         "tasks": tasks,
     }
 
