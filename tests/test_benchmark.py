@@ -93,6 +93,7 @@ def test_real_loop_is_the_trainers_train_step(
     assert calls == [0, 1, 2]
     _check(result, teachers=True, real=True)
     assert result["images_per_step"] == 3 * 8  # one batch of 8 per domain
+    assert result["seconds"]["page_faults"] >= 0  # minor page faults per step (the allocator)
 
 
 def test_minimal_loop_never_calls_the_trainer(

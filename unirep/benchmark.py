@@ -75,6 +75,7 @@ from unirep.models.build import architecture, build_network
 from unirep.optim import build_optimizer
 from unirep.recipe import evaluate_teachers, load_teachers, resolve_data, student_phase
 from unirep.rundir import make_accelerator, teacher_root
+from unirep.system import minor_page_faults
 from unirep.tasks import TASK_KINDS, Task
 from unirep.teachers import Teacher, TeacherMismatchError, freeze
 from unirep.trainer import Phase, teacher_outputs
@@ -168,6 +169,8 @@ def _means(per_step: list[dict[str, float]]) -> dict[str, float]:
     means["compute"] = statistics.fmean(compute)
     means["total_median"] = statistics.median(t["total"] for t in per_step)
     means["compute_median"] = statistics.median(compute)
+    if all("page_faults" in t for t in per_step):  # minor faults (the allocator, unirep.system)
+        means["page_faults"] = statistics.fmean(t["page_faults"] for t in per_step)
     return means
 
 
@@ -197,9 +200,10 @@ def _real(accelerator: Any, phase: Phase, steps: int, warmup: int) -> dict[str, 
     _reset_peak(device)
     per_step = []
     for step in range(warmup + steps):
+        faults = minor_page_faults()
         timings = _timed_step(ctx, step, device)
         if step >= warmup:
-            per_step.append(timings)
+            per_step.append({**timings, "page_faults": float(minor_page_faults() - faults)})
     peak, memory = _peak(device)
     return {"per_step": per_step, "peak_mib": peak, "memory": memory, "ctx": ctx}
 
@@ -470,9 +474,9 @@ def _rows(results: dict[str, Any]) -> Iterator[str]:
     ms = 1000.0
     yield (
         "| mode | loop | steps/s | img/s | data ms | teachers ms | step ms | other ms | "
-        "median ms | peak MiB |"
+        "median ms | peak MiB | page faults/step |"
     )
-    yield "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|"
+    yield "|:---|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     for mode, loops in results["results"].items():
         for loop, r in loops.items():
             s = r["seconds"]
@@ -480,7 +484,8 @@ def _rows(results: dict[str, Any]) -> Iterator[str]:
                 f"| {mode} | {loop} | {r['steps_per_second']:.2f} | "
                 f"{r['images_per_second']:.0f} | {s['data'] * ms:.1f} | "
                 f"{s['teachers'] * ms:.1f} | {s['step'] * ms:.1f} | {s['other'] * ms:.1f} | "
-                f"{s['total_median'] * ms:.1f} | {r['peak_mib']:.0f} |"
+                f"{s['total_median'] * ms:.1f} | {r['peak_mib']:.0f} | "
+                + (f"{s['page_faults']:.0f} |" if "page_faults" in s else "– |")
             )
 
 

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 from unirep.config import Config, ConfigError, preset_names
 from unirep.errors import UnirepError
+from unirep.system import tune_allocator
 from unirep.validate import load_config
 
 USAGE = (
@@ -51,7 +52,9 @@ def parse_args(argv: list[str] | None = None, prog: str = "script") -> Config:
 
 def run(main: Callable[[], None], prog: str) -> None:
     """Run a script's ``main``; every user-facing error (:class:`unirep.errors.UnirepError`: bad
-    config, data, teachers, a non-finite value) exits with its one-line message, no traceback."""
+    config, data, teachers, a non-finite value) exits with its one-line message, no traceback.
+    The allocator is set up first (:func:`unirep.system.tune_allocator`)."""
+    tune_allocator()
     try:
         main()
     except UnirepError as err:
