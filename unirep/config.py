@@ -115,6 +115,11 @@ class TrainConfig:
     # every N optimizer steps: per-task gradient cosines and per-layer task dominance of the
     # shared parameters (unirep.diagnostics; T extra backward passes on those steps); 0: off
     diagnostics_every: int = 0
+    # speed only (the same maths, to float rounding; unirep.trainer.setup): the networks and
+    # inputs in channels-last (NHWC) memory format; torch.compile of the student's forward (for
+    # CUDA; on CPU it needs a C++ compiler, checked at start-up)
+    channels_last: bool = False
+    compile: bool = False
     # "accuracy" (mean over domains) for classification; "delta_m" (vs the teachers) for dense
     # students. Always on the validation split. Teachers always select on their task's main
     # metric, so teachers.train leaves it at its default (unirep.validate refuses other values).
@@ -156,6 +161,11 @@ class TeachersConfig:
     finetune_train: TrainConfig | None = None  # recipe for the fine-tuned teachers
     finetune_lr: dict[str, float] = field(default_factory=dict)  # per-domain lr of that recipe
     retrain: bool = False
+    # how the frozen teachers run beside the student (unirep.teachers_batched): under autocast in
+    # bf16 or fp16 (null: the run's mixed_precision), outputs cast back to float32; teachers of
+    # one architecture and input shape evaluated as one vmapped call (the same outputs)
+    autocast: str | None = None
+    batched: bool = False
 
 
 @dataclass

@@ -175,6 +175,8 @@ def student_phase(
         teachers={t: teacher.net for t, teacher in teachers.items()} if distill else {},
         resume_from=resume_point(cfg, checkpoint_dir),
         num_workers=cfg.data.num_workers,
+        teacher_autocast=cfg.teachers.autocast,
+        batched_teachers=cfg.teachers.batched,
     )
 
 

@@ -201,9 +201,10 @@ def teacher_recipe(cfg: Config, task: str) -> TrainConfig:
     return recipe
 
 
-MEASUREMENT_ONLY = frozenset({"diagnostics_every"})
-"""Training-recipe keys that measure a phase without changing its weights: not in a teacher's
-key (so adding one never invalidates the teachers already cached)."""
+MEASUREMENT_ONLY = frozenset({"diagnostics_every", "channels_last", "compile"})
+"""Training-recipe keys that measure a phase, or only change its speed (the same maths to float
+rounding), without changing what it learns: not in a teacher's key (so adding one never
+invalidates the teachers already cached)."""
 
 
 def teacher_key(cfg: Config, data: RunData, task: str, world_size: int = 1) -> str:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from unirep.faults import failpoint
 from unirep.io import atomic_write_json, load_weights, read_json, save_weights
 from unirep.optim import build_optimizer, build_scheduler
 from unirep.tasks import Task
+from unirep.teachers_batched import BatchedTeachers, each_teacher, teacher_autocast_dtype
 from unirep.tracking import CSVLog
 from unirep.trainable import TrainableModule
 
@@ -61,6 +63,8 @@ class Phase:
     teachers: dict[str, nn.Module] = field(default_factory=dict)  # {task: frozen network}
     resume_from: Path | None = None  # a specific checkpoint; else the latest one, if any
     num_workers: int = 0
+    teacher_autocast: str | None = None  # teachers.autocast: bf16, fp16; None: mixed_precision
+    batched_teachers: bool = False  # teachers.batched: one call per architecture
 
 
 @dataclass
@@ -89,20 +93,51 @@ class StepContext:
     phase: str = "phase"
     groups: dict[str, list[nn.Parameter]] = field(default_factory=dict)  # named for NaN reports
     skipped: int = 0  # steps skipped for a non-finite value so far
+    teacher_dtype: torch.dtype | None = None  # teachers.autocast; None: the run's mixed precision
+    batched_teachers: BatchedTeachers | None = None  # teachers.batched
 
     @property
     def unwrapped(self) -> TrainableModule:
         return self.accelerator.unwrap_model(self.module)
 
+    def teacher_autocast(self) -> AbstractContextManager[Any]:
+        """The teachers' autocast: ``teachers.autocast``'s dtype, else the run's mixed
+        precision (accelerate's)."""
+        if self.teacher_dtype is None:
+            return self.accelerator.autocast()
+        return torch.autocast(self.accelerator.device.type, dtype=self.teacher_dtype)
 
-def teacher_outputs(teachers: dict[str, nn.Module], tasks: dict[str, Task], batch: Batch) -> Any:
-    """``{task: outputs}`` of each frozen teacher on its task's stream."""
-    out = {}
-    for name, net in teachers.items():
-        stream = tasks[name].stream
-        if stream in batch.inputs:
-            out[name] = net({stream: batch.inputs[stream]})[name]
-    return out
+
+def teacher_outputs(
+    teachers: dict[str, nn.Module],
+    tasks: dict[str, Task],
+    batch: Batch,
+    autocast: AbstractContextManager[Any] | None = None,
+    batched: BatchedTeachers | None = None,
+) -> dict[str, dict[str, Tensor]]:
+    """``{task: outputs}`` of each frozen teacher on its task's stream, in float32.
+
+    The teachers run under ``torch.inference_mode`` (no autograd record, no version counters) and
+    ``autocast`` (none: full precision); ``batched`` evaluates teachers of one architecture as
+    one call (``teachers.batched``; the same outputs). The outputs leave inference mode as
+    ordinary float32 copies: a loss may save them for its backward, which inference tensors
+    cannot be.
+    """
+    with torch.inference_mode(), autocast or nullcontext():
+        if batched is not None:
+            out = batched(batch.inputs)
+        else:
+            out = each_teacher(teachers, tasks, batch.inputs)
+    return {t: {k: v.to(torch.float32, copy=True) for k, v in o.items()} for t, o in out.items()}
+
+
+def _channels_last(batch: Batch) -> Batch:
+    """The batch's images in ``torch.channels_last`` (NHWC) memory format, like the weights."""
+    batch.inputs = {
+        s: x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x
+        for s, x in batch.inputs.items()
+    }
+    return batch
 
 
 def _sync(device: torch.device) -> None:
@@ -137,11 +172,13 @@ def train_step(
     for micro in range(accum):
         t0 = clock()
         batch = make_batch(next(ctx.stream), ctx.tasks).to(acc.device)
+        if cfg.channels_last:
+            batch = _channels_last(batch)
         t1 = clock()
         teacher_out = None
         if ctx.teachers:
-            with torch.no_grad(), acc.autocast():
-                teacher_out = teacher_outputs(ctx.teachers, ctx.tasks, batch)
+            teacher_out = teacher_outputs(ctx.teachers, ctx.tasks, batch, ctx.teacher_autocast(),
+                                          ctx.batched_teachers)  # fmt: skip
             if timings is not None:
                 _sync(acc.device)
         t2 = clock()
@@ -268,6 +305,10 @@ def setup(accelerator: Any, phase: Phase) -> tuple[StepContext, dict[str, Any]]:
     ``seconds``; zeros for a fresh phase).
     """
     cfg = phase.cfg
+    if cfg.channels_last:  # NHWC convolutions (tensor cores on CUDA); train_step converts inputs
+        phase.module.to(memory_format=torch.channels_last)
+    if cfg.compile:  # compiled on its first call (unirep.validate checked torch.compile works)
+        phase.module.student.compile()
     main, adapters = phase.module.optimizer_groups()
     specs = [(cfg.optim, main)] + ([(cfg.adapter_optim, adapters)] if adapters else [])
     optimizers, schedulers = [], []
@@ -279,7 +320,13 @@ def setup(accelerator: Any, phase: Phase) -> tuple[StepContext, dict[str, Any]]:
         )
     accelerator.gradient_accumulation_steps = cfg.gradient_accumulation_steps
     module, *optimizers = accelerator.prepare(phase.module, *optimizers)
-    teachers = {t: net.to(accelerator.device) for t, net in phase.teachers.items()}
+    memory_format = torch.channels_last if cfg.channels_last else torch.preserve_format
+    teachers = {
+        t: net.to(accelerator.device, memory_format=memory_format)
+        for t, net in phase.teachers.items()
+    }
+    batched = BatchedTeachers(teachers, phase.tasks) if phase.batched_teachers else None
+    teacher_dtype = teacher_autocast_dtype(phase.teacher_autocast, accelerator.device)
     record: dict[str, Any] = {
         "step": 0,
         "best_val": -math.inf,
@@ -307,6 +354,7 @@ def setup(accelerator: Any, phase: Phase) -> tuple[StepContext, dict[str, Any]]:
     ctx = StepContext(
         accelerator, module, optimizers, schedulers, stream, phase.tasks, teachers, cfg,
         phase=phase.name, groups=phase.module.named_groups(), skipped=record["skipped_steps"],
+        teacher_dtype=teacher_dtype, batched_teachers=batched,
     )  # fmt: skip
     return ctx, record
 

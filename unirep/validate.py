@@ -48,6 +48,7 @@ from unirep.models.dense import DENSE_ENCODERS
 from unirep.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 from unirep.registry import Registry
 from unirep.tasks import TASK_KINDS
+from unirep.teachers_batched import teacher_autocast_dtype
 from unirep.weighting import WEIGHTINGS
 
 if TYPE_CHECKING:
@@ -115,6 +116,7 @@ def validate(cfg: Config) -> None:
             f"choices with a 'dense' section: {', '.join(DENSE_SOURCES)}"
         )
     _check_run(cfg)
+    _check_speed(cfg)
     _check_ranges(cfg)
     for prefix, recipe in _recipes(cfg).items():
         _check_recipe(prefix, recipe)
@@ -273,6 +275,41 @@ def _check_run(cfg: Config) -> None:
             f"config key 'mixed_precision': 'fp16' needs a CUDA GPU, but this run is on CPU "
             f"({reason}); valid on CPU: bf16 or no"
         )
+
+
+def _device_type(cfg: Config) -> str:
+    """Where the run goes (as :func:`unirep.rundir.make_accelerator` decides)."""
+    return "cpu" if cfg.cpu or not torch.cuda.is_available() else "cuda"
+
+
+def _check_speed(cfg: Config) -> None:
+    """``teachers.autocast`` against the device; ``*.compile`` only where torch.compile works
+    (checked once, here, rather than failing at the first step of a phase)."""
+    device = torch.device(_device_type(cfg))
+    teacher_autocast_dtype(cfg.teachers.autocast, device)
+    keys = [f"{prefix}.compile" for prefix, recipe in _recipes(cfg).items() if recipe.compile]
+    if keys:
+        problem = _compile_problem(device.type)
+        if problem is not None:
+            raise ConfigError(
+                f"config key {keys[0]!r}: torch.compile does not work on this {device.type} "
+                f"machine ({problem}); set {keys[0]}=false"
+            )
+
+
+def _compile_problem(device_type: str) -> str | None:
+    """Why torch.compile cannot run on ``device_type`` here, or None. On CUDA, Inductor needs
+    Triton; on CPU it compiles C++, so a tiny function is compiled to find out."""
+    if device_type == "cuda":
+        import importlib.util
+
+        return None if importlib.util.find_spec("triton") else "the triton package is missing"
+    try:
+        torch.compile(lambda x: x * 2 + 1)(torch.ones(2))
+    except Exception as err:  # any failure means: not usable here
+        lines = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {lines[0] if lines else ''}"[:300]
+    return None
 
 
 def _check_ranges(cfg: Config) -> None:
