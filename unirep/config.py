@@ -71,6 +71,9 @@ class DataConfig:
     batch_sizes: dict[str, int] = field(default_factory=dict)
     eval_batch_size: int = 256
     num_workers: int = 0
+    # decoded training-resolution samples kept in memory up to this size (MiB; 0: off); the
+    # random augmentation is still drawn per sample: the same numbers (unirep.data.memory)
+    memory_cache_mib: int = 0
     on_corrupt: str = "error"  # "error" or "skip"
     generator: dict[str, Any] = field(default_factory=dict)  # kwargs of the synthetic generator
     hf_domains: dict[str, HFDomainConfig] = field(default_factory=dict)  # extra domains

@@ -119,7 +119,10 @@ def run_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / "metrics.json").is_file()
 
 
-RESUME_MAY_CHANGE = {"resume", "overwrite", "name", "output_dir", "progress"}
+RESUME_MAY_CHANGE = {"resume", "overwrite", "name", "output_dir", "progress",
+                     "data.memory_cache_mib"}  # fmt: skip
+"""Keys a resumed (or read back) run may change: where it goes and how fast it reads, not what it
+computes (dotted keys name one setting, plain ones a whole section)."""
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -131,6 +134,10 @@ def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[name] = value
     return flat
+
+
+def _may_change(key: str) -> bool:
+    return key.split(".")[0] in RESUME_MAY_CHANGE or key in RESUME_MAY_CHANGE
 
 
 def _is_default(cfg: Config, key: str) -> bool:
@@ -166,7 +173,7 @@ def check_same_config(cfg: Config, saved_path: Path, finished: bool = False) -> 
     changed = sorted(
         k
         for k in set(saved) | set(now)
-        if k.split(".")[0] not in RESUME_MAY_CHANGE
+        if not _may_change(k)
         and saved.get(k) != now.get(k)
         and not (k not in saved and _is_default(cfg, k))  # a key added later, at its default
     )

@@ -325,6 +325,12 @@ def _check_ranges(cfg: Config) -> None:
     for key, value in sizes.items():
         _at_least_one(key, value)
     _require(data.num_workers >= 0, "data.num_workers", data.num_workers, "an integer >= 0")
+    _require(
+        _finite(data.memory_cache_mib) and data.memory_cache_mib >= 0,
+        "data.memory_cache_mib",
+        data.memory_cache_mib,
+        "a size in MiB >= 0 (0: off)",
+    )
     generator = _GENERATORS.get(data.source)
     if generator is not None:
         _check_arguments(

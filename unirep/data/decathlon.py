@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from unirep.data.checks import SkippedFile, cached_scan, files_fingerprint
+from unirep.data.memory import MemoryCache
 from unirep.data.transforms import classification_sample
 from unirep.errors import DataError, UnirepError
 
@@ -168,6 +169,7 @@ class DecathlonDomain(torch.utils.data.Dataset):
         self.domain = domain
         self.split = split
         self.transform = transform
+        self.memory: MemoryCache | None = None  # decoded, resized images (DomainSet sets it)
         self.on_corrupt = on_corrupt
         if not self.root.is_dir():
             raise DataRootError(
@@ -329,11 +331,20 @@ class DecathlonDomain(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         return classification_sample(
-            self.transform,
-            self._load(self._paths[index]),
-            self.labels[index],
-            self.image_ids[index],
+            self.transform, self._image(index), self.labels[index], self.image_ids[index]
         )
+
+    def _image(self, index: int) -> Any:
+        """The decoded image; with a memory cache and a resizing transform, the image already
+        resized (uint8 ``[3, H', W']``, kept): the transform's resize then leaves it as it is, so
+        the sample is the one decoding would give."""
+        path = self._paths[index]
+        resized = getattr(self.transform, "resized", None)
+        if self.memory is None or resized is None:
+            return self._load(path)
+        t = self.transform
+        key = (str(path), t.resize, t.square_resize)  # type: ignore[union-attr]
+        return self.memory.get(key, lambda: resized(self._load(path)))
 
     def __repr__(self) -> str:
         return (

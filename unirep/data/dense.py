@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from unirep.data.checks import SkippedFile
 from unirep.data.decathlon import DataRootError
+from unirep.data.memory import MemoryCache
 from unirep.errors import DataError
 
 __all__ = [
@@ -219,6 +220,7 @@ class MTANDense(torch.utils.data.Dataset):
         scales: tuple[float, ...] = (1.0, 1.2, 1.5),
         flip: bool = True,
         generator: torch.Generator | None = None,
+        memory: MemoryCache | None = None,
     ) -> None:
         unknown = [t for t in tasks if t not in DENSE_TASKS]
         if unknown:
@@ -238,6 +240,7 @@ class MTANDense(torch.utils.data.Dataset):
         self.scales = tuple(float(s) for s in scales)
         self.flip = flip
         self.generator = generator
+        self.memory = memory  # the arrays of a sample, read once (data.memory_cache_mib)
 
         layout = _layout(self.root, split, label_dir)
         if not self.root.is_dir():
@@ -329,6 +332,22 @@ class MTANDense(torch.utils.data.Dataset):
         index = int(index)
         if not 0 <= index < self._length:
             raise IndexError(f"index {index} out of range [0, {self._length})")
+        if self.memory is None:
+            sample = self._read(index)
+        else:  # a copy of the dict: the cached tensors are never modified
+            key = (str(self.root), self.split, index, tuple(self.tasks))
+            sample = dict(self.memory.get(key, lambda: self._read(index)))
+        height, width = sample["image"].shape[-2:]
+        crop, flipped = ScaleCrop(1.0, 0, 0, height, width), False
+        if self.augment:
+            sample, crop, flipped = self._augment(sample)
+        sample["index"] = index
+        sample["id"] = index
+        sample["aug"] = scale_crop_params(crop, flipped)
+        return sample
+
+    def _read(self, index: int) -> dict[str, Any]:
+        """The sample's arrays as tensors, before augmentation (never modified afterwards)."""
         image = self._load("image", index)
         sample: dict[str, Any] = {
             "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1), np.float32))
@@ -346,13 +365,6 @@ class MTANDense(torch.utils.data.Dataset):
             sample["normal"] = torch.from_numpy(
                 np.ascontiguousarray(normal.transpose(2, 0, 1), np.float32)
             )
-        height, width = sample["image"].shape[-2:]
-        crop, flipped = ScaleCrop(1.0, 0, 0, height, width), False
-        if self.augment:
-            sample, crop, flipped = self._augment(sample)
-        sample["index"] = index
-        sample["id"] = index
-        sample["aug"] = scale_crop_params(crop, flipped)
         return sample
 
     def _augment(self, sample: dict[str, Any]) -> tuple[dict[str, Any], ScaleCrop, bool]:

@@ -29,6 +29,7 @@ from unirep.data.checks import SkippedFile, cached_scan, files_fingerprint
 from unirep.data.decathlon import ON_CORRUPT_CHOICES, DataRootError
 from unirep.data.dense import MTANDense
 from unirep.data.generated import read_marker
+from unirep.data.memory import memory_cache
 from unirep.data.scenes import SCENE_CLASSES, ensure_mini_scenes
 from unirep.errors import DataError
 
@@ -70,8 +71,10 @@ class DenseData:
     source: str
     on_corrupt: str = "error"
     cache_dir: Path | None = None
+    memory_cache_mib: float = 0  # decoded samples kept in memory (data.memory_cache_mib)
 
     def __post_init__(self) -> None:
+        self._memory = memory_cache(self.memory_cache_mib)
         if self.on_corrupt not in ON_CORRUPT_CHOICES:
             raise ValueError(
                 f"unknown on_corrupt {self.on_corrupt!r}; valid: {', '.join(ON_CORRUPT_CHOICES)}"
@@ -150,6 +153,7 @@ class DenseData:
             augment=augment,
             scales=self.scales,
             flip=self.flip,
+            memory=self._memory,
         )
 
     def carved(self) -> tuple[list[int], list[int]]:
@@ -290,6 +294,7 @@ def build_dense_data(cfg: Config, cache_dir: Path) -> DenseData:
         flip=dense.flip,
         augment=dense.augment,
         val_folder=dense.val_folder,
+        memory_cache_mib=cfg.data.memory_cache_mib,
         val_fraction=dense.val_fraction,
         test_folder=dense.test_folder,
         source=cfg.data.source,

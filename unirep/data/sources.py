@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from unirep.config import DataConfig
 from unirep.data.decathlon import SPLITS, DataRootError, DecathlonDomain
+from unirep.data.memory import MemoryCache, memory_cache
 from unirep.data.stats import domain_mean_std
 from unirep.data.synthetic import ensure_mini_decathlon
 from unirep.data.transforms import build_transform
@@ -46,6 +47,12 @@ class DomainSet:
     _datasets: dict[tuple[str, str, bool], Any] = field(default_factory=dict)
     # {domain: preprocessing} recorded by an exported model, used instead of the config's
     recorded: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # decoded training-resolution images (data.memory_cache_mib), shared by the splits
+    memory: MemoryCache | None = None
+
+    def __post_init__(self) -> None:
+        if self.memory is None:
+            self.memory = memory_cache(self.cfg.memory_cache_mib)
 
     def mean_std(self, domain: str) -> tuple[list[float], list[float]]:
         """Per-domain normalisation (reference figures, or computed once from train and cached)."""
@@ -69,6 +76,7 @@ class DomainSet:
                     on_corrupt=self.cfg.on_corrupt,
                     scan_cache_dir=self.cache_dir,
                 )
+                self._raw[key].memory = self.memory
         return self._raw[key]
 
     def check(self) -> None:
