@@ -1,8 +1,8 @@
 """Time the real training step against a minimal loop; split a phase into its parts.
 
     python scripts/benchmark.py [--steps N] [--warmup N] [--json PATH] [--run-dir DIR]
-        [--untrained-teachers] [--joint-scaling | --term-costs | --weightings[=NAMES]
-        [--with-distill]] [--config PRESET_OR_PATH] [key=value ...]
+        [--untrained-teachers] [--joint-scaling | --term-costs | --options |
+        --weightings[=NAMES] [--with-distill]] [--config PRESET_OR_PATH] [key=value ...]
 
 For the baseline and the distilled student of the config (any preset, any ``weighting=``), times
 ``unirep.trainer.train_step`` (what ``fit`` runs) split into data / teachers / step, one
@@ -18,7 +18,10 @@ untrained teachers (same cost, no training; say so where you quote the numbers),
 ``--joint-scaling`` only times the partial-label joint terms (MTPSL, JTR) against the number of
 tasks (random inputs, 8 images of 48×64; no config needed), ``--term-costs`` only times the
 student's real step with distillation alone, then + each cross-task / contrastive term of the
-ablation (``scripts/compare.py --variants xtask``) and + all of them, ``--weightings`` only
+ablation (``scripts/compare.py --variants xtask``) and + all of them, ``--options`` only times
+the student's real step with each speed option on against all off
+(``unirep.benchmark.OPTION_VARIANTS``: channels_last, compile, bf16, batched teachers, teachers
+in bf16), on CUDA when present, ``--weightings`` only
 times the student's real step under each task-balancing method (``unirep.weighting``; NAMES:
 comma-separated registry names, ``imtl`` for its three modes or ``imtl-l`` / ``-g`` / ``-h``;
 default ``unirep.benchmark.WEIGHTING_METHODS``), the methods alternated step by step in one
@@ -28,7 +31,9 @@ are missing (``unirep[solvers]``) are skipped with a note, e.g.
 ``python scripts/benchmark.py --config mini-scenes-balance --weightings``. Otherwise (and with
 ``--with-distill``) the config's teachers are used when they verify, else trained into the run
 dir with the config's teacher recipe, which overrides can shorten, e.g.
-``teachers.train.max_steps=50``. ``--json`` writes the rows of the table of each mode.
+``teachers.train.max_steps=50``. ``--json`` writes the rows of the table of each mode. Where CUDA
+is present, the default benchmark ends with a GPU section: its table on CUDA (measured again
+there if ``cpu=true``) and the ``--options`` rows on CUDA (in the JSON under ``gpu``).
 """
 
 from __future__ import annotations
@@ -41,8 +46,11 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from teachers.recipe import ensure_teachers
 from unirep.benchmark import (
+    OPTION_VARIANTS,
     format_joint_scaling,
     format_report,
     format_term_costs,
@@ -72,6 +80,7 @@ def split_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--untrained-teachers", action="store_true")
     parser.add_argument("--joint-scaling", action="store_true")
     parser.add_argument("--term-costs", action="store_true")
+    parser.add_argument("--options", action="store_true")
     parser.add_argument("--weightings", nargs="?", const="", metavar="NAMES")
     parser.add_argument("--with-distill", action="store_true")
     flags, rest = parser.parse_known_args(argv)
@@ -150,17 +159,52 @@ def _weightings(cfg: Config, flags: argparse.Namespace) -> None:
     _report_rows(rows, format_weighting_costs(rows), source, flags, note)
 
 
+def _side_by_side(
+    cfg: Config, rest: list[str], flags: argparse.Namespace, variants: dict[str, list[str]]
+) -> tuple[dict[str, dict[str, Any]], str]:
+    """(rows, where the teachers come from): the student's real step under each variant's
+    overrides, each in a fresh process, against the first (:func:`unirep.benchmark.term_costs`)."""
+    configs = _configs(rest, variants)
+    with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
+        cfg, source, _ = _with_teachers(cfg, flags, Path(tmp))
+        _use_teachers(configs.values(), cfg.teachers.root)
+        rows = term_costs(configs, flags.steps, flags.warmup, flags.untrained_teachers)
+    return rows, source
+
+
 def _term_costs(cfg: Config, rest: list[str], flags: argparse.Namespace) -> None:
     """The student's step with distillation alone, then with each cross-task / contrastive
     term of the ablation (:data:`unirep.compare.XTASK_VARIANTS`), side by side."""
     variants = {n: o for n, o in XTASK_VARIANTS.items() if not n.startswith("combine:")}
     every = [o for n, over in XTASK_VARIANTS.items() for o in over if n != "distill"]
-    configs = _configs(rest, {**variants, "+all terms": list(dict.fromkeys(every))})
-    with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
-        cfg, source, _ = _with_teachers(cfg, flags, Path(tmp))
-        _use_teachers(configs.values(), cfg.teachers.root)
-        rows = term_costs(configs, flags.steps, flags.warmup, flags.untrained_teachers)
+    variants["+all terms"] = list(dict.fromkeys(every))
+    rows, source = _side_by_side(cfg, rest, flags, variants)
     _report_rows(rows, format_term_costs(rows), source, flags)
+
+
+def _gpu_section(cfg: Config, rest: list[str], flags: argparse.Namespace) -> dict[str, Any]:
+    """Where CUDA is present: the benchmark's table on it (measured again if the main one ran
+    with ``cpu=true``) and each speed option on vs off there; returns both for the JSON."""
+    print(f"\n## GPU section ({torch.cuda.get_device_name()})\n")
+    gpu: dict[str, Any] = {}
+    if cfg.cpu:
+        gpu = _default_benchmark(parse_args([*rest, "cpu=false"], prog="benchmark.py"), flags)
+    rows, _ = _side_by_side(cfg, [*rest, "cpu=false"], flags, OPTION_VARIANTS)
+    print(format_term_costs(rows))
+    return {**gpu, "options": rows}
+
+
+def _default_benchmark(cfg: Config, flags: argparse.Namespace) -> dict[str, Any]:
+    """Both modes, both loops (the main table), printed; returns the results."""
+    cfg, source, (accelerator, data) = _with_teachers(cfg, flags, flags.run_dir)
+    print(f"teachers: {source}")
+    results = run_benchmark(
+        cfg, flags.steps, flags.warmup, flags.untrained_teachers, data=data,
+        accelerator=accelerator,
+    )  # fmt: skip
+    results["info"]["teachers"] = source
+    print(format_report(results))
+    return results
 
 
 def main() -> None:
@@ -175,18 +219,18 @@ def main() -> None:
     if flags.term_costs:
         _term_costs(cfg, rest, flags)
         return
+    if flags.options:  # each speed option on vs off (on CUDA when present)
+        rows, source = _side_by_side(cfg, rest, flags, OPTION_VARIANTS)
+        _report_rows(rows, format_term_costs(rows), source, flags)
+        return
     if flags.weightings is not None:
         _weightings(cfg, flags)
         return
     with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
-        cfg, source, (accelerator, data) = _with_teachers(cfg, flags, Path(tmp))
-        print(f"teachers: {source}")
-        results = run_benchmark(
-            cfg, flags.steps, flags.warmup, flags.untrained_teachers, data=data,
-            accelerator=accelerator,
-        )  # fmt: skip
-    results["info"]["teachers"] = source
-    print(format_report(results))
+        flags.run_dir = flags.run_dir or Path(tmp)  # teachers trained once, for both sections
+        results = _default_benchmark(cfg, flags)
+        if torch.cuda.is_available():
+            results["gpu"] = _gpu_section(cfg, rest, flags)
     if flags.json:
         flags.json.write_text(json.dumps(results, indent=2) + "\n")
         print(f"wrote {flags.json}")

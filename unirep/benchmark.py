@@ -38,8 +38,9 @@ architecture instead: the same cost per step, but not trained weights (say so wh
 Run it as one process (``python``, not ``accelerate launch``); the device is the accelerator's
 (CUDA when present, ``cpu=true`` forces CPU).
 
-Two comparisons of the student's real step under configs that differ in one setting, each
-against the first: :func:`term_costs` (each config in a fresh process, one after the other) and
+Comparisons of the student's real step under configs that differ in one setting, each
+against the first: :func:`term_costs` (each config in a fresh process, one after the other; the
+speed options of :data:`OPTION_VARIANTS` are compared this way, on CUDA when present) and
 :func:`weighting_costs` (every task-balancing method of :func:`weighting_variants` set up in one
 process and alternated step by step, so that a drift of the machine's load falls on all alike;
 with the backward passes through the trunk each method needs, :func:`trunk_passes`).
@@ -640,6 +641,20 @@ def term_costs(
         result = _spawned(args) if spawn else measure(*args)
         out[name] = {key: result[key] for key in ("seconds", "device", "threads")}
     return _with_ratios(out, "compute", "total")
+
+
+OPTION_VARIANTS: dict[str, list[str]] = {
+    "default": [],
+    "channels_last": ["train.channels_last=true"],
+    "compile": ["train.compile=true"],
+    "bf16": ["mixed_precision=bf16"],
+    "batched teachers": ["teachers.batched=true"],
+    "teachers bf16": ["teachers.autocast=bf16"],
+}
+"""The speed options (``scripts/benchmark.py --options``, and its GPU section): each on its own
+against the default, by :func:`term_costs` (each in a fresh process: ``mixed_precision`` is the
+accelerator's). ``bf16`` is the run's mixed precision (student and teachers); ``compile`` spends
+its compilation in the warm-up steps."""
 
 
 def _with_ratios(
