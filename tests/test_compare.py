@@ -117,7 +117,8 @@ def test_side_by_side_jobs_compute_what_one_process_computes_and_share_teachers(
         teacher_jobs = [j for j in cost["job_seconds"] if j.startswith("teacher ")]
         assert len(teacher_jobs) == 3  # 3 tasks, not × 3 variants
         assert len(list((tmp_path / f"teachers{workers}").glob("*/teacher.json"))) == 3
-        assert cost["workers"] == workers and len(cost["job_seconds"]) == 3 + 3
+        # 3 teachers + 2 runs: best-of's chosen config has run already, so it is reused
+        assert cost["workers"] == workers and len(cost["job_seconds"]) == 3 + 2
         assert notes and "→" in notes[0]
         chosen = notes[0].split("→ ")[1].split(" ")[0]
         assert _without_seconds(results["best-of:supervised,mtpsl"]) == _without_seconds(
@@ -221,8 +222,9 @@ def test_jobs_run_in_worker_processes_and_a_failure_is_raised() -> None:
 def test_the_critical_path_runs_first_and_derived_runs_start_as_soon_as_they_can(
     tiny_cache: Path, tmp_path: Path
 ) -> None:
-    """Teachers, then the candidates of a derived variant, then the derived runs, then the rest
-    (which only fill idle workers); the runners are injected, so nothing trains here."""
+    """Teachers, then the candidates of a derived variant, then the derived runs (none when the
+    chosen config has run already), then the rest (which only fill idle workers); the runners
+    are injected, so nothing trains here."""
     calls: list[str] = []
 
     def fake_run(preset: str | None, overrides: list[str]) -> dict:
@@ -244,9 +246,11 @@ def test_the_critical_path_runs_first_and_derived_runs_start_as_soon_as_they_can
     )  # fmt: skip
     teachers = [c for c in calls if c.startswith("teacher ")]
     assert len(teachers) == 6 and calls[:6] == teachers  # 3 tasks × 2 seeds (seed in the key)
-    assert calls[6:] == ["b-seed0", "b-seed1", "c-seed0", "c-seed1", "best-of-b-c-seed0",
-                         "best-of-b-c-seed1", "a-seed0", "a-seed1"]  # fmt: skip
-    assert "→ c" in notes[0] and list(results) == ["a", "b", "c", "best-of:b,c"]
+    # best-of:b,c is c's config: c's runs are reused, not run again
+    assert calls[6:] == ["b-seed0", "b-seed1", "c-seed0", "c-seed1", "a-seed0", "a-seed1"]
+    assert "→ c" in notes[0] and "runs are reused" in notes[0]
+    assert list(results) == ["a", "b", "c", "best-of:b,c"]
+    assert results["best-of:b,c"] == results["c"]
 
 
 def test_the_balance_set_sweeps_static_weights_over_the_run_tasks() -> None:

@@ -609,8 +609,13 @@ def run_comparison(
         for candidate in list(waiting):
             if all(c in complete for c in waits_for(candidate, reference)):
                 extra, note = resolve(candidate, by_name, complete, reference)
-                notes.append(note)
                 waiting.remove(candidate)
+                same = [c for c in complete if by_name[c].overrides == extra]
+                if same:  # the config of runs already made: the same numbers, not run again
+                    metrics[candidate.name] = dict(zip(seeds, complete[same[0]], strict=True))
+                    notes.append(f"{note}; the same config as {same[0]}, whose runs are reused")
+                    continue
+                notes.append(note)
                 for seed in seeds:
                     added += run_jobs_of(candidate, extra, seed)
         return added
