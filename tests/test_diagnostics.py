@@ -33,7 +33,7 @@ def _setup() -> tuple[_Trunk, TaskDiagnostics, list[nn.Parameter]]:
 def test_layers_are_modules_owning_a_matrix() -> None:
     trunk = _Trunk()
     layers = shared_layers(list(trunk.named_parameters()))
-    assert [n for n, _ in trunk.named_parameters()][0] == "scale"  # own parameters come first
+    assert next(n for n, _ in trunk.named_parameters()) == "scale"  # own parameters come first
     assert layers == {"first": [1], "second": [2, 3]}
 
 
