@@ -11,7 +11,6 @@ the batched path when the config asks for it, with the same step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,13 +37,7 @@ CLASSIFICATION = {"backbone": "resnet_decathlon_tiny", "backbone_kwargs": {}}
 BF16_TOLERANCE = 0.02  # relative L2 error of bf16 outputs against float32 (2^-8 per rounding)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread
 
 
 def _teachers(arch: dict, tasks: dict[str, Task], seed: int = 0) -> dict[str, nn.Module]:

@@ -35,13 +35,7 @@ DENSE = {"encoder": "segnet", "encoder_kwargs": {"width_mult": 0.125}, "decoder_
 CLASSIFICATION = {"backbone": "resnet_decathlon_tiny", "backbone_kwargs": {}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread
 
 
 def _dense_cfg(cache: Path, out: Path, *extra: str) -> Config:

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torchjd import scalarization as torchjd_scalarization
 
+from tests.test_weighting import TinyModel
 from unirep.losses.bundle import LossBundle
 from unirep.weighting import (
     DWAWeighting,
@@ -92,19 +93,6 @@ class PairedAccelerator(FakeAccelerator):
         out = (tensor + self.other.sent[self.calls]) / 2
         self.calls += 1
         return out
-
-
-class TinyModel(nn.Module):
-    """``[B, 4] → trunk (linear, tanh) → [B, 3] → head_t → [B]`` for each task ``t``."""
-
-    def __init__(self, tasks: list[str] = TASKS) -> None:
-        super().__init__()
-        self.trunk = nn.Linear(4, 3)
-        self.heads = nn.ModuleDict({t: nn.Linear(3, 1) for t in tasks})
-
-    def forward(self, x: Tensor) -> dict[str, Tensor]:
-        z = torch.tanh(self.trunk(x))
-        return {t: head(z).squeeze(-1) for t, head in self.heads.items()}
 
 
 def _model(tasks: list[str] = TASKS) -> TinyModel:

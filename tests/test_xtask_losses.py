@@ -8,7 +8,6 @@ including a two-process gloo run that must reproduce the one-process loss and gr
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,13 +37,7 @@ WIDTHS = (4, 8)
 MASK = torch.tensor([True, False, True, False])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny tensors: one intra-op thread is fastest and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: one thread
 
 
 def _batch(seed: int = 0, dtype: torch.dtype = torch.float64) -> tuple[dict, dict]:

@@ -43,6 +43,7 @@ the same weights, whatever the gradients' magnitude.
 
 from __future__ import annotations
 
+import abc
 import copy
 import math
 import warnings
@@ -60,7 +61,7 @@ AGGREGATORS: Registry[Aggregator] = Registry("gradient aggregator")
 SOLVERS_EXTRA = 'pip install "unirep[solvers]"'
 
 
-class Aggregator(nn.Module):
+class Aggregator(nn.Module, abc.ABC):
     """``forward(gramian [T, T]) -> weights [T]``: the combination ``d = weights @ J``.
 
     State (e.g. Nash-MTL's previous weights) lives in buffers, so it is checkpointed with the
@@ -75,9 +76,9 @@ class Aggregator(nn.Module):
         self.num_tasks = int(num_tasks)
         self.scale = scale
 
+    @abc.abstractmethod
     def weights(self, gramian: Tensor) -> Tensor:
         """The weights of all ``num_tasks`` gradients (Gramian ``[num_tasks, num_tasks]``)."""
-        raise NotImplementedError
 
     def subset_weights(self, gramian: Tensor, index: Tensor) -> Tensor:
         """The weights of the gradients ``index`` of the full set, from their Gramian
