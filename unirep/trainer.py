@@ -158,6 +158,7 @@ def train_step(
     """
     acc, cfg = ctx.accelerator, ctx.cfg
     accum = cfg.gradient_accumulation_steps
+    shared = ctx.unwrapped.shared_parameters()  # once per step, not per micro-batch
     weighting = ctx.unwrapped.weighting
     logs: dict[str, Tensor] = {}
     counts: dict[str, int] = {}
@@ -184,8 +185,8 @@ def train_step(
         t2 = clock()
         for g, group in enumerate(groups):
             last = micro == accum - 1 and g == len(groups) - 1
-            terms = _update(ctx, batch, teacher_out, step, group, g == 0, measure and last,
-                            finite[g])  # fmt: skip
+            terms = _update(ctx, shared, batch, teacher_out, step, group, g == 0,
+                            measure and last, finite[g])  # fmt: skip
             for k, v in terms.items():  # the mean over the micro-batches that logged the term
                 v = v.to(dtype)
                 logs[k] = logs[k] + v if k in logs else v
@@ -202,6 +203,7 @@ def train_step(
 
 def _update(
     ctx: StepContext,
+    shared: list[nn.Parameter],
     batch: Batch,
     teacher_out: Any,
     step: int,
@@ -215,7 +217,7 @@ def _update(
     the whole bundle's (``log_bundle``) and the weighting's."""
     acc, cfg = ctx.accelerator, ctx.cfg
     unwrapped = ctx.unwrapped
-    weighting, shared, diagnostics = unwrapped.weighting, unwrapped.shared_parameters(), None
+    weighting, diagnostics = unwrapped.weighting, None
     updated = False
     with acc.accumulate(ctx.module):
         bundle = ctx.module(batch, teacher_out, step, cfg.max_steps, group, log_bundle)
