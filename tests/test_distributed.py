@@ -17,17 +17,27 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def test_two_processes_share_training(tiny_cache: Path, tmp_path: Path) -> None:
+def _launch(port: int, args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """``scripts/distill.py args`` under ``accelerate launch --multi_gpu`` with 2 CPU processes
+    (one thread each), ``env`` added to the environment (``UNIREP_KILL_AT`` only when given)."""
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
-        str(ROOT / "scripts" / "distill.py"),
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        str(ROOT / "scripts" / "distill.py"), *args,
+    ]  # fmt: skip
+    full = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    full.pop("UNIREP_KILL_AT", None)
+    return subprocess.run(command, capture_output=True, text=True, env={**full, **env},
+                          timeout=600)  # fmt: skip
+
+
+def test_two_processes_share_training(tiny_cache: Path, tmp_path: Path) -> None:
+    args = [
         *TINY, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}", "name=ddp",
         "teachers.retrain=true", f"teachers.root={tmp_path / 'teachers'}",
     ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = _launch(29517, args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["summary"]["num_processes"] == 2
@@ -46,19 +56,9 @@ def test_two_processes_killed_and_resumed_match_an_uninterrupted_run(
     metrics.json and results.json equal an uninterrupted 2-process run's (timings aside)."""
 
     def launch(name: str, port: int, kill_at: str | None = None, *extra: str):
-        command = [
-            sys.executable, "-m", "accelerate.commands.launch",
-            "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-            str(ROOT / "scripts" / "distill.py"),
-            *TINY, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}", f"name={name}",
-            "baseline=false", *extra,
-        ]  # fmt: skip
-        env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-        env.pop("UNIREP_KILL_AT", None)
-        if kill_at:
-            env["UNIREP_KILL_AT"] = kill_at
-        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+        args = [*TINY, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}", f"name={name}",
+                "baseline=false", *extra]  # fmt: skip
+        return _launch(port, args, **({"UNIREP_KILL_AT": kill_at} if kill_at else {}))
 
     whole = launch("whole", 29531)
     assert whole.returncode == 0, whole.stdout[-2000:] + whole.stderr[-3000:]
@@ -89,16 +89,12 @@ def test_two_processes_train_the_partial_label_joint_terms(
     """mini-scenes one-label with MTPSL and distillation on 2 processes: batches where a rank has
     no (unlabelled, labelled) pair leave the mapping network unused there, which DDP tolerates
     (every parameter takes part with a zero gradient); the run finishes with 2 processes."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29541",
-        str(ROOT / "scripts" / "distill.py"), "--config", "mini-scenes-onelabel",
+    args = [
+        "--config", "mini-scenes-onelabel",
         *TINY_DENSE, "data.batch_size=2", f"data.cache_dir={tiny_cache}",
         f"output_dir={tmp_path}", "name=part", "baseline=false",
     ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = _launch(29541, args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "part" / "metrics.json").read_text())
     assert metrics["summary"]["num_processes"] == 2
@@ -110,17 +106,13 @@ def test_two_processes_alternate_task_groups(tiny_cache: Path, tmp_path: Path) -
     """``weighting=alternating`` on 2 processes: each group's step leaves the other tasks' heads
     and adapters without a gradient, which DDP is told to expect; the run finishes, both ranks
     taking part."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29543",
-        str(ROOT / "scripts" / "distill.py"), "--config", "mini-scenes",
+    args = [
+        "--config", "mini-scenes",
         *TINY_DENSE, "data.batch_size=2", f"data.cache_dir={tiny_cache}",
         f"output_dir={tmp_path}", "name=alt", "baseline=false",
         "weighting={name: alternating, kwargs: {group_size: 1}}",
     ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = _launch(29543, args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "alt" / "metrics.json").read_text())
     assert metrics["summary"]["num_processes"] == 2
