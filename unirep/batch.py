@@ -30,6 +30,9 @@ class Batch:
         ids: ``{stream: int64 [B_s]}`` stable sample ids.
         aug: ``{stream: {name: tensor [B_s, ...]}}`` the augmentation drawn per sample
             (crop box, scale, flip); empty where a dataset does not record it.
+        teacher: ``{task: {"features", "pred": tensor [B_s, ...]}}`` the teachers' outputs read
+            from the teacher-output cache (:mod:`unirep.teacher_cache`), float32; empty when the
+            teachers run online.
     """
 
     inputs: dict[str, Tensor]
@@ -37,6 +40,7 @@ class Batch:
     label_mask: dict[str, Tensor]
     ids: dict[str, Tensor] = field(default_factory=dict)
     aug: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    teacher: dict[str, dict[str, Tensor]] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> Batch:
         """The batch on ``device`` (non-blocking copies)."""
@@ -50,6 +54,7 @@ class Batch:
             label_mask={t: move(x) for t, x in self.label_mask.items()},
             ids={s: move(x) for s, x in self.ids.items()},
             aug={s: {k: move(v) for k, v in a.items()} for s, a in self.aug.items()},
+            teacher={t: {k: move(v) for k, v in o.items()} for t, o in self.teacher.items()},
         )
 
 
@@ -83,4 +88,10 @@ def make_batch(raw: dict[str, dict[str, Any]], tasks: dict[str, Task]) -> Batch:
             mask[name] = torch.ones(n, dtype=torch.bool)
     ids = {s: sample_ids(b) for s, b in raw.items()}
     aug = {s: dict(b["aug"]) for s, b in raw.items() if isinstance(b.get("aug"), dict)}
-    return Batch(inputs=inputs, targets=targets, label_mask=mask, ids=ids, aug=aug)
+    teacher = {
+        name: dict(raw[task.stream]["teacher"][name])
+        for name, task in tasks.items()
+        if task.stream in raw and name in raw[task.stream].get("teacher", {})
+    }
+    return Batch(inputs=inputs, targets=targets, label_mask=mask, ids=ids, aug=aug,
+                 teacher=teacher)  # fmt: skip

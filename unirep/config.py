@@ -154,6 +154,20 @@ class DistillConfig:
     contrastive_temperature: float = 0.1
 
 
+OUTPUT_CACHE_DTYPES = ("float16", "float32")
+
+
+@dataclass
+class OutputCacheConfig:
+    """The teacher-output cache (FKD, Shen & Xing, ECCV 2022; :mod:`unirep.teacher_cache`):
+    ``draws`` pre-drawn augmentations per training sample and the teachers' outputs on them,
+    computed once into ``<teacher_root>/outputs/`` and read by the student instead of running the
+    teachers (0: the teachers run at every step), stored in ``dtype`` (float16 or float32)."""
+
+    draws: int = 0
+    dtype: str = "float16"
+
+
 @dataclass
 class TeachersConfig:
     """Stage one: one single-domain network per domain, trained when missing."""
@@ -169,6 +183,7 @@ class TeachersConfig:
     # one architecture and input shape evaluated as one vmapped call (the same outputs)
     autocast: str | None = None
     batched: bool = False
+    output_cache: OutputCacheConfig = field(default_factory=OutputCacheConfig)
 
 
 @dataclass

@@ -65,6 +65,9 @@ class Phase:
     num_workers: int = 0
     teacher_autocast: str | None = None  # teachers.autocast: bf16, fp16; None: mixed_precision
     batched_teachers: bool = False  # teachers.batched: one call per architecture
+    # teachers.output_cache.draws: the batches carry the teachers' cached outputs of one of this
+    # many pre-drawn augmentations per sample (unirep.teacher_cache); the teachers do not run
+    draws: int = 0
 
 
 @dataclass
@@ -176,8 +179,8 @@ def train_step(
         if cfg.channels_last:
             batch = _channels_last(batch)
         t1 = clock()
-        teacher_out = None
-        if ctx.teachers:
+        teacher_out = batch.teacher or None  # the teacher-output cache's, when it is on
+        if ctx.teachers and teacher_out is None:
             teacher_out = teacher_outputs(ctx.teachers, ctx.tasks, batch, ctx.teacher_autocast(),
                                           ctx.batched_teachers)  # fmt: skip
             if timings is not None:
@@ -350,6 +353,7 @@ def setup(accelerator: Any, phase: Phase) -> tuple[StepContext, dict[str, Any]]:
         world_size=accelerator.num_processes,
         start_step=record["step"] * cfg.gradient_accumulation_steps,
         num_workers=phase.num_workers,
+        draws=phase.draws,
     )
     if resume is not None:  # after the loaders, whose creation draws from the RNG
         restore_rng(accelerator, resume)

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from unirep.config import (
+    OUTPUT_CACHE_DTYPES,
     Config,
     ConfigError,
     ModelConfig,
@@ -287,6 +288,13 @@ def _check_speed(cfg: Config) -> None:
     (checked once, here, rather than failing at the first step of a phase)."""
     device = torch.device(_device_type(cfg))
     teacher_autocast_dtype(cfg.teachers.autocast, device)
+    cache = cfg.teachers.output_cache
+    _require(
+        isinstance(cache.draws, int) and not isinstance(cache.draws, bool) and cache.draws >= 0,
+        "teachers.output_cache.draws", cache.draws, "an integer >= 0 (0: teachers run online)",
+    )  # fmt: skip
+    _require(cache.dtype in OUTPUT_CACHE_DTYPES, "teachers.output_cache.dtype", cache.dtype,
+             " or ".join(OUTPUT_CACHE_DTYPES))  # fmt: skip
     keys = [f"{prefix}.compile" for prefix, recipe in _recipes(cfg).items() if recipe.compile]
     if keys:
         problem = _compile_problem(device.type)

@@ -57,8 +57,37 @@ class StepBatchSampler(Sampler[list[int]]):
             step += 1
 
 
+class DrawBatchSampler(StepBatchSampler):
+    """:class:`StepBatchSampler`'s batches, each index paired with the
+    draw it reads: ``[(index, draw), ...]``, the draws uniform over ``range(draws)`` from a
+    generator seeded by the sampler's seed and the global step (so a resume reads the same)."""
+
+    def __init__(self, *args: Any, draws: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if draws < 1:
+            raise ValueError(f"draws must be >= 1, got {draws}")
+        self.draws = draws
+
+    def draws_at(self, step: int, n: int) -> list[int]:
+        """The draw of each of the ``n`` samples of global step ``step``."""
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + 7 + step * 2)
+        return torch.randint(self.draws, (n,), generator=generator).tolist()
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:  # type: ignore[override]
+        step = self.start_step
+        while True:
+            batch = self.batch(step)
+            yield list(zip(batch, self.draws_at(step, len(batch)), strict=True))
+            step += 1
+
+
 class MultiDomainStream:
-    """One infinite loader per domain; ``next(stream)`` gives ``{domain: batch}``."""
+    """One infinite loader per domain; ``next(stream)`` gives ``{domain: batch}``.
+
+    ``draws > 0``: each index comes paired with one of ``draws`` pre-drawn augmentations,
+    ``(index, draw)`` (:class:`DrawBatchSampler`), for datasets read through
+    :class:`unirep.teacher_cache.SeededDraws` (the teacher-output cache).
+    """
 
     def __init__(
         self,
@@ -69,10 +98,12 @@ class MultiDomainStream:
         world_size: int = 1,
         start_step: int = 0,
         num_workers: int = 0,
+        draws: int = 0,
     ) -> None:
         self.loaders: dict[str, Any] = {}
         for i, (domain, dataset) in enumerate(datasets.items()):
-            sampler = StepBatchSampler(
+            kind, extra = (DrawBatchSampler, {"draws": draws}) if draws else (StepBatchSampler, {})
+            sampler = kind(
                 len(dataset),  # type: ignore[arg-type]
                 batch_sizes[domain],
                 seed=seed * 1000 + i,
@@ -80,6 +111,7 @@ class MultiDomainStream:
                 world_size=world_size,
                 start_step=start_step,
                 name=f"domain {domain!r}",
+                **extra,
             )
             loader = DataLoader(
                 dataset,

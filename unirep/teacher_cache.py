@@ -1,0 +1,393 @@
+"""The teacher-output cache: FKD-style pre-drawn augmentations and the teachers' outputs on them.
+
+Shen & Xing, "A Fast Knowledge Distillation Framework for Visual Recognition" (ECCV 2022) store,
+for every training image, the soft labels of several random crops together with the crop
+coordinates, then train the student on those same crops: the teachers never run during
+distillation. Here, for each training sample of each stream and each of ``K`` draws
+(``teachers.output_cache.draws``):
+
+- the sample's augmentation is a deterministic function of ``(seed, index, draw)``: the dataset is
+  read with torch's global RNG seeded from the three (:class:`SeededDraws`), so any dataset whose
+  augmentation draws from torch's RNG (the Decathlon transform, the dense scale-crop and flip, a
+  torchvision ``v2`` pipeline) gives the same sample again, without replay code. The draw's
+  ``"aug"`` record is stored and compared at every read: a dataset that draws elsewhere fails with
+  a one-line error instead of training on crops the teachers never saw;
+- the teachers' outputs the objective reads (``"features"`` for the feature and contrastive terms,
+  ``"pred"`` for the tasks with a prediction loss, :func:`needed_outputs`) are computed once and
+  stored as ``float16`` (or ``float32``) ``.npy`` arrays ``[N, K, ...]``, memory-mapped when read;
+- training draws one of the ``K`` draws per sample and step
+  (:class:`~unirep.data.sampling.DrawBatchSampler`: a function of the run's seed and the step, so
+  a resumed run reads the same draws), and the batch
+  carries the cached outputs (:attr:`unirep.batch.Batch.teacher`) in place of a teacher forward.
+
+The folder ``<teacher_root>/outputs/<stream>-<key[:12]>/`` is keyed by what determines its content
+(:func:`cache_key`): every teacher's weights hash, the stream's data fingerprint and
+preprocessing, the data settings that decide augmentation, ``K``, the draws' seed, the outputs
+stored and their dtype, and the teachers' autocast. It is written once, into ``<folder>.tmp``,
+and renamed into place when complete (all processes write their shard of the samples into the
+same pre-allocated arrays); a finished folder is only ever read.
+
+What it changes: the student sees ``K`` augmentations of each image instead of a fresh one at
+every epoch (FKD's trade-off; the baseline is unaffected), and the soft targets are rounded to
+``float16``. What it saves: the teachers' forward at every step, once the cache exists (the build
+costs ``K`` teacher passes over the training set, repaid when the student sees each image more
+than ``K`` times, or at once by every later run with the same teachers and data: seeds, variants,
+weightings of ``scripts/compare.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from unirep.batch import make_batch
+from unirep.config import Config, to_dict
+from unirep.data.streams import RunData
+from unirep.errors import DataError, NonFiniteError
+from unirep.io import atomic_write_json, read_json
+from unirep.rundir import teacher_root
+from unirep.tasks import Task
+from unirep.teachers_batched import teacher_autocast_dtype
+from unirep.trainer import Phase, teacher_outputs
+
+CACHE_FORMAT = "unirep-teacher-outputs/1"
+DTYPES = {"float16": np.float16, "float32": np.float32}  # config.OUTPUT_CACHE_DTYPES
+MANIFEST = "manifest.json"
+_MIX = (1_000_003, 7_919, 2**62)
+
+
+def draw_seed(seed: int, index: int, draw: int) -> int:
+    """The RNG seed of sample ``index``'s augmentation draw ``draw`` (a fixed integer mix)."""
+    a, b, m = _MIX
+    return ((seed * a + index) * b + draw) % m
+
+
+def needed_outputs(tasks: dict[str, Task]) -> dict[str, list[str]]:
+    """``{task: keys}`` of the teacher outputs a distillation objective reads: ``"features"``
+    (feature and contrastive terms) for every task, ``"pred"`` where the task has a prediction
+    loss (:class:`unirep.objective.Objective`)."""
+    return {
+        name: ["features", *(["pred"] if task.prediction_loss is not None else [])]
+        for name, task in tasks.items()
+    }
+
+
+class SeededDraws(Dataset):
+    """``dataset[(index, draw)]``: sample ``index`` with its augmentation drawn from torch's
+    global RNG seeded by :func:`draw_seed` (the RNG state outside is left as it was).
+
+    With a ``store`` (an open :class:`OutputStore`), the sample also carries ``"teacher"``:
+    ``{task: {key: float32 tensor}}`` of that draw, after checking that the sample's id and
+    ``"aug"`` record are the ones the outputs were computed on.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, store: OutputStore | None = None) -> None:
+        self.dataset = dataset
+        self.seed = seed
+        self.store = store
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
+        index, draw = (int(k) for k in key)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(draw_seed(self.seed, index, draw))
+            sample = self.dataset[index]
+        if self.store is not None:
+            self.store.check(sample, index, draw)
+            sample = {**sample, "teacher": self.store.outputs(index, draw)}
+        return sample
+
+
+def weights_identity(teacher: Any) -> str:
+    """A teacher's weights hash: its manifest's ``weights_sha256``, else (an untrained teacher
+    built in memory, e.g. the benchmark's) the sha256 of its state dict."""
+    recorded = teacher.manifest.get("weights_sha256")
+    if recorded:
+        return str(recorded)
+    digest = hashlib.sha256()
+    for name, value in sorted(teacher.net.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def cache_key(
+    teachers: dict[str, str],
+    data: dict[str, Any],
+    draws: int,
+    seed: int,
+    outputs: dict[str, list[str]],
+    dtype: str,
+    autocast: str | None,
+) -> str:
+    """sha256 of everything that determines a stream's cached outputs.
+
+    Args:
+        teachers: ``{task: weights hash}`` of the stream's teachers (:func:`weights_identity`).
+        data: the stream's data fingerprint, preprocessing and augmentation settings.
+    """
+    content = {
+        "format": CACHE_FORMAT,
+        "teachers": dict(sorted(teachers.items())),
+        "data": data,
+        "draws": draws,
+        "seed": seed,
+        "outputs": {t: sorted(k) for t, k in sorted(outputs.items())},
+        "dtype": dtype,
+        "autocast": autocast,
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class OutputStore:
+    """A finished cache folder, memory-mapped read-only: ids ``[N]``, ``aug/<name>.npy``
+    ``[N, K, ...]`` and ``<task>/<key>.npy`` ``[N, K, ...]``."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = Path(folder)
+        self.manifest = read_json(self.folder / MANIFEST, what="teacher-output cache manifest")
+        self.draws = int(self.manifest["draws"])
+        self._arrays: dict[str, np.ndarray] | None = None  # opened lazily (DataLoader workers)
+
+    def _open(self) -> dict[str, np.ndarray]:
+        if self._arrays is None:
+            self._arrays = {
+                name: np.load(self.folder / f"{name}.npy", mmap_mode="r")
+                for name in self.manifest["arrays"]
+            }
+        return self._arrays
+
+    def __getstate__(self) -> dict[str, Any]:  # memmaps are re-opened in each worker
+        return {**self.__dict__, "_arrays": None}
+
+    def check(self, sample: dict[str, Any], index: int, draw: int) -> None:
+        """Refuse a sample that is not the one the outputs were computed on."""
+        arrays = self._open()
+        sid = int(torch.as_tensor(sample.get("id", -1)))
+        if sid != int(arrays["ids"][index]):
+            raise DataError(
+                f"teacher-output cache {self.folder}: sample {index} has id {sid}, the cache "
+                f"holds id {int(arrays['ids'][index])} (the training set changed order); delete "
+                "the folder or set teachers.output_cache.draws=0"
+            )
+        for name, value in sample.get("aug", {}).items():
+            stored = arrays.get(f"aug/{name}")
+            if stored is not None and not np.array_equal(stored[index, draw], np.asarray(value)):
+                raise DataError(
+                    f"teacher-output cache {self.folder}: sample {index} draw {draw} was "
+                    f"augmented differently ({name!r}) than when cached: the dataset's "
+                    "augmentation does not draw from torch's RNG; set "
+                    "teachers.output_cache.draws=0 for it"
+                )
+
+    def outputs(self, index: int, draw: int) -> dict[str, dict[str, Tensor]]:
+        """``{task: {key: float32 tensor}}`` of sample ``index``, draw ``draw``."""
+        arrays = self._open()
+        out: dict[str, dict[str, Tensor]] = {}
+        for task, keys in self.manifest["outputs"].items():
+            out[task] = {
+                k: torch.from_numpy(np.array(arrays[f"{task}/{k}"][index, draw], np.float32))
+                for k in keys
+            }
+        return out
+
+    def disk_bytes(self) -> int:
+        return sum(f.stat().st_size for f in self.folder.rglob("*.npy"))
+
+
+def _shard(n: int, rank: int, world: int) -> list[int]:
+    return list(range(rank, n, world))
+
+
+def build_store(
+    folder: Path,
+    accelerator: Any,
+    dataset: Dataset,
+    teachers: dict[str, nn.Module],
+    tasks: dict[str, Task],
+    outputs: dict[str, list[str]],
+    draws: int,
+    seed: int,
+    dtype: str,
+    batch_size: int,
+    forward: Any,
+    record: dict[str, Any],
+) -> OutputStore:
+    """Compute one stream's cache into ``<folder>.tmp`` and rename it into ``folder``.
+
+    Every process computes the samples ``rank::world`` of every draw and writes them into the
+    arrays the main process allocated; the main process then writes the manifest and renames the
+    folder. ``forward(teachers, tasks, batch) -> {task: {key: tensor}}`` runs the teachers (the
+    trainer's :func:`~unirep.trainer.teacher_outputs`, with the run's autocast).
+
+    Raises:
+        NonFiniteError: an output is not finite once stored in ``dtype`` (fp16 overflows at
+            65504: use ``teachers.output_cache.dtype=float32``).
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    reader = SeededDraws(dataset, seed)
+    n = len(reader)
+    np_dtype = DTYPES[dtype]
+    device = accelerator.device
+
+    def run(keys: list[tuple[int, int]]) -> tuple[dict[str, Any], dict[str, dict[str, Tensor]]]:
+        raw = default_collate([reader[k] for k in keys])
+        stream = tasks[next(iter(teachers))].stream
+        batch = make_batch({stream: raw}, tasks).to(device)
+        out = forward(teachers, tasks, batch)
+        return raw, {t: {k: out[t][k].cpu() for k in ks} for t, ks in outputs.items()}
+
+    raw, first = run([(0, 0)])  # shapes of every array
+    shapes: dict[str, tuple[tuple[int, ...], Any]] = {"ids": ((n,), np.int64)}
+    for name, value in raw.get("aug", {}).items():
+        value = np.asarray(value)
+        shapes[f"aug/{name}"] = ((n, draws, *value.shape[1:]), value.dtype)
+    for task, keys in first.items():
+        for k, value in keys.items():
+            shapes[f"{task}/{k}"] = ((n, draws, *value.shape[1:]), np_dtype)
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)  # a build killed before its rename
+        for name, (shape, np_type) in shapes.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            np.lib.format.open_memmap(tmp / f"{name}.npy", mode="w+", dtype=np_type, shape=shape)
+    accelerator.wait_for_everyone()
+    arrays = {name: np.load(tmp / f"{name}.npy", mmap_mode="r+") for name in shapes}
+    mine = _shard(n, accelerator.process_index, accelerator.num_processes)
+    for draw in range(draws):
+        for start in range(0, len(mine), batch_size):
+            indices = mine[start : start + batch_size]
+            raw, out = run([(i, draw) for i in indices])
+            arrays["ids"][indices] = torch.as_tensor(raw["id"]).numpy()
+            for name, value in raw.get("aug", {}).items():
+                arrays[f"aug/{name}"][indices, draw] = np.asarray(value)
+            for task, keys in out.items():
+                for k, value in keys.items():
+                    stored = value.float().numpy().astype(np_dtype)
+                    if not np.isfinite(stored).all():
+                        raise NonFiniteError(
+                            f"teacher {task!r} output {k!r} is not finite once stored as "
+                            f"{dtype} (sample {indices[0]}..., draw {draw}); set "
+                            "teachers.output_cache.dtype=float32"
+                        )
+                    arrays[f"{task}/{k}"][indices, draw] = stored
+    for array in arrays.values():
+        array.flush()
+    del arrays
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        atomic_write_json(
+            tmp / MANIFEST,
+            {
+                "format": CACHE_FORMAT,
+                "draws": draws,
+                "samples": n,
+                "dtype": dtype,
+                "outputs": outputs,
+                "arrays": list(shapes),
+                **record,
+            },
+        )
+        tmp.replace(folder)  # complete: from now on only read
+    accelerator.wait_for_everyone()
+    return OutputStore(folder)
+
+
+def open_store(folder: Path, key: str) -> OutputStore | None:
+    """The finished cache in ``folder`` when it holds ``key``, else None."""
+    manifest = Path(folder) / MANIFEST
+    if manifest.is_file() and read_json(manifest, what="cache manifest").get("key") == key:
+        return OutputStore(folder)
+    return None
+
+
+_SPEED_ONLY_DATA = ("num_workers", "memory_cache_mib", "eval_batch_size", "batch_size",
+                    "batch_sizes", "cache_dir", "on_corrupt", "root")  # fmt: skip
+_AUGMENTATION_DENSE = ("scales", "flip", "augment", "depth_kind", "label_dir")
+
+
+def stream_record(cfg: Config, data: RunData, stream: str, tasks: dict[str, Task]) -> dict:
+    """What decides a stream's training samples: the files' fingerprint (per task, for partial
+    labels), the preprocessing, and the data settings that shape augmentation."""
+    settings = {k: v for k, v in to_dict(cfg.data).items() if k not in _SPEED_ONLY_DATA}
+    if cfg.dense is not None:
+        dense = to_dict(cfg.dense)
+        settings["dense"] = {k: dense[k] for k in _AUGMENTATION_DENSE}
+    return {
+        "fingerprints": {
+            t: data.fingerprint(t) for t, task in tasks.items() if task.stream == stream
+        },
+        "preprocessing": data.preprocessing(stream),
+        "settings": settings,
+    }
+
+
+def with_output_cache(
+    phase: Phase, cfg: Config, accelerator: Any, data: RunData, teachers: dict[str, Any]
+) -> tuple[Phase, dict[str, Any]]:
+    """The distilled student's phase reading the teachers' outputs from the cache (built now for
+    the streams that lack one); unchanged when ``teachers.output_cache.draws`` is 0 or the phase
+    has no teachers.
+
+    Returns:
+        ``(phase, record)``: the phase with its training sets read through :class:`SeededDraws`,
+        no teachers to run and ``draws`` set; the record has per stream the folder, whether it
+        was built now, the seconds it took and its size on disk (bytes per sample).
+    """
+    spec = cfg.teachers.output_cache
+    if not spec.draws or not phase.teachers:
+        return phase, {}
+    outputs = needed_outputs(phase.tasks)
+    root = teacher_root(cfg) / "outputs"
+    device = accelerator.device
+    dtype = teacher_autocast_dtype(cfg.teachers.autocast, device)
+
+    def forward(nets: dict[str, nn.Module], tasks: dict[str, Task], batch: Any) -> Any:
+        autocast = accelerator.autocast() if dtype is None else torch.autocast(device.type, dtype)
+        return teacher_outputs(nets, tasks, batch, autocast)
+
+    train_sets, record = {}, {}
+    for stream, dataset in phase.train_sets.items():
+        mine = {t: n for t, n in phase.teachers.items() if phase.tasks[t].stream == stream}
+        if not mine:
+            train_sets[stream] = dataset
+            continue
+        wanted = {t: outputs[t] for t in mine}
+        key = cache_key(
+            {t: weights_identity(teachers[t]) for t in mine},
+            stream_record(cfg, data, stream, phase.tasks),
+            spec.draws, phase.seed, wanted, spec.dtype, cfg.teachers.autocast,
+        )  # fmt: skip
+        nets = {t: n.to(device) for t, n in mine.items()}
+        t0 = time.perf_counter()
+        folder = root / f"{stream}-{key[:12]}"
+        store = open_store(folder, key)
+        built = store is None
+        if store is None:
+            store = build_store(
+                folder, accelerator, dataset, nets, phase.tasks, wanted, spec.draws, phase.seed,
+                spec.dtype, cfg.data.eval_batch_size, forward, {"key": key, "stream": stream},
+            )  # fmt: skip
+        train_sets[stream] = SeededDraws(dataset, phase.seed, store)
+        size = store.disk_bytes()
+        record[stream] = {
+            "folder": str(store.folder),
+            "built": built,
+            "seconds": time.perf_counter() - t0,
+            "bytes_per_sample": size / max(1, store.manifest["samples"]),
+            "bytes": size,
+        }
+    phase = dataclasses.replace(phase, train_sets=train_sets, teachers={}, draws=spec.draws)
+    return phase, record
