@@ -1,14 +1,25 @@
-"""The one command-line shape every script shares: ``[--config PRESET_OR_PATH] [key=value ...]``."""
+"""The one command-line shape every script shares: ``[--config PRESET_OR_PATH] [key=value ...]``,
+and its Python counterpart, :func:`resolve_config` (a Config, a preset or a YAML path, plus
+overrides)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
-from unirep.config import Config, ConfigError, preset_names
+from unirep.config import (
+    Config,
+    ConfigError,
+    apply_override,
+    from_dict,
+    preset_names,
+    read_config,
+    to_dict,
+)
 from unirep.errors import UnirepError
 from unirep.system import tune_allocator
-from unirep.validate import load_config
+from unirep.validate import load_config, validate
 
 USAGE = (
     "usage: {prog} [--config PRESET_OR_PATH] [key=value ...]\n"
@@ -48,6 +59,24 @@ def parse_args(argv: list[str] | None = None, prog: str = "script") -> Config:
         return load_config(preset, overrides)
     except (ConfigError, KeyError, TypeError) as err:
         raise SystemExit(f"{prog}: configuration error: {err}") from None
+
+
+def resolve_config(
+    config: Config | str | Path | None = None, overrides: Sequence[str] = ()
+) -> Config:
+    """A checked config from Python: ``config`` is a :class:`Config`, a preset name or a YAML
+    path (None: the default preset), with dotted ``key=value`` ``overrides`` applied, as
+    ``--config`` and the overrides do on the command line. A :class:`Config` is copied, not
+    changed. Bad keys, types and values raise :class:`ConfigError` naming the key."""
+    if isinstance(config, Config):
+        values = to_dict(config)
+        for override in overrides:
+            apply_override(values, override)
+        cfg = from_dict(Config, values)
+    else:
+        cfg = read_config(None if config is None else str(config), list(overrides))
+    validate(cfg)
+    return cfg
 
 
 def run(main: Callable[[], None], prog: str) -> None:

@@ -31,6 +31,7 @@ from unirep.export import (
 )
 from unirep.io import atomic_write_json, read_json
 from unirep.metrics import PUBLISHED_ACCURACY, decathlon_score, delta_m, official_decathlon_score
+from unirep.model_card import model_card, reproduce_command
 from unirep.models.build import architecture, build_network, count_parameters
 from unirep.objective import Objective, build_cross_task_terms, build_joint_terms
 from unirep.report import prediction_grid_figure, write_figure, write_report
@@ -208,7 +209,8 @@ def distill(
 
     Resumable at any point: finished phases reload their best weights, stored evaluations are
     read back, an existing export is kept, and ``metrics.json`` is written last (its presence
-    marks the run finished, see :func:`unirep.rundir.run_finished`).
+    marks the run finished, see :func:`unirep.rundir.run_finished`). The export follows the
+    metrics, which its model card (``student/README.md``) holds.
     """
     evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
     tasks = data.tasks()
@@ -276,7 +278,15 @@ def distill(
             lambda: evaluate_teachers(evaluator, full, tasks, cfg.split, data),
         )
     student, best = nets["student"], fits["student"]
+    params = parameter_counts(student, teachers, modules["student"])
+    metrics = build_metrics(cfg, tasks, accelerator.num_processes, results, params)
+    metrics["summary"].update(fit_records(fits, teacher_seconds, cfg.train.selection_metric))
+    metrics["summary"].update(data_records(data))
+    if cache_summary is not None:
+        metrics["summary"]["teacher_output_cache"] = cache_summary
+    metrics["summary"].update(reference_records(cfg, data, tasks, results))
     if accelerator.is_main_process and not (run_dir / "student" / STUDENT_MANIFEST).is_file():
+        command = reproduce_command(cfg, str(run_dir / "config.yaml"))
         export_student(
             run_dir / "student",
             student,
@@ -290,15 +300,11 @@ def distill(
                 "best_step": best.best_step,
                 f"val_{cfg.train.selection_metric}": best.best_val,
             },
+            card=lambda manifest: model_card(
+                manifest, metrics, cfg, data_summary(cfg, data), command
+            ),
         )
     accelerator.wait_for_everyone()
-    params = parameter_counts(student, teachers, modules["student"])
-    metrics = build_metrics(cfg, tasks, accelerator.num_processes, results, params)
-    metrics["summary"].update(fit_records(fits, teacher_seconds, cfg.train.selection_metric))
-    metrics["summary"].update(data_records(data))
-    if cache_summary is not None:
-        metrics["summary"]["teacher_output_cache"] = cache_summary
-    metrics["summary"].update(reference_records(cfg, data, tasks, results))
     if accelerator.is_main_process:
         entries = submission_entries(tasks, split_sets, predictions)
         if entries is not None:
@@ -331,21 +337,7 @@ def evaluate_student(
     net.to(accelerator.device)
     for note in data.use_preprocessing(student_preprocessing(manifest)):
         accelerator.print(note)
-    run_tasks = data.tasks()
-    tasks = student_tasks(manifest)
-    for name, task in tasks.items():
-        mine = run_tasks.get(name)
-        # kinds compare by name: TASK_KINDS.build makes a new instance each time
-        if mine is None or (mine.kind.name, mine.out_channels) != (
-            task.kind.name,
-            task.out_channels,
-        ):
-            found = "no such task" if mine is None else f"{mine.kind.name}, {mine.out_channels}"
-            raise ConfigError(
-                f"student {str(student_dir)!r} predicts {name!r} ({task.kind.name}, "
-                f"{task.out_channels} outputs); the data/config has {found}"
-            )
-    tasks = {n: run_tasks[n] for n in tasks}
+    tasks = matching_tasks(student_tasks(manifest), data.tasks(), str(student_dir))
     evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
     sets = data.datasets(cfg.split)
     predictions: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -370,6 +362,41 @@ def evaluate_student(
         atomic_write_json(run_dir / METRICS, metrics)  # last: the evaluation is finished
     accelerator.wait_for_everyone()
     return metrics
+
+
+def matching_tasks(
+    mine: dict[str, Task], run_tasks: dict[str, Task], student: str
+) -> dict[str, Task]:
+    """The run's tasks that an exported student (predicting ``mine``) is evaluated on: each of
+    its tasks must be in the run with the same kind and number of outputs (else a
+    :class:`ConfigError` naming ``student``)."""
+    for name, task in mine.items():
+        theirs = run_tasks.get(name)
+        # kinds compare by name: TASK_KINDS.build makes a new instance each time
+        if theirs is None or (theirs.kind.name, theirs.out_channels) != (
+            task.kind.name,
+            task.out_channels,
+        ):
+            found = (
+                "no such task" if theirs is None else f"{theirs.kind.name}, {theirs.out_channels}"
+            )
+            raise ConfigError(
+                f"student {student!r} predicts {name!r} ({task.kind.name}, "
+                f"{task.out_channels} outputs); the data/config has {found}"
+            )
+    return {n: run_tasks[n] for n in mine}
+
+
+def data_summary(cfg: Config, data: RunData) -> dict[str, Any]:
+    """What the model card says of the data: source, root and images per split and stream."""
+    return {
+        "source": cfg.data.source,
+        "root": str(data.root),
+        "images": {
+            split: {s: len(d) for s, d in data.datasets(split).items()}  # type: ignore[arg-type]
+            for split in ("train", "val", "test")
+        },
+    }
 
 
 def teachers_of_student(

@@ -15,7 +15,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from unirep import __version__
 from unirep.errors import UnirepError
 from unirep.io import (
     atomic_write_json,
@@ -27,6 +26,7 @@ from unirep.io import (
 )
 from unirep.models.build import build_network
 from unirep.tasks import Task
+from unirep.version import __version__
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "teacher.json"

@@ -15,12 +15,14 @@ standard test set.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchvision.transforms.v2 import functional as TF
 
 from unirep.data.checks import SkippedFile
 from unirep.data.decathlon import DataRootError
@@ -31,11 +33,13 @@ __all__ = [
     "DENSE_TASKS",
     "DEPTH_KINDS",
     "IGNORE_LABEL",
+    "DenseImageTransform",
     "MTANDense",
     "ScaleCrop",
     "apply_scale_crop",
     "hflip",
     "replay_augmentation",
+    "resize_image",
     "sample_scale_crop",
     "scale_crop_params",
     "write_mtan_fixture",
@@ -141,10 +145,9 @@ def apply_scale_crop(
     cols = slice(crop.left, crop.left + crop.width)
 
     def resize(x: torch.Tensor, mode: str) -> torch.Tensor:
-        window = x[None, :, rows, cols]
         if mode == "bilinear":
-            return F.interpolate(window, (height, width), mode=mode, align_corners=True)[0]
-        return F.interpolate(window, (height, width), mode=mode)[0]
+            return resize_image(x[:, rows, cols], (height, width))
+        return F.interpolate(x[None, :, rows, cols], (height, width), mode=mode)[0]
 
     out["image"] = resize(sample["image"], "bilinear")
     if "semantic" in sample:
@@ -156,6 +159,35 @@ def apply_scale_crop(
     if "normal" in sample:
         out["normal"] = resize(sample["normal"], "nearest")
     return out
+
+
+def resize_image(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """An image ``[3, H, W]`` resized bilinearly to ``size`` ``(H', W')`` (``align_corners=True``,
+    as MTAN): ``[3, H', W']``."""
+    return F.interpolate(image[None], size, mode="bilinear", align_corners=True)[0]
+
+
+class DenseImageTransform:
+    """An image as a dense network takes it at test time, like :class:`MTANDense`'s samples:
+    float32 ``[3, H, W]`` with the values as stored (the MTAN releases and the generated scenes
+    keep RGB in [0, 1]; no normalisation), resized by :func:`resize_image` to ``size`` when given
+    and different (the student's training size, from its manifest's ``image_size``).
+
+    Calling it maps a PIL image or a uint8 tensor ``[3, H, W]`` (scaled to [0, 1]) or a float
+    tensor ``[3, H, W]`` (taken as it is) to float32 ``[3, H', W']``.
+    """
+
+    def __init__(self, size: Sequence[int] | None = None) -> None:
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+
+    def __call__(self, image: Any) -> torch.Tensor:
+        x = TF.to_dtype(TF.to_image(image), torch.float32, scale=True).as_subclass(torch.Tensor)
+        if self.size is not None and tuple(x.shape[-2:]) != self.size:
+            x = resize_image(x, self.size)
+        return x
+
+    def __repr__(self) -> str:
+        return f"DenseImageTransform(size={self.size})"
 
 
 def hflip(sample: dict[str, Any]) -> dict[str, Any]:

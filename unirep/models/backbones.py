@@ -11,7 +11,7 @@ from typing import Any
 import timm
 from torch import nn
 
-from unirep.models import resnet_decathlon  # noqa: F401  (registers the decathlon ResNets)
+from unirep.models import resnet_decathlon, segnet  # noqa: F401  (register unirep's own timm models)
 from unirep.registry import UnknownNameError
 
 
@@ -23,7 +23,7 @@ def is_backbone(name: str) -> bool:
 def check_backbone(name: str) -> None:
     """Raise a clear error for an unknown backbone name."""
     if not is_backbone(name):
-        ours = ", ".join(sorted(timm.list_models("*decathlon*")))
+        ours = ", ".join(sorted([*timm.list_models("*decathlon*"), "segnet_mtan"]))
         close = timm.list_models(f"*{name[:4]}*")[:10] if len(name) >= 4 else []
         hint = f"; similar timm names: {', '.join(close)}" if close else ""
         raise UnknownNameError(

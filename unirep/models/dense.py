@@ -7,8 +7,9 @@ of it: :meth:`DenseMultiTaskNet.build_aligners` makes them for the phase's train
 
 Encoders come from :data:`DENSE_ENCODERS`:
 
-- ``"segnet"``: :class:`SegNetEncoder`, the encoder of MTAN's SegNet (Liu, Johns & Davison,
-  "End-to-End Multi-Task Learning with Attention", CVPR 2019), which URL also uses for NYUv2.
+- ``"segnet"``: :class:`~unirep.models.segnet.SegNetEncoder`, the encoder of MTAN's SegNet (Liu,
+  Johns & Davison, "End-to-End Multi-Task Learning with Attention", CVPR 2019), which URL also
+  uses for NYUv2 (also timm's ``segnet_mtan``, see :mod:`unirep.models.segnet`).
 - ``"timm"``: :class:`TimmDenseEncoder`, any timm model with ``features_only=True``.
 
 Both map images ``[B, 3, H, W]`` to a list of stage features ``[B, C_i, H_i, W_i]`` and expose
@@ -30,78 +31,17 @@ from torch import Tensor, nn
 
 from unirep.models.backbones import check_backbone
 from unirep.models.cross_task import CROSS_TASK
+from unirep.models.segnet import SegNetEncoder, conv_bn_relu
 from unirep.registry import Registry
 
 DENSE_ENCODERS: Registry[nn.Module] = Registry("dense encoder")
-
-
-def _conv_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
-    """3×3 conv (no bias: BN follows)–BN–ReLU, keeping the spatial size."""
-    return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
-        nn.BatchNorm2d(out_channels),
-        nn.ReLU(inplace=True),
-    )
 
 
 # --------------------------------------------------------------------------------------------
 # Encoders
 # --------------------------------------------------------------------------------------------
 
-SEGNET_WIDTHS: tuple[int, ...] = (64, 128, 256, 512, 512)
-SEGNET_DEPTHS: tuple[int, ...] = (2, 2, 3, 3, 3)
-
-
-@DENSE_ENCODERS.register("segnet")
-class SegNetEncoder(nn.Module):
-    """The SegNet encoder of MTAN (Liu et al. CVPR 2019), as used by URL on NYUv2.
-
-    Five stages of 3×3 conv–BN–ReLU blocks (2, 2, 3, 3, 3 blocks; widths 64, 128, 256, 512, 512
-    times ``width_mult``), each followed by a 2×2 max-pool that keeps its indices (for a SegNet
-    unpooling decoder). Stage ``i`` outputs the pooled feature ``[B, C_i, ⌊H/2^{i+1}⌋,
-    ⌊W/2^{i+1}⌋]``, so the last one is MTAN's/URL's bottleneck ``g_maxpool[4]`` at 1/32.
-
-    Args:
-        width_mult: scales every width (``round(c · width_mult)``, at least 1); 1.0 is the
-            paper's network, 0.25 a CPU-sized one.
-        in_channels: image channels.
-
-    Forward: ``[B, in_channels, H, W]`` with ``H, W ≥ 32`` -> list of 5 ``[B, C_i, H_i, W_i]``.
-    """
-
-    def __init__(self, width_mult: float = 1.0, in_channels: int = 3) -> None:
-        super().__init__()
-        if width_mult <= 0:
-            raise ValueError(f"width_mult must be positive, got {width_mult}")
-        self.channels: list[int] = [max(1, round(c * width_mult)) for c in SEGNET_WIDTHS]
-        self.reductions: list[int] = [2 ** (i + 1) for i in range(len(self.channels))]
-        stages = []
-        c_in = in_channels
-        for width, depth in zip(self.channels, SEGNET_DEPTHS, strict=True):
-            blocks = [_conv_bn_relu(c_in if b == 0 else width, width) for b in range(depth)]
-            stages.append(nn.Sequential(*blocks))
-            c_in = width
-        self.stages = nn.ModuleList(stages)
-        self.pool = nn.MaxPool2d(kernel_size=2, stride=2, return_indices=True)
-
-    def forward_with_indices(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-        """Pooled stage features and the max-pool indices ``[B, C_i, H_i, W_i]`` of each stage."""
-        min_side = self.reductions[-1]
-        if images.dim() != 4 or min(images.shape[-2:]) < min_side:
-            raise ValueError(
-                f"segnet expects [B, C, H, W] with H, W >= {min_side}, got {list(images.shape)}"
-            )
-        feats: list[Tensor] = []
-        indices: list[Tensor] = []
-        x = images
-        for stage in self.stages:
-            x, idx = self.pool(stage(x))
-            feats.append(x)
-            indices.append(idx)
-        return feats, indices
-
-    def forward(self, images: Tensor) -> list[Tensor]:
-        return self.forward_with_indices(images)[0]
+DENSE_ENCODERS.register("segnet")(SegNetEncoder)
 
 
 @DENSE_ENCODERS.register("timm")
@@ -172,7 +112,7 @@ class PyramidDecoder(nn.Module):
     def __init__(self, channels: list[int], out_channels: int) -> None:
         super().__init__()
         self.laterals = nn.ModuleList(nn.Conv2d(c, out_channels, kernel_size=1) for c in channels)
-        self.fuse = _conv_bn_relu(out_channels, out_channels)
+        self.fuse = conv_bn_relu(out_channels, out_channels)
 
     def forward(self, stages: list[Tensor]) -> Tensor:
         if len(stages) != len(self.laterals):
@@ -192,7 +132,7 @@ class DenseHead(nn.Sequential):
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
         super().__init__(
-            _conv_bn_relu(in_channels, in_channels),
+            conv_bn_relu(in_channels, in_channels),
             nn.Conv2d(in_channels, out_channels, kernel_size=1),
         )
 
@@ -333,6 +273,15 @@ class DenseMultiTaskNet(nn.Module):
             bottleneck = stages[task][-1]
             out[task] = {"pred": pred, "features": feats[task], "bottleneck": bottleneck}
         return out
+
+    def representation(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The shared representation: ``{stream: the encoder's last stage [B, C_last, H_last,
+        W_last]}`` for ``{stream: images [B, 3, H, W]}`` (SegNet: ``[B, C_5, ⌊H/32⌋, ⌊W/32⌋]``,
+        which is timm's ``segnet_mtan.forward_features``); every task's decoder reads it (MTAN's
+        attention masks, when present, are task-specific and not applied)."""
+        if len(inputs) != 1:
+            raise ValueError(f"a dense network reads one image stream, got {list(inputs)}")
+        return {stream: self.encoder(images)[-1] for stream, images in inputs.items()}
 
     def shared_parameters(self) -> list[nn.Parameter]:
         """The encoder's trainable parameters: what every task's loss reaches."""

@@ -56,6 +56,15 @@ class MultiDomainNet(nn.Module):
             for domain, feat in features.items()
         }
 
+    def representation(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The shared representation: ``{domain: pooled backbone features [B_d, C]}`` for
+        ``{domain: images [B_d, 3, H, W]}`` (a residual-adapter backbone with each domain's own
+        adapters); what ``forward`` returns as ``"features"``, without the heads."""
+        unknown = set(inputs) - set(self.heads)
+        if unknown:
+            raise KeyError(f"no head for domain(s) {sorted(unknown)}; heads: {self.domains}")
+        return self._shared_features(inputs)
+
     @property
     def domain_specific(self) -> bool:
         """Whether the backbone has per-domain parts (residual adapters, per-domain BN)."""

@@ -9,7 +9,10 @@ down-sampling by 2; shortcuts are parameter-free (average-pool + zero channel pa
 BN-ReLU, then global average pooling. Built for 64–72 px inputs (an 8×8 or 9×9 final map).
 ``resnet26_decathlon`` has 4 blocks per stage (about 6.1 M parameters);
 ``resnet_decathlon_tiny`` (widths 16/32/64, one block per stage) is for CPU-sized benchmarks.
-Registered with ``timm.models.register_model``, so ``timm.create_model(name)`` builds them.
+Registered with ``timm.models.register_model``, so ``timm.create_model(name)`` builds them; no
+weights are hosted, so ``pretrained=True`` needs a file: a unirep export's ``student/backbone/``
+(``timm.create_model("local-dir:<student>/backbone", pretrained=True)``, see
+:mod:`unirep.models.timm_weights`).
 """
 
 from __future__ import annotations
@@ -18,8 +21,10 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch.nn.functional as F
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
+
+from unirep.models.timm_weights import refuse_download
 
 
 class ParameterFreeShortcut(nn.Module):
@@ -122,26 +127,41 @@ class DecathlonResNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def _create(pretrained: bool, default: dict[str, Any], kwargs: dict[str, Any]) -> DecathlonResNet:
-    if pretrained:
-        raise ValueError(
-            "no pretrained weights are shipped for the decathlon ResNets; use pretrained=False "
-            "and train the ImageNet teacher (or load its checkpoint)"
-        )
-    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
-        kwargs.pop(key, None)
-    return DecathlonResNet(**{**default, **kwargs})
+# timm reads the module's ``default_cfgs`` when registering: no hosted weights, so
+# ``pretrained=True`` needs a file (a unirep export's ``student/backbone/``).
+default_cfgs = generate_default_cfgs(
+    {
+        name: {
+            "num_classes": 1000,
+            "input_size": (3, 64, 64),
+            "pool_size": (8, 8),
+            "crop_pct": 64 / 72,
+            "interpolation": "bilinear",
+            "first_conv": "stem.0",
+            "classifier": "fc",
+            "license": "mit",
+        }
+        for name in ("resnet26_decathlon", "resnet_decathlon_tiny")
+    }
+)
+
+
+def _create(
+    variant: str, pretrained: bool, default: dict[str, Any], kwargs: dict[str, Any]
+) -> DecathlonResNet:
+    refuse_download(variant, pretrained, kwargs)
+    return build_model_with_cfg(DecathlonResNet, variant, pretrained, **{**default, **kwargs})
 
 
 @register_model
 def resnet26_decathlon(pretrained: bool = False, **kwargs: Any) -> DecathlonResNet:
     """ResNet-26 of the decathlon papers (4 blocks × 3 stages, widths 64/128/256)."""
     default = {"widths": (64, 128, 256), "blocks": (4, 4, 4), "stem_width": 32}
-    return _create(pretrained, default, kwargs)
+    return _create("resnet26_decathlon", pretrained, default, kwargs)
 
 
 @register_model
 def resnet_decathlon_tiny(pretrained: bool = False, **kwargs: Any) -> DecathlonResNet:
     """A CPU-sized member of the family: one block per stage, widths 16/32/64 (8 conv layers)."""
     default = {"widths": (16, 32, 64), "blocks": (1, 1, 1), "stem_width": 16}
-    return _create(pretrained, default, kwargs)
+    return _create("resnet_decathlon_tiny", pretrained, default, kwargs)

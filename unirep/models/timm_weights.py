@@ -1,0 +1,34 @@
+"""Weights for unirep's own timm architectures come from a local file only, never a download.
+
+``resnet26_decathlon``, ``resnet_decathlon_tiny`` and ``segnet_mtan`` have no hosted weights: their
+entry points accept ``pretrained=True`` only with a weights file (what ``timm.create_model(
+"local-dir:<student>/backbone", pretrained=True)`` or ``pretrained_cfg_overlay=dict(file=...)``
+gives), so a missing file is an error, never a random initialisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def weights_given(kwargs: dict[str, Any]) -> bool:
+    """Whether a timm entry point's ``pretrained_cfg`` or ``pretrained_cfg_overlay`` names the
+    weights to load (``file`` or ``state_dict``, as a unirep export's ``local-dir:`` does)."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay"):
+        cfg = kwargs.get(key)
+        if isinstance(cfg, dict) and (cfg.get("file") or cfg.get("state_dict") is not None):
+            return True
+        if cfg is not None and (getattr(cfg, "file", None) or getattr(cfg, "state_dict", None)):
+            return True
+    return False
+
+
+def refuse_download(name: str, pretrained: bool, kwargs: dict[str, Any]) -> None:
+    """Refuse ``pretrained=True`` without a weights file: unirep ships no weights to download."""
+    if pretrained and not weights_given(kwargs):
+        raise ValueError(
+            f"no pretrained weights are shipped for {name}; pass pretrained=False, or load a "
+            "unirep export: timm.create_model('local-dir:<student>/backbone', pretrained=True) "
+            "or pretrained_cfg_overlay=dict(file='<student>/backbone/model.safetensors', "
+            "num_classes=0)"
+        )
