@@ -1,71 +1,12 @@
 """Evaluate an exported student on a split; writes metrics.json in the run-directory format.
 
-accelerate launch scripts/evaluate.py --config PRESET student=runs/<run>/student split=test
+    accelerate launch scripts/evaluate.py --config PRESET student=runs/<run>/student split=test
 
-The student's images are preprocessed as its manifest records (not as the ``--config`` says).
-Results go to a new run folder, ``<output_dir>/eval-<run>-<split>`` (``-2``, ``-3``, ... when
-that exists) or the ``name=`` given on the command line; never into the training run, even when
-``--config`` is that run's own ``config.yaml``.
+The command is :mod:`teachers.commands.evaluate` (its options are there), installed as
+``unirep-evaluate``; this file runs the same function from the repository.
 """
 
-from __future__ import annotations
-
-import sys
-from pathlib import Path
-
-from unirep.cli import parse_args, run
-from unirep.config import Config, ConfigError
-from unirep.recipe import evaluate_student, resolve_data
-from unirep.rundir import make_accelerator, prepare_run_dir
-
-
-def output_name(cfg: Config, student_dir: Path, argv: list[str]) -> str:
-    """The evaluation's run name: ``name=`` from the command line, else a fresh ``eval-`` one."""
-    training_run = student_dir.resolve().parent
-    if any(a.startswith("name=") for a in argv):
-        assert cfg.name
-        if (Path(cfg.output_dir) / cfg.name).resolve() == training_run:
-            raise ConfigError(
-                f"config key 'name': {cfg.name!r} is the student's training run; evaluate.py "
-                "never writes into it (choose another name=)"
-            )
-        return cfg.name
-    base = f"eval-{training_run.name}-{cfg.split}"
-    name, n = base, 1
-    while (Path(cfg.output_dir) / name).exists():
-        n += 1
-        name = f"{base}-{n}"
-    return name
-
-
-def main() -> None:
-    cfg = parse_args(prog="evaluate.py")
-    if not cfg.student:
-        raise ConfigError("evaluate.py: set student=<run folder or its student/ folder>")
-    student_dir = Path(cfg.student)
-    if (student_dir / "student").is_dir():
-        student_dir = student_dir / "student"
-    if not (student_dir / "manifest.json").is_file():
-        raise ConfigError(
-            f"config key 'student': {str(student_dir)!r} holds no student manifest.json"
-        )
-    cfg.resume, cfg.overwrite = False, False  # an evaluation always writes a new folder
-    accelerator = make_accelerator(cfg)
-    names = [output_name(cfg, student_dir, sys.argv[1:])]
-    if accelerator.num_processes > 1:  # every process must agree on the folder
-        from accelerate.utils import broadcast_object_list
-
-        broadcast_object_list(names)
-    cfg.name = names[0]
-    data = resolve_data(cfg, accelerator)  # bad data fails before anything is written
-    run_dir = prepare_run_dir(cfg, accelerator)
-    metrics = evaluate_student(cfg, accelerator, data, run_dir, student_dir)
-    for task, entry in metrics["tasks"].items():
-        values = ", ".join(f"{k} {v:.4f}" for k, v in entry["student"].items() if v is not None)
-        accelerator.print(f"{task}: {values or 'not measured (unlabelled split)'}")
-    accelerator.print(f"metrics: {run_dir / 'metrics.json'}")
-    accelerator.end_training()
-
+from teachers.commands.evaluate import cli
 
 if __name__ == "__main__":
-    run(main, "evaluate.py")
+    cli("evaluate.py")

@@ -1,7 +1,10 @@
-"""The whole recipe as functions, for callers that run many runs (``scripts/compare.py``).
+"""The whole recipe as functions: for Python users (:func:`run`) and callers that run many runs
+(``scripts/compare.py``).
 
-:func:`run_recipe` is what ``scripts/distill.py`` does (stage one, the teachers missing from the
-cache, then stage two) for a preset and its ``key=value`` overrides, in the calling process;
+:func:`run` is what ``scripts/distill.py`` does (stage one, the teachers missing from the cache,
+then stage two: the student distilled, evaluated, exported and reported) for a config object, a
+preset or a YAML path and ``key=value`` overrides, in the calling process; the script calls it.
+:func:`run_recipe` does the same for a named run, reading a finished one back;
 :func:`train_teacher_job` trains one task's teacher into the cache. Both are plain module-level
 functions, so :func:`unirep.jobs.run_jobs` can run them in worker processes.
 """
@@ -9,10 +12,13 @@ functions, so :func:`unirep.jobs.run_jobs` can run them in worker processes.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from teachers.recipe import ensure_teachers
+from unirep.cli import resolve_config
 from unirep.config import Config, ConfigError
 from unirep.io import read_json
 from unirep.recipe import METRICS, distill, resolve_data
@@ -25,6 +31,54 @@ from unirep.rundir import (
 )
 from unirep.teachers import MANIFEST
 from unirep.validate import load_config
+
+
+@dataclass
+class RunResult:
+    """What :func:`run` returns.
+
+    Attributes:
+        directory: the run folder (``<output_dir>/<name>/``, see the run-directory contract).
+        metrics: its ``metrics.json`` (``preset``, ``split``, ``tasks``, ``summary``).
+        already_finished: the run had finished before this call: nothing was computed, the
+            metrics were read back.
+    """
+
+    directory: Path
+    metrics: dict[str, Any]
+    already_finished: bool = False
+
+    @property
+    def student(self) -> Path:
+        """The exported student's folder, for ``unirep.load_student(result.student)``."""
+        return self.directory / "student"
+
+
+def run(config: Config | str | Path | None = None, overrides: Sequence[str] = ()) -> RunResult:
+    """Run the whole recipe from Python, as ``accelerate launch scripts/distill.py`` does: train
+    the teachers missing from the cache, then distil, evaluate, export and report the student.
+
+    Args:
+        config: a :class:`~unirep.config.Config`, a preset name or a YAML path (None: the default
+            preset, ``mini-decathlon``); a Config is copied, not changed.
+        overrides: dotted ``key=value`` settings on top of it (``["train.max_steps=100"]``).
+
+    Returns:
+        The run folder and its metrics. With ``resume=true`` a finished run is read back, never
+        recomputed, and an interrupted one continues where it stopped. Under ``accelerate
+        launch`` every process calls it and gets the same result; the process group is left
+        for a next call.
+    """
+    cfg = resolve_config(config, overrides)
+    accelerator = make_accelerator(cfg)
+    data = resolve_data(cfg, accelerator)  # bad data fails before anything is written
+    run_dir = prepare_run_dir(cfg, accelerator)
+    if run_finished(run_dir):  # resume=true on a finished run: nothing recomputed or rewritten
+        accelerator.print(f"{run_dir} is already finished; nothing to do (its results are kept)")
+        return RunResult(run_dir, read_json(run_dir / METRICS, what="run metrics"), True)
+    accelerator.print(f"run directory: {run_dir}  (processes: {accelerator.num_processes})")
+    teacher_seconds = ensure_teachers(cfg, accelerator, data, run_dir)
+    return RunResult(run_dir, distill(cfg, accelerator, data, run_dir, teacher_seconds))
 
 
 def _config(preset: str | None, overrides: list[str]) -> Config:
@@ -45,11 +99,7 @@ def run_recipe(preset: str | None, overrides: list[str]) -> dict[str, Any]:
         return read_json(run_dir / METRICS, what="run metrics")
     if (run_dir / "config.yaml").exists():
         cfg.resume = True  # an interrupted run continues where it stopped
-    accelerator = make_accelerator(cfg)
-    data = resolve_data(cfg, accelerator)
-    run_dir = prepare_run_dir(cfg, accelerator)
-    seconds = ensure_teachers(cfg, accelerator, data, run_dir)
-    return distill(cfg, accelerator, data, run_dir, seconds)
+    return run(cfg).metrics
 
 
 def train_teacher_job(preset: str | None, overrides: list[str], task: str, folder: str) -> str:
