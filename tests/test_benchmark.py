@@ -112,14 +112,29 @@ def _check_benchmark(results: dict[str, Any]) -> None:
     for mode, loops in results["results"].items():
         for loop, result in loops.items():
             _check(result, teachers=mode == "student", real=loop == "real")
-    for mode in ("baseline", "student"):
+            assert mode == "student+cache" or not result["cache"]
+    assert list(results["results"]) == ["baseline", "student", "student+cache"]
+    for mode in results["results"]:
         assert all(_finite_positive(v) for v in results["overhead"][mode].values())
         phase = results["phase"][mode]
         assert phase["total"] == pytest.approx(
             sum(phase[k] for k in ("step", "teachers", "data", "validation", "checkpoint"))
         )
+    # the rows of benchmark.json: the keys; the cached student runs no teacher
+    rows = {r["config"]: r for r in results["rows"]}
+    assert list(rows) == ["baseline", "student", "student+cache"]
+    for row in rows.values():
+        assert {"config", "steps_per_s", "peak_memory_mib", "ratio_to_reference_loop",
+                "ratio_to_task_only", "phase_split"} <= set(row)  # fmt: skip
+        assert set(row["phase_split"]) == {"step", "teachers", "data", "validation", "checkpoint"}
+        assert sum(row["phase_split"].values()) == pytest.approx(1.0)
+        assert _finite_positive(row["ratio_to_reference_loop"])
+    assert rows["baseline"]["ratio_to_task_only"] == 1.0
+    assert rows["student+cache"]["phase_split"]["teachers"] < 1e-3
+    assert all(e["bytes_per_sample"] > 0 for e in rows["student+cache"]["cache"].values())
     table = format_report(results)
     assert "| student | real |" in table and "| baseline | minimal |" in table
+    assert "| student+cache |" in table and "teacher-output cache of" in table
 
 
 def test_pcgrad_benchmark(tiny: Config) -> None:

@@ -1,9 +1,12 @@
 """Where a training phase spends its time: the real step against a minimal loop, per mode.
 
 For a config (any preset, any ``weighting``) the benchmark builds what a run builds — the run's
-data (:func:`~unirep.recipe.resolve_data`), its teachers, and the baseline
-(``student_phase(..., distill=False)``) and the distilled student (``distill=True``) — and, for
-each of these two *modes*, measures two *loops* on the same network and the same batches:
+data (:func:`~unirep.recipe.resolve_data`), its teachers, and three *modes*: the baseline
+(``student_phase(..., distill=False)``: the plain multi-task step), the distilled student with its
+teachers run online (``student``), and the student reading the teacher-output cache
+(``student+cache``, :mod:`unirep.teacher_cache`, with the config's ``teachers.output_cache.draws``
+or :data:`CACHE_DRAWS`; the cache is built first when missing) — and, for each mode, measures two
+*loops* on the same network and the same batches:
 
 - ``real``: :func:`unirep.trainer.setup`, then :func:`unirep.trainer.train_step` (the function
   :func:`~unirep.trainer.fit` runs) with its ``timings``: seconds per step in **data** (draw the
@@ -78,13 +81,16 @@ from unirep.recipe import evaluate_teachers, load_teachers, resolve_data, studen
 from unirep.rundir import make_accelerator, teacher_root
 from unirep.system import minor_page_faults
 from unirep.tasks import TASK_KINDS, Task
+from unirep.teacher_cache import with_output_cache
 from unirep.teachers import Teacher, TeacherMismatchError, freeze
 from unirep.trainer import Phase, teacher_outputs
 from unirep.validate import validate
 from unirep.weighting import WEIGHTINGS, GradientWeighting, GradNormWeighting
 from unirep.weighting.aggregators import SOLVERS_EXTRA
 
-MODES = {"baseline": False, "student": True}  # mode -> distill
+MODES = {"baseline": False, "student": True, "student+cache": True}  # mode -> distill
+CACHED = "student+cache"  # the student reading the teacher-output cache (unirep.teacher_cache)
+CACHE_DRAWS = 4  # K of the cached mode when the config's teachers.output_cache.draws is 0
 LOOPS = ("real", "minimal")
 SPLITS = ("data", "teachers", "step", "other")  # per training step
 BENCH_TEACHERS = "bench-teachers"  # <run_dir>/bench-teachers: teachers trained for a benchmark
@@ -257,8 +263,9 @@ def _minimal(
     specs = [(train.optim, main)] + ([(train.adapter_optim, adapters)] if adapters else [])
     optimizers = [build_optimizer(s.optimizer.name, p, s.optimizer.kwargs) for s, p in specs]
     stream = MultiDomainStream(
-        phase.train_sets, phase.batch_sizes, seed=phase.seed, num_workers=phase.num_workers
-    )
+        phase.train_sets, phase.batch_sizes, seed=phase.seed, num_workers=phase.num_workers,
+        draws=phase.draws,
+    )  # fmt: skip
     accum = train.gradient_accumulation_steps
     autocast, scaler = _autocast(cfg, device)
     _reset_peak(device)
@@ -270,8 +277,8 @@ def _minimal(
             t0 = clock()
             batch = make_batch(next(stream), phase.tasks).to(device)
             t1 = clock()
-            teacher_out = None
-            if teachers:
+            teacher_out = batch.teacher or None  # the teacher-output cache's, when it is on
+            if teachers and teacher_out is None:
                 with torch.no_grad(), autocast:
                     teacher_out = teacher_outputs(teachers, phase.tasks, batch)
                 _sync(device)
@@ -322,13 +329,20 @@ def measure(
         raise ValueError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup})")
     if mode not in MODES or loop not in LOOPS:
         raise ValueError(f"mode {mode!r}, loop {loop!r}: valid are {list(MODES)} and {LOOPS}")
+    if mode != CACHED:
+        cfg = copy.deepcopy(cfg)
+        cfg.teachers.output_cache.draws = 0  # the teachers online
     accelerator = make_accelerator(cfg)
     data = resolve_data(cfg, accelerator)
     tasks = data.tasks()
     teachers = _teachers(cfg, data, untrained_teachers)
     with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
         work = Path(tmp)
-        phase = student_phase(cfg, mode, data, tasks, work, teachers, teacher_val, MODES[mode])
+        role = "baseline" if mode == "baseline" else "student"
+        phase = student_phase(cfg, role, data, tasks, work, teachers, teacher_val, MODES[mode])
+        cache: dict[str, Any] = {}
+        if mode == CACHED:
+            phase, cache = with_output_cache(phase, cached_config(cfg), accelerator, data, teachers)
         phase = _bench_phase(phase, work)
         accum = phase.cfg.gradient_accumulation_steps
         images = sum(phase.batch_sizes.values()) * accum
@@ -343,6 +357,7 @@ def measure(
     seconds = _means(out.pop("per_step"))
     return {
         "seconds": seconds,
+        "cache": cache,
         "steps_per_second": 1.0 / seconds["total"],
         "images_per_step": images,
         "images_per_second": images / seconds["total"],
@@ -377,6 +392,39 @@ def _spawned(args: tuple[Any, ...]) -> dict[str, Any]:
     if status != "ok":
         raise RuntimeError(f"benchmark process {args[1]}/{args[2]} failed: {value}")
     return value
+
+
+def cached_config(cfg: Config) -> Config:
+    """``cfg`` with the teacher-output cache on: its own ``draws``, else :data:`CACHE_DRAWS`."""
+    cfg = copy.deepcopy(cfg)
+    cfg.teachers.output_cache.draws = cfg.teachers.output_cache.draws or CACHE_DRAWS
+    return cfg
+
+
+def benchmark_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per configuration (mode) for ``benchmark.json``: ``config``, ``steps_per_s``,
+    ``samples_per_s``, ``peak_memory_mib``, ``ratio_to_reference_loop`` (real / minimal seconds
+    per step, data included), ``ratio_to_task_only`` (this mode's real step against the
+    baseline's: the plain multi-task step), ``phase_split`` (fractions of the projected phase:
+    ``step``, ``teachers``, ``data``, ``validation``, ``checkpoint``), and for the cached mode
+    ``cache`` (per stream: bytes per sample, build seconds when built now)."""
+    task_only = results["results"]["baseline"]["real"]["seconds"]["total"]
+    rows = []
+    for mode, loops in results["results"].items():
+        real, minimal = loops["real"], loops["minimal"]
+        phase = results["phase"][mode]
+        parts = ("step", "teachers", "data", "validation", "checkpoint")
+        rows.append({
+            "config": mode,
+            "steps_per_s": real["steps_per_second"],
+            "samples_per_s": real["images_per_second"],
+            "peak_memory_mib": real["peak_mib"],
+            "ratio_to_reference_loop": real["seconds"]["total"] / minimal["seconds"]["total"],
+            "ratio_to_task_only": real["seconds"]["total"] / task_only,
+            "phase_split": {k: phase[k] / phase["total"] for k in parts},
+            **({"cache": real["cache"]} if real.get("cache") else {}),
+        })  # fmt: skip
+    return rows
 
 
 def phase_split(cfg: Config, real: dict[str, Any]) -> dict[str, float]:
@@ -464,7 +512,8 @@ def run_benchmark(
         "torch": torch.__version__,
     }
     phase = {mode: phase_split(cfg, r["real"]) for mode, r in results.items()}
-    return {"info": info, "results": results, "overhead": overhead, "phase": phase}
+    out = {"info": info, "results": results, "overhead": overhead, "phase": phase}
+    return {**out, "rows": benchmark_rows(out)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -518,6 +567,32 @@ def format_report(results: dict[str, Any]) -> str:
             f"{r['validation_s']:.2f} ({r['val_images']:.0f}) | "
             f"{r['checkpoint_s']:.3f} ({r['checkpoint_mib']:.1f}) |"
         )
+    lines += [
+        "",
+        "Per configuration (benchmark.json rows): ratios of the real step's mean seconds, data "
+        "included; phase shares of the projected phase:",
+        "",
+        "| config | steps/s | samples/s | peak MiB | / reference loop | / task only | "
+        "step | teachers | data | validation | checkpoint |",
+        "|:---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in results.get("rows", []):
+        split = row["phase_split"]
+        lines.append(
+            f"| {row['config']} | {row['steps_per_s']:.2f} | {row['samples_per_s']:.0f} | "
+            f"{row['peak_memory_mib']:.0f} | x{row['ratio_to_reference_loop']:.3f} | "
+            f"x{row['ratio_to_task_only']:.3f} | "
+            + " | ".join(f"{100 * split[k]:.1f}%" for k in
+                         ("step", "teachers", "data", "validation", "checkpoint"))
+            + " |"
+        )  # fmt: skip
+    for row in results.get("rows", []):
+        for stream, entry in row.get("cache", {}).items():
+            built = f", built in {entry['seconds']:.1f} s" if entry["built"] else ", found"
+            lines.append(
+                f"\nteacher-output cache of {stream!r}: {entry['bytes_per_sample'] / 1024:.1f} KiB "
+                f"per sample ({entry['bytes'] / 2**20:.1f} MiB{built})"
+            )
     any_phase = next(iter(results["phase"].values()))
     lines += [
         "",
