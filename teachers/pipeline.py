@@ -27,6 +27,7 @@ from unirep.rundir import (
     make_accelerator,
     prepare_run_dir,
     run_finished,
+    stop_trackers,
     teacher_path,
 )
 from unirep.teachers import MANIFEST
@@ -66,19 +67,24 @@ def run(config: Config | str | Path | None = None, overrides: Sequence[str] = ()
     Returns:
         The run folder and its metrics. With ``resume=true`` a finished run is read back, never
         recomputed, and an interrupted one continues where it stopped. Under ``accelerate
-        launch`` every process calls it and gets the same result; the process group is left
-        for a next call.
+        launch`` every process calls it and gets the same result. The trackers of ``log_with``
+        are finished on return; the process group is left for a next call.
     """
     cfg = resolve_config(config, overrides)
     accelerator = make_accelerator(cfg)
     data = resolve_data(cfg, accelerator)  # bad data fails before anything is written
     run_dir = prepare_run_dir(cfg, accelerator)
-    if run_finished(run_dir):  # resume=true on a finished run: nothing recomputed or rewritten
-        accelerator.print(f"{run_dir} is already finished; nothing to do (its results are kept)")
-        return RunResult(run_dir, read_json(run_dir / METRICS, what="run metrics"), True)
-    accelerator.print(f"run directory: {run_dir}  (processes: {accelerator.num_processes})")
-    teacher_seconds = ensure_teachers(cfg, accelerator, data, run_dir)
-    return RunResult(run_dir, distill(cfg, accelerator, data, run_dir, teacher_seconds))
+    try:
+        if run_finished(run_dir):  # resume=true on a finished run: nothing recomputed or rewritten
+            accelerator.print(
+                f"{run_dir} is already finished; nothing to do (its results are kept)"
+            )
+            return RunResult(run_dir, read_json(run_dir / METRICS, what="run metrics"), True)
+        accelerator.print(f"run directory: {run_dir}  (processes: {accelerator.num_processes})")
+        teacher_seconds = ensure_teachers(cfg, accelerator, data, run_dir)
+        return RunResult(run_dir, distill(cfg, accelerator, data, run_dir, teacher_seconds))
+    finally:  # the next run in this process starts its own (log_with)
+        stop_trackers(accelerator)
 
 
 def _config(preset: str | None, overrides: list[str]) -> Config:

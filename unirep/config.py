@@ -332,6 +332,9 @@ class Config:
     mixed_precision: str = "no"  # "no", "fp16", "bf16"
     cpu: bool = False  # force CPU even where CUDA exists
     progress: bool = True
+    # experiment trackers through accelerate (unirep.tracking): none, tensorboard, wandb, mlflow,
+    # or all (every one installed); they write under <run>/logs/ beside the CSV logs
+    log_with: str = "none"
     student: str | None = None  # scripts/evaluate.py: a student/ export or a run folder
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

@@ -39,7 +39,7 @@ from unirep.rundir import resume_point, teacher_folder, teacher_key, teacher_pat
 from unirep.tasks import Task, main_metrics
 from unirep.teacher_cache import with_output_cache
 from unirep.teachers import Teacher, load_teacher
-from unirep.tracking import read_curves, report_curves, weighting_curves
+from unirep.tracking import log_final_metrics, read_curves, report_curves, weighting_curves
 from unirep.trainable import TrainableModule
 from unirep.trainer import FitResult, Phase, fit
 from unirep.validate import check_against_data
@@ -324,6 +324,8 @@ def distill(
             ],
             weighting=informative_weighting(weighting_curves(curves)),
         )
+        # before metrics.json: a kill in between logs them again on resume, never loses them
+        log_final_metrics(accelerator, metrics, step=cfg.train.max_steps)
         atomic_write_json(run_dir / METRICS, metrics)  # last: the run is finished
     accelerator.wait_for_everyone()
     return metrics
@@ -359,6 +361,7 @@ def evaluate_student(
         entries = submission_entries(tasks, sets, predictions)
         if entries is not None:
             atomic_write_json(run_dir / SUBMISSION, entries)
+        log_final_metrics(accelerator, metrics, step=0)
         atomic_write_json(run_dir / METRICS, metrics)  # last: the evaluation is finished
     accelerator.wait_for_everyone()
     return metrics

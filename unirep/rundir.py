@@ -3,7 +3,9 @@
 ``runs/<name>/`` holds ``config.yaml`` (the resolved config), ``metrics.json``, ``report.md``,
 ``student/``, ``checkpoints/`` and ``logs/`` (see the README's run-directory contract). Distribution
 lives in one place, :func:`make_accelerator` (CPU processes use gloo; ``cpu=True`` is set where no
-CUDA exists so that ``accelerate launch --multi_gpu --num_processes 2`` really shares the work).
+CUDA exists so that ``accelerate launch --multi_gpu --num_processes 2`` really shares the work),
+with the experiment trackers of ``log_with``, which :func:`prepare_run_dir` starts in ``logs/``
+once the run's folder is known (:func:`start_trackers`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from unirep.config import Config, ConfigError, TrainConfig, cache_dir, save_config, to_dict
 from unirep.data.streams import RunData
 from unirep.models.build import architecture
+from unirep.tracking import PROJECT, tracker_names
 from unirep.weighting import WEIGHTINGS
 
 CONFIG = "config.yaml"
@@ -31,15 +34,63 @@ CONFIG = "config.yaml"
 
 def make_accelerator(cfg: Config) -> Accelerator:
     """The run's Accelerator: CUDA when present (unless ``cpu=true``), else CPU processes; DDP
-    told to expect unused parameters when the weighting's steps may leave some (``alternating``)."""
+    told to expect unused parameters when the weighting's steps may leave some (``alternating``);
+    the trackers of ``log_with`` (a missing package is a :class:`ConfigError` naming its extra).
+
+    The trackers start in :func:`prepare_run_dir`: the run's folder may not be named yet (its
+    name is drawn with this accelerator), so the logging folder given here, ``output_dir``, is
+    only a placeholder that :func:`start_trackers` replaces with ``<run>/logs``."""
     handlers = []
     if getattr(WEIGHTINGS.get(cfg.weighting.name), "leaves_parameters_unused", False):
         handlers.append(DistributedDataParallelKwargs(find_unused_parameters=True))
+    trackers = tracker_names(cfg.log_with)
     return Accelerator(
         cpu=cfg.cpu or not torch.cuda.is_available(),
         mixed_precision=cfg.mixed_precision,
         kwargs_handlers=handlers,
+        log_with=trackers or None,
+        project_dir=cfg.output_dir if trackers else None,
     )
+
+
+def start_trackers(cfg: Config, accelerator: Accelerator, run_dir: Path) -> None:
+    """Start the accelerator's experiment trackers (``log_with``; none: nothing to do) for the
+    run in ``run_dir``: TensorBoard event files in ``<run_dir>/logs/unirep/``, a wandb run named
+    after the run with its files in ``<run_dir>/logs/wandb/``, an MLflow run of that name (where
+    ``MLFLOW_TRACKING_URI`` points); each gets the resolved config, flattened, as hyper-parameters.
+
+    Main process only (accelerate's ``init_trackers``); an accelerator whose trackers already
+    started keeps them. A resumed run starts them again: TensorBoard adds an event file beside
+    the first, wandb and MLflow a new run of the same name.
+    """
+    if not accelerator.log_with or accelerator.trackers:
+        return
+    logs = Path(run_dir) / "logs"
+    accelerator.project_configuration.logging_dir = str(logs)
+    if accelerator.is_main_process:
+        logs.mkdir(parents=True, exist_ok=True)
+    init_kwargs = {"wandb": {"name": cfg.name, "dir": str(logs)}, "mlflow": {"run_name": cfg.name}}
+    accelerator.init_trackers(PROJECT, config=tracker_config(cfg), init_kwargs=init_kwargs)
+
+
+def stop_trackers(accelerator: Accelerator) -> None:
+    """Finish the accelerator's trackers (TensorBoard's files closed, the wandb and MLflow runs
+    ended) without the rest of ``end_training`` (which also ends the process group): for callers
+    that run several runs in one process, each with its own trackers."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+    accelerator.trackers = []
+
+
+def tracker_config(cfg: Config) -> dict[str, Any]:
+    """The resolved config as the trackers' hyper-parameters: one entry per dotted key (e.g.
+    ``train.optim.optimizer.kwargs.lr``), lists and empty sections as JSON text (TensorBoard takes
+    only numbers, strings, booleans and ``None``)."""
+    flat = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    return {
+        k: v if v is None or isinstance(v, bool | int | float | str) else json.dumps(v)
+        for k, v in flat.items()
+    }
 
 
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
@@ -98,6 +149,8 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         directory.mkdir(parents=True, exist_ok=True)
         save_config(cfg, directory / CONFIG)
     accelerator.wait_for_everyone()
+    if not run_finished(directory):  # a finished run is only read back: no empty tracker runs
+        start_trackers(cfg, accelerator, directory)
     return directory
 
 
@@ -119,10 +172,11 @@ def run_finished(run_dir: Path) -> bool:
     return (Path(run_dir) / "metrics.json").is_file()
 
 
-RESUME_MAY_CHANGE = {"resume", "overwrite", "name", "output_dir", "progress",
+RESUME_MAY_CHANGE = {"resume", "overwrite", "name", "output_dir", "progress", "log_with",
                      "data.memory_cache_mib"}  # fmt: skip
-"""Keys a resumed (or read back) run may change: where it goes and how fast it reads, not what it
-computes (dotted keys name one setting, plain ones a whole section)."""
+"""Keys a resumed (or read back) run may change: where it goes, how fast it reads and which
+trackers watch it, not what it computes (dotted keys name one setting, plain ones a whole
+section)."""
 
 
 def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -211,7 +265,8 @@ def teacher_recipe(cfg: Config, task: str) -> TrainConfig:
 MEASUREMENT_ONLY = frozenset({"diagnostics_every", "channels_last", "compile"})
 """Training-recipe keys that measure a phase, or only change its speed (the same maths to float
 rounding), without changing what it learns: not in a teacher's key (so adding one never
-invalidates the teachers already cached)."""
+invalidates the teachers already cached). Run-level measurement keys (``log_with``,
+``progress``) sit outside the recipe, so they never reach the key at all."""
 
 
 def teacher_key(cfg: Config, data: RunData, task: str, world_size: int = 1) -> str:

@@ -1,12 +1,24 @@
-"""Training logs: one long-format CSV per phase (``step,series,value``), read back for reports."""
+"""Training logs: one long-format CSV per phase (``step,series,value``), read back for reports,
+and the same series forwarded to the experiment trackers that ``log_with`` names.
+
+Trackers go through accelerate's tracking API (:func:`unirep.rundir.make_accelerator` and
+:func:`unirep.rundir.start_trackers`); they only see what the CSV logs hold, under the phase's
+name (``student/train/loss`` at the student's step), plus the final metrics (``final/...``).
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
+
+from unirep.config import ConfigError
 from unirep.faults import ENV, failpoint
 from unirep.io import atomic_write_text
 
@@ -18,15 +30,133 @@ WeightingCurves = dict[str, dict[str, dict[str, list[tuple[int, float]]]]]
 (:func:`weighting_curves`)."""
 
 
-class CSVLog:
-    """Appends ``step,series,value`` rows to ``<log_dir>/<phase>.csv`` (main process only).
+TRACKERS: dict[str, Callable[[], bool]] = {
+    "tensorboard": is_tensorboard_available,
+    "wandb": is_wandb_available,
+    "mlflow": is_mlflow_available,
+}
+"""The experiment trackers ``log_with`` may name (accelerate's names), and whether each one's
+package is installed; each is the pip extra of the same name (``unirep[tensorboard]``)."""
 
-    On resume, rows after the resumed step are dropped first, so curves never repeat steps.
+LOG_WITH: tuple[str, ...] = ("none", *TRACKERS, "all")
+"""The values of the config key ``log_with`` (``all``: every tracker of :data:`TRACKERS` that is
+installed)."""
+
+PROJECT = "unirep"
+"""The trackers' project: the TensorBoard folder under ``<run>/logs/``, the wandb project, the
+MLflow experiment. Each run is named after its run folder."""
+
+
+def tracker_names(log_with: str) -> list[str]:
+    """The trackers ``log_with`` asks for, each one installed; ``[]`` for ``none``.
+
+    Raises:
+        ConfigError: a named tracker's package is missing (or, for ``all``, every one is), naming
+            the key and the pip extra to install.
+    """
+    if log_with == "none":
+        return []
+    if log_with == "all":
+        found = [name for name, available in TRACKERS.items() if available()]
+        if not found:
+            raise ConfigError(
+                f"config key 'log_with': 'all' found none of {', '.join(TRACKERS)} installed; "
+                "install one, e.g. pip install 'unirep[tensorboard]'"
+            )
+        return found
+    if log_with not in TRACKERS:
+        raise ConfigError(
+            f"config key 'log_with': {log_with!r} is not valid; choices: {', '.join(LOG_WITH)}"
+        )
+    if not TRACKERS[log_with]():
+        raise ConfigError(
+            f"config key 'log_with': {log_with!r} is not installed; install it with pip install "
+            f"'unirep[{log_with}]' (or set log_with=none)"
+        )
+    return [log_with]
+
+
+_MLFLOW_UNSAFE = re.compile(r"[^\w/.\- :]")  # MLflow refuses other characters in metric names
+
+
+class TrackerLog:
+    """Forwards one phase's series to the run's experiment trackers, named ``<prefix>/<series>``
+    at the phase's own step (``student/train/loss`` at step 40).
+
+    The trackers are the accelerator's (started by :func:`unirep.rundir.start_trackers`, on the
+    main process only), so this does nothing elsewhere or without ``log_with``. It calls each
+    tracker rather than ``accelerator.log``, which gives every tracker the same step: wandb drops
+    points whose step is below one it has seen, and every phase counts from 1, so wandb gets the
+    step as its own series per phase (``student/step``, the x axis of ``student/*``); MLflow gets
+    names cleared of the characters it refuses (``~`` of ``gradcos/<a>~<b>`` becomes ``_``).
     """
 
-    def __init__(self, log_dir: Path, phase: str, enabled: bool, resume_step: int = 0) -> None:
+    def __init__(self, accelerator: Any, prefix: str) -> None:
+        self.prefix = prefix
+        self.trackers = list(getattr(accelerator, "trackers", []))
+        for tracker in self.trackers:
+            if tracker.name == "wandb":
+                run = tracker.tracker
+                run.define_metric(f"{prefix}/step")
+                run.define_metric(f"{prefix}/*", step_metric=f"{prefix}/step")
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        """Log ``values`` (series name → number) at ``step``."""
+        named = {f"{self.prefix}/{k}": float(v) for k, v in values.items()}
+        for tracker in self.trackers:
+            if tracker.name == "wandb":
+                tracker.log({**named, f"{self.prefix}/step": step})
+            elif tracker.name == "mlflow":
+                tracker.log({_MLFLOW_UNSAFE.sub("_", k): v for k, v in named.items()}, step=step)
+            else:
+                tracker.log(named, step=step)
+
+
+def final_values(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numbers of a ``metrics.json``, by path: ``summary/<key>`` (nested keys joined by
+    ``/``, e.g. ``summary/params/student``) and ``tasks/<task>/<role>/<metric>``. Strings, lists,
+    booleans and missing values (``null``) are left out."""
+    flat: dict[str, float] = {}
+
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{path}/{key}")
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            flat[path] = float(value)
+
+    for section in ("summary", "tasks"):
+        for key, value in metrics.get(section, {}).items():
+            walk(value, f"{section}/{key}")
+    return flat
+
+
+def log_final_metrics(accelerator: Any, metrics: dict[str, Any], step: int) -> None:
+    """Send the numbers of ``metrics`` (:func:`final_values`) to the trackers as ``final/...`` at
+    ``step`` (the student's last step; 0 for an evaluation)."""
+    TrackerLog(accelerator, "final").log(step, final_values(metrics))
+
+
+class CSVLog:
+    """Appends ``step,series,value`` rows to ``<log_dir>/<phase>.csv`` (main process only), and
+    sends the same values to ``trackers`` (:class:`TrackerLog`) when given.
+
+    On resume, rows after the resumed step are dropped first, so curves never repeat steps (the
+    trackers cannot drop what they were sent: they get those steps again, with the same values,
+    since a resumed run repeats its steps exactly).
+    """
+
+    def __init__(
+        self,
+        log_dir: Path,
+        phase: str,
+        enabled: bool,
+        resume_step: int = 0,
+        trackers: TrackerLog | None = None,
+    ) -> None:
         self.path = Path(log_dir) / f"{phase.replace('/', '-')}.csv"
         self.enabled = enabled
+        self.trackers = trackers
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +179,8 @@ class CSVLog:
                 f.flush()
                 failpoint(f"log:{self.path.stem}:{step}")
             writer.writerows(rows)
+        if self.trackers is not None:  # after the CSV row: the report's record comes first
+            self.trackers.log(step, values)
 
 
 def read_log(path: Path) -> list[tuple[int, str, float]]:

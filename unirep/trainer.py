@@ -40,7 +40,7 @@ from unirep.io import atomic_write_json, load_weights, read_json, save_weights
 from unirep.optim import build_optimizer, build_scheduler
 from unirep.tasks import Task
 from unirep.teachers_batched import BatchedTeachers, each_teacher, teacher_autocast_dtype
-from unirep.tracking import CSVLog
+from unirep.tracking import CSVLog, TrackerLog
 from unirep.trainable import TrainableModule
 
 
@@ -385,7 +385,9 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
 
     ctx, record = setup(accelerator, phase)
     start, best_val, best_step = record["step"], record["best_val"], record["best_step"]
-    log = CSVLog(phase.log_dir, phase.name, accelerator.is_main_process, resume_step=start)
+    # the CSV log (the report reads it) and the trackers of log_with, as <phase>/<series>
+    log = CSVLog(phase.log_dir, phase.name, accelerator.is_main_process, resume_step=start,
+                 trackers=TrackerLog(accelerator, phase.name))  # fmt: skip
     show = progress and accelerator.is_main_process
     bar = tqdm(total=cfg.max_steps, initial=start, desc=phase.name, disable=not show)
     t0 = time.perf_counter()

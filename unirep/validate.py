@@ -50,6 +50,7 @@ from unirep.optim import OPTIMIZERS, SCHEDULES, build_optimizer, build_scheduler
 from unirep.registry import Registry
 from unirep.tasks import TASK_KINDS
 from unirep.teachers_batched import teacher_autocast_dtype
+from unirep.tracking import LOG_WITH, tracker_names
 from unirep.weighting import WEIGHTINGS
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ __all__ = ["CHOICES", "NOT_FOR_DENSE", "check_against_data", "load_config", "val
 CHOICES: dict[str, tuple[str, ...]] = {
     "split": ("train", "val", "test"),
     "mixed_precision": ("no", "fp16", "bf16"),
+    "log_with": LOG_WITH,
     "data.on_corrupt": ON_CORRUPT_CHOICES,
     "distill.annealing": ("linear", "none"),
     "train.selection_metric": ("accuracy", "delta_m"),
@@ -110,6 +112,7 @@ def load_config(preset_or_path: str | None = None, overrides: list[str] | None =
 def validate(cfg: Config) -> None:
     """Raise :class:`ConfigError`, naming the key, for the first value that cannot work."""
     _check_choices(cfg)
+    tracker_names(cfg.log_with)  # the tracker's package is installed
     _check_keys_apply(cfg)
     if cfg.dense is not None and cfg.data.source not in DENSE_SOURCES:  # before its kwargs
         raise ConfigError(
