@@ -250,3 +250,22 @@ def _png(i: int) -> bytes:
     buffer = BytesIO()
     _image(i).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def test_a_batch_transformed_at_once_equals_the_samples_one_by_one(saved_dataset: Path) -> None:
+    """The DataLoader's batched fetch (``__getitems__``) gives the samples of one by one."""
+    from unirep.data.transforms import build_transform
+
+    transform = build_transform(True, resize=12, crop=8, mean=[0.5] * 3, std=[0.25] * 3)
+    domain = HFDomain(str(saved_dataset), "train", transform=transform)
+    indices = [0, 5, 2, 5, -1]
+    torch.manual_seed(3)
+    one_by_one = [domain[i] for i in indices]
+    torch.manual_seed(3)
+    batched = domain.__getitems__(indices)
+    for a, b in zip(one_by_one, batched, strict=True):
+        assert torch.equal(a["image"], b["image"]) and a["label"] == b["label"]
+        assert a["id"] == b["id"] and torch.equal(a["aug"]["crop"], b["aug"]["crop"])
+        assert bool(a["aug"]["flip"]) == bool(b["aug"]["flip"])
+    with pytest.raises(IndexError):
+        domain.__getitems__([0, len(domain)])

@@ -80,3 +80,48 @@ def test_a_run_with_the_memory_cache_computes_the_same(
         states.append({k: v.clone() for k, v in phase.module.state_dict().items()})
     for key, value in states[0].items():
         assert torch.equal(value, states[1][key]), key
+
+
+@pytest.mark.parametrize("memory", [0, 64])
+@pytest.mark.parametrize("train", [True, False])
+def test_a_batch_transformed_at_once_equals_the_samples_one_by_one(
+    memory: int, train: bool, tiny_cache: Path, tmp_path: Path
+) -> None:
+    """``__getitems__`` (the DataLoader's batched fetch: one flip, float conversion and
+    normalisation for the whole batch) gives the samples, draws and ``aug`` records of
+    ``[dataset[i] for i in indices]``, bit for bit, with and without the memory cache."""
+    data = build_run_data(tiny_config(tiny_cache, tmp_path, f"data.memory_cache_mib={memory}"))
+    for dataset in data.datasets("train", train=train).values():
+        indices = [0, 3, 1, 0, 3, 2, 5, 4]
+        for seed in (0, 1):
+            one_by_one = _samples(dataset, indices, seed)
+            torch.manual_seed(seed)
+            batched = dataset.__getitems__(indices)
+            _assert_same(batched, one_by_one)
+            assert torch.rand(1).item() == _after(dataset, indices, seed)  # the same draws
+
+
+def _after(dataset, indices: list[int], seed: int) -> float:
+    """The next draw of the global generator after reading ``indices`` one by one."""
+    _samples(dataset, indices, seed)
+    return torch.rand(1).item()
+
+
+def test_the_training_loader_uses_the_batched_fetch(tiny_cache: Path, tmp_path: Path) -> None:
+    from unirep.data.decathlon import DecathlonDomain
+    from unirep.data.sampling import MultiDomainStream
+
+    data = build_run_data(tiny_config(tiny_cache, tmp_path))
+    sets = data.datasets("train", train=True)
+    calls = []
+    original = DecathlonDomain.__getitems__
+
+    def spy(self, indices):
+        calls.append(len(indices))
+        return original(self, indices)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(DecathlonDomain, "__getitems__", spy)
+        batch = next(MultiDomainStream(sets, data.batch_sizes(), seed=0))
+    assert calls == [data.batch_sizes()[s] for s in sets]
+    assert all(b["image"].shape[0] == data.batch_sizes()[s] for s, b in batch.items())

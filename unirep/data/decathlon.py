@@ -27,7 +27,7 @@ from PIL import Image
 
 from unirep.data.checks import SkippedFile, cached_scan, files_fingerprint
 from unirep.data.memory import MemoryCache
-from unirep.data.transforms import classification_sample
+from unirep.data.transforms import classification_sample, classification_samples
 from unirep.errors import DataError, UnirepError
 
 __all__ = [
@@ -332,6 +332,17 @@ class DecathlonDomain(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         return classification_sample(
             self.transform, self._image(index), self.labels[index], self.image_ids[index]
+        )
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """The samples of a whole batch (the DataLoader's batched fetch): the images are
+        transformed as one batch (:func:`~unirep.data.transforms.classification_samples`), with
+        the same draws and numbers as ``[self[i] for i in indices]``."""
+        return classification_samples(
+            self.transform,
+            [self._image(i) for i in indices],
+            [self.labels[i] for i in indices],
+            [self.image_ids[i] for i in indices],
         )
 
     def _image(self, index: int) -> Any:

@@ -31,7 +31,7 @@ from PIL import Image
 
 from unirep.data.checks import SkippedFile, cached_scan, files_fingerprint
 from unirep.data.decathlon import ON_CORRUPT_CHOICES, SPLITS, CorruptImageError, DataRootError
-from unirep.data.transforms import classification_sample
+from unirep.data.transforms import classification_sample, classification_samples
 from unirep.errors import DataError
 
 __all__ = ["HFDomain", "global_id_offset"]
@@ -233,6 +233,18 @@ class HFDomain(torch.utils.data.Dataset):
         row = index if self._rows is None else self._rows[index]
         return classification_sample(
             self.transform, self._decode(row), self.labels[index], self.image_ids[index]
+        )
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
+        """A whole batch, its images transformed as one (the same samples as one by one)."""
+        rows = [int(i) % len(self) for i in indices]
+        if any(not -len(self) <= int(i) < len(self) for i in indices):
+            raise IndexError(f"indices {indices} out of range for {len(self)} samples")
+        return classification_samples(
+            self.transform,
+            [self._decode(i if self._rows is None else self._rows[i]) for i in rows],
+            [self.labels[i] for i in rows],
+            [self.image_ids[i] for i in rows],
         )
 
     def check(self) -> None:

@@ -34,6 +34,7 @@ __all__ = [
     "apply_transform",
     "build_transform",
     "classification_sample",
+    "classification_samples",
     "crop_flip_params",
 ]
 
@@ -152,6 +153,32 @@ class DecathlonTransform:
         out = self._finish(resized, top, left, flipped)
         return out, crop_flip_params(top, left, self.crop, self.crop, flipped)
 
+    def batch_with_params(self, images: Sequence[Any]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+        """:meth:`with_params` of every image, as one batch: the same draws in the same order
+        (image by image: top, left, flip) and the same numbers, bit for bit, but the flip,
+        the conversion to float and the normalisation run once on the stacked crops.
+
+        Args:
+            images: RGB PIL images or uint8 tensors ``[3, H_i, W_i]`` (sizes may differ).
+
+        Returns:
+            float32 ``[B, 3, crop, crop]`` and each image's ``aug`` record.
+        """
+        crops, flips, augs = [], [], []
+        for image in images:
+            resized = self.resized(image)
+            height, width = resized.shape[-2:]
+            top, left = self._draw_box(int(height), int(width))
+            flipped = self._draw_flip()
+            crops.append(resized[..., top : top + self.crop, left : left + self.crop])
+            flips.append(flipped)
+            augs.append(crop_flip_params(top, left, self.crop, self.crop, flipped))
+        x = torch.stack(crops)
+        mirror = torch.tensor(flips, dtype=torch.bool)
+        if bool(mirror.any()):
+            x[mirror] = TF.horizontal_flip(x[mirror])
+        return self._normalize(self._to_float(x)), augs
+
     def replay(self, image: Any, aug: dict[str, Any]) -> torch.Tensor:
         """Apply recorded parameters instead of drawing (no RNG use): resize → crop → flip.
 
@@ -206,6 +233,22 @@ def classification_sample(
     across epochs) and ``"aug"`` (see :func:`apply_transform`)."""
     image, aug = apply_transform(transform, image)
     return {"image": image, "label": label, "image_id": image_id, "id": image_id, "aug": aug}
+
+
+def classification_samples(
+    transform: Callable | None, images: list[Any], labels: list[int], image_ids: list[int]
+) -> list[dict[str, Any]]:
+    """:func:`classification_sample` of several images; a :class:`DecathlonTransform` transforms
+    them as one batch (:meth:`DecathlonTransform.batch_with_params`: the same samples)."""
+    batch = getattr(transform, "batch_with_params", None)
+    if not callable(batch) or not images:
+        return [classification_sample(transform, *args)
+                for args in zip(images, labels, image_ids, strict=True)]  # fmt: skip
+    x, augs = batch(images)
+    return [
+        {"image": x[j], "label": label, "image_id": iid, "id": iid, "aug": aug}
+        for j, (label, iid, aug) in enumerate(zip(labels, image_ids, augs, strict=True))
+    ]
 
 
 def build_transform(
