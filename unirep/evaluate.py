@@ -37,7 +37,13 @@ class Evaluator:
     def loader(self, split: str, stream: str, dataset: Dataset) -> Any:
         key = (split, stream, id(dataset))
         if key not in self._loaders:
-            loader = DataLoader(dataset, self.batch_size, num_workers=self.num_workers)
+            loader = DataLoader(
+                dataset,
+                self.batch_size,
+                num_workers=self.num_workers,
+                persistent_workers=self.num_workers > 0,  # kept for the next validation
+                pin_memory=self.accelerator.device.type == "cuda",
+            )
             self._loaders[key] = self.accelerator.prepare_data_loader(loader)
         return self._loaders[key]
 

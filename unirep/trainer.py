@@ -354,6 +354,7 @@ def setup(accelerator: Any, phase: Phase) -> tuple[StepContext, dict[str, Any]]:
         start_step=record["step"] * cfg.gradient_accumulation_steps,
         num_workers=phase.num_workers,
         draws=phase.draws,
+        pin_memory=accelerator.device.type == "cuda",
     )
     if resume is not None:  # after the loaders, whose creation draws from the RNG
         restore_rng(accelerator, resume)

@@ -99,6 +99,7 @@ class MultiDomainStream:
         start_step: int = 0,
         num_workers: int = 0,
         draws: int = 0,
+        pin_memory: bool = False,
     ) -> None:
         self.loaders: dict[str, Any] = {}
         for i, (domain, dataset) in enumerate(datasets.items()):
@@ -118,6 +119,7 @@ class MultiDomainStream:
                 batch_sampler=sampler,
                 num_workers=num_workers,
                 persistent_workers=num_workers > 0,
+                pin_memory=pin_memory,  # on CUDA: page-locked batches, copied asynchronously
             )
             self.loaders[domain] = iter(loader)
 
