@@ -36,7 +36,7 @@ from teachers import run
 {OVERRIDES_LINE}
 result = run("mini-decathlon", overrides)      # teachers, then the student: scripts/distill.py
 student = unirep.load_student(result.student)  # manifest and weights hash checked
-print(student.streams)                         # ['digits', 'objects', ...]: one per domain
+print(student.streams)                         # one per domain: ['digits', 'glyphs', ...]
 
 images = np.random.default_rng(0).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)  # or PIL
 labels = student.predict(images)               # {{task: predicted class [4]}}

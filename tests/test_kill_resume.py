@@ -4,9 +4,10 @@ The real script runs in subprocesses (CPU, one process, one thread). ``UNIREP_KI
 makes a reference run print every kill point it passes (:mod:`unirep.faults`); one chained run is
 then killed at a series of those points in order (during data generation, a teacher step, a
 checkpoint write, a best-weights write, a log append, a teacher save, the baseline, the student,
-the export, the submission and metrics.json), resumed after each kill, and must end with the
-reference's teachers, student, ``metrics.json`` and ``results.json`` (timings aside: they are wall
-clock). Half-written files are never read, and are gone once the run is resumed.
+the export's weights, timm backbone, model card and manifest, the submission and metrics.json),
+resumed after each kill, and must end with the reference's teachers, student (its backbone and
+card included), ``metrics.json`` and ``results.json`` (timings aside: they are wall clock).
+Half-written files are never read, and are gone once the run is resumed.
 """
 
 from __future__ import annotations
@@ -44,6 +45,8 @@ KILL_POINTS = [
     "write:student/best.safetensors",
     "write:student/step_000004",
     "write:student/model.safetensors",  # the export's weights
+    "write:backbone/model.safetensors",  # ... its timm backbone
+    "write:student/README.md",  # ... its model card
     "write:student/manifest.json",  # ... and its manifest
     "write:run/metrics.json",  # the very last write
 ]
@@ -90,6 +93,12 @@ def _outputs(cache: Path, out: Path) -> dict[str, Any]:
             )
     run = out / "run"
     found["student/model.safetensors"] = (run / "student" / "model.safetensors").read_bytes()
+    backbone = run / "student" / "backbone"
+    found["student/backbone/model.safetensors"] = (backbone / "model.safetensors").read_bytes()
+    found["student/backbone/config.json"] = json.loads((backbone / "config.json").read_text())
+    # the card names the run's folders (its data root, the command's output_dir and cache)
+    card = (run / "student" / "README.md").read_text()
+    found["student/README.md"] = card.replace(str(cache), "<cache>").replace(str(out), "<out>")
     found["student/manifest.json"] = _without_seconds(
         json.loads((run / "student" / "manifest.json").read_text())
     )

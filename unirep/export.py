@@ -133,7 +133,7 @@ def timm_backbone(
         return SEGNET_TIMM_NAME, args, model
     if arch.get("residual_adapters"):
         return "residual adapters: the backbone has per-domain parts, not one timm model"
-    args = dict(arch.get("backbone_kwargs", {}))
+    args = {k: v for k, v in arch.get("backbone_kwargs", {}).items() if k != "pretrained"}
     model = timm.create_model(arch["backbone"], pretrained=False, num_classes=0, **args)
     model.load_state_dict(net.trunk.state_dict(), strict=True)  # type: ignore[union-attr]
     return arch["backbone"], args, model

@@ -98,7 +98,9 @@ class Student(nn.Module):
         folder: where it was loaded from (None for one built in memory).
     """
 
-    def __init__(self, net: nn.Module, manifest: dict[str, Any], folder: Path | None = None):
+    def __init__(
+        self, net: nn.Module, manifest: dict[str, Any], folder: Path | None = None
+    ) -> None:
         super().__init__()
         self.net = net
         self.manifest = manifest
