@@ -395,6 +395,10 @@ def dominated_by_front(results: dict[str, list[dict[str, Any]]]) -> list[str]:
     return notes
 
 
+# tab20 without its greys (the sweep is grey): the 9 dark colours, then the 9 light ones
+_TAB20 = [i for i in (*range(0, 20, 2), *range(1, 20, 2)) if i not in (14, 15)]
+
+
 def front_figure(results: dict[str, list[dict[str, Any]]]) -> bytes | None:
     """Every pair of tasks' main metrics (test, mean ± std over seeds): the static-weight sweep
     in grey with its non-dominated points joined (the empirical scalarisation front of the pair),
@@ -412,7 +416,8 @@ def front_figure(results: dict[str, list[dict[str, Any]]]) -> bytes | None:
     import matplotlib.pyplot as plt
 
     pairs = list(combinations(axes, 2))
-    fig, grid = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs) + 2.4, 4.0), squeeze=False)
+    colours = matplotlib.colormaps["tab20"].colors
+    fig, grid = plt.subplots(1, len(pairs), figsize=(4.6 * len(pairs), 4.0), squeeze=False)
     others = [n for n in points if n not in front]
     for ax, ((ta, ma), (tb, mb)) in zip(grid[0], pairs, strict=True):
         xs = {n: p[ta] for n, p in points.items()}
@@ -432,15 +437,19 @@ def front_figure(results: dict[str, list[dict[str, Any]]]) -> bytes | None:
                 label="static weights (front)", zorder=1)  # fmt: skip
         for k, n in enumerate(others):
             ax.errorbar(xs[n][0], ys[n][0], xerr=xs[n][1], yerr=ys[n][1], fmt="os^vD<>ph*"[k % 10],
-                        color=f"C{k % 10}", ms=6, capsize=2, label=n, zorder=2)  # fmt: skip
+                        color=colours[_TAB20[k % len(_TAB20)]], ms=6, capsize=2, label=n,
+                        zorder=2)  # fmt: skip
         ax.set_xlabel(f"{ta} {ma} ({'↑' if sx > 0 else '↓'})")
         ax.set_ylabel(f"{tb} {mb} ({'↑' if sy > 0 else '↓'})")
         ax.grid(alpha=0.3)
     handles, labels = grid[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7)
-    fig.tight_layout(rect=(0, 0, 1 - 2.2 / (4.6 * len(pairs) + 2.4), 1))
+    fig.tight_layout()
+    # beside the panels, however long the names (the figure grows to hold it)
+    legend = fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+                        fontsize=7)  # fmt: skip
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=110)
+    fig.savefig(buffer, format="png", dpi=110, bbox_inches="tight",
+                bbox_extra_artists=[legend])  # fmt: skip
     plt.close(fig)
     return buffer.getvalue()
 
