@@ -215,3 +215,37 @@ def test_a_run_with_the_cache_finishes_and_a_second_run_reuses_it(tiny_cache: Pa
         students.append((run_dir / "student" / "model.safetensors").read_bytes())
     assert students[0] == students[1]
     assert len(list((tmp_path / "teachers" / "outputs").iterdir())) == 1
+
+
+@pytest.mark.parametrize("kind", ["dense", "classification", "partial"])
+def test_a_batch_replayed_from_the_cache_equals_the_seeded_samples(
+    kind: str, tiny_cache: Path, tmp_path: Path
+) -> None:
+    """The batched read (stored draws replayed, no RNG, one gather per output array) gives the
+    samples, ``aug`` records and cached outputs of the seeded one-by-one read, bit for bit."""
+    extra = ["teachers.output_cache.draws=2", f"teachers.root={tmp_path / 'teachers'}"]
+    if kind == "classification":
+        cfg = tiny_config(tiny_cache, tmp_path, *extra)
+    else:
+        preset = "mini-scenes-onelabel" if kind == "partial" else "mini-scenes"
+        cfg = tiny_dense_config(tiny_cache, tmp_path, *extra, preset=preset)
+    accelerator, data, teachers, phase = _phase(cfg, tmp_path)
+    cached, _ = with_output_cache(phase, cfg, accelerator, data, teachers)
+    for reader in cached.train_sets.values():
+        keys = [(0, 1), (3, 0), (1, 1), (0, 0)]
+        batched = reader.__getitems__(keys)
+        for key, fast in zip(keys, batched, strict=True):
+            slow = reader[key]
+            assert fast.keys() == slow.keys()
+            for name, value in slow.items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(fast[name], value), name
+                elif name == "teacher":
+                    for t, outputs in value.items():
+                        for k, v in outputs.items():
+                            assert torch.equal(fast[name][t][k], v), (t, k)
+                elif isinstance(value, dict):
+                    for k, v in value.items():
+                        assert torch.equal(torch.as_tensor(fast[name][k]), torch.as_tensor(v))
+                else:
+                    assert fast[name] == value, name

@@ -99,6 +99,26 @@ class SeededDraws(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
+    def __getitems__(self, keys: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        """A whole batch. With a store and a dataset that replays recorded augmentations
+        (``replay_items``: the Decathlon and dense readers), the stored draws are applied
+        without touching the RNG, as one batch where the reader can, and the outputs are read
+        with one gather per array; otherwise sample by sample (:meth:`__getitem__`)."""
+        dataset = self.dataset
+        if self.store is None or not getattr(
+            dataset, "can_replay", hasattr(dataset, "replay_items")
+        ):
+            return [self[k] for k in keys]
+        indices = [int(i) for i, _ in keys]
+        draws = [int(d) for _, d in keys]
+        samples = dataset.replay_items(indices, self.store.augs(indices, draws))  # type: ignore[attr-defined]
+        self.store.check_ids(samples, indices)
+        outputs = self.store.outputs_batch(indices, draws)
+        return [
+            {**sample, "teacher": {t: {k: v[j] for k, v in o.items()} for t, o in outputs.items()}}
+            for j, sample in enumerate(samples)
+        ]
+
     def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         index, draw = (int(k) for k in key)
         with torch.random.fork_rng(devices=[]):
@@ -191,6 +211,32 @@ class OutputStore:
                     "augmentation does not draw from torch's RNG; set "
                     "teachers.output_cache.draws=0 for it"
                 )
+
+    def augs(self, indices: list[int], draws: list[int]) -> list[dict[str, Tensor]]:
+        """The recorded ``aug`` of each ``(index, draw)``, as the dataset wrote it."""
+        arrays = self._open()
+        names = [a[len("aug/") :] for a in self.manifest["arrays"] if a.startswith("aug/")]
+        columns = {n: arrays[f"aug/{n}"][indices, draws] for n in names}
+        return [{n: torch.from_numpy(np.array(c[j])) for n, c in columns.items()}
+                for j in range(len(indices))]  # fmt: skip
+
+    def check_ids(self, samples: list[dict[str, Any]], indices: list[int]) -> None:
+        """Refuse samples whose ids are not the cached ones (the training set changed order)."""
+        stored = self._open()["ids"][indices]
+        for sample, index, sid in zip(samples, indices, stored, strict=True):
+            if int(torch.as_tensor(sample.get("id", -1))) != int(sid):
+                self.check(sample, index, 0)  # raises, naming the sample and what to do
+
+    def outputs_batch(self, indices: list[int], draws: list[int]) -> dict[str, dict[str, Tensor]]:
+        """``{task: {key: float32 [B, ...]}}`` of the ``(index, draw)`` pairs, one gather each."""
+        arrays = self._open()
+        return {
+            task: {
+                k: torch.from_numpy(np.asarray(arrays[f"{task}/{k}"][indices, draws], np.float32))
+                for k in keys
+            }
+            for task, keys in self.manifest["outputs"].items()
+        }
 
     def outputs(self, index: int, draw: int) -> dict[str, dict[str, Tensor]]:
         """``{task: {key: float32 tensor}}`` of sample ``index``, draw ``draw``."""

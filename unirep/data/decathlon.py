@@ -343,7 +343,33 @@ class DecathlonDomain(torch.utils.data.Dataset):
             [self._image(i) for i in indices],
             [self.labels[i] for i in indices],
             [self.image_ids[i] for i in indices],
+            resized=self.memory is not None and hasattr(self.transform, "resized"),
         )
+
+    def replay_items(self, indices: list[int], augs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The samples ``indices`` with recorded augmentations ``augs`` applied as one batch
+        (:meth:`~unirep.data.transforms.DecathlonTransform.batch_replay`; no RNG use): what
+        ``__getitems__`` gave when it drew them. The teacher-output cache reads through it."""
+        replay = getattr(self.transform, "batch_replay", None)
+        if not callable(replay):
+            raise TypeError(f"{self!r}: its transform cannot replay recorded augmentations")
+        x = replay([self._image(i) for i in indices], augs,
+                   resized=self.memory is not None)  # fmt: skip
+        return [
+            {
+                "image": x[j],
+                "label": self.labels[i],
+                "image_id": self.image_ids[i],
+                "id": self.image_ids[i],
+                "aug": aug,
+            }
+            for j, (i, aug) in enumerate(zip(indices, augs, strict=True))
+        ]
+
+    @property
+    def can_replay(self) -> bool:
+        """Whether :meth:`replay_items` works (the transform replays recorded parameters)."""
+        return callable(getattr(self.transform, "batch_replay", None))
 
     def _image(self, index: int) -> Any:
         """The decoded image; with a memory cache and a resizing transform, the image already

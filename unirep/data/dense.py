@@ -378,6 +378,22 @@ class MTANDense(torch.utils.data.Dataset):
         sample["aug"] = scale_crop_params(crop, flipped)
         return sample
 
+    def replay_items(self, indices: list[int], augs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The samples ``indices`` with recorded augmentations ``augs`` applied
+        (:func:`replay_augmentation`; no RNG use): what ``__getitem__`` gave when it drew them.
+        The teacher-output cache reads through it."""
+        out = []
+        for index, aug in zip(indices, augs, strict=True):
+            index = int(index)
+            if self.memory is None:
+                sample = self._read(index)
+            else:
+                key = (str(self.root), self.split, index, tuple(self.tasks))
+                sample = dict(self.memory.get(key, lambda index=index: self._read(index)))
+            sample = replay_augmentation(sample, aug, self.depth_kind)
+            out.append({**sample, "index": index, "id": index, "aug": dict(aug)})
+        return out
+
     def _read(self, index: int) -> dict[str, Any]:
         """The sample's arrays as tensors, before augmentation (never modified afterwards)."""
         image = self._load("image", index)

@@ -344,9 +344,21 @@ class LabelMasked(Dataset):
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        sample = dict(self.dataset[i])
-        row = self.mask[i].tolist()
-        sample["label_mask"] = dict(zip(self.tasks, row, strict=True))
+        return self._masked(self.dataset[i], i)
+
+    def replay_items(self, indices: list[int], augs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The wrapped dataset's replayed samples (teacher-output cache), with their masks."""
+        replay = self.dataset.replay_items  # type: ignore[attr-defined]
+        return [self._masked(s, i) for s, i in zip(replay(indices, augs), indices, strict=True)]
+
+    @property
+    def can_replay(self) -> bool:
+        """Whether the wrapped dataset replays recorded augmentations."""
+        return bool(getattr(self.dataset, "can_replay", hasattr(self.dataset, "replay_items")))
+
+    def _masked(self, sample: dict[str, Any], i: int) -> dict[str, Any]:
+        sample = dict(sample)
+        sample["label_mask"] = dict(zip(self.tasks, self.mask[i].tolist(), strict=True))
         return sample
 
 

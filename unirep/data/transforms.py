@@ -153,31 +153,55 @@ class DecathlonTransform:
         out = self._finish(resized, top, left, flipped)
         return out, crop_flip_params(top, left, self.crop, self.crop, flipped)
 
-    def batch_with_params(self, images: Sequence[Any]) -> tuple[torch.Tensor, list[dict[str, Any]]]:
+    def batch_with_params(
+        self, images: Sequence[Any], resized: bool = False
+    ) -> tuple[torch.Tensor, list[dict[str, Any]]]:
         """:meth:`with_params` of every image, as one batch: the same draws in the same order
         (image by image: top, left, flip) and the same numbers, bit for bit, but the flip,
         the conversion to float and the normalisation run once on the stacked crops.
 
         Args:
             images: RGB PIL images or uint8 tensors ``[3, H_i, W_i]`` (sizes may differ).
+            resized: the images are already :meth:`resized` (the memory cache keeps them so):
+                the resize, which would leave them as they are, is skipped.
 
         Returns:
             float32 ``[B, 3, crop, crop]`` and each image's ``aug`` record.
         """
         crops, flips, augs = [], [], []
         for image in images:
-            resized = self.resized(image)
-            height, width = resized.shape[-2:]
+            ready = image if resized else self.resized(image)
+            height, width = ready.shape[-2:]
             top, left = self._draw_box(int(height), int(width))
             flipped = self._draw_flip()
-            crops.append(resized[..., top : top + self.crop, left : left + self.crop])
+            crops.append(ready[..., top : top + self.crop, left : left + self.crop])
             flips.append(flipped)
             augs.append(crop_flip_params(top, left, self.crop, self.crop, flipped))
+        return self._stacked(crops, flips), augs
+
+    def batch_replay(
+        self, images: Sequence[Any], augs: Sequence[dict[str, Any]], resized: bool = False
+    ) -> torch.Tensor:
+        """:meth:`replay` of every image as one batch (no RNG use): float32
+        ``[B, 3, crop, crop]``, equal to :meth:`batch_with_params`'s output for the recorded
+        ``augs`` (``resized``: as there)."""
+        crops, flips = [], []
+        for image, aug in zip(images, augs, strict=True):
+            top, left, height, width = (int(v) for v in aug["crop"])
+            if (height, width) != (self.crop, self.crop):
+                raise ValueError(f"recorded crop {height}×{width}, the transform crops {self.crop}")
+            ready = image if resized else self.resized(image)
+            crops.append(ready[..., top : top + height, left : left + width])
+            flips.append(bool(aug["flip"]))
+        return self._stacked(crops, flips)
+
+    def _stacked(self, crops: list[torch.Tensor], flips: list[bool]) -> torch.Tensor:
+        """The uint8 crops stacked, mirrored where ``flips``, converted and normalised."""
         x = torch.stack(crops)
         mirror = torch.tensor(flips, dtype=torch.bool)
         if bool(mirror.any()):
             x[mirror] = TF.horizontal_flip(x[mirror])
-        return self._normalize(self._to_float(x)), augs
+        return self._normalize(self._to_float(x))
 
     def replay(self, image: Any, aug: dict[str, Any]) -> torch.Tensor:
         """Apply recorded parameters instead of drawing (no RNG use): resize → crop → flip.
@@ -236,15 +260,20 @@ def classification_sample(
 
 
 def classification_samples(
-    transform: Callable | None, images: list[Any], labels: list[int], image_ids: list[int]
+    transform: Callable | None,
+    images: list[Any],
+    labels: list[int],
+    image_ids: list[int],
+    resized: bool = False,
 ) -> list[dict[str, Any]]:
     """:func:`classification_sample` of several images; a :class:`DecathlonTransform` transforms
-    them as one batch (:meth:`DecathlonTransform.batch_with_params`: the same samples)."""
+    them as one batch (:meth:`DecathlonTransform.batch_with_params`: the same samples;
+    ``resized``: the images are already at its resize, as the memory cache keeps them)."""
     batch = getattr(transform, "batch_with_params", None)
     if not callable(batch) or not images:
         return [classification_sample(transform, *args)
                 for args in zip(images, labels, image_ids, strict=True)]  # fmt: skip
-    x, augs = batch(images)
+    x, augs = batch(images, resized=resized)
     return [
         {"image": x[j], "label": label, "image_id": iid, "id": iid, "aug": aug}
         for j, (label, iid, aug) in enumerate(zip(labels, image_ids, augs, strict=True))
