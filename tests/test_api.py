@@ -27,26 +27,18 @@ from unirep.validate import load_config
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 OVERRIDES_LINE = 'overrides = ["name=api-example"]  # e.g. "train.max_steps=100", "seed=1"'
-EXAMPLE = f"""\
-import numpy as np
-import timm
-import unirep
-from teachers import run
+README = Path(__file__).resolve().parents[1] / "README.md"
 
-{OVERRIDES_LINE}
-result = run("mini-decathlon", overrides)      # teachers, then the student: scripts/distill.py
-student = unirep.load_student(result.student)  # manifest and weights hash checked
-print(student.streams)                         # one per domain: ['digits', 'glyphs', ...]
 
-images = np.random.default_rng(0).integers(0, 256, (4, 40, 40, 3), dtype=np.uint8)  # or PIL
-labels = student.predict(images)               # {{task: predicted class [4]}}
-digits = student.predict(images, task="digits")
-features = student.features(images, stream="digits")  # [4, C]: the shared representation
-metrics = student.evaluate("test")             # {{task: {{"accuracy": ...}}}}, whole split
+def _readme_example() -> str:
+    """The first ``python`` block of the README's "Python API" section."""
+    text = README.read_text()
+    section = text[text.index("## Python API") :]
+    start = section.index("```python\n") + len("```python\n")
+    return section[start : section.index("```", start)]
 
-backbone = timm.create_model(f"local-dir:{{result.student / 'backbone'}}", pretrained=True)
-same = backbone.eval()(student.preprocess(images, "digits"))  # = features, in plain timm
-"""
+
+EXAMPLE = _readme_example()
 
 
 @pytest.fixture(scope="module")
