@@ -138,9 +138,10 @@ def _check_benchmark(results: dict[str, Any]) -> None:
 
 
 def test_pcgrad_benchmark(tiny: Config) -> None:
+    root = [f"teachers.root={tiny.teachers.root}"] if tiny.teachers.root else []  # None: default
     cfg = tiny_config(
         Path(tiny.data.cache_dir or ""), Path(tiny.output_dir), "cpu=true", "weighting=pcgrad",
-        f"teachers.root={tiny.teachers.root}",
+        *root,
     )  # fmt: skip
     results = run_benchmark(cfg, steps=1, warmup=1, spawn=False)
     assert results["info"]["weighting"] == "pcgrad"

@@ -41,7 +41,9 @@ def _run(cache: Path, out: Path, *extra: str) -> tuple[Path, dict]:
 
 @pytest.fixture(scope="module")
 def finished_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
-    return _run(tiny_cache, tmp_path_factory.mktemp("runs"), "name=e2e")
+    out = tmp_path_factory.mktemp("runs")
+    # its own teachers root: the run trains (and logs) its teachers, whatever ran before
+    return _run(tiny_cache, out, "name=e2e", f"teachers.root={out / 'teachers'}")
 
 
 def test_run_directory_contract(finished_run: tuple[Path, dict]) -> None:
@@ -111,7 +113,8 @@ def test_evaluate_reproduces_the_run(
     finished_run: tuple[Path, dict], tiny_cache: Path, tmp_path: Path
 ) -> None:
     run_dir, metrics = finished_run
-    cfg = tiny_config(tiny_cache, tmp_path, "name=eval")
+    root = f"teachers.root={run_dir.parent / 'teachers'}"  # the run's teachers (finished_run)
+    cfg = tiny_config(tiny_cache, tmp_path, "name=eval", root)
     accelerator = make_accelerator(cfg)
     eval_dir = prepare_run_dir(cfg, accelerator)
     data = resolve_data(cfg, accelerator)

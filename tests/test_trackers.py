@@ -75,7 +75,10 @@ def tensorboard_run(
     tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> tuple[Path, dict[str, Any]]:
     pytest.importorskip("tensorboard")
-    return _run(tiny_cache, tmp_path_factory.mktemp("runs"), "name=tb", "log_with=tensorboard")
+    out = tmp_path_factory.mktemp("runs")
+    # its own teachers root: the teachers are trained (and logged) here, whatever ran before
+    return _run(tiny_cache, out, "name=tb", "log_with=tensorboard",
+                f"teachers.root={out / 'teachers'}")  # fmt: skip
 
 
 @pytest.mark.slow
@@ -113,8 +116,9 @@ def test_a_tracker_changes_nothing_the_run_computes(
     tensorboard_run: tuple[Path, dict[str, Any]], tiny_cache: Path
 ) -> None:
     run_dir, _ = tensorboard_run
-    plain = tiny_config(tiny_cache, run_dir.parent, "name=tb", "log_with=none")
-    tracked = tiny_config(tiny_cache, run_dir.parent, "name=tb", "log_with=tensorboard")
+    root = f"teachers.root={run_dir.parent / 'teachers'}"  # the run's own (tensorboard_run)
+    plain = tiny_config(tiny_cache, run_dir.parent, "name=tb", "log_with=none", root)
+    tracked = tiny_config(tiny_cache, run_dir.parent, "name=tb", "log_with=tensorboard", root)
     data = resolve_data(plain, make_accelerator(plain))
     for task in TASKS:  # the same cached teachers
         assert teacher_path(plain, data, task) == teacher_path(tracked, data, task)
@@ -124,7 +128,7 @@ def test_a_tracker_changes_nothing_the_run_computes(
     folder = run_dir / "logs" / PROJECT
     before = sorted(folder.iterdir())
     again = tiny_config(
-        tiny_cache, run_dir.parent, "name=tb", "log_with=tensorboard", "resume=true"
+        tiny_cache, run_dir.parent, "name=tb", "log_with=tensorboard", "resume=true", root
     )
     accelerator = make_accelerator(again)
     assert prepare_run_dir(again, accelerator) == run_dir
