@@ -445,6 +445,19 @@ def from_dict(cls: type, values: dict[str, Any], prefix: str = "") -> Any:
     return cls(**kwargs)
 
 
+def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a.b": value}`` for nested mappings with string keys (an empty mapping is a value of
+    its own): a config as dotted keys, as overrides name them."""
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     """The config as plain, YAML-serialisable data."""
     return dataclasses.asdict(cfg)

@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from unirep.config import Config, ConfigError, preset_names, read_config, to_dict
+from unirep.config import Config, ConfigError, flatten, preset_names, read_config, to_dict
 
 MAIN_COMMAND = "accelerate launch scripts/distill.py"
 """How the README's main command runs a recipe (``unirep-distill`` is the installed equivalent)."""
@@ -42,18 +42,6 @@ _ROLES = (
 )
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a.b": value}`` for nested mappings (an empty mapping is a value of its own)."""
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _value(values: dict[str, Any], dotted: str) -> Any:
     for part in dotted.split("."):
         values = values[part]
@@ -77,7 +65,7 @@ def run_overrides(cfg: Config) -> list[str] | None:
     if cfg.preset not in preset_names():
         return None
     mine_tree = to_dict(cfg)
-    base, mine = _flatten(to_dict(read_config(cfg.preset))), _flatten(mine_tree)
+    base, mine = flatten(to_dict(read_config(cfg.preset))), flatten(mine_tree)
     changed = [k for k in mine if base.get(k, ...) != mine[k]]
     changed += [k for k in base if k not in mine]  # a preset key the run does not have
     overrides: list[str] = []

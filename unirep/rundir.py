@@ -23,7 +23,15 @@ import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 
-from unirep.config import Config, ConfigError, TrainConfig, cache_dir, save_config, to_dict
+from unirep.config import (
+    Config,
+    ConfigError,
+    TrainConfig,
+    cache_dir,
+    flatten,
+    save_config,
+    to_dict,
+)
 from unirep.data.streams import RunData
 from unirep.models.build import architecture
 from unirep.tracking import PROJECT, tracker_names
@@ -86,7 +94,7 @@ def tracker_config(cfg: Config) -> dict[str, Any]:
     """The resolved config as the trackers' hyper-parameters: one entry per dotted key (e.g.
     ``train.optim.optimizer.kwargs.lr``), lists and empty sections as JSON text (TensorBoard takes
     only numbers, strings, booleans and ``None``)."""
-    flat = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    flat = flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
     return {
         k: v if v is None or isinstance(v, bool | int | float | str) else json.dumps(v)
         for k, v in flat.items()
@@ -179,17 +187,6 @@ trackers watch it, not what it computes (dotted keys name one setting, plain one
 section)."""
 
 
-def _flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and value and all(isinstance(k, str) for k in value):
-            flat.update(_flatten(value, f"{name}."))
-        else:
-            flat[name] = value
-    return flat
-
-
 def _may_change(key: str) -> bool:
     return key.split(".")[0] in RESUME_MAY_CHANGE or key in RESUME_MAY_CHANGE
 
@@ -222,8 +219,8 @@ def check_same_config(cfg: Config, saved_path: Path, finished: bool = False) -> 
     finished run is only read back (``finished``) for the config that produced it."""
     if not saved_path.is_file():
         raise ConfigError(f"cannot resume: {str(saved_path)!r} does not exist")
-    saved = _flatten(yaml.safe_load(saved_path.read_text()) or {})
-    now = _flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
+    saved = flatten(yaml.safe_load(saved_path.read_text()) or {})
+    now = flatten(yaml.safe_load(yaml.safe_dump(to_dict(cfg))))
     changed = sorted(
         k
         for k in set(saved) | set(now)

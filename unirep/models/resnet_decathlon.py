@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from unirep.models.timm_weights import refuse_download
+from unirep.models.timm_weights import PooledHead, refuse_download
 
 
 class ParameterFreeShortcut(nn.Module):
@@ -64,7 +64,7 @@ class BasicBlock(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
-class DecathlonResNet(nn.Module):
+class DecathlonResNet(PooledHead):
     """Three-stage ResNet of the decathlon papers, with timm's classifier interface.
 
     Input ``[B, 3, H, W]``; ``forward_features`` gives ``[B, widths[-1], H/8, W/8]``;
@@ -115,16 +115,6 @@ class DecathlonResNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, 3, H, W]`` → ``[B, C, H/8, W/8]``."""
         return self.final_norm(self.stages(F.relu(self.stem(x))))
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """``[B, C, h, w]`` → pooled ``[B, C]`` or logits ``[B, num_classes]``."""
-        x = x.mean(dim=(2, 3))
-        if self.drop_rate > 0:
-            x = F.dropout(x, self.drop_rate, self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # timm reads the module's ``default_cfgs`` when registering: no hosted weights, so

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch.nn.functional as F
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import Tensor, nn
 
-from unirep.models.timm_weights import refuse_download
+from unirep.models.timm_weights import PooledHead, refuse_download
 
 SEGNET_WIDTHS: tuple[int, ...] = (64, 128, 256, 512, 512)
 SEGNET_DEPTHS: tuple[int, ...] = (2, 2, 3, 3, 3)
@@ -84,7 +83,7 @@ class SegNetEncoder(nn.Module):
         return self.forward_with_indices(images)[0]
 
 
-class SegNetBackbone(nn.Module):
+class SegNetBackbone(PooledHead):
     """:class:`SegNetEncoder` with timm's classifier interface (registered as ``segnet_mtan``).
 
     Its state dict is the encoder's under ``encoder.`` (plus ``fc.`` when ``num_classes > 0``).
@@ -120,16 +119,6 @@ class SegNetBackbone(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """``[B, 3, H, W]`` → ``[B, C_5, ⌊H/32⌋, ⌊W/32⌋]`` (the bottleneck the decoders read)."""
         return self.encoder(x)[-1]
-
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        """``[B, C_5, h, w]`` → pooled ``[B, C_5]`` or logits ``[B, num_classes]``."""
-        x = x.mean(dim=(2, 3))
-        if self.drop_rate > 0:
-            x = F.dropout(x, self.drop_rate, self.training)
-        return x if pre_logits else self.fc(x)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 # timm reads the module's ``default_cfgs`` when registering: no hosted weights, so

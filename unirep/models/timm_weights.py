@@ -8,7 +8,11 @@ gives), so a missing file is an error, never a random initialisation.
 
 from __future__ import annotations
 
+import abc
 from typing import Any
+
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def weights_given(kwargs: dict[str, Any]) -> bool:
@@ -32,3 +36,26 @@ def refuse_download(name: str, pretrained: bool, kwargs: dict[str, Any]) -> None
             "or pretrained_cfg_overlay=dict(file='<student>/backbone/model.safetensors', "
             "num_classes=0)"
         )
+
+
+class PooledHead(nn.Module, abc.ABC):
+    """timm's head for unirep's own trunks: global average pooling, dropout (``drop_rate``), then
+    ``fc`` (``nn.Identity`` with ``num_classes=0``). A subclass sets ``drop_rate`` and ``fc`` and
+    defines ``forward_features`` ``[B, 3, H, W] → [B, C, h, w]``."""
+
+    drop_rate: float
+    fc: nn.Module
+
+    @abc.abstractmethod
+    def forward_features(self, x: Tensor) -> Tensor:
+        """``[B, 3, H, W]`` → the trunk's last feature map ``[B, C, h, w]``."""
+
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """``[B, C, h, w]`` → pooled ``[B, C]`` or logits ``[B, num_classes]``."""
+        x = x.mean(dim=(2, 3))
+        if self.drop_rate > 0:
+            x = F.dropout(x, self.drop_rate, self.training)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))
