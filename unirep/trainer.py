@@ -370,6 +370,20 @@ def _due(done: int, every: int, last: int) -> bool:
     return done % every == 0 or done == last
 
 
+def _log_means(
+    ctx: StepContext, log: CSVLog, step: int, running: dict[str, Tensor], seen: dict[str, int]
+) -> float:
+    """Log each term's mean since the last log (``running`` sums over ``seen`` steps), averaged
+    over processes, and the learning rate; returns the mean loss."""
+    keys = sorted(running)
+    values = torch.stack([running[k] / seen[k] for k in keys]).float()
+    mean = ctx.accelerator.reduce(values, "mean").tolist()
+    logged = {f"train/{k}": float(v) for k, v in zip(keys, mean, strict=True)}
+    logged["train/lr"] = ctx.schedulers[0].get_last_lr()[0]
+    log.log(step, logged)
+    return logged["train/loss"]
+
+
 def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -> FitResult:
     """Train ``phase.module`` in place; its student is left holding its best validation weights.
 
@@ -404,13 +418,7 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
         failpoint(f"step:{phase.name}:{done}")
         # Log: means since the last log, averaged over processes.
         if _due(done, cfg.log_every, cfg.max_steps):
-            keys = sorted(running)
-            values = torch.stack([running[k] / seen[k] for k in keys]).float()
-            mean = accelerator.reduce(values, "mean").tolist()
-            logged = {f"train/{k}": float(v) for k, v in zip(keys, mean, strict=True)}
-            logged["train/lr"] = ctx.schedulers[0].get_last_lr()[0]
-            log.log(done, logged)
-            bar.set_postfix(loss=f"{logged['train/loss']:.3f}")
+            bar.set_postfix(loss=f"{_log_means(ctx, log, done, running, seen):.3f}")
             running, seen = {}, {}
         # Evaluate on the validation split; keep the best weights (never chosen on test).
         if _due(done, cfg.eval_every, cfg.max_steps):
