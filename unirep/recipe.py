@@ -37,7 +37,7 @@ from unirep.objective import Objective, build_cross_task_terms, build_joint_term
 from unirep.report import prediction_grid_figure, write_figure, write_report
 from unirep.rundir import resume_point, teacher_folder, teacher_key, teacher_path
 from unirep.tasks import Task, main_metrics
-from unirep.teacher_cache import with_output_cache
+from unirep.teacher_cache import output_cache_summary, with_output_cache
 from unirep.teachers import Teacher, load_teacher
 from unirep.tracking import log_final_metrics, read_curves, report_curves, weighting_curves
 from unirep.trainable import TrainableModule
@@ -243,19 +243,8 @@ def distill(
             continue
         phase = student_phase(cfg, role, data, tasks, run_dir, teachers, teacher_val, is_distilled)
         phase, cache = with_output_cache(phase, cfg, accelerator, data, teachers)
-        for stream, entry in cache.items():
-            accelerator.print(
-                f"[{role}] teacher outputs of {stream!r}: "
-                + ("built" if entry["built"] else "found")
-                + f" in {entry['folder']} ({entry['bytes_per_sample'] / 1024:.1f} KiB per sample,"
-                f" {entry['seconds']:.1f} s)"
-            )
         if cache:
-            cache_summary = {
-                "draws": cfg.teachers.output_cache.draws,
-                "dtype": cfg.teachers.output_cache.dtype,
-                "bytes_per_sample": {s: e["bytes_per_sample"] for s, e in cache.items()},
-            }
+            cache_summary = output_cache_summary(cfg, cache)
         fits[role] = fit(accelerator, phase, evaluator, progress=cfg.progress)
         net = nets[role] = phase.module.student
         modules[role] = phase.module

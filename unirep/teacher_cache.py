@@ -240,14 +240,8 @@ class OutputStore:
 
     def outputs(self, index: int, draw: int) -> dict[str, dict[str, Tensor]]:
         """``{task: {key: float32 tensor}}`` of sample ``index``, draw ``draw``."""
-        arrays = self._open()
-        out: dict[str, dict[str, Tensor]] = {}
-        for task, keys in self.manifest["outputs"].items():
-            out[task] = {
-                k: torch.from_numpy(np.array(arrays[f"{task}/{k}"][index, draw], np.float32))
-                for k in keys
-            }
-        return out
+        batch = self.outputs_batch([index], [draw])
+        return {task: {k: v[0] for k, v in keys.items()} for task, keys in batch.items()}
 
     def disk_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.folder.rglob("*.npy"))
@@ -428,12 +422,28 @@ def with_output_cache(
             )  # fmt: skip
         train_sets[stream] = SeededDraws(dataset, phase.seed, store)
         size = store.disk_bytes()
-        record[stream] = {
+        entry = record[stream] = {
             "folder": str(store.folder),
             "built": built,
             "seconds": time.perf_counter() - t0,
             "bytes_per_sample": size / max(1, store.manifest["samples"]),
             "bytes": size,
         }
+        accelerator.print(
+            f"[{phase.name}] teacher outputs of {stream!r}: {'built' if built else 'found'} in "
+            f"{entry['folder']} ({entry['bytes_per_sample'] / 1024:.1f} KiB per sample, "
+            f"{entry['seconds']:.1f} s)"
+        )
     phase = dataclasses.replace(phase, train_sets=train_sets, teachers={}, draws=spec.draws)
     return phase, record
+
+
+def output_cache_summary(cfg: Config, record: dict[str, Any]) -> dict[str, Any]:
+    """``metrics.json``'s ``summary.teacher_output_cache``: the cache's settings and size per
+    stream, no timings (a resumed run writes the same)."""
+    spec = cfg.teachers.output_cache
+    return {
+        "draws": spec.draws,
+        "dtype": spec.dtype,
+        "bytes_per_sample": {s: e["bytes_per_sample"] for s, e in record.items()},
+    }
