@@ -27,7 +27,7 @@ from PIL import Image
 
 from unirep.data.checks import SkippedFile, cached_scan, files_fingerprint
 from unirep.data.memory import MemoryCache
-from unirep.data.transforms import classification_sample, classification_samples
+from unirep.data.transforms import batch_samples, classification_sample, classification_samples
 from unirep.errors import DataError, UnirepError
 
 __all__ = [
@@ -355,16 +355,8 @@ class DecathlonDomain(torch.utils.data.Dataset):
             raise TypeError(f"{self!r}: its transform cannot replay recorded augmentations")
         x = replay([self._image(i) for i in indices], augs,
                    resized=self.memory is not None)  # fmt: skip
-        return [
-            {
-                "image": x[j],
-                "label": self.labels[i],
-                "image_id": self.image_ids[i],
-                "id": self.image_ids[i],
-                "aug": aug,
-            }
-            for j, (i, aug) in enumerate(zip(indices, augs, strict=True))
-        ]
+        labels = [self.labels[i] for i in indices]
+        return batch_samples(x, labels, [self.image_ids[i] for i in indices], augs)
 
     @property
     def can_replay(self) -> bool:

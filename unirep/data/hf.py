@@ -237,9 +237,9 @@ class HFDomain(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         """A whole batch, its images transformed as one (the same samples as one by one)."""
-        rows = [int(i) % len(self) for i in indices]
         if any(not -len(self) <= int(i) < len(self) for i in indices):
             raise IndexError(f"indices {indices} out of range for {len(self)} samples")
+        rows = [int(i) % len(self) for i in indices]
         return classification_samples(
             self.transform,
             [self._decode(i if self._rows is None else self._rows[i]) for i in rows],

@@ -32,6 +32,7 @@ __all__ = [
     "DECATHLON_SQUARE_RESIZE",
     "DecathlonTransform",
     "apply_transform",
+    "batch_samples",
     "build_transform",
     "classification_sample",
     "classification_samples",
@@ -274,8 +275,16 @@ def classification_samples(
         return [classification_sample(transform, *args)
                 for args in zip(images, labels, image_ids, strict=True)]  # fmt: skip
     x, augs = batch(images, resized=resized)
+    return batch_samples(x, labels, image_ids, augs)
+
+
+def batch_samples(
+    images: torch.Tensor, labels: list[int], image_ids: list[int], augs: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The samples of a transformed batch ``images`` ``[B, 3, crop, crop]``, in the contract of
+    :func:`classification_sample`."""
     return [
-        {"image": x[j], "label": label, "image_id": iid, "id": iid, "aug": aug}
+        {"image": images[j], "label": label, "image_id": iid, "id": iid, "aug": aug}
         for j, (label, iid, aug) in enumerate(zip(labels, image_ids, augs, strict=True))
     ]
 
