@@ -1,12 +1,6 @@
-"""Variants × seeds on one preset, then one table (mean ± std over seeds) and a plot.
+"""Variants × seeds on one preset: one table (mean ± std over seeds) and a plot: ``unirep compare``, see :mod:`unirep.cli.compare`."""
 
-    accelerate launch scripts/compare.py --config PRESET --seeds 0,1,2 [--variants ...] [k=v ...]
-
-The command is :mod:`teachers.commands.compare` (its options are there), installed as
-``unirep-compare``; this file runs the same function from the repository.
-"""
-
-from teachers.commands.compare import cli
+from unirep.cli import main
 
 if __name__ == "__main__":
-    cli("compare.py")
+    main(command="compare", prog="compare.py")

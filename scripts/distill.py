@@ -1,12 +1,6 @@
-"""Stage one and two in one command: train missing teachers, then distil the student.
+"""Stage one (missing teachers) and two (baseline, student, evaluation, report): ``unirep distill``, see :mod:`unirep.cli.distill`."""
 
-    accelerate launch scripts/distill.py [--config PRESET_OR_PATH] [key=value ...]
-
-The command is :mod:`teachers.commands.distill` (its options are there), installed as
-``unirep-distill``; this file runs the same function from the repository.
-"""
-
-from teachers.commands.distill import cli
+from unirep.cli import main
 
 if __name__ == "__main__":
-    cli("distill.py")
+    main(command="distill", prog="distill.py")

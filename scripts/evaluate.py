@@ -1,12 +1,6 @@
-"""Evaluate an exported student on a split; writes metrics.json in the run-directory format.
+"""Evaluate an exported student on a split (writes metrics.json): ``unirep evaluate``, see :mod:`unirep.cli.evaluate`."""
 
-    accelerate launch scripts/evaluate.py --config PRESET student=runs/<run>/student split=test
-
-The command is :mod:`teachers.commands.evaluate` (its options are there), installed as
-``unirep-evaluate``; this file runs the same function from the repository.
-"""
-
-from teachers.commands.evaluate import cli
+from unirep.cli import main
 
 if __name__ == "__main__":
-    cli("evaluate.py")
+    main(command="evaluate", prog="evaluate.py")

@@ -1,12 +1,6 @@
-"""Stage one alone: train (or verify) one teacher per task (a domain, or a dense task).
+"""Stage one alone: train (or verify) one teacher per task: ``unirep train-teachers``, see :mod:`unirep.cli.train_teachers`."""
 
-    accelerate launch scripts/train_teachers.py [--config PRESET_OR_PATH] [key=value ...]
-
-The command is :mod:`teachers.commands.train_teachers` (its options are there), installed as
-``unirep-train-teachers``; this file runs the same function from the repository.
-"""
-
-from teachers.commands.train_teachers import cli
+from unirep.cli import main
 
 if __name__ == "__main__":
-    cli("train_teachers.py")
+    main(command="train-teachers", prog="train_teachers.py")

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unirep.config import Config
-from unirep.validate import load_config
+from unirep.config.schema import Config
+from unirep.pipeline.validate import load_config
 
 TINY = [
     "data.generator={seed: 0, image_size: 32, scale: 0.1}",
@@ -79,9 +79,9 @@ def fit_interrupted(cfg: Config, run_dir: Path, role: str, crash_at: int | None,
     ``crash_at``, interrupted before that step first and then resumed. Returns (phase, result)."""
     from accelerate import Accelerator
 
-    import unirep.trainer as trainer_module
-    from unirep.evaluate import Evaluator
-    from unirep.recipe import resolve_data, student_phase
+    import unirep.training.trainer as trainer_module
+    from unirep.pipeline.stage_two import resolve_data, student_phase
+    from unirep.training.evaluator import Evaluator
 
     accelerator = Accelerator(cpu=True)
     data = resolve_data(cfg, accelerator)
@@ -98,11 +98,13 @@ def fit_interrupted(cfg: Config, run_dir: Path, role: str, crash_at: int | None,
 
     if crash_at is not None:
         monkeypatch.setattr(trainer_module, "train_step", crashing)
-        phase = student_phase(cfg, role, data, tasks, run_dir, {}, reference, distill)
+        phase, _ = student_phase(
+            cfg, accelerator, role, data, tasks, run_dir, {}, reference, distill
+        )
         with pytest.raises(KeyboardInterrupt):
             trainer_module.fit(accelerator, phase, evaluator, progress=False)
         monkeypatch.setattr(trainer_module, "train_step", real)
-    phase = student_phase(cfg, role, data, tasks, run_dir, {}, reference, distill)
+    phase, _ = student_phase(cfg, accelerator, role, data, tasks, run_dir, {}, reference, distill)
     return phase, trainer_module.fit(accelerator, phase, evaluator, progress=False)
 
 

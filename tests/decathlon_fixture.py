@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from unirep.data.decathlon import DECATHLON_DOMAINS, coco_annotation
+from unirep.data.classification.decathlon import DECATHLON_DOMAINS, coco_annotation
 
 SIZES = {"train": 8, "val": 4, "test": 4}
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from unirep.config import ConfigError
+from unirep.config.schema import ConfigError
 from unirep.losses.bundle import LossBundle
-from unirep.optim import build_optimizer
-from unirep.validate import load_config
+from unirep.optim.optimizers import build_optimizer
+from unirep.pipeline.validate import load_config
 from unirep.weighting import AdaTask, build_weighting
 from unirep.weighting.adatask import TASK_GRADS
 

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from tests.conftest import fit_interrupted, tiny_dense_config
-from unirep.config import ConfigError
-from unirep.rundir import make_accelerator
-from unirep.validate import load_config
+from unirep.config.schema import ConfigError
+from unirep.pipeline.rundir import make_accelerator
+from unirep.pipeline.validate import load_config
 from unirep.weighting import build_weighting
 
 
@@ -51,8 +51,8 @@ def test_each_group_steps_in_turn_on_the_same_batch(
     other tasks' heads keep their weights and moments."""
     from accelerate import Accelerator
 
-    import unirep.trainer as trainer_module
-    from unirep.recipe import resolve_data, student_phase
+    import unirep.training.trainer as trainer_module
+    from unirep.pipeline.stage_two import resolve_data, student_phase
 
     torch.set_num_threads(1)
     cfg = tiny_dense_config(tiny_cache, tmp_path, "weighting={name: alternating, kwargs: "
@@ -61,7 +61,9 @@ def test_each_group_steps_in_turn_on_the_same_batch(
     data = resolve_data(cfg, accelerator)
     tasks = data.tasks()
     reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}
-    phase = student_phase(cfg, "baseline", data, tasks, tmp_path, {}, reference, False)
+    phase, _ = student_phase(
+        cfg, accelerator, "baseline", data, tasks, tmp_path, {}, reference, False
+    )
     ctx, _ = trainer_module.setup(accelerator, phase)
     batches = []
     real = trainer_module.make_batch

@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 
 from tests.conftest import TINY
-from unirep.config import to_dict
-from unirep.model_card import NOT_REPRODUCING
-from unirep.validate import load_config
+from unirep.config.schema import to_dict
+from unirep.pipeline.model_card import NOT_REPRODUCING
+from unirep.pipeline.validate import load_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
@@ -131,9 +131,9 @@ def test_a_finished_run_is_read_back(example: dict[str, Any], tiny_cache: Path) 
 def test_a_dense_student_predicts_maps(tmp_path: Path) -> None:
     """A dense student (untrained here): every task from one forward pass, at the manifest's
     image size, from images of any size."""
-    from unirep.export import export_student
     from unirep.models.build import build_network
-    from unirep.student import load_student
+    from unirep.pipeline.export import export_student
+    from unirep.pipeline.student import load_student
     from unirep.tasks import TASK_KINDS, Task
 
     tasks = {

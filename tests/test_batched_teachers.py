@@ -19,18 +19,19 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-import unirep.teachers_batched as teachers_batched
+import unirep.teachers.batched as teachers_batched
 from tests.conftest import TINY_DENSE
 from unirep.batch import Batch
-from unirep.benchmark import random_teachers
-from unirep.config import ConfigError
+from unirep.config.schema import ConfigError
+from unirep.experiments.benchmark import random_teachers
 from unirep.models.build import build_network
-from unirep.recipe import resolve_data, student_phase
+from unirep.pipeline.stage_two import resolve_data, student_phase
+from unirep.pipeline.validate import load_config
 from unirep.tasks import TASK_KINDS, Task
-from unirep.teachers import freeze
-from unirep.teachers_batched import BatchedTeachers, each_teacher, teacher_autocast_dtype
-from unirep.trainer import setup, teacher_outputs, train_step
-from unirep.validate import load_config
+from unirep.teachers.batched import BatchedTeachers, each_teacher, teacher_autocast_dtype
+from unirep.teachers.provider import teacher_outputs
+from unirep.teachers.store import freeze
+from unirep.training.trainer import setup, train_step
 
 DENSE = {"encoder": "segnet", "encoder_kwargs": {"width_mult": 0.125}, "decoder_channels": 8}
 CLASSIFICATION = {"backbone": "resnet_decathlon_tiny", "backbone_kwargs": {}}
@@ -161,9 +162,11 @@ def test_train_step_uses_the_batched_teachers(
         reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}
         teachers = random_teachers(cfg, data)
         work = tmp_path / str(batched)
-        phase = student_phase(cfg, "student", data, tasks, work, teachers, reference, True)
+        phase, _ = student_phase(
+            cfg, accelerator, "student", data, tasks, work, teachers, reference, True
+        )
         ctx, _ = setup(accelerator, phase)
-        assert (ctx.batched_teachers is not None) == batched
+        assert ctx.teachers is not None and (ctx.teachers._batched is not None) == batched
         logs[batched] = train_step(ctx, 0)
     assert calls == [("semantic", "depth", "normal")]
     assert set(logs[True]) == set(logs[False]) and any(k.startswith("feature/") for k in logs[True])

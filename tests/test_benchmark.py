@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from unirep.stage_one.train import ensure_teachers
 
-import unirep.trainer
-from teachers.recipe import ensure_teachers
+import unirep.training.trainer
 from tests.conftest import TINY_DENSE, tiny_config, tiny_dense_config
-from unirep.benchmark import (
+from unirep.config.schema import Config
+from unirep.experiments.benchmark import (
     format_report,
     format_weighting_costs,
     measure,
@@ -28,10 +29,9 @@ from unirep.benchmark import (
     weighting_costs,
     weighting_variants,
 )
-from unirep.config import Config
-from unirep.recipe import resolve_data
-from unirep.rundir import make_accelerator
-from unirep.validate import load_config
+from unirep.pipeline.rundir import make_accelerator
+from unirep.pipeline.stage_two import resolve_data
+from unirep.pipeline.validate import load_config
 from unirep.weighting.aggregators import NashMTL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,14 +81,14 @@ def test_real_loop_is_the_trainers_train_step(
     tiny: Config, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    original = unirep.trainer.train_step
+    original = unirep.training.trainer.train_step
 
     def spy(ctx: Any, step: int, timings: dict[str, float] | None = None) -> dict[str, float]:
         calls.append(step)
         assert timings is not None  # the benchmark reads the trainer's own split
         return original(ctx, step, timings)
 
-    monkeypatch.setattr(unirep.trainer, "train_step", spy)
+    monkeypatch.setattr(unirep.training.trainer, "train_step", spy)
     result = measure(tiny, "student", "real", steps=2, warmup=1)
     assert calls == [0, 1, 2]
     _check(result, teachers=True, real=True)
@@ -102,8 +102,8 @@ def test_minimal_loop_never_calls_the_trainer(
     def forbidden(*args: Any, **kwargs: Any) -> None:
         raise AssertionError("the minimal loop must not use the trainer")
 
-    monkeypatch.setattr(unirep.trainer, "train_step", forbidden)
-    monkeypatch.setattr(unirep.trainer, "setup", forbidden)
+    monkeypatch.setattr(unirep.training.trainer, "train_step", forbidden)
+    monkeypatch.setattr(unirep.training.trainer, "setup", forbidden)
     _check(measure(tiny, "student", "minimal", steps=2, warmup=0), teachers=True, real=False)
     _check(measure(tiny, "baseline", "minimal", steps=1, warmup=0), teachers=False, real=False)
 
@@ -199,7 +199,7 @@ def test_weightings_alternate_against_sum(
     checked = weighting_configs(cfg, tasks, ["pcgrad", "mgda_ub", "nash_mtl"])
     assert isinstance(checked["nash_mtl"], str) and "unirep[solvers]" in checked["nash_mtl"]
     calls: list[tuple[str, int]] = []  # (weighting, gradients of the trunk's first parameter)
-    original = unirep.trainer.train_step
+    original = unirep.training.trainer.train_step
 
     def counting(ctx: Any, step: int, timings: dict[str, float] | None = None) -> Any:
         first = ctx.unwrapped.shared_parameters()[0]
@@ -212,7 +212,7 @@ def test_weightings_alternate_against_sum(
             weighting = ctx.unwrapped.weighting
             calls.append((getattr(weighting, "on", type(weighting).__name__), count[0]))
 
-    monkeypatch.setattr(unirep.trainer, "train_step", counting)
+    monkeypatch.setattr(unirep.training.trainer, "train_step", counting)
     rows = weighting_costs(configs, steps=2, warmup=0)  # nash_mtl: refused when it is built
     assert list(rows) == ["sum", "pcgrad", "mgda_ub", "alternating", "nash_mtl"]
     assert "unirep[solvers]" in rows["nash_mtl"]["skipped"]

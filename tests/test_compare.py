@@ -11,9 +11,9 @@ import pytest
 import torch
 import yaml
 
-from teachers.pipeline import run_recipe, train_teacher_job
 from tests.conftest import TINY_DENSE
-from unirep.compare import (
+from unirep.config.schema import ConfigError
+from unirep.experiments.compare import (
     PARTIAL_VARIANTS,
     Runners,
     Variant,
@@ -26,9 +26,9 @@ from unirep.compare import (
     summarise,
     write_comparison,
 )
-from unirep.config import ConfigError
-from unirep.jobs import Job, run_jobs
-from unirep.validate import load_config
+from unirep.experiments.jobs import Job, run_jobs
+from unirep.pipeline.api import run_recipe, train_teacher_job
+from unirep.pipeline.validate import load_config
 
 RUNNERS = Runners(run=run_recipe, teacher=train_teacher_job)
 

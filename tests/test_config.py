@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unirep.config import (
+from unirep.config.schema import (
     Config,
     ConfigError,
     Spec,
@@ -16,7 +16,7 @@ from unirep.config import (
     save_config,
     to_dict,
 )
-from unirep.validate import NOT_FOR_DENSE, load_config
+from unirep.pipeline.validate import NOT_FOR_DENSE, load_config
 from unirep.weighting import WEIGHTINGS
 
 
@@ -54,7 +54,7 @@ def test_every_preset_loads_and_builds(preset: str) -> None:
     # imported here: the config tests above do not need the builders
     from unirep.models.build import architecture, build_network
     from unirep.objective import Objective
-    from unirep.trainable import TrainableModule
+    from unirep.training.trainable import TrainableModule
     from unirep.weighting import build_weighting
 
     cfg = load_config(preset)

@@ -13,20 +13,21 @@ import pytest
 import torch
 from PIL import Image
 
-from unirep.data import stats, synthetic
-from unirep.data.decathlon import (
+from unirep.data.classification import mini_decathlon as synthetic
+from unirep.data.classification import stats
+from unirep.data.classification.decathlon import (
     DECATHLON_DOMAINS,
     CorruptImageError,
     DataRootError,
     DecathlonDomain,
 )
-from unirep.data.stats import domain_mean_std
-from unirep.data.synthetic import (
+from unirep.data.classification.mini_decathlon import (
     MINI_DECATHLON_DOMAINS,
     ensure_mini_decathlon,
     generate_mini_decathlon,
 )
-from unirep.data.transforms import build_transform
+from unirep.data.classification.stats import domain_mean_std
+from unirep.data.classification.transforms import build_transform
 
 SCALE = 0.03  # a few images per class: enough to check the format, fast to write
 IMAGE_SIZE = 32

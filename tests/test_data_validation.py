@@ -1,9 +1,9 @@
 """Bad data is refused up front, by ``RunData.prepare``, naming the file: one test per fault.
 
-Each test builds the run's data as :func:`unirep.recipe.resolve_data` does
+Each test builds the run's data as :func:`unirep.pipeline.stage_two.resolve_data` does
 (``build_run_data(cfg).prepare()``), so a fault in any split (train, val or test) surfaces before
 any teacher trains, as a :class:`~unirep.errors.DataError` or
-:class:`~unirep.data.decathlon.DataRootError` whose message names the offending file.
+:class:`~unirep.data.classification.decathlon.DataRootError` whose message names the offending file.
 """
 
 from __future__ import annotations
@@ -18,14 +18,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from unirep.data import stats
-from unirep.data.decathlon import DataRootError, DecathlonDomain
-from unirep.data.dense import MTANDense, write_mtan_fixture
-from unirep.data.hf import ID_DOMAIN_STRIDE, HFDomain, global_id_offset
-from unirep.data.stats import domain_mean_std
+from unirep.data.classification import stats
+from unirep.data.classification.decathlon import DataRootError, DecathlonDomain
+from unirep.data.classification.hf import ID_DOMAIN_STRIDE, HFDomain, global_id_offset
+from unirep.data.classification.stats import domain_mean_std
+from unirep.data.dense.mtan import MTANDense, write_mtan_fixture
 from unirep.data.streams import RunData, build_run_data
 from unirep.errors import DataError, UnirepError
-from unirep.validate import load_config
+from unirep.pipeline.validate import load_config
 
 SIZES = {"train": 4, "val": 2, "test": 2}
 

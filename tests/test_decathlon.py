@@ -6,14 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+from unirep.stage_one.keys import teacher_path
+from unirep.stage_one.train import ensure_teachers
 
-from teachers.recipe import ensure_teachers
 from tests.decathlon_fixture import SIZES, write_official_fixture
-from unirep.data.decathlon import DECATHLON_DOMAINS
-from unirep.export import load_student
-from unirep.recipe import distill, resolve_data
-from unirep.rundir import make_accelerator, prepare_run_dir, teacher_path
-from unirep.validate import load_config
+from unirep.data.classification.decathlon import DECATHLON_DOMAINS
+from unirep.pipeline.export import load_student
+from unirep.pipeline.rundir import make_accelerator, prepare_run_dir
+from unirep.pipeline.stage_two import distill, resolve_data
+from unirep.pipeline.validate import load_config
 
 pytestmark = pytest.mark.slow
 

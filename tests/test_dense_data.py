@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from unirep.data.decathlon import DataRootError
-from unirep.data.dense import (
+from unirep.data.classification.decathlon import DataRootError
+from unirep.data.dense.mtan import (
     DENSE_TASKS,
     MTANDense,
     ScaleCrop,

@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from unirep.dense_metrics import METRIC_NAMES, DepthMeter, NormalMeter, SegmentationMeter
-from unirep.metrics import METRIC_HIGHER_IS_BETTER
+from unirep.metrics.classification import METRIC_HIGHER_IS_BETTER
+from unirep.metrics.dense import METRIC_NAMES, DepthMeter, NormalMeter, SegmentationMeter
 
 # --------------------------------------------------------------------------------------------
 # SegmentationMeter

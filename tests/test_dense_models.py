@@ -9,7 +9,6 @@ import pytest
 import torch
 from torch import nn
 
-from unirep.export import export_student, load_student
 from unirep.io import load_weights
 from unirep.models.build import build_network
 from unirep.models.dense import (
@@ -21,9 +20,10 @@ from unirep.models.dense import (
     build_dense_network,
 )
 from unirep.objective import Objective
+from unirep.pipeline.export import export_student, load_student
 from unirep.registry import UnknownNameError
 from unirep.tasks import TASK_KINDS, Task
-from unirep.trainable import TrainableModule
+from unirep.training.trainable import TrainableModule
 from unirep.weighting import build_weighting
 
 TASKS = {"semantic": 13, "depth": 1, "normal": 3}

@@ -10,13 +10,13 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 
 from unirep.batch import Batch
-from unirep.config import DistillConfig, Spec
-from unirep.dense_metrics import DepthMeter, NormalMeter, SegmentationMeter
-from unirep.evaluate import Evaluator, delta_m_score
+from unirep.config.schema import DistillConfig, Spec
+from unirep.metrics.dense import DepthMeter, NormalMeter, SegmentationMeter
 from unirep.models.dense import build_dense_network
 from unirep.objective import Objective
-from unirep.report import prediction_grid_figure
+from unirep.pipeline.report import prediction_grid_figure
 from unirep.tasks import TASK_KINDS, Task, task_score
+from unirep.training.evaluator import Evaluator, delta_m_score
 
 STREAM = "images"
 CHANNELS = {"semantic": 5, "depth": 1, "normal": 3}

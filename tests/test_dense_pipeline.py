@@ -13,20 +13,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from unirep.stage_one.keys import teacher_path
+from unirep.stage_one.train import ensure_teachers
 
-from teachers.recipe import ensure_teachers
 from tests.conftest import TINY_DENSE, tiny_dense_config
-from unirep.config import Config, ConfigError
-from unirep.data.decathlon import DataRootError
-from unirep.data.dense import write_mtan_fixture
+from unirep.config.schema import Config, ConfigError
+from unirep.data.classification.decathlon import DataRootError
+from unirep.data.dense.mtan import write_mtan_fixture
 from unirep.data.streams import SCENE_STREAM
-from unirep.export import load_student
 from unirep.io import file_sha256, load_weights
 from unirep.objective import Objective
-from unirep.recipe import distill, evaluate_student, resolve_data
-from unirep.rundir import make_accelerator, prepare_run_dir, teacher_path
-from unirep.teachers import TeacherMismatchError
-from unirep.trainer import DONE
+from unirep.pipeline.export import load_student
+from unirep.pipeline.rundir import make_accelerator, prepare_run_dir
+from unirep.pipeline.stage_two import distill, evaluate_student, resolve_data
+from unirep.teachers.store import TeacherMismatchError
+from unirep.training.trainer import DONE
 
 pytestmark = pytest.mark.slow
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from unirep.diagnostics import TaskDiagnostics, shared_layers
 from unirep.losses.bundle import LossBundle
+from unirep.training.diagnostics import TaskDiagnostics, shared_layers
 
 
 class _Accelerator:

@@ -1,13 +1,12 @@
-"""The console commands of ``pyproject.toml`` are the scripts' commands (issue 14).
+"""One console command, ``unirep``, with subcommands; the scripts are shims of it.
 
-``[project.scripts]`` names one callable per script; installed (``pip install -e .``), each
-resolves through ``importlib.metadata`` to the same ``cli`` function that ``scripts/<name>.py``
-calls, and the executable in the environment's ``bin/`` runs it.
+``[project.scripts]`` names ``unirep = unirep.cli:main``; ``python -m unirep`` and
+``scripts/<command>.py`` reach the same dispatcher, which imports a subcommand's module only when
+it is called.
 """
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 from importlib.metadata import entry_points
@@ -15,57 +14,74 @@ from pathlib import Path
 
 import pytest
 
+from unirep.cli import COMMANDS, main
+
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = {
-    "unirep-distill": "distill",
-    "unirep-train-teachers": "train_teachers",
-    "unirep-evaluate": "evaluate",
-    "unirep-benchmark": "benchmark",
-    "unirep-compare": "compare",
-}
 
 
-def test_pyproject_declares_one_command_per_script() -> None:
+def test_pyproject_declares_the_one_command() -> None:
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     declared = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
-    assert declared == {name: f"teachers.commands.{m}:cli" for name, m in COMMANDS.items()}
-    for module in COMMANDS.values():  # each script runs that very function
-        assert (
-            f"from teachers.commands.{module} import cli"
-            in (ROOT / "scripts" / f"{module}.py").read_text()
-        )
+    assert declared == {"unirep": "unirep.cli:main"}
 
 
-@pytest.mark.parametrize("name", list(COMMANDS))
-def test_installed_entry_point_resolves_to_the_command(name: str) -> None:
-    found = {e.name: e for e in entry_points(group="console_scripts") if e.name in COMMANDS}
-    if name not in found:
-        pytest.skip(f"{name} is not installed here (pip install -e . installs it)")
-    command = found[name].load()
-    module = importlib.import_module(f"teachers.commands.{COMMANDS[name]}")
-    assert callable(command) and command is module.cli
+def test_every_script_is_a_shim_of_its_subcommand() -> None:
+    scripts = {p.stem for p in (ROOT / "scripts").glob("*.py")}
+    assert scripts == {module for module, _ in COMMANDS.values()}
+    for name, (module, _) in COMMANDS.items():
+        text = (ROOT / "scripts" / f"{module}.py").read_text()
+        assert f'main(command="{name}", prog="{module}.py")' in text
+        assert len(text.splitlines()) < 10
 
 
-def _installed(name: str) -> Path:
-    executable = Path(sys.executable).parent / name
+def test_installed_entry_point_resolves_to_the_dispatcher() -> None:
+    found = {e.name: e for e in entry_points(group="console_scripts")}
+    if "unirep" not in found:
+        pytest.skip("unirep is not installed here (pip install -e . installs it)")
+    assert found["unirep"].load() is main
+
+
+def test_help_lists_every_subcommand(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as end:
+        main(["--help"])
+    assert end.value.code == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in COMMANDS)
+
+
+def test_an_unknown_subcommand_is_refused_in_one_line() -> None:
+    with pytest.raises(SystemExit) as end:
+        main(["distil"])
+    message = str(end.value.code)
+    assert "\n" not in message and "'distil'" in message and "distill" in message
+
+
+def _installed() -> Path:
+    executable = Path(sys.executable).parent / "unirep"
     if not executable.is_file():
         pytest.skip(f"{executable} is not installed (pip install -e . installs it)")
     return executable
 
 
-def test_unirep_distill_help_runs_from_the_environment() -> None:
-    result = subprocess.run([str(_installed("unirep-distill")), "--help"],
+def test_subcommand_help_runs_from_the_environment() -> None:
+    result = subprocess.run([str(_installed()), "distill", "--help"],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.startswith("usage: unirep-distill [--config PRESET_OR_PATH]")
+    assert result.stdout.startswith("usage: unirep distill [--config PRESET_OR_PATH]")
     assert "mini-decathlon" in result.stdout
+
+
+def test_python_dash_m_unirep_is_the_same_command() -> None:
+    result = subprocess.run([sys.executable, "-m", "unirep", "--help"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0 and all(name in result.stdout for name in COMMANDS)
 
 
 def test_a_bad_override_fails_in_one_line_naming_the_command(tmp_path: Path) -> None:
     result = subprocess.run(
-        [str(_installed("unirep-train-teachers")), "train.max_stepz=3", f"output_dir={tmp_path}"],
+        [str(_installed()), "train-teachers", "train.max_stepz=3", f"output_dir={tmp_path}"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode != 0
-    assert "unirep-train-teachers: configuration error" in result.stderr
+    assert "unirep train-teachers: configuration error" in result.stderr
     assert "train.max_stepz" in result.stderr and "Traceback" not in result.stderr

@@ -19,17 +19,19 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 from torch import Tensor, nn
+from unirep.stage_one.keys import teacher_key
 
-import unirep.trainer as trainer
+import unirep.teachers.provider as provider
+import unirep.training.trainer as trainer
 from tests.conftest import TINY_DENSE
-from unirep.benchmark import OPTION_VARIANTS, format_term_costs, term_costs
-from unirep.config import Config, ConfigError
+from unirep.config.schema import Config, ConfigError
+from unirep.experiments.benchmark import OPTION_VARIANTS, format_term_costs, term_costs
 from unirep.io import save_weights
 from unirep.models.build import build_network
-from unirep.recipe import resolve_data, student_phase
-from unirep.rundir import make_accelerator, teacher_key
+from unirep.pipeline.rundir import make_accelerator
+from unirep.pipeline.stage_two import resolve_data, student_phase
+from unirep.pipeline.validate import _compile_problem, load_config
 from unirep.tasks import TASK_KINDS, Task
-from unirep.validate import _compile_problem, load_config
 
 DENSE = {"encoder": "segnet", "encoder_kwargs": {"width_mult": 0.125}, "decoder_channels": 8}
 CLASSIFICATION = {"backbone": "resnet_decathlon_tiny", "backbone_kwargs": {}}
@@ -47,7 +49,7 @@ def _dense_cfg(cache: Path, out: Path, *extra: str) -> Config:
 
 def _student(cfg: Config, out: Path, distill: bool = True) -> tuple[Any, Any, Any]:
     """(accelerator, data, phase) of the tiny dense student (untrained teachers) or baseline."""
-    from unirep.benchmark import random_teachers
+    from unirep.experiments.benchmark import random_teachers
 
     accelerator = make_accelerator(cfg)
     data = resolve_data(cfg, accelerator)
@@ -55,7 +57,7 @@ def _student(cfg: Config, out: Path, distill: bool = True) -> tuple[Any, Any, An
     reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}  # stands in for teachers
     teachers = random_teachers(cfg, data) if distill else {}
     role = "student" if distill else "baseline"
-    phase = student_phase(cfg, role, data, tasks, out, teachers, reference, distill)
+    phase, _ = student_phase(cfg, accelerator, role, data, tasks, out, teachers, reference, distill)
     return accelerator, data, phase
 
 
@@ -196,14 +198,14 @@ def test_bf16_mixed_precision_trains_a_tiny_dense_student_on_cpu(
     tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: dict[str, set[torch.dtype]] = {"conv": set(), "teachers": set()}
-    original = trainer.teacher_outputs
+    original = provider.teacher_outputs
 
     def spy(*args: Any, **kwargs: Any) -> Any:
         out = original(*args, **kwargs)
         seen["teachers"] |= {v.dtype for o in out.values() for v in o.values()}
         return out
 
-    monkeypatch.setattr(trainer, "teacher_outputs", spy)
+    monkeypatch.setattr(provider, "teacher_outputs", spy)
     full, _ = _steps(_dense_cfg(tiny_cache, tmp_path), tmp_path / "fp32")
     AcceleratorState._reset_state(reset_partial_state=True)
     cfg = _dense_cfg(tiny_cache, tmp_path, "mixed_precision=bf16")

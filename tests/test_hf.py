@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from unirep.data.decathlon import CorruptImageError, DataRootError
-from unirep.data.hf import HFDomain
+from unirep.data.classification.decathlon import CorruptImageError, DataRootError
+from unirep.data.classification.hf import HFDomain
 
 CLASSES = ["cat", "dog", "fox"]
 SAMPLE_KEYS = {"image", "label", "image_id", "id", "aug"}
@@ -254,7 +254,7 @@ def _png(i: int) -> bytes:
 
 def test_a_batch_transformed_at_once_equals_the_samples_one_by_one(saved_dataset: Path) -> None:
     """The DataLoader's batched fetch (``__getitems__``) gives the samples of one by one."""
-    from unirep.data.transforms import build_transform
+    from unirep.data.classification.transforms import build_transform
 
     transform = build_transform(True, resize=12, crop=8, mean=[0.5] * 3, std=[0.25] * 3)
     domain = HFDomain(str(saved_dataset), "train", transform=transform)

@@ -8,12 +8,12 @@ import datasets
 import numpy as np
 import pytest
 from PIL import Image
+from unirep.stage_one.train import ensure_teachers
 
-from teachers.recipe import ensure_teachers
 from tests.conftest import tiny_config
-from unirep.data.decathlon import DataRootError
-from unirep.recipe import distill, resolve_data
-from unirep.rundir import make_accelerator, prepare_run_dir
+from unirep.data.classification.decathlon import DataRootError
+from unirep.pipeline.rundir import make_accelerator, prepare_run_dir
+from unirep.pipeline.stage_two import distill, resolve_data
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Imports inside ``unirep/`` point one way: no cycle, never up into ``teachers/`` or ``scripts/``.
+"""Imports inside ``unirep/`` point one way: no cycle, and no package imports one above it.
 
 The graph is read from the source with :mod:`ast`, like ``structure-check``: every ``import`` and
 ``from ... import`` anywhere in a file (function-level ones included), relative imports resolved,
@@ -12,16 +12,43 @@ from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "unirep"
-OUTSIDE = ("teachers", "scripts")  # the packages that use unirep, never used by it
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "unirep"
+STAGE_ONE = ("unirep.stage_one", ROOT / "teachers")  # installed under unirep's namespace
+OUTSIDE = ("teachers", "scripts")  # never imported by their top-level names
+
+LAYERS: list[tuple[str, ...]] = [
+    ("unirep.errors", "unirep.version", "unirep.faults", "unirep.registry", "unirep.io",
+     "unirep.layout"),
+    ("unirep.config",),
+    ("unirep.metrics",),
+    ("unirep.tasks", "unirep.batch"),
+    ("unirep.data",),
+    ("unirep.models",),
+    ("unirep.losses",),
+    ("unirep.objective",),
+    ("unirep.optim",),
+    ("unirep.weighting",),
+    ("unirep.teachers",),
+    ("unirep.training",),
+    ("unirep.stage_one",),
+    ("unirep.pipeline",),
+    ("unirep.experiments",),
+    ("unirep.cli",),
+    ("unirep", "unirep.__main__"),
+]  # fmt: skip
+"""The floor plan, bottom up: a module may import its own layer and the layers below it."""
 
 
-def _module_files(package: Path) -> dict[str, Path]:
-    root = package.parent
+def _module_files(package: Path, extra: tuple[str, Path] | None = None) -> dict[str, Path]:
+    """``{dotted name: file}`` of ``package`` (and of ``extra``: a package installed under
+    another name, ``(name, folder)``)."""
+    trees = [(package.name, package)] + ([extra] if extra else [])
     names = {}
-    for path in sorted(package.rglob("*.py")):
-        name = ".".join(path.relative_to(root).with_suffix("").parts)
-        names[name.removesuffix(".__init__")] = path
+    for prefix, folder in trees:
+        for path in sorted(folder.rglob("*.py")):
+            name = ".".join([prefix, *path.relative_to(folder).with_suffix("").parts])
+            names[name.removesuffix(".__init__")] = path
     return names
 
 
@@ -43,9 +70,11 @@ def _imported_names(module: str, path: Path) -> set[str]:
     return names
 
 
-def import_graph(package: Path = PACKAGE) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+def import_graph(
+    package: Path = PACKAGE, extra: tuple[str, Path] | None = STAGE_ONE
+) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """(module -> the package modules it imports, module -> every dotted name it imports)."""
-    files = _module_files(package)
+    files = _module_files(package, extra if package == PACKAGE else None)
     graph: dict[str, set[str]] = {m: set() for m in files}
     raw: dict[str, set[str]] = {}
     for module, path in files.items():
@@ -123,6 +152,34 @@ def test_no_import_cycle_in_unirep() -> None:
             for k in knots
         )
     )
+
+
+def layer(module: str) -> int:
+    """The index in :data:`LAYERS` of the longest entry ``module`` belongs to."""
+    found = [
+        (len(name), i)
+        for i, group in enumerate(LAYERS)
+        for name in group
+        if module == name or module.startswith(f"{name}.")
+    ]
+    assert found, f"{module} is in no layer of the floor plan (add it to LAYERS)"
+    return max(found)[1]
+
+
+def test_every_import_points_down_the_floor_plan() -> None:
+    graph, _ = import_graph()
+    upward = sorted(
+        f"{module} (layer {layer(module)}) imports {name} (layer {layer(name)})"
+        for module, names in graph.items()
+        for name in names
+        if layer(name) > layer(module)
+    )
+    assert not upward, "imports pointing up the floor plan: " + "; ".join(upward)
+
+
+def test_the_library_keeps_a_thin_top_level() -> None:
+    top = sorted(p.name for p in PACKAGE.glob("*.py") if p.name != "__init__.py")
+    assert len(top) <= 10, top
 
 
 def test_unirep_never_imports_teachers_or_scripts() -> None:

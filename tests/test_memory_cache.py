@@ -108,7 +108,7 @@ def _after(dataset, indices: list[int], seed: int) -> float:
 
 
 def test_the_training_loader_uses_the_batched_fetch(tiny_cache: Path, tmp_path: Path) -> None:
-    from unirep.data.decathlon import DecathlonDomain
+    from unirep.data.classification.decathlon import DecathlonDomain
     from unirep.data.sampling import MultiDomainStream
 
     data = build_run_data(tiny_config(tiny_cache, tmp_path))

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from unirep.metrics import (
+from unirep.metrics.classification import (
     FINETUNE_ACCURACY,
     METRIC_HIGHER_IS_BETTER,
     OFFICIAL_DECATHLON_DOMAINS,
@@ -200,7 +200,7 @@ def test_standard_metric_directions() -> None:
 
 
 def test_official_score_uses_the_finetune_reference() -> None:
-    from unirep.metrics import official_decathlon_score
+    from unirep.metrics.classification import official_decathlon_score
 
     url = {d: a / 100 for d, a in PUBLISHED_ACCURACY["URL"].items()}
     assert official_decathlon_score(url) == pytest.approx(3626, abs=1)

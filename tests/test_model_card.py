@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from tests.conftest import TINY, TINY_DENSE
-from unirep.config import save_config, to_dict
-from unirep.model_card import NOT_REPRODUCING, model_card, reproduce_command, run_overrides
-from unirep.validate import load_config
+from unirep.config.schema import save_config, to_dict
+from unirep.pipeline.model_card import NOT_REPRODUCING, model_card, reproduce_command, run_overrides
+from unirep.pipeline.validate import load_config
 
 
 def _reproducing(cfg) -> dict:

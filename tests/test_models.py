@@ -8,17 +8,17 @@ import pytest
 import timm
 import torch
 
-from unirep.export import export_student, load_student
 from unirep.io import load_weights
 from unirep.models.adapters import ADAPTERS
 from unirep.models.backbones import build_backbone
 from unirep.models.build import count_parameters
 from unirep.models.network import build_network
 from unirep.objective import Objective
-from unirep.recipe import parameter_counts
+from unirep.pipeline.export import export_student, load_student
+from unirep.pipeline.stage_two import parameter_counts
 from unirep.registry import UnknownNameError
 from unirep.tasks import TASK_KINDS, Task
-from unirep.trainable import TrainableModule
+from unirep.training.trainable import TrainableModule
 from unirep.weighting import build_weighting
 
 

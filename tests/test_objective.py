@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from unirep.batch import Batch
-from unirep.config import DistillConfig, Spec
+from unirep.config.schema import DistillConfig, Spec
 from unirep.models.build import build_network
 from unirep.objective import Objective, annealing_factor, distillation_weights
 from unirep.tasks import TASK_KINDS, Task

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from tests.conftest import random_dense_batch
-from unirep.losses.partial import (
+from unirep.losses.joint import (
     JTRLoss,
     MTPSLLoss,
     PairFiLMEncoder,

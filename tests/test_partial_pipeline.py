@@ -9,15 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from unirep.stage_one.keys import teacher_path
+from unirep.stage_one.train import ensure_teachers
 
-from teachers.recipe import ensure_teachers
 from tests.conftest import fit_interrupted, tiny_dense_config
 from unirep.batch import make_batch
-from unirep.data.partial import read_label_split
+from unirep.data.dense.label_splits import read_label_split
 from unirep.errors import DataError
-from unirep.export import read_student
-from unirep.recipe import distill, resolve_data, student_phase
-from unirep.rundir import prepare_run_dir, teacher_path
+from unirep.pipeline.export import read_student
+from unirep.pipeline.rundir import prepare_run_dir
+from unirep.pipeline.stage_two import distill, resolve_data, student_phase
 
 ONE_LABEL = "mini-scenes-onelabel"
 
@@ -193,16 +194,16 @@ def _series(path: Path) -> set[str]:
 def test_bad_partial_settings_are_refused_before_work(
     tiny_cache: Path, tmp_path: Path, preset: str, override: str, needle: str
 ) -> None:
-    from unirep.config import ConfigError
-    from unirep.validate import load_config
+    from unirep.config.schema import ConfigError
+    from unirep.pipeline.validate import load_config
 
     with pytest.raises(ConfigError, match=needle):
         load_config(preset, [override, f"output_dir={tmp_path}"])
 
 
 def test_one_task_runs_refuse_pairwise_methods() -> None:
-    from unirep.config import ConfigError
-    from unirep.validate import load_config
+    from unirep.config.schema import ConfigError
+    from unirep.pipeline.validate import load_config
 
     one = "dense.tasks={depth: {loss: depth_l1}}"
     with pytest.raises(ConfigError, match="mtpsl maps between tasks"):
@@ -213,7 +214,7 @@ def test_one_task_runs_refuse_pairwise_methods() -> None:
 
 
 def test_joint_term_cost_is_measured_against_the_number_of_tasks() -> None:
-    from unirep.benchmark import format_joint_scaling, joint_term_scaling
+    from unirep.experiments.benchmark import format_joint_scaling, joint_term_scaling
 
     rows = joint_term_scaling(batch=4, size=(16, 16), task_counts=(2, 4), repeats=1)
     assert [int(r["tasks"]) for r in rows] == [2, 4]
@@ -231,7 +232,10 @@ def test_an_all_unlabelled_batch_gives_finite_zero_supervision(
     cfg, data = _data(tiny_cache, tmp_path, f"partial.method={method}", "distill.enabled=false")
     tasks = data.tasks()
     reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}
-    phase = student_phase(cfg, "student", data, tasks, tmp_path, {}, reference, True)
+    accelerator = Accelerator(cpu=True)
+    phase, _ = student_phase(
+        cfg, accelerator, "student", data, tasks, tmp_path, {}, reference, True
+    )
     samples = [data.datasets("train", train=True)["images"][i] for i in range(4)]
     for s in samples:
         s["label_mask"] = dict.fromkeys(tasks, False)
@@ -249,7 +253,7 @@ def test_an_all_unlabelled_batch_gives_finite_zero_supervision(
 def test_a_batch_larger_than_a_teachers_labelled_images_is_refused(
     tiny_cache: Path, tmp_path: Path
 ) -> None:
-    from unirep.config import ConfigError
+    from unirep.config.schema import ConfigError
 
     with pytest.raises(ConfigError, match=r"data\.batch_size.*teacher of .* labelled for it"):
         _data(tiny_cache, tmp_path, "data.batch_size=6")  # 12 scenes, one label each: 4 per task

@@ -1,4 +1,4 @@
-"""Label protocols for partially labelled dense multi-task learning (unirep.data.partial)."""
+"""Label protocols for partially labelled dense multi-task learning (unirep.data.dense.label_splits)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from unirep.config import ConfigError
-from unirep.data.partial import (
+from unirep.config.schema import ConfigError
+from unirep.data.dense.label_splits import (
     MTPSL_TASK_ORDER,
     PROTOCOLS,
     SPLIT_FORMAT,

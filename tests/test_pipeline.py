@@ -11,19 +11,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from unirep.stage_one.keys import teacher_path
+from unirep.stage_one.train import ensure_teachers
 
-from teachers.recipe import ensure_teachers
 from tests.conftest import tiny_config
-from unirep.checkpoint import BEST, DONE
-from unirep.config import ConfigError
-from unirep.data.decathlon import DataRootError
-from unirep.export import STUDENT_FORMAT, student_tasks
+from unirep.config.schema import ConfigError
+from unirep.data.classification.decathlon import DataRootError
 from unirep.io import load_weights
 from unirep.models.build import build_network
-from unirep.recipe import build_metrics, distill, evaluate_student, resolve_data
-from unirep.rundir import make_accelerator, prepare_run_dir, teacher_path, teacher_root
+from unirep.pipeline.export import STUDENT_FORMAT, student_tasks
+from unirep.pipeline.rundir import make_accelerator, prepare_run_dir
+from unirep.pipeline.stage_two import build_metrics, distill, evaluate_student, resolve_data
 from unirep.tasks import TASK_KINDS, Task
-from unirep.teachers import TeacherMismatchError
+from unirep.teachers.store import TeacherMismatchError, teacher_root
+from unirep.training.checkpoint import BEST, DONE
 
 pytestmark = pytest.mark.slow
 

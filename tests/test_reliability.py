@@ -17,16 +17,16 @@ from torch import nn
 
 import unirep.objective as objective_module
 from tests.conftest import TINY, tiny_config
-from unirep.checkpoint import BEST, latest_checkpoint
-from unirep.config import ConfigError
+from unirep.config.schema import ConfigError
 from unirep.errors import NonFiniteError, UnirepError
-from unirep.evaluate import Evaluator
 from unirep.io import atomic_write_json, load_weights, save_weights
-from unirep.recipe import resolve_data, student_phase
-from unirep.rundir import prepare_run_dir
+from unirep.pipeline.rundir import prepare_run_dir
+from unirep.pipeline.stage_two import resolve_data, student_phase
 from unirep.tasks import TASK_KINDS, Task
-from unirep.teachers import load_teacher, save_teacher
-from unirep.trainer import fit
+from unirep.teachers.store import load_teacher, save_teacher
+from unirep.training.checkpoint import BEST, latest_checkpoint
+from unirep.training.evaluator import Evaluator
+from unirep.training.trainer import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["train.max_steps=6", "train.eval_every=2", "train.checkpoint_every=1"]
@@ -39,7 +39,7 @@ def _baseline(cache: Path, run_dir: Path, *extra: str):
     accelerator = Accelerator(cpu=True)
     data = resolve_data(cfg, accelerator)
     tasks = data.tasks()
-    phase = student_phase(cfg, "baseline", data, tasks, run_dir, {}, None, False)
+    phase, _ = student_phase(cfg, accelerator, "baseline", data, tasks, run_dir, {}, None, False)
     return accelerator, phase, Evaluator(accelerator, cfg.data.eval_batch_size), tasks
 
 
@@ -205,9 +205,9 @@ def test_overwrite_replaces_a_run_and_a_foreign_folder_is_refused(
 
 
 def test_every_user_error_is_a_unirep_error() -> None:
-    from unirep.data.decathlon import CorruptImageError, DataRootError
+    from unirep.data.classification.decathlon import CorruptImageError, DataRootError
     from unirep.errors import DataError
-    from unirep.teachers import TeacherMismatchError
+    from unirep.teachers.store import TeacherMismatchError
 
     for error in (ConfigError, DataError, DataRootError, CorruptImageError, TeacherMismatchError,
                   NonFiniteError):  # fmt: skip
@@ -276,7 +276,7 @@ def test_an_unlabelled_test_split_gives_a_submission_and_exits_0(tmp_path: Path)
 def test_the_teacher_cache_is_keyed_by_what_determines_a_teacher(
     tiny_cache: Path, tmp_path: Path
 ) -> None:
-    from unirep.rundir import teacher_path
+    from unirep.stage_one.keys import teacher_path
 
     def path(task: str, *extra: str) -> Path:
         cfg = tiny_config(tiny_cache, tmp_path, *extra)
@@ -308,8 +308,9 @@ def test_skipped_corrupt_files_are_listed_in_metrics_and_report(
 ) -> None:
     import shutil
 
-    from teachers.recipe import ensure_teachers
-    from unirep.recipe import distill
+    from unirep.stage_one.train import ensure_teachers
+
+    from unirep.pipeline.stage_two import distill
 
     generated = tiny_config(tiny_cache, tmp_path)
     src = resolve_data(generated, Accelerator(cpu=True)).root

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from unirep.report import (
+from unirep.pipeline.report import (
     CURVES_FIGURE,
     PER_TASK_FIGURE,
     WEIGHTING_FIGURE,
@@ -22,7 +22,7 @@ from unirep.report import (
     prediction_grid_figure,
     write_report,
 )
-from unirep.tracking import CSVLog, read_curves, report_curves, weighting_curves
+from unirep.training.tracking import CSVLog, read_curves, report_curves, weighting_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -152,7 +152,7 @@ def test_sparse_metrics_do_not_break_the_report(tmp_path: Path) -> None:
 
 
 def test_aggregate_runs_mean_and_std() -> None:
-    from unirep.report import aggregate_runs
+    from unirep.pipeline.report import aggregate_runs
 
     def run(student: float, baseline: float) -> dict:
         return {
@@ -371,9 +371,9 @@ def f(semantic_rgb):  # a comment about normal
 @pytest.mark.parametrize(
     "module",
     [
-        "unirep.report", "unirep.tracking", "unirep.trainer", "unirep.evaluate", "unirep.recipe",
-        "unirep.benchmark", "unirep.trainable", "unirep.objective", "unirep.batch",
-        "teachers.recipe",
+        "unirep.pipeline.report", "unirep.training.tracking", "unirep.training.trainer", "unirep.training.evaluator", "unirep.pipeline.stage_two",
+        "unirep.experiments.benchmark", "unirep.training.trainable", "unirep.objective", "unirep.batch",
+        "unirep.stage_one.train",
     ],
 )  # fmt: skip
 def test_no_task_names_in_report_code(module: str) -> None:

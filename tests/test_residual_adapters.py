@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import unirep.models.resnet_decathlon  # noqa: F401  (registers the decathlon ResNets in timm)
-from unirep.data.decathlon import DECATHLON_DOMAINS
+from unirep.data.classification.decathlon import DECATHLON_DOMAINS
 from unirep.models.residual_adapters import (
     DomainBatchNorm2d,
     ParallelAdapterConv,

@@ -24,9 +24,17 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from tests.decathlon_fixture import write_official_fixture
-from unirep.config import DataConfig, HFDomainConfig
-from unirep.data.decathlon import DecathlonDomain
-from unirep.data.dense import (
+from unirep.config.schema import DataConfig, HFDomainConfig
+from unirep.data.classification.decathlon import DecathlonDomain
+from unirep.data.classification.hf import HFDomain, global_id_offset
+from unirep.data.classification.sources import DomainSet, build_domains
+from unirep.data.classification.transforms import (
+    DECATHLON_NO_FLIP,
+    DECATHLON_SQUARE_RESIZE,
+    apply_transform,
+    build_transform,
+)
+from unirep.data.dense.mtan import (
     DENSE_TASKS,
     MTANDense,
     ScaleCrop,
@@ -36,15 +44,7 @@ from unirep.data.dense import (
     sample_scale_crop,
     write_mtan_fixture,
 )
-from unirep.data.dense_sets import DenseData
-from unirep.data.hf import HFDomain, global_id_offset
-from unirep.data.sources import DomainSet, build_domains
-from unirep.data.transforms import (
-    DECATHLON_NO_FLIP,
-    DECATHLON_SQUARE_RESIZE,
-    apply_transform,
-    build_transform,
-)
+from unirep.data.dense.sources import DenseData
 
 MEAN = [0.4, 0.5, 0.6]
 STD = [0.2, 0.25, 0.3]

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from unirep.data.dense import MTANDense
-from unirep.data.scenes import (
+from unirep.data.dense.mini_scenes import (
     MAX_DEPTH,
     SCENE_CLASSES,
     ensure_mini_scenes,
@@ -18,6 +17,7 @@ from unirep.data.scenes import (
     render_scene,
     view_rays,
 )
+from unirep.data.dense.mtan import MTANDense
 
 H, W, SCALE = 24, 32, 0.05  # 12 / 3 / 6 scenes
 FLOOR, WALL, CEILING, SPHERE = (

@@ -14,9 +14,9 @@ from unirep.batch import make_batch
 from unirep.losses import TASK_LOSSES
 from unirep.models.build import architecture, build_network
 from unirep.objective import Objective, masked_loss
-from unirep.recipe import resolve_data
+from unirep.pipeline.stage_two import resolve_data
 from unirep.tasks import TASK_KINDS, Task
-from unirep.trainable import TrainableModule
+from unirep.training.trainable import TrainableModule
 from unirep.weighting import build_weighting
 
 KIND_SHAPES = {  # kind -> (num_classes, raw output [B, C, ...], target)
@@ -145,8 +145,8 @@ def test_interrupted_uncertainty_run_resumes_bit_exactly(
 def test_a_run_folder_is_never_reused_without_resume(tiny_cache: Path, tmp_path: Path) -> None:
     """Re-running a name without resume=true is refused before any work (issue 9's first fault:
     an old student silently reported under a new config)."""
-    from unirep.config import ConfigError
-    from unirep.rundir import prepare_run_dir
+    from unirep.config.schema import ConfigError
+    from unirep.pipeline.rundir import prepare_run_dir
 
     accelerator = Accelerator(cpu=True)
     cfg = tiny_config(tiny_cache, tmp_path, "name=once")

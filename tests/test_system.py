@@ -1,4 +1,4 @@
-"""The allocator set-up every script does at start-up (unirep.system)."""
+"""The allocator set-up every script does at start-up (unirep.training.system)."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import sys
 
 import pytest
 
-from unirep import system
+from unirep.training import system
 
 CHILD = """
 import os, sys
-from unirep import system
+from unirep.training import system
 changed = system.tune_allocator()
 # a spawned interpreter inherits the thresholds through the environment glibc reads at start
 out = {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
@@ -35,7 +35,7 @@ def test_scripts_fix_the_mmap_threshold_and_raise_the_trim_threshold() -> None:
 
 
 def test_every_script_sets_it_up_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    from unirep import cli
+    from unirep.cli import args as cli
 
     order: list[str] = []
     monkeypatch.setattr(cli, "tune_allocator", lambda: order.append("allocator"))

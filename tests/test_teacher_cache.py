@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import random
 from pathlib import Path
@@ -27,26 +28,41 @@ from accelerate import Accelerator
 from torch.utils.data import Dataset
 
 from tests.conftest import tiny_config, tiny_dense_config
-from unirep.benchmark import random_teachers
-from unirep.config import ConfigError
+from unirep.config.schema import ConfigError
 from unirep.data.sampling import DrawBatchSampler, StepBatchSampler
 from unirep.errors import DataError
-from unirep.recipe import resolve_data, student_phase
-from unirep.teacher_cache import SeededDraws, with_output_cache
-from unirep.trainer import setup, teacher_outputs, train_step
-from unirep.validate import load_config
+from unirep.experiments.benchmark import random_teachers
+from unirep.pipeline.stage_two import resolve_data, student_phase
+from unirep.pipeline.validate import load_config
+from unirep.teachers.output_cache import SeededDraws
+from unirep.teachers.provider import provide_teachers, teacher_outputs
+from unirep.training.trainer import setup, train_step
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _phase(cfg, tmp_path: Path, name: str = "run"):
+    """The student's phase with its teachers online (the cache off, whatever ``cfg`` says)."""
     accelerator = Accelerator(cpu=True)
     data = resolve_data(cfg, accelerator)
     tasks = data.tasks()
     reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}
     teachers = random_teachers(cfg, data)
-    phase = student_phase(cfg, "student", data, tasks, tmp_path / name, teachers, reference, True)
+    online = copy.deepcopy(cfg)
+    online.teachers.output_cache.draws = 0
+    work = tmp_path / name
+    phase, _ = student_phase(online, accelerator, "student", data, tasks, work, teachers,
+                             reference, True)  # fmt: skip
     return accelerator, data, teachers, phase
+
+
+def with_output_cache(phase, cfg, accelerator, data, teachers):
+    """``phase`` reading the teachers' outputs from the cache of ``cfg``, and the record."""
+    provision = provide_teachers(cfg, accelerator, data, teachers, phase.tasks, phase.train_sets,
+                                 phase.seed)  # fmt: skip
+    cached = dataclasses.replace(phase, train_sets=provision.train_sets,
+                                 teachers=provision.outputs, draws=provision.draws)  # fmt: skip
+    return cached, provision.cache
 
 
 @pytest.mark.parametrize("kind", ["dense", "classification"])
@@ -90,7 +106,12 @@ def test_cached_outputs_and_step_equal_the_online_teachers_on_the_same_draws(
     cfg = make(tiny_cache, tmp_path, *extra)
     accelerator, data, teachers, phase = _phase(cfg, tmp_path)
     cached, record = with_output_cache(phase, cfg, accelerator, data, teachers)
-    assert cached.teachers == {} and cached.draws == 2 and set(record) == set(phase.train_sets)
+    assert (
+        cached.teachers.cached
+        and not cached.teachers.teachers
+        and cached.draws == 2
+        and set(record) == set(phase.train_sets)
+    )
     assert all(entry["built"] and entry["bytes_per_sample"] > 0 for entry in record.values())
     nets = {t: teacher.net for t, teacher in teachers.items()}
     for stream, reader in cached.train_sets.items():
@@ -170,7 +191,7 @@ class _PythonRandomCrop(Dataset):
 
 
 def test_a_dataset_drawing_outside_torch_rng_is_refused_in_one_line(tmp_path: Path) -> None:
-    from unirep.teacher_cache import OutputStore
+    from unirep.teachers.output_cache import OutputStore
 
     folder = tmp_path / "store"
     (folder / "aug").mkdir(parents=True)
@@ -195,9 +216,10 @@ def test_bad_cache_settings_fail_at_start_up_naming_the_key() -> None:
 
 @pytest.mark.slow
 def test_a_run_with_the_cache_finishes_and_a_second_run_reuses_it(tiny_cache: Path, tmp_path):
-    from teachers.recipe import ensure_teachers
-    from unirep.recipe import distill
-    from unirep.rundir import make_accelerator, prepare_run_dir
+    from unirep.stage_one.train import ensure_teachers
+
+    from unirep.pipeline.rundir import make_accelerator, prepare_run_dir
+    from unirep.pipeline.stage_two import distill
 
     students = []
     for name in ("first", "second"):

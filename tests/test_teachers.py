@@ -12,7 +12,13 @@ import torch
 from unirep.io import load_weights, save_weights
 from unirep.models.build import build_network
 from unirep.tasks import TASK_KINDS, Task
-from unirep.teachers import MANIFEST, WEIGHTS, TeacherMismatchError, load_teacher, save_teacher
+from unirep.teachers.store import (
+    MANIFEST,
+    WEIGHTS,
+    TeacherMismatchError,
+    load_teacher,
+    save_teacher,
+)
 
 ARCH = {"backbone": "resnet_decathlon_tiny", "backbone_kwargs": {}}
 

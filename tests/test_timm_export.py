@@ -18,8 +18,8 @@ import timm
 import torch
 
 import unirep
-from unirep.export import BACKBONE_DIR, MODEL_CARD, STUDENT_MANIFEST, export_student
 from unirep.models.build import build_network
+from unirep.pipeline.export import BACKBONE_DIR, MODEL_CARD, STUDENT_MANIFEST, export_student
 from unirep.tasks import TASK_KINDS, Task
 
 pytestmark = pytest.mark.usefixtures("one_thread")

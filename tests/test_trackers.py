@@ -15,15 +15,16 @@ from typing import Any
 
 import pytest
 import yaml
+from unirep.stage_one.keys import teacher_path
+from unirep.stage_one.train import ensure_teachers
 
-from teachers.recipe import ensure_teachers
 from tests.conftest import tiny_config
-from unirep import tracking
-from unirep.config import ConfigError
-from unirep.recipe import distill, resolve_data
-from unirep.rundir import check_same_config, make_accelerator, prepare_run_dir, teacher_path
-from unirep.tracking import PROJECT, final_values, read_curves
-from unirep.validate import load_config
+from unirep.config.schema import ConfigError
+from unirep.pipeline.rundir import check_same_config, make_accelerator, prepare_run_dir
+from unirep.pipeline.stage_two import distill, resolve_data
+from unirep.pipeline.validate import load_config
+from unirep.training import tracking
+from unirep.training.tracking import PROJECT, final_values, read_curves
 
 TASKS = ("digits", "objects", "textures")
 
@@ -143,7 +144,7 @@ def test_tensorboard_after_resume_matches_the_csv(
     drops its step-4 rows and logs step 4 again; TensorBoard, which cannot drop what it was sent,
     gets step 4 a second time, the later point (the mean since the resume) equal to the CSV's."""
     pytest.importorskip("tensorboard")
-    import unirep.trainer as trainer_module
+    import unirep.training.trainer as trainer_module
 
     extra = ("name=resumed", "log_with=tensorboard", "train.checkpoint_every=3", "baseline=false")
     real = trainer_module.train_step
@@ -343,8 +344,8 @@ def test_runs_in_one_process_get_their_own_tracker_runs(
     """``run_recipe`` (scripts/compare.py) runs several runs in one process: each finishes its
     trackers, so the next one's wandb run is its own."""
     wandb = pytest.importorskip("wandb")
-    from teachers.pipeline import run_recipe
     from tests.conftest import TINY
+    from unirep.pipeline.api import run_recipe
 
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")

@@ -1,7 +1,7 @@
 """Every bad value is refused at start-up, naming its key; no traceback reaches the user.
 
-The unit test runs :func:`unirep.validate.load_config` over many bad values; the data-dependent
-checks (:func:`unirep.validate.check_against_data`) run on small stand-ins for the run's data and
+The unit test runs :func:`unirep.pipeline.validate.load_config` over many bad values; the data-dependent
+checks (:func:`unirep.pipeline.validate.check_against_data`) run on small stand-ins for the run's data and
 once on the tiny generated benchmark; one script run shows the user sees a single line.
 """
 
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from unirep import validate as validation
-from unirep.config import Config, ConfigError, DenseConfig, DenseTaskConfig, Spec
-from unirep.validate import check_against_data, load_config
+from unirep.config.schema import Config, ConfigError, DenseConfig, DenseTaskConfig, Spec
+from unirep.pipeline import validate as validation
+from unirep.pipeline.validate import check_against_data, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -297,8 +297,8 @@ def test_picked_domains_may_set_other_domains_of_the_source(
 
 def test_resolve_data_checks_the_generated_benchmark(tiny_cache: Path, tmp_path: Path) -> None:
     from tests.conftest import tiny_config
-    from unirep.recipe import resolve_data
-    from unirep.rundir import make_accelerator
+    from unirep.pipeline.rundir import make_accelerator
+    from unirep.pipeline.stage_two import resolve_data
 
     cfg = tiny_config(tiny_cache, tmp_path, "data.batch_sizes={textures: 100000}")
     with pytest.raises(ConfigError, match=r"'data\.batch_sizes\.textures'.*100000"):

@@ -31,8 +31,8 @@ def _settings(name: str, tasks: list[str]) -> list[str]:
 def test_every_weighting_trains_both_kinds(kind: str, tiny_cache: Path, tmp_path: Path) -> None:
     from accelerate import Accelerator
 
-    import unirep.trainer as trainer_module
-    from unirep.recipe import resolve_data, student_phase
+    import unirep.training.trainer as trainer_module
+    from unirep.pipeline.stage_two import resolve_data, student_phase
 
     torch.set_num_threads(1)
     build = tiny_config if kind == "classification" else tiny_dense_config
@@ -45,7 +45,9 @@ def test_every_weighting_trains_both_kinds(kind: str, tiny_cache: Path, tmp_path
     failures = []
     for name in WEIGHTINGS.names():
         cfg = build(tiny_cache, tmp_path / name, *extra, *_settings(name, names))
-        phase = student_phase(cfg, "student", data, tasks, tmp_path / name, {}, reference, False)
+        phase, _ = student_phase(
+            cfg, accelerator, "student", data, tasks, tmp_path / name, {}, reference, False
+        )
         ctx, _ = trainer_module.setup(accelerator, phase)
         before = [p.detach().clone() for p in ctx.unwrapped.shared_parameters()]
         for step in range(2):

@@ -1,6 +1,6 @@
 """Cross-task consistency terms and InfoNCE against naive loops, and their properties.
 
-Covers :mod:`unirep.losses.xtask` (Nakano, Chen & Demachi 2021, generalised to any task pairs)
+Covers :mod:`unirep.losses.transfer` (Nakano, Chen & Demachi 2021, generalised to any task pairs)
 and :mod:`unirep.losses.contrastive` (InfoNCE over the global batch; CRD-style feature loss),
 including a two-process gloo run that must reproduce the one-process loss and gradients.
 """
@@ -21,7 +21,7 @@ import unirep.losses.contrastive  # noqa: F401  (registers FEATURE_LOSSES["infon
 from tests.conftest import random_dense_batch
 from unirep.losses.contrastive import InfoNCEFeatureLoss, gather_batch, info_nce
 from unirep.losses.distillation import FEATURE_LOSSES
-from unirep.losses.xtask import (
+from unirep.losses.transfer import (
     CrossTaskTerms,
     TransferNet,
     alignment_distance,

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 from accelerate import Accelerator
+from unirep.stage_one.train import ensure_teachers
 
-from teachers.recipe import ensure_teachers
 from tests.conftest import fit_interrupted, tiny_dense_config
 from unirep.batch import make_batch
-from unirep.config import ConfigError
-from unirep.export import read_student
-from unirep.recipe import distill, load_teachers, resolve_data, student_phase
-from unirep.rundir import prepare_run_dir
+from unirep.config.schema import ConfigError
+from unirep.pipeline.export import read_student
+from unirep.pipeline.rundir import prepare_run_dir
+from unirep.pipeline.stage_two import distill, load_teachers, resolve_data, student_phase
 
 XTASK = "mini-scenes-xtask"
 ALL_TERMS = [
@@ -63,7 +63,9 @@ def _phase(tiny_cache: Path, tmp_path: Path, *extra: str):
     tasks = data.tasks()
     teachers = load_teachers(cfg, data, tasks)
     reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}
-    phase = student_phase(cfg, "student", data, tasks, run_dir, teachers, reference, True)
+    phase, _ = student_phase(
+        cfg, accelerator, "student", data, tasks, run_dir, teachers, reference, True
+    )
     loader = torch.utils.data.DataLoader(data.datasets("train", train=True)["images"], 4)
     batch = make_batch({"images": next(iter(loader))}, tasks)
     return phase, teachers, batch
@@ -150,7 +152,7 @@ def test_bad_cross_task_settings_are_refused_naming_the_key(
 
 
 def test_cross_task_terms_need_a_dense_run() -> None:
-    from unirep.validate import load_config
+    from unirep.pipeline.validate import load_config
 
     with pytest.raises(ConfigError, match=r"'xtask'.*dense"):
         load_config("mini-decathlon", ["xtask.consistency.weight=0.1"])

@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,16 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def clean_partial(directory: Path) -> list[Path]:
+    """Delete what a killed process left half-written under ``directory``: the hidden temporary
+    files and checkpoint folders that atomic writes rename into place (``.<name>.*.tmp``,
+    ``.step_NNNNNN.tmp``). They are never read; returns what was removed."""
+    removed = sorted(p for p in Path(directory).rglob(".*.tmp") if p.exists())
+    for path in removed:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+    return removed

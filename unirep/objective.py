@@ -33,12 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from unirep.batch import Batch
-from unirep.config import CrossTaskConfig, DistillConfig, PartialConfig
+from unirep.config.schema import CrossTaskConfig, DistillConfig, PartialConfig
 from unirep.losses import FEATURE_LOSSES, PREDICTION_LOSSES, TASK_LOSSES
 from unirep.losses.bundle import LossBundle
 from unirep.losses.contrastive import InfoNCEFeatureLoss
-from unirep.losses.partial import JTRLoss, MTPSLLoss
-from unirep.losses.xtask import CrossTaskTerms
+from unirep.losses.joint import JTRLoss, MTPSLLoss
+from unirep.losses.transfer import CrossTaskTerms
 from unirep.tasks import Task
 
 
@@ -246,7 +246,7 @@ class CrossTaskJoint(nn.Module):
     """The cross-task terms of Nakano, Chen & Demachi (2021) on the student's predictions:
     ``consistency``, ``alignment`` (masked by the batch's label masks), ``cycle`` and
     ``contrastive``, each with its weight and ramp-up, sharing one set of task-transfer networks
-    (:class:`unirep.losses.xtask.CrossTaskTerms`), trained with the student, never exported.
+    (:class:`unirep.losses.transfer.CrossTaskTerms`), trained with the student, never exported.
     Their bundle names are ``xtask_<term>``."""
 
     def __init__(self, terms: nn.Module, schedule: dict[str, tuple[float, int]]) -> None:

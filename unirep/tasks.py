@@ -20,8 +20,8 @@ from typing import Any, ClassVar
 
 from torch import Tensor
 
-from unirep.dense_metrics import METRIC_NAMES, DepthMeter, NormalMeter, SegmentationMeter
-from unirep.metrics import METRIC_HIGHER_IS_BETTER, AccuracyMeter
+from unirep.metrics.classification import METRIC_HIGHER_IS_BETTER, AccuracyMeter
+from unirep.metrics.dense import METRIC_NAMES, DepthMeter, NormalMeter, SegmentationMeter
 from unirep.registry import Registry
 
 TASK_KINDS: Registry[TaskKind] = Registry("task kind")
@@ -39,7 +39,7 @@ class Meter(abc.ABC):
 
 
 class _Wrapped(Meter):
-    """One of :mod:`unirep.metrics` / :mod:`unirep.dense_metrics`' meters behind :class:`Meter`."""
+    """One of :mod:`unirep.metrics.classification` / :mod:`unirep.metrics.dense`' meters behind :class:`Meter`."""
 
     def __init__(self, meter: Any, names: list[str]) -> None:
         self.meter, self.names = meter, names

@@ -86,7 +86,7 @@ class MultiDomainStream:
 
     ``draws > 0``: each index comes paired with one of ``draws`` pre-drawn augmentations,
     ``(index, draw)`` (:class:`DrawBatchSampler`), for datasets read through
-    :class:`unirep.teacher_cache.SeededDraws` (the teacher-output cache).
+    :class:`unirep.teachers.output_cache.SeededDraws` (the teacher-output cache).
     """
 
     def __init__(

@@ -17,16 +17,16 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from unirep.config import Config, ConfigError, cache_dir
-from unirep.data.dense_sets import DenseData, build_dense_data
-from unirep.data.partial import (
+from unirep.config.schema import Config, ConfigError, cache_dir
+from unirep.data.classification.sources import DomainSet, build_domains
+from unirep.data.dense.label_splits import (
     describe,
     import_mtpsl,
     make_label_mask,
     read_label_split,
     write_label_split,
 )
-from unirep.data.sources import DomainSet, build_domains
+from unirep.data.dense.sources import DenseData, build_dense_data
 from unirep.errors import DataError
 from unirep.tasks import TASK_KINDS, Task
 
@@ -84,10 +84,10 @@ class RunData(abc.ABC):
         """Check the data of every split the run uses (train, val, test) up front, cheaply, and
         compute what the other processes then read (statistics, cached scans).
 
-        Runs before any teacher trains (:func:`unirep.recipe.resolve_data`), in the main process
+        Runs before any teacher trains (:func:`unirep.pipeline.stage_two.resolve_data`), in the main process
         first. What is checked depends on the family (see the implementations); any fault is a
         :class:`~unirep.errors.DataError` or
-        :class:`~unirep.data.decathlon.DataRootError` naming the file.
+        :class:`~unirep.data.classification.decathlon.DataRootError` naming the file.
         """
 
     def skipped(self) -> list[dict[str, str]]:

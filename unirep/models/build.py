@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from unirep.config import Config
+from unirep.config.schema import Config
 from unirep.models.dense import build_dense_from_architecture
 from unirep.models.network import build_network as build_multi_domain
 from unirep.tasks import Task

@@ -3,7 +3,7 @@
 The dense counterpart of :mod:`unirep.models.network`. Teachers (one task) and the distilled
 student (all tasks) are the same :class:`DenseMultiTaskNet`. The alignment adapters are not part
 of it: :meth:`DenseMultiTaskNet.build_aligners` makes them for the phase's trainable module
-(:mod:`unirep.trainable`), so the exported network never holds them.
+(:mod:`unirep.training.trainable`), so the exported network never holds them.
 
 Encoders come from :data:`DENSE_ENCODERS`:
 

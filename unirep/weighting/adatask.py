@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from unirep.optim import OPTIMIZERS
+from unirep.optim.optimizers import OPTIMIZERS
 from unirep.weighting.aggregators import build_aggregator
 from unirep.weighting.base import WEIGHTINGS, Weighting
 from unirep.weighting.gradient import GradientWeighting

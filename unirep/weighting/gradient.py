@@ -56,7 +56,7 @@ class GradientWeighting(Weighting):
 
     **On the shared representation** (``on="representation"``: MGDA-UB, Sener & Koltun 2018 §3.3).
     Per micro-batch: ``Z`` is every tensor the student's shared trunk returned in this forward
-    (captured by :class:`~unirep.trainable.TrainableModule`); row ``t`` of ``J_Z`` is
+    (captured by :class:`~unirep.training.trainable.TrainableModule`); row ``t`` of ``J_Z`` is
     ``∇_Z L_t`` flattened (``[T, |Z|]``); the Gramian of the *global* batch is
     ``Σ_p J_Zp J_Zpᵀ / P²`` (process ``p``'s rows are disjoint coordinates of the global ``Z``),
     computed with one all-reduce of a ``[T, T]`` matrix (``∇_Z`` of the loss times the fp16 loss

@@ -1,0 +1,74 @@
+"""Which teacher a run asks for: each task's training recipe (the benchmark family's) and the key
+that names its cached folder.
+
+A classification run (Visual Decathlon and the like) trains the task of
+``teachers.finetune_from`` from scratch with ``teachers.train`` and fine-tunes every other task's
+teacher from it with ``teachers.finetune_train`` and its per-task learning rates (Rebuffi et al.
+2017; Li, Liu & Bilen 2023); a dense run trains every task's teacher from scratch with
+``teachers.train``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+
+from unirep.config.schema import Config, TrainConfig, to_dict
+from unirep.data.streams import RunData
+from unirep.models.build import architecture
+from unirep.teachers.store import teacher_folder
+
+
+def teacher_recipe(cfg: Config, task: str) -> TrainConfig:
+    """The training recipe of ``task``'s teacher: ``teachers.train``, or for the tasks fine-tuned
+    from ``teachers.finetune_from`` the ``teachers.finetune_train`` recipe with its per-task lr."""
+    source = cfg.teachers.finetune_from
+    if source is None or source == task:
+        return cfg.teachers.train
+    recipe = copy.deepcopy(cfg.teachers.finetune_train or cfg.teachers.train)
+    if task in cfg.teachers.finetune_lr:  # e.g. 0.1 or 0.01 per domain in the reference
+        recipe.optim.optimizer.kwargs["lr"] = cfg.teachers.finetune_lr[task]
+    return recipe
+
+
+MEASUREMENT_ONLY = frozenset({"diagnostics_every", "channels_last", "compile"})
+"""Training-recipe keys that measure a phase, or only change its speed (the same maths to float
+rounding), without changing what it learns: not in a teacher's key (so adding one never
+invalidates the teachers already cached). Run-level measurement keys (``log_with``,
+``progress``) sit outside the recipe, so they never reach the key at all."""
+
+
+def teacher_key(cfg: Config, data: RunData, task: str, world_size: int = 1) -> str:
+    """What determines a teacher's weights, hashed: the architecture, the task (kind, classes,
+    loss), the training data's fingerprint, its preprocessing and global batch size (per process
+    × ``world_size``), the training recipe and seed, and (for a fine-tuned teacher) the key of the
+    teacher it starts from. A change to
+    any of them gives another key, hence another folder: a cached teacher is never reused for
+    another recipe, nor overwritten by one."""
+    record = data.tasks()[task]
+    stream = record.stream
+    content = {
+        "architecture": architecture(cfg),
+        "task": {**record.record(), "loss": list(record.loss)},
+        "data": data.fingerprint(task),
+        "preprocessing": data.preprocessing(stream),
+        "global_batch_size": data.batch_sizes()[stream] * world_size,
+        "recipe": {
+            k: v for k, v in to_dict(teacher_recipe(cfg, task)).items() if k not in MEASUREMENT_ONLY
+        },
+        "seed": cfg.seed,
+    }
+    source = cfg.teachers.finetune_from
+    if source is not None and source != task:
+        content["finetuned_from"] = teacher_key(cfg, data, source, world_size)
+    text = json.dumps(content, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def teacher_path(cfg: Config, data: RunData, task: str, world_size: int = 1) -> Path:
+    """``<teacher_root>/<task>-<key[:12]>/``: the cache folder of ``task``'s teacher. The key,
+    not the preset, names it: presets with the same teacher recipe share their teachers (e.g.
+    ``mini-scenes`` and the full-label teachers a ``mini-scenes-onelabel`` run compares with)."""
+    return teacher_folder(cfg, task, teacher_key(cfg, data, task, world_size))

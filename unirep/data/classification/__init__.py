@@ -1,0 +1,2 @@
+"""Classification data: Visual Decathlon, Hugging Face domains, the generated mini-decathlon,
+transforms and normalisation statistics."""

@@ -1,0 +1,275 @@
+"""The model card of an exported student: ``student/README.md``, written once with the export.
+
+It says what the student is and how it came to be: the data (source, root, images per split and
+stream, preprocessing), the tasks, the teachers it was distilled from (weights hashes and cache
+keys), the recipe (architecture, distillation, task weighting, training), the metrics of the run
+with the split they were measured on (and the validation split that selected the weights), and
+the command that reproduces it. Everything in it comes from the run's config, manifest and
+metrics; nothing depends on the clock, so a run killed and resumed writes the same card.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+from typing import Any
+
+import yaml
+
+from unirep.config.schema import Config, ConfigError, flatten, preset_names, read_config, to_dict
+
+MAIN_COMMAND = "accelerate launch scripts/distill.py"
+"""How the README's main command runs a recipe (``unirep-distill`` is the installed equivalent)."""
+
+NOT_REPRODUCING = {"resume", "overwrite"}
+"""Config keys that say how a run was started, not what it computes: left out of the command."""
+
+_SUMMARY_ROWS = (
+    ("delta_m_vs_teachers", "Δm of the student vs the teachers (%)", "+.2f"),
+    ("baseline_delta_m_vs_teachers", "Δm of the baseline vs the teachers (%)", "+.2f"),
+    ("delta_m_vs_baseline", "Δm of the student vs the baseline (%)", "+.2f"),
+    ("delta_m_vs_full_label_teachers", "Δm of the student vs full-label teachers (%)", "+.2f"),
+    ("mean_accuracy", "student mean accuracy", ".4f"),
+    ("baseline_mean_accuracy", "baseline mean accuracy", ".4f"),
+    ("teacher_mean_accuracy", "teachers' mean accuracy", ".4f"),
+    ("decathlon_score", "Decathlon score (E_max = 2 × the teacher's error)", ".1f"),
+)
+_ROLES = (
+    ("student", "student"),
+    ("teacher", "teachers"),
+    ("baseline", "baseline (no distillation)"),
+    ("full_label_teacher", "full-label teachers"),
+)
+
+
+def _value(values: dict[str, Any], dotted: str) -> Any:
+    for part in dotted.split("."):
+        values = values[part]
+    return values
+
+
+def _yaml(value: Any) -> str:
+    """One override's value as the command line writes it (YAML flow style, one line)."""
+    text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 20)
+    return text.strip().removesuffix("...").strip()
+
+
+def _reproducing(values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k not in NOT_REPRODUCING}
+
+
+def run_overrides(cfg: Config) -> list[str] | None:
+    """The ``key=value`` overrides that turn the shipped preset ``cfg.preset`` into ``cfg``
+    (``resume`` and ``overwrite`` aside), checked by reading them back; None when ``cfg.preset``
+    is not a shipped preset or the overrides do not give ``cfg`` back."""
+    if cfg.preset not in preset_names():
+        return None
+    mine_tree = to_dict(cfg)
+    base, mine = flatten(to_dict(read_config(cfg.preset))), flatten(mine_tree)
+    changed = [k for k in mine if base.get(k, ...) != mine[k]]
+    changed += [k for k in base if k not in mine]  # a preset key the run does not have
+    overrides: list[str] = []
+    whole: list[str] = []  # sections written whole: nothing under them is written again
+    for key in changed:
+        if key.split(".")[0] in NOT_REPRODUCING or any(key.startswith(f"{w}.") for w in whole):
+            continue
+        if key in mine:
+            overrides.append(f"{key}={_yaml(mine[key])}")
+            continue
+        parent = key
+        while "." in parent:  # the nearest section the run has: written whole
+            parent = parent.rsplit(".", 1)[0]
+            try:
+                value = _value(mine_tree, parent)
+            except (KeyError, TypeError):
+                continue
+            overrides.append(f"{parent}={_yaml(value)}")
+            whole.append(parent)
+            break
+    try:
+        back = read_config(cfg.preset, overrides)
+    except (ConfigError, KeyError, TypeError, ValueError):
+        return None
+    return overrides if _reproducing(to_dict(back)) == _reproducing(mine_tree) else None
+
+
+def reproduce_command(cfg: Config, config_file: str) -> str:
+    """The command that runs ``cfg`` again: the README's main command with the preset and the
+    overrides of :func:`run_overrides`, or with the run's resolved ``config_file``."""
+    overrides = run_overrides(cfg)
+    if overrides is None:
+        return f"{MAIN_COMMAND} --config {shlex.quote(config_file)}"
+    words = [MAIN_COMMAND, "--config", cfg.preset, *(shlex.quote(o) for o in overrides)]
+    return " ".join(words)
+
+
+def _number(value: Any, spec: str = ".4f") -> str:
+    return "–" if value is None else format(value, spec)
+
+
+def _metrics_table(metrics: dict[str, Any]) -> list[str]:
+    tasks = metrics["tasks"]
+    roles = [(r, label) for r, label in _ROLES if any(r in e for e in tasks.values())]
+    lines = [
+        "| task | metric | " + " | ".join(label for _, label in roles) + " |",
+        "|:---|:---|" + "---:|" * len(roles),
+    ]
+    for task, entry in tasks.items():
+        for metric in entry["student"]:
+            cells = [_number(entry.get(r, {}).get(metric)) for r, _ in roles]
+            lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _summary(metrics: dict[str, Any]) -> list[str]:
+    s = metrics["summary"]
+    lines = [
+        f"- {label}: {_number(s[key], spec)}" for key, label, spec in _SUMMARY_ROWS if key in s
+    ]
+    if "delta_m_metrics" in s:
+        lines.append(f"- Δm is over the main metrics: {', '.join(s['delta_m_metrics'])}")
+    params = s.get("params", {})
+    if params:
+        lines.append(
+            "- parameters: " + ", ".join(f"{k} {v:,}" for k, v in params.items())
+        )  # fmt: skip
+    return lines
+
+
+def _recipe(cfg: Config) -> dict[str, Any]:
+    """The config sections that make the student (the whole config is ``../config.yaml``)."""
+    values = to_dict(cfg)
+    recipe: dict[str, Any] = {"seed": cfg.seed}
+    if cfg.dense is not None:
+        recipe["dense"] = values["dense"]
+    else:
+        recipe["model"] = values["model"]
+    recipe["distill"] = values["distill"]
+    recipe["weighting"] = values["weighting"]
+    train = values["train"]
+    keys = ("max_steps", "optim", "adapter_optim", "grad_clip", "gradient_accumulation_steps",
+            "selection_metric")  # fmt: skip
+    recipe["train"] = {k: train[k] for k in keys}
+    teachers = values["teachers"]
+    recipe["teachers"] = {"train": {k: teachers["train"][k] for k in ("max_steps", "optim")}}
+    if cfg.teachers.finetune_from:  # the other teachers start from this task's
+        recipe["teachers"]["finetune_from"] = teachers["finetune_from"]
+        tuned = teachers["finetune_train"] or teachers["train"]
+        recipe["teachers"]["finetune_train"] = {k: tuned[k] for k in ("max_steps", "optim")}
+    recipe["data"] = {k: values["data"][k] for k in ("batch_size", "batch_sizes")}
+    return recipe
+
+
+def model_card(
+    manifest: dict[str, Any],
+    metrics: dict[str, Any],
+    cfg: Config,
+    data: dict[str, Any],
+    command: str,
+) -> str:
+    """The markdown of ``student/README.md``.
+
+    Args:
+        manifest: the student's manifest (``unirep.pipeline.export``), weights hash included.
+        metrics: the run's ``metrics.json`` content (entries with ``seconds`` are left out).
+        cfg: the run's resolved config.
+        data: ``{"source", "root", "images": {split: {stream: count}}}``.
+        command: the command that reproduces the run (:func:`reproduce_command`).
+    """
+    tasks = manifest["tasks"]
+    split = metrics["split"]
+    arch = manifest["architecture"]
+    trunk = arch.get("backbone") or arch.get("encoder")
+    backbone = manifest.get("timm_backbone") or {}
+    lines = [
+        f"# unirep student: {cfg.preset} / {cfg.name}",
+        "",
+        f"One shared {trunk} network with {len(tasks)} task heads, distilled by unirep "
+        f"{manifest['unirep_version']} from {len(manifest['teachers'])} single-task teachers "
+        "(Universal Representations, Li, Liu & Bilen, IJCV 2023).",
+        "",
+        "## Files",
+        "",
+        f"- `model.safetensors` (sha256 `{manifest['weights_sha256']}`): the whole student; "
+        '`unirep.load_student("<this folder>")` loads it (`predict`, `features`, `evaluate`).',
+        "- `manifest.json`: tasks, preprocessing, teachers and selection, read by the loader.",
+    ]
+    if backbone.get("folder"):
+        lines.append(
+            f"- `{backbone['folder']}/`: the shared backbone alone, timm's `"
+            f"{backbone['architecture']}` (sha256 `{backbone['weights_sha256']}`): "
+            f'`timm.create_model("local-dir:<this folder>/{backbone["folder"]}", '
+            "pretrained=True)` after `import unirep`."
+        )
+    else:
+        lines.append(f"- no timm backbone: {backbone.get('reason', 'exported before unirep 0.3')}.")
+    lines += [
+        "",
+        "## Data",
+        "",
+        f"- source: `{data['source']}`, root `{data['root']}`",
+        "- images per split and stream: "
+        + "; ".join(
+            f"{s} " + ", ".join(f"{stream} {n}" for stream, n in counts.items())
+            for s, counts in data["images"].items()
+        ),
+        "- model selection on the `val` split (held out from training); metrics below on "
+        f"the `{split}` split",
+        "",
+        "Preprocessing per input stream (what `predict` and `features` apply):",
+        "",
+    ]
+    lines += [f"- `{s}`: `{json.dumps(p)}`" for s, p in manifest["preprocessing"].items()]
+    lines += [
+        "",
+        "## Tasks",
+        "",
+        "| task | kind | stream | outputs | main metric |",
+        "|:---|:---|:---|---:|:---|",
+    ]
+    lines += [
+        f"| {n} | {t['kind']} | {t['stream']} | {t['out_channels']} | {t['main_metric']} |"
+        for n, t in tasks.items()
+    ]
+    lines += [
+        "",
+        "## Teachers",
+        "",
+        "| task | weights sha256 | cache key | validation |",
+        "|:---|:---|:---|:---|",
+    ]
+    for name, record in manifest["teachers"].items():
+        val = ", ".join(f"{m} {_number(v)}" for m, v in (record.get("val_metrics") or {}).items())
+        lines.append(f"| {name} | `{record['weights_sha256']}` | `{record.get('key')}` | {val} |")
+    selection = manifest.get("selection", {})
+    chosen = ", ".join(
+        f"{k} {_number(v) if isinstance(v, float) else v}" for k, v in selection.items()
+    )
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        f"Architecture: `{json.dumps(arch)}`. Selected on validation: {chosen}. "
+        "The key settings (the whole resolved config is the run's `config.yaml`):",
+        "",
+        "```yaml",
+        yaml.safe_dump(_recipe(cfg), sort_keys=False, default_flow_style=None, width=100).rstrip(),
+        "```",
+        "",
+        f"## Metrics ({split} split)",
+        "",
+        *_metrics_table(metrics),
+        "",
+        *_summary(metrics),
+        "",
+        "## Command",
+        "",
+        "```sh",
+        command,
+        "```",
+        "",
+        "(`unirep-distill` in place of `accelerate launch scripts/distill.py` where unirep is "
+        "pip-installed.)",
+        "",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,549 @@
+"""Markdown run report: metric tables plus training-curve and per-task figures.
+
+:func:`write_report` turns the ``metrics.json`` dict of a run (schema in the architecture notes)
+and its logged curves into ``report.md`` with its PNG figures beside it (training curves, the main
+metric per task and, when the task-balancing method logs them, task weights and gradient
+cosines). Nothing here knows a task by name: per-task colouring of prediction maps comes from the
+caller (``Task.render``). Figures are drawn on
+matplotlib's Agg canvas directly (``Figure`` + ``FigureCanvasAgg``), so no display is needed and
+the process-wide pyplot backend is left untouched.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from unirep.metrics.classification import METRIC_HIGHER_IS_BETTER
+
+__all__ = [
+    "CURVES_FIGURE",
+    "PER_TASK_FIGURE",
+    "REPORT_FILE",
+    "WEIGHTING_FIGURE",
+    "aggregate_runs",
+    "format_metric",
+    "prediction_grid_figure",
+    "write_figure",
+    "write_report",
+]
+
+REPORT_FILE = "report.md"
+CURVES_FIGURE = "training_curves.png"
+PER_TASK_FIGURE = "per_task_metrics.png"
+WEIGHTING_FIGURE = "weighting.png"
+
+ROLES: tuple[str, ...] = ("teacher", "baseline", "student")
+"""Columns of the per-task table, in order."""
+
+# Metrics stored as fractions in [0, 1] and shown as percentages.
+PERCENT_METRICS = frozenset(
+    {"accuracy", "miou", "pixel_acc", "within_11.25", "within_22.5", "within_30"}
+)
+
+# The metric drawn in the per-task bar chart: the first one a task has, in this order.
+MAIN_METRIC_ORDER: tuple[str, ...] = ("accuracy", "miou", "abs_err", "angle_mean")
+
+_MISSING = "–"
+
+
+# --------------------------------------------------------------------------------------------
+# Formatting
+# --------------------------------------------------------------------------------------------
+
+
+def format_metric(name: str, value: float | None) -> str:
+    """A metric value as printed in the report.
+
+    Accuracy-like metrics (fractions) become percentages with 2 decimals; every other metric
+    (errors, angles) keeps its unit with 4 decimals. ``None`` prints as a dash.
+    """
+    if value is None:
+        return _MISSING
+    if not math.isfinite(value):
+        return str(value)
+    if name in PERCENT_METRICS:
+        return f"{100.0 * value:.2f}"
+    return f"{value:.4f}"
+
+
+def _metric_label(name: str) -> str:
+    unit = " (%)" if name in PERCENT_METRICS else ""
+    direction = METRIC_HIGHER_IS_BETTER.get(name)
+    arrow = "" if direction is None else (" ↑" if direction else " ↓")
+    return f"{name}{unit}{arrow}"
+
+
+def _format_count(n: int | float) -> str:
+    if n >= 1e6:
+        return f"{int(n):,} ({n / 1e6:.2f} M)"
+    return f"{int(n):,}"
+
+
+def _format_seconds(seconds: float) -> str:
+    if seconds >= 3600:
+        return f"{seconds:.1f} s ({seconds / 3600:.2f} h)"
+    if seconds >= 60:
+        return f"{seconds:.1f} s ({seconds / 60:.1f} min)"
+    return f"{seconds:.1f} s"
+
+
+def _table(header: list[str], rows: list[list[str]], align: list[str]) -> str:
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(":---" if a == "l" else "---:" for a in align) + "|",
+    ]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------
+
+
+def _task_metric_names(task_entry: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Metric names of one task, in first-seen order over student, teacher, baseline."""
+    names: list[str] = []
+    for role in ("student", "teacher", "baseline"):
+        for name in task_entry.get(role, {}):
+            if name not in names:
+                names.append(name)
+    return names
+
+
+def _per_task_table(tasks: Mapping[str, Mapping[str, Mapping[str, float]]]) -> str:
+    rows = []
+    for task, entry in tasks.items():
+        for name in _task_metric_names(entry):
+            cells = [format_metric(name, entry.get(role, {}).get(name)) for role in ROLES]
+            rows.append([task, _metric_label(name), *cells])
+    return _table(["task", "metric", *ROLES], rows, ["l", "l", "r", "r", "r"])
+
+
+def _summary_table(summary: Mapping[str, Any]) -> str:
+    rows: list[list[str]] = []
+    if summary.get("delta_m_vs_teachers") is not None:
+        rows.append(["Δm vs teachers (%)", f"{summary['delta_m_vs_teachers']:+.2f}"])
+    if summary.get("decathlon_score") is not None:
+        rows.append(["decathlon score", f"{summary['decathlon_score']:.1f}"])
+    for who, n in (summary.get("params") or {}).items():
+        rows.append([f"parameters ({who})", _MISSING if n is None else _format_count(n)])
+    if summary.get("train_seconds") is not None:
+        rows.append(["training time", _format_seconds(float(summary["train_seconds"]))])
+    if summary.get("num_processes") is not None:
+        rows.append(["processes", str(summary["num_processes"])])
+    known = {"delta_m_vs_teachers", "decathlon_score", "params", "train_seconds", "num_processes"}
+    for key, value in summary.items():
+        if key in known or value is None or isinstance(value, Mapping | list):
+            continue
+        text = f"{value:.4g}" if isinstance(value, float) else str(value)
+        rows.append([key, text])
+    return _table(["quantity", "value"], rows, ["l", "r"])
+
+
+# --------------------------------------------------------------------------------------------
+# Figures
+# --------------------------------------------------------------------------------------------
+
+
+def _figure_png(fig: Figure) -> bytes:
+    FigureCanvasAgg(fig)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    return buffer.getvalue()
+
+
+def _curves_figure(curves: Mapping[str, Mapping[str, list[tuple[int, float]]]]) -> bytes:
+    """One subplot per series name, one line per phase."""
+    series_names = sorted({name for series in curves.values() for name in series})
+    ncols = min(3, len(series_names))
+    nrows = math.ceil(len(series_names) / ncols)
+    fig = Figure(figsize=(4.5 * ncols, 3.2 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, name in zip(axes[: len(series_names)], series_names, strict=True):
+        values_seen: list[float] = []
+        for k, (phase, series) in enumerate(curves.items()):
+            points = series.get(name)
+            if not points:
+                continue
+            steps, values = zip(*points, strict=True)
+            # Same colour for a phase in every subplot; markers keep short series visible.
+            marker = "o" if len(points) <= 30 else None
+            ax.plot(steps, values, label=phase, color=f"C{k}", linewidth=1.2, marker=marker, ms=3)
+            values_seen.extend(values)
+        # Losses span orders of magnitude; a log axis shows late progress (only if all > 0).
+        if "loss" in name and values_seen and all(v > 0 for v in values_seen):
+            ax.set_yscale("log")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[len(series_names) :]:
+        ax.set_visible(False)
+    return _figure_png(fig)
+
+
+def _main_metric(entry: Mapping[str, Mapping[str, float]]) -> str | None:
+    names = _task_metric_names(entry)
+    for name in MAIN_METRIC_ORDER:
+        if name in names:
+            return name
+    return names[0] if names else None
+
+
+def _per_task_figure(tasks: Mapping[str, Mapping[str, Mapping[str, float]]]) -> bytes | None:
+    """Grouped bars (teacher / baseline / student) of each task's main metric.
+
+    Tasks are grouped by main metric, one subplot per metric, so that unlike scales (accuracy
+    vs an error vs an angle) never share an axis. ``None`` when no task has a metric.
+    """
+    by_metric: dict[str, list[str]] = {}
+    for task, entry in tasks.items():
+        metric = _main_metric(entry)
+        if metric is not None:
+            by_metric.setdefault(metric, []).append(task)
+    if not by_metric:
+        return None
+    fig = Figure(
+        figsize=(
+            max(4.0, 1.0 + 0.9 * max(len(t) for t in by_metric.values())),
+            3.4 * len(by_metric),
+        ),
+        layout="constrained",
+    )
+    axes = fig.subplots(len(by_metric), 1, squeeze=False).ravel()
+    width = 0.8 / len(ROLES)
+    for ax, (metric, metric_tasks) in zip(axes, by_metric.items(), strict=True):
+        scale = 100.0 if metric in PERCENT_METRICS else 1.0
+        for i, role in enumerate(ROLES):
+            xs, heights = [], []
+            for j, task in enumerate(metric_tasks):
+                value = tasks[task].get(role, {}).get(metric)
+                if value is not None:
+                    xs.append(j + (i - (len(ROLES) - 1) / 2) * width)
+                    heights.append(scale * value)
+            if xs:
+                ax.bar(xs, heights, width=width, label=role, color=f"C{i}")
+        ax.set_xticks(range(len(metric_tasks)), metric_tasks, rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel(_metric_label(metric))
+        ax.grid(axis="y", alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:  # nothing measured (an unlabelled split): no legend
+            ax.legend(fontsize=7)
+    return _figure_png(fig)
+
+
+def _has_points(by_name: Mapping[str, list[tuple[int, float]]]) -> bool:
+    return any(points for points in by_name.values())
+
+
+def _weighting_figure(
+    weighting: Mapping[str, Mapping[str, Mapping[str, list[tuple[int, float]]]]],
+) -> bytes | None:
+    """One row per phase: effective task weights (one line per task) and gradient cosines (one
+    line per task pair, with the zero line). ``None`` when no phase logged any point."""
+    phases = [
+        phase
+        for phase, terms in weighting.items()
+        if _has_points(terms.get("weight", {})) or _has_points(terms.get("gradcos", {}))
+    ]
+    if not phases:
+        return None
+    dominance = any(_has_points(weighting[p].get("dominance", {})) for p in phases)
+    columns = 3 if dominance else 2
+    fig = Figure(figsize=(5.5 * columns, 3.4 * len(phases)), layout="constrained")
+    axes = fig.subplots(len(phases), columns, squeeze=False)
+    panels = (
+        ("weight", "effective task weight", "task"),
+        ("gradcos", "gradient cosine", "task pair"),
+    )
+    for row, phase in enumerate(phases):
+        if dominance:
+            _dominance_panel(axes[row, 2], phase, weighting[phase].get("dominance", {}))
+        for col, (term, ylabel, what) in enumerate(panels):
+            ax = axes[row, col]
+            lines = {name: pts for name, pts in weighting[phase].get(term, {}).items() if pts}
+            ax.set_title(f"{phase}: {ylabel}s", fontsize=10)
+            if not lines:
+                ax.text(0.5, 0.5, f"no {ylabel}s logged", ha="center", va="center", fontsize=9)
+                ax.set_axis_off()
+                continue
+            for k, (name, points) in enumerate(lines.items()):
+                steps, values = zip(*points, strict=True)
+                marker = "o" if len(points) <= 30 else None
+                style = ("-", "--", ":", "-.")[k // 10 % 4]  # colours repeat after ten
+                ax.plot(
+                    steps,
+                    values,
+                    label=name,
+                    color=f"C{k % 10}",
+                    linestyle=style,
+                    linewidth=1.1,
+                    marker=marker,
+                    ms=3,
+                )
+            if term == "gradcos":
+                ax.axhline(0.0, color="black", linewidth=0.9)
+                ax.set_ylim(-1.05, 1.05)
+            ax.set_xlabel("step")
+            ax.set_ylabel(ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend(
+                fontsize=6,
+                ncols=1 + len(lines) // 16,
+                title=what,
+                title_fontsize=7,
+                loc="upper left",
+                bbox_to_anchor=(1.01, 1.0),  # outside: pairs grow quadratically with tasks
+            )
+    return _figure_png(fig)
+
+
+def _dominance_panel(ax: Any, phase: str, series: Mapping[str, list[tuple[int, float]]]) -> None:
+    """Heat map of the last measured task dominance (rAU): shared layers (rows, input side at the
+    top) × tasks (columns); a row near 1 in one column is a layer that task dominates."""
+    last = {name: pts[-1] for name, pts in series.items() if pts}
+    ax.set_title(f"{phase}: task dominance of shared layers", fontsize=10)
+    if not last:
+        ax.text(0.5, 0.5, "no task dominance measured", ha="center", va="center", fontsize=9)
+        ax.set_axis_off()
+        return
+    layers = list(dict.fromkeys(name.rsplit("/", 1)[0] for name in last))
+    tasks = list(dict.fromkeys(name.rsplit("/", 1)[1] for name in last))
+    grid = [
+        [last.get(f"{layer}/{task}", (0, float("nan")))[1] for task in tasks] for layer in layers
+    ]
+    image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(tasks)), tasks, fontsize=8)
+    ax.set_yticks(range(len(layers)), layers, fontsize=max(4, 8 - len(layers) // 12))
+    step = max(pts[-1][0] for pts in series.values() if pts)
+    ax.set_xlabel(f"task (rAU at step {step})")
+    ax.figure.colorbar(image, ax=ax, fraction=0.05)
+
+
+# --------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see either the old file or the new one."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_figure(path: Path, png: bytes) -> None:
+    """Write a PNG produced by this module atomically (readers see the old or the new file)."""
+    _atomic_write(Path(path), png)
+
+
+def _array(x: Any) -> Any:
+    """A numpy view of an array-like (a torch tensor on any device included)."""
+    import numpy as np
+
+    if hasattr(x, "detach"):
+        x = x.detach().cpu()
+    return np.asarray(x)
+
+
+RenderFn = Callable[[Any, Any], Any]
+"""One sample's prediction map and its ground truth (or None) -> ``[H, W, 3]`` RGB in [0, 1]."""
+
+
+def prediction_grid_figure(
+    images: Any,
+    columns: Mapping[str, Mapping[str, Any]],
+    tasks: Sequence[str],
+    render: Mapping[str, RenderFn],
+) -> bytes:
+    """PNG grid of per-pixel predictions: one row per (image, task), one column per source.
+
+    Args:
+        images: ``[N, 3, H, W]`` input images (min-max scaled per image for display).
+        columns: ``{source: {task: maps}}``, e.g. ``"ground truth"``, ``"teacher"``,
+            ``"baseline"``, ``"student"``; ``maps[i]`` is sample ``i``'s map in whatever layout
+            the task's ``render`` takes. A source without a task leaves a blank cell. The
+            ``"ground truth"`` column, when present, is also handed to ``render`` as the target
+            of every source's map (e.g. to share a colour scale).
+        tasks: the tasks, in row order within each image.
+        render: ``{task: fn(pred, target | None) -> [H, W, 3] RGB in [0, 1]}`` for every task
+            in ``tasks``, e.g. ``{name: task.render for name, task in run_tasks.items()}``.
+    """
+    import numpy as np
+
+    missing = [task for task in tasks if task not in render]
+    if missing:
+        raise ValueError(f"no render function for task(s) {missing}")
+    images = _array(images)
+    n = images.shape[0]
+    sources = list(columns)
+    ncols = 1 + len(sources)
+    nrows = n * len(tasks)
+    h, w = images.shape[-2:]
+    cell = 1.6
+    fig = Figure(figsize=(ncols * cell * w / h, nrows * cell + 0.4), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ground_truth = columns.get("ground truth", {})
+    for i in range(n):
+        image = images[i].transpose(1, 2, 0)
+        image = (image - image.min()) / max(float(image.max() - image.min()), 1e-6)
+        for j, task in enumerate(tasks):
+            row = i * len(tasks) + j
+            if j == 0:
+                axes[row, 0].imshow(image)
+            else:
+                axes[row, 0].axis("off")
+            axes[row, 1].set_ylabel(task, fontsize=8)
+            gt = ground_truth.get(task)
+            target = None if gt is None else _array(gt[i])
+            for k, source in enumerate(sources):
+                ax = axes[row, k + 1]
+                maps = columns[source].get(task)
+                if maps is None:
+                    ax.axis("off")
+                    continue
+                ax.imshow(np.clip(render[task](_array(maps[i]), target), 0.0, 1.0))
+    axes[0, 0].set_title("image", fontsize=9)
+    for k, source in enumerate(sources):
+        axes[0, k + 1].set_title(source, fontsize=9)
+    return _figure_png(fig)
+
+
+def write_report(
+    run_dir: Path,
+    metrics: dict[str, Any],
+    curves: dict[str, dict[str, list[tuple[int, float]]]],
+    extra_sections: list[str] | None = None,
+    weighting: Mapping[str, Mapping[str, Mapping[str, list[tuple[int, float]]]]] | None = None,
+) -> Path:
+    """Write ``run_dir/report.md`` and its figures; return the report's path.
+
+    Args:
+        run_dir: the run directory (created if missing).
+        metrics: the ``metrics.json`` dict: ``preset``, ``split``,
+            ``tasks: {task: {"student"|"teacher"|"baseline": {metric: value}}}`` (teacher and
+            baseline optional) and ``summary``.
+        curves: ``{phase: {series: [(step, value), ...]}}``, e.g.
+            ``{"student": {"train/loss": [(0, 2.3), ...]}, "teacher-<task>": {...}}``.
+        extra_sections: markdown blocks appended at the end, in order; empty ones are skipped.
+        weighting: the task-balancing series, as :func:`unirep.training.tracking.weighting_curves`
+            returns them from the raw (not :func:`~unirep.training.tracking.report_curves`) curves:
+            ``{phase: {"weight": {task: points}, "gradcos": {"<a>~<b>": points}}}``. When any
+            point is present, :data:`WEIGHTING_FIGURE` is drawn and a "Task weighting" section
+            embeds it; otherwise (None, empty) there is no such section.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tasks: dict[str, dict[str, dict[str, float]]] = metrics.get("tasks", {})
+    summary: dict[str, Any] = metrics.get("summary", {})
+    preset = metrics.get("preset", "unknown preset")
+    split = metrics.get("split", "unknown")
+
+    sections = [
+        f"# unirep report: {preset} ({split} split)",
+        "Accuracy-like metrics are percentages; errors and angles are in their own units "
+        "(↑ higher is better, ↓ lower is better). "
+        f"Missing entries ({_MISSING}) were not trained or not measured in this run.",
+        "## Summary\n\n" + _summary_table(summary),
+    ]
+    if tasks:
+        sections.append("## Per-task metrics\n\n" + _per_task_table(tasks))
+        figure = _per_task_figure(tasks)
+        if figure is not None:
+            _atomic_write(run_dir / PER_TASK_FIGURE, figure)
+            sections.append(f"![Main metric per task]({PER_TASK_FIGURE})")
+    if any(points for series in curves.values() for points in series.values()):
+        _atomic_write(run_dir / CURVES_FIGURE, _curves_figure(curves))
+        sections.append(f"## Training curves\n\n![Training curves]({CURVES_FIGURE})")
+    else:
+        sections.append("## Training curves\n\nNo training curves were recorded.")
+    figure = _weighting_figure(weighting or {})
+    if figure is not None:
+        _atomic_write(run_dir / WEIGHTING_FIGURE, figure)
+        sections.append(
+            "## Task weighting\n\n"
+            "Left: the effective weight the task-balancing method gave each task's loss at each "
+            "step; middle: the cosine between two tasks' gradients on the shared parameters "
+            "(below the black zero line the tasks pull the shared parameters in conflicting "
+            "directions); right, when measured (``train.diagnostics_every``): each task's share "
+            "of each shared layer's accumulated update (AdaTask's rAU; near 1: the layer is "
+            "dominated by that task).\n\n"
+            f"![Task weighting]({WEIGHTING_FIGURE})"
+        )
+    sections.extend(block.strip() for block in extra_sections or [] if block.strip())
+
+    report = run_dir / REPORT_FILE
+    _atomic_write(report, ("\n\n".join(sections) + "\n").encode("utf-8"))
+    return report
+
+
+def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
+    """A markdown table of mean ± std over runs (e.g. seeds) of the headline figures.
+
+    Rows: each task's main metric per role (the first of :data:`MAIN_METRIC_ORDER` it has), then
+    whichever of the summary's mean accuracy, Δm vs teachers (main and all metrics) and decathlon
+    score the runs report, for student and baseline.
+    """
+    import statistics
+
+    def stat(values: list[float], digits: int = 2) -> str:
+        if not values:
+            return "–"
+        mean = statistics.fmean(values)
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{mean:.{digits}f} ± {spread:.{digits}f}"
+
+    roles = ("teacher", "baseline", "student")
+    rows: list[list[str]] = []
+    tasks = list(metrics[0]["tasks"])
+    for task in tasks:
+        metric = _main_metric(metrics[0]["tasks"][task]) or "accuracy"
+        scale = 100.0 if metric in PERCENT_METRICS else 1.0
+        digits = 4 if metric in ("abs_err", "rel_err") else 2  # small absolute errors
+        cells = []
+        for role in roles:
+            values = [
+                m["tasks"][task][role][metric] * scale
+                for m in metrics
+                if role in m["tasks"].get(task, {})
+            ]
+            cells.append(stat(values, digits))
+        rows.append([task, _metric_label(metric), *cells])
+    for label, key, scale in (
+        ("mean accuracy (%)", "mean_accuracy", 100.0),
+        ("Δm vs teachers (%)", "delta_m_vs_teachers", 1.0),
+        ("Δm vs teachers, all metrics (%)", "delta_m_all_metrics_vs_teachers", 1.0),
+        ("decathlon score", "decathlon_score", 1.0),
+    ):
+        student = [m["summary"][key] * scale for m in metrics if m["summary"].get(key) is not None]
+        baseline = [
+            m["summary"][f"baseline_{key}"] * scale
+            for m in metrics
+            if m["summary"].get(f"baseline_{key}") is not None
+        ]
+        teacher = [
+            m["summary"]["teacher_mean_accuracy"] * 100
+            for m in metrics
+            if key == "mean_accuracy" and m["summary"].get("teacher_mean_accuracy") is not None
+        ]
+        if student or baseline or teacher:  # not every run has accuracy or a decathlon score
+            rows.append(["**summary**", label, stat(teacher), stat(baseline), stat(student)])
+    header = ["task", "metric", "teacher", "baseline", "student"]
+    return f"{len(metrics)} runs, mean ± std\n\n" + _table(header, rows, ["l", "l", "r", "r", "r"])
