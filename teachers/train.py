@@ -4,9 +4,9 @@ Each teacher is the run's architecture with one task, trained with that task's s
 on the training split, selected on the validation split by the task's main metric (accuracy,
 mIoU ↑, depth abs err ↓, normal mean angle ↓), and saved with its manifest under
 ``<teacher_root>/<task>-<key>/``, the key hashing everything that determines it
-(:func:`unirep.stage_one.keys.teacher_key`). With ``teachers.finetune_from`` (Visual Decathlon: ImageNet)
-that task's teacher is trained first from scratch and its trunk initialises the others, which
-then follow ``teachers.finetune_train`` (Rebuffi et al. 2017; Li, Liu & Bilen 2023). This is
+(:func:`unirep.stage_one.keys.teacher_key`). With ``classification.finetune_from`` (Visual
+Decathlon: ImageNet) that task's teacher is trained first from scratch and its trunk initialises
+the others, which then follow ``classification.finetune_train`` (Rebuffi et al. 2017; Li, Liu & Bilen 2023). This is
 URL's recipe, except that the reference selects its dense teachers on the test split.
 """
 
@@ -16,10 +16,11 @@ from pathlib import Path
 
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from unirep.stage_one.keys import teacher_key, teacher_path, teacher_recipe
+from unirep.stage_one.keys import finetune_source, teacher_key, teacher_path, teacher_recipe
 
-from unirep.config.schema import Config, ConfigError
+from unirep.config.schema import Config
 from unirep.data.streams import RunData
+from unirep.errors import ConfigError
 from unirep.io import clean_partial
 from unirep.models.build import architecture, build_network
 from unirep.objective import Objective
@@ -32,12 +33,12 @@ from unirep.weighting import build_weighting
 
 
 def _order(cfg: Config, tasks: list[str]) -> list[str]:
-    source = cfg.teachers.finetune_from
+    source = finetune_source(cfg)
     if source is None:
         return list(tasks)
     if source not in tasks:
         raise ConfigError(
-            f"config key 'teachers.finetune_from': {source!r} is not a task of this run "
+            f"config key 'classification.finetune_from': {source!r} is not a task of this run "
             f"({', '.join(tasks)})"
         )
     return [source] + [t for t in tasks if t != source]
@@ -148,7 +149,7 @@ def ensure_teachers(
             continue
         if accelerator.is_main_process and directory.is_dir():
             clean_partial(directory)  # what a killed save left behind is never read
-        source = cfg.teachers.finetune_from
+        source = finetune_source(cfg)
         init_from = tasks[source] if source and source != name else None
         seconds += train_teacher(cfg, accelerator, data, tasks[name], run_dir, evaluator, init_from)
         accelerator.print(f"[teacher-{name}] saved {directory}")

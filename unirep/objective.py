@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from unirep.batch import Batch
-from unirep.config.schema import CrossTaskConfig, DistillConfig, PartialConfig
+from unirep.config.schema import DistillConfig, PartialConfig, TransferConfig
 from unirep.losses import FEATURE_LOSSES, PREDICTION_LOSSES, TASK_LOSSES
 from unirep.losses.bundle import LossBundle
 from unirep.losses.contrastive import InfoNCEFeatureLoss
@@ -304,21 +304,23 @@ def build_joint_terms(
     return {partial.method: term}
 
 
-def build_cross_task_terms(xtask: CrossTaskConfig, tasks: dict[str, Task]) -> dict[str, nn.Module]:
+def build_cross_task_terms(
+    transfer: TransferConfig, tasks: dict[str, Task]
+) -> dict[str, nn.Module]:
     """``{"xtask": CrossTaskJoint}`` with the terms of ``xtask`` whose weight is above 0 (``{}``
     when none is)."""
-    active = xtask.active()
+    active = transfer.active()
     if not active:
         return {}
     terms = CrossTaskTerms(
         {t: task.kind.name for t, task in tasks.items()},
         {t: task.out_channels for t, task in tasks.items()},
-        pairs=[(a, b) for a, b in xtask.pairs] if xtask.pairs else None,
+        pairs=[(a, b) for a, b in transfer.pairs] if transfer.pairs else None,
         terms=tuple(active),
-        widths=tuple(xtask.widths),
-        class_distance=xtask.class_distance,
-        temperature=xtask.temperature,
-        embed_dim=xtask.embed_dim,
+        widths=tuple(transfer.widths),
+        class_distance=transfer.class_distance,
+        temperature=transfer.temperature,
+        embed_dim=transfer.embed_dim,
     )
     schedule = {n: (t.weight, t.rampup_steps) for n, t in active.items()}
     return {"xtask": CrossTaskJoint(terms, schedule)}

@@ -1,65 +1,105 @@
-"""The one command-line shape every script shares: ``[--config PRESET_OR_PATH] [key=value ...]``,
-and its Python counterpart, :func:`resolve_config` (a Config, a preset or a YAML path, plus
-overrides)."""
+"""The one command-line shape every subcommand shares:
+``[--config PRESET_OR_PATH] [--option VALUE ...] [key=value ...]``, read into a validated config
+(:func:`parse_command`), and the wrapper that turns a user error into one line (:func:`run`)."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
-from unirep.config.schema import (
-    Config,
-    ConfigError,
-    preset_names,
-)
-from unirep.errors import UnirepError
+from unirep.config.load import preset_names
+from unirep.config.schema import Config
+from unirep.errors import ConfigError, UnirepError
 from unirep.pipeline.validate import load_config
 from unirep.training.system import tune_allocator
 
-USAGE = (
-    "usage: {prog} [--config PRESET_OR_PATH] [key=value ...]\n"
-    "  presets: {presets}\n"
-    "  example: {prog} --config mini-decathlon train.max_steps=100 seed=1"
+COMMON_KEYS = (
+    ("seed=N", "the run's seed"),
+    ("name=RUN", "the run folder's name under output_dir (default: <preset>-<time>)"),
+    ("output_dir=DIR", "where run folders go (default: runs)"),
+    ("resume=true", "continue the run called name= from its latest checkpoint"),
+    ("train.max_steps=N", "the baseline's and student's steps"),
+    ("baseline=false", "skip the same student trained without distillation"),
+    ("distill.enabled=false", "train the student without the teachers' losses"),
+    ("weighting=NAME", "task balancing: sum, uncertainty, famo, pcgrad, ..."),
+    ("data.root=DIR", "a real dataset's folder (decathlon, nyuv2, cityscapes presets)"),
+    ("teachers.root=DIR", "where teachers are cached"),
+    ("log_with=tensorboard", "also log to TensorBoard (wandb, mlflow, all)"),
 )
+"""The keys a user sets most, shown by ``--help`` (the rest: docs/configuration.md)."""
 
 
-def parse_args(argv: list[str] | None = None, prog: str = "script") -> Config:
-    """Parse ``--config`` and dotted overrides; exit with a one-line error on a bad config."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if any(a in ("-h", "--help") for a in args):
-        print(USAGE.format(prog=prog, presets=", ".join(preset_names())))
+def usage(prog: str, options: Sequence[str] = ()) -> str:
+    """The help of one subcommand: its shape, the presets and the most used keys."""
+    extra = "".join(f" [{o} VALUE]" for o in options)
+    width = max(len(k) for k, _ in COMMON_KEYS)
+    keys = "\n".join(f"    {k:<{width}}  {text}" for k, text in COMMON_KEYS)
+    return (
+        f"usage: {prog} [--config PRESET_OR_PATH]{extra} [key=value ...]\n"
+        f"  presets: {', '.join(preset_names())}\n"
+        f"  most used keys:\n{keys}\n"
+        f"  example: {prog} --config mini-decathlon train.max_steps=100 seed=1\n"
+        "  every key: docs/configuration.md"
+    )
+
+
+def split_args(
+    argv: Sequence[str], prog: str, options: Sequence[str] = ()
+) -> tuple[str | None, dict[str, str], list[str]]:
+    """``(preset, {option: value}, overrides)`` of a command line; ``--config`` and each option
+    at most once. ``-h``/``--help`` prints the usage and exits 0; anything else exits with one
+    line."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(usage(prog, options))
         raise SystemExit(0)
-    preset = None
-    overrides = []
-    i = 0
+    values: dict[str, str] = {}
+    overrides: list[str] = []
+    args, i = list(argv), 0
     while i < len(args):
         arg = args[i]
-        if arg == "--config":
-            if i + 1 >= len(args):
-                raise SystemExit(f"{prog}: --config needs a preset name or a YAML path")
-            preset = args[i + 1]
-            i += 2
-            continue
-        if arg.startswith("--config="):
-            preset = arg.split("=", 1)[1]
+        flag = arg.split("=", 1)[0]
+        if flag in ("--config", *options):
+            if "=" in arg:
+                value = arg.split("=", 1)[1]
+            elif i + 1 < len(args):
+                value, i = args[i + 1], i + 1
+            else:
+                raise SystemExit(f"{prog}: {flag} needs a value")
+            if flag in values:
+                raise SystemExit(
+                    f"{prog}: {flag} is given twice ({values[flag]!r} and {value!r}); give it once"
+                )
+            values[flag] = value
         elif arg.startswith("-") or "=" not in arg:
-            raise SystemExit(
-                f"{prog}: unexpected argument {arg!r}\n"
-                + USAGE.format(prog=prog, presets=", ".join(preset_names()))
-            )
+            raise SystemExit(f"{prog}: unexpected argument {arg!r} (see {prog} --help)")
         else:
             overrides.append(arg)
         i += 1
+    preset = values.pop("--config", None)
+    return preset, values, overrides
+
+
+def parse_command(
+    argv: Sequence[str] | None = None, prog: str = "unirep", options: Sequence[str] = ()
+) -> tuple[Config, dict[str, str]]:
+    """The validated config of a command line and the values of its ``options``; a bad config
+    exits with one line naming the key."""
+    preset, values, overrides = split_args(sys.argv[1:] if argv is None else argv, prog, options)
     try:
-        return load_config(preset, overrides)
+        return load_config(preset, overrides), values
     except (ConfigError, KeyError, TypeError) as err:
         raise SystemExit(f"{prog}: configuration error: {err}") from None
 
 
+def parse_args(argv: Sequence[str] | None = None, prog: str = "unirep") -> Config:
+    """The validated config of ``[--config PRESET_OR_PATH] [key=value ...]``."""
+    return parse_command(argv, prog)[0]
+
+
 def run(main: Callable[[], None], prog: str) -> None:
-    """Run a script's ``main``; every user-facing error (:class:`unirep.errors.UnirepError`: bad
-    config, data, teachers, a non-finite value) exits with its one-line message, no traceback.
-    The allocator is set up first (:func:`unirep.training.system.tune_allocator`)."""
+    """Run a command's ``main``; every user-facing error (:class:`unirep.errors.UnirepError`:
+    bad config, data, teachers, a non-finite value) exits with its one-line message, no
+    traceback. The allocator is set up first (:func:`unirep.training.system.tune_allocator`)."""
     tune_allocator()
     try:
         main()

@@ -3,7 +3,7 @@
     python scripts/benchmark.py [--steps N] [--warmup N] [--json PATH] [--run-dir DIR]
         [--untrained-teachers] [--joint-scaling | --term-costs | --options |
         --weightings[=NAMES] [--with-distill]] [--config PRESET_OR_PATH] [key=value ...]
-    unirep-benchmark ...                                          (the installed equivalent)
+    unirep benchmark ...                                          (the installed equivalent)
 
 For the baseline and the distilled student of the config (any preset, any ``weighting=``), times
 ``unirep.training.trainer.train_step`` (what ``fit`` runs) split into data / teachers / step, one
@@ -71,7 +71,7 @@ from unirep.pipeline.rundir import make_accelerator
 from unirep.pipeline.stage_two import resolve_data
 from unirep.stage_one.train import ensure_teachers
 
-PROG = "unirep-benchmark"
+PROG = "unirep benchmark"
 
 
 def split_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -153,7 +153,7 @@ def _weightings(cfg: Config, flags: argparse.Namespace) -> None:
     assert isinstance(base, Config)
     source = "none (distillation off)"
     with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
-        if base.distill.enabled or base.distill.init_from_teacher:
+        if base.distill.enabled or (base.classification and base.classification.init_from_teacher):
             base, source, run = _with_teachers(base, flags, Path(tmp), run)
             _use_teachers(configs.values(), base.teachers.root)
         rows = weighting_costs(configs, flags.steps, flags.warmup, flags.untrained_teachers,
@@ -241,5 +241,5 @@ def main(prog: str = PROG) -> None:
 
 
 def cli(prog: str = PROG) -> None:
-    """The console entry point (``unirep-benchmark``; the script passes its own name)."""
+    """The console entry point (``unirep benchmark``; the script passes its own name)."""
     run(partial(main, prog), prog)

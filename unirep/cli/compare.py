@@ -4,7 +4,7 @@
         [--variants "supervised distill mtpsl jtr distill+best-of:mtpsl,jtr" | xtask] \
         [--name NAME] \
         [--reference supervised] [--jobs 2] [key=value ...]
-    unirep-compare ...                                            (the installed equivalent)
+    unirep compare ...                                            (the installed equivalent)
 
 Each (variant, seed) runs the whole stage-two recipe (teachers, student, evaluation) into
 ``<output_dir>/<name>/<variant>-seed<k>/`` (with ``baseline=false``: the reference variant plays
@@ -34,8 +34,8 @@ from __future__ import annotations
 import sys
 from functools import partial
 
-from unirep.cli.args import parse_args, run
-from unirep.config.schema import ConfigError
+from unirep.cli.args import parse_command, run, split_args
+from unirep.errors import ConfigError
 from unirep.experiments.compare import (
     FRONT,
     VARIANT_SETS,
@@ -51,37 +51,17 @@ from unirep.pipeline.rundir import make_accelerator
 
 RUNNERS = Runners(run=run_recipe, teacher=train_teacher_job)
 OPTIONS = ("--seeds", "--variants", "--name", "--reference", "--jobs")
-PROG = "unirep-compare"
-
-
-def _options(argv: list[str], prog: str = PROG) -> tuple[dict[str, str], list[str]]:
-    options, rest, i = {}, [], 0
-    while i < len(argv):
-        arg = argv[i]
-        key = arg.split("=", 1)[0]
-        if key in OPTIONS:
-            if "=" in arg:
-                options[key] = arg.split("=", 1)[1]
-            elif i + 1 < len(argv):
-                options[key], i = argv[i + 1], i + 1
-            else:
-                raise ConfigError(f"{prog}: {key} needs a value")
-        else:
-            rest.append(arg)
-        i += 1
-    return options, rest
+PROG = "unirep compare"
 
 
 def main(prog: str = PROG) -> None:
-    options, argv = _options(sys.argv[1:], prog)
-    base = parse_args(argv, prog=prog)  # checks the preset and overrides up front
+    base, options = parse_command(prog=prog, options=OPTIONS)  # checked up front
+    preset, _, overrides = split_args(sys.argv[1:], prog, OPTIONS)
     seeds = _integers(options.get("--seeds", "0,1,2"), "--seeds", prog)
     workers = _integers(options.get("--jobs", "1"), "--jobs", prog)[0]
     if workers < 1:
         raise ConfigError(f"{prog}: --jobs must be a positive integer, got {workers}")
     spec = options.get("--variants", "partial")
-    overrides = [a for a in argv if "=" in a and not a.startswith("--config")]
-    preset = argv[argv.index("--config") + 1] if "--config" in argv else None
     variants = parse_variants(spec.split())
     if any(v.name == FRONT for v in variants):  # the static-weight sweep over the run's tasks
         variants = expand_front(variants, run_tasks(preset, overrides))
@@ -115,5 +95,5 @@ def _integers(text: str, option: str, prog: str = PROG) -> list[int]:
 
 
 def cli(prog: str = PROG) -> None:
-    """The console entry point (``unirep-compare``; the script passes its own name)."""
+    """The console entry point (``unirep compare``; the script passes its own name)."""
     run(partial(main, prog), prog)

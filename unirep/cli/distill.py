@@ -1,7 +1,7 @@
 """Stage one and two in one command: train missing teachers, then distil the student.
 
     accelerate launch scripts/distill.py [--config PRESET_OR_PATH] [key=value ...]
-    unirep-distill [--config PRESET_OR_PATH] [key=value ...]       (the installed equivalent)
+    unirep distill [--config PRESET_OR_PATH] [key=value ...]       (the installed equivalent)
 
 With no arguments it runs the embedded ``mini-decathlon`` preset (generated offline on first use);
 ``--config mini-scenes`` runs the embedded dense multi-task benchmark. From Python:
@@ -16,9 +16,9 @@ from typing import Any
 from accelerate import PartialState
 
 from unirep.cli import args as command_line
-from unirep.pipeline.api import run
+from unirep.pipeline.api import run_config
 
-PROG = "unirep-distill"
+PROG = "unirep distill"
 
 
 def summary_line(s: dict[str, Any]) -> str:
@@ -39,7 +39,7 @@ def summary_line(s: dict[str, Any]) -> str:
 
 
 def main(prog: str = PROG) -> None:
-    result = run(command_line.parse_args(prog=prog))
+    result = run_config(command_line.parse_args(prog=prog))
     state = PartialState()
     if not result.already_finished:
         state.print(summary_line(result.metrics["summary"]))
@@ -48,5 +48,5 @@ def main(prog: str = PROG) -> None:
 
 
 def cli(prog: str = PROG) -> None:
-    """The console entry point (``unirep-distill``; ``scripts/distill.py`` passes its name)."""
+    """The console entry point (``unirep distill``; ``scripts/distill.py`` passes its name)."""
     command_line.run(partial(main, prog), prog)

@@ -1,7 +1,7 @@
 """Evaluate an exported student on a split; writes metrics.json in the run-directory format.
 
-    accelerate launch scripts/evaluate.py --config PRESET student=runs/<run>/student split=test
-    unirep-evaluate --config PRESET student=runs/<run>/student split=test    (installed)
+    unirep evaluate --config PRESET --student runs/<run>[/student] [split=test] [key=value ...]
+    accelerate launch scripts/evaluate.py --config PRESET --student runs/<run> split=val
 
 The student's images are preprocessed as its manifest records (not as the ``--config`` says).
 Results go to a new run folder, ``<output_dir>/eval-<run>-<split>`` (``-2``, ``-3``, ... when
@@ -15,12 +15,13 @@ import sys
 from functools import partial
 from pathlib import Path
 
-from unirep.cli.args import parse_args, run
-from unirep.config.schema import Config, ConfigError
+from unirep.cli.args import parse_command, run
+from unirep.config.schema import Config
+from unirep.errors import ConfigError
 from unirep.pipeline.rundir import make_accelerator, prepare_run_dir
 from unirep.pipeline.stage_two import evaluate_student, resolve_data
 
-PROG = "unirep-evaluate"
+PROG = "unirep evaluate"
 
 
 def output_name(cfg: Config, student_dir: Path, argv: list[str]) -> str:
@@ -43,16 +44,14 @@ def output_name(cfg: Config, student_dir: Path, argv: list[str]) -> str:
 
 
 def main(prog: str = PROG) -> None:
-    cfg = parse_args(prog=prog)
-    if not cfg.student:
-        raise ConfigError(f"{prog}: set student=<run folder or its student/ folder>")
-    student_dir = Path(cfg.student)
+    cfg, options = parse_command(prog=prog, options=("--student",))
+    if "--student" not in options:
+        raise ConfigError(f"{prog}: set --student PATH (a run folder or its student/ folder)")
+    student_dir = Path(options["--student"]).expanduser()
     if (student_dir / "student").is_dir():
         student_dir = student_dir / "student"
     if not (student_dir / "manifest.json").is_file():
-        raise ConfigError(
-            f"config key 'student': {str(student_dir)!r} holds no student manifest.json"
-        )
+        raise ConfigError(f"--student: {str(student_dir)!r} holds no student manifest.json")
     cfg.resume, cfg.overwrite = False, False  # an evaluation always writes a new folder
     accelerator = make_accelerator(cfg)
     names = [output_name(cfg, student_dir, sys.argv[1:])]
@@ -72,5 +71,5 @@ def main(prog: str = PROG) -> None:
 
 
 def cli(prog: str = PROG) -> None:
-    """The console entry point (``unirep-evaluate``; the script passes its own name)."""
+    """The console entry point (``unirep evaluate``; the script passes its own name)."""
     run(partial(main, prog), prog)

@@ -1,7 +1,7 @@
 """Stage one alone: train (or verify) one teacher per task (a domain, or a dense task).
 
 accelerate launch scripts/train_teachers.py [--config PRESET_OR_PATH] [key=value ...]
-unirep-train-teachers [--config PRESET_OR_PATH] [key=value ...]    (the installed equivalent)
+unirep train-teachers [--config PRESET_OR_PATH] [key=value ...]    (the installed equivalent)
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from unirep.pipeline.stage_two import resolve_data
 from unirep.stage_one.train import ensure_teachers
 from unirep.teachers.store import teacher_root
 
-PROG = "unirep-train-teachers"
+PROG = "unirep train-teachers"
 
 
 def main(prog: str = PROG) -> None:
@@ -28,5 +28,5 @@ def main(prog: str = PROG) -> None:
 
 
 def cli(prog: str = PROG) -> None:
-    """The console entry point (``unirep-train-teachers``; the script passes its own name)."""
+    """The console entry point (``unirep train-teachers``; the script passes its own name)."""
     run(partial(main, prog), prog)

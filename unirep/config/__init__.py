@@ -1,10 +1,9 @@
-"""Configuration: the typed schema (dataclasses), YAML presets (``presets/``), ``key=value``
-overrides and the generic binder that checks keys, types and values."""
+"""Configuration: the typed schema (:mod:`~unirep.config.schema`), YAML presets (``presets/``)
+and ``key=value`` overrides (:mod:`~unirep.config.load`), bound by one generic binder
+(:mod:`~unirep.config.binder`) that checks keys, types, choices and ranges."""
 
-from unirep.config.schema import (
-    Config,
-    ConfigError,
-    Spec,
+from unirep.config.load import (
+    apply_override,
     cache_dir,
     flatten,
     from_dict,
@@ -13,11 +12,37 @@ from unirep.config.schema import (
     save_config,
     to_dict,
 )
+from unirep.config.schema import (
+    ClassificationConfig,
+    Config,
+    DataConfig,
+    DenseConfig,
+    DenseTaskConfig,
+    DistillConfig,
+    OptimConfig,
+    PartialConfig,
+    Spec,
+    TeachersConfig,
+    TrainConfig,
+    TransferConfig,
+)
+from unirep.errors import ConfigError
 
 __all__ = [
+    "ClassificationConfig",
     "Config",
     "ConfigError",
+    "DataConfig",
+    "DenseConfig",
+    "DenseTaskConfig",
+    "DistillConfig",
+    "OptimConfig",
+    "PartialConfig",
     "Spec",
+    "TeachersConfig",
+    "TrainConfig",
+    "TransferConfig",
+    "apply_override",
     "cache_dir",
     "flatten",
     "from_dict",

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
-from unirep.config.schema import Config, ConfigError, cache_dir
+from unirep.config.load import cache_dir
+from unirep.config.schema import Config, PartialConfig
 from unirep.data.classification.sources import DomainSet, build_domains
 from unirep.data.dense.label_splits import (
     describe,
@@ -27,7 +28,7 @@ from unirep.data.dense.label_splits import (
     write_label_split,
 )
 from unirep.data.dense.sources import DenseData, build_dense_data
-from unirep.errors import DataError
+from unirep.errors import ConfigError, DataError
 from unirep.tasks import TASK_KINDS, Task
 
 #: The single input stream of a dense benchmark (every dense task reads it).
@@ -106,7 +107,9 @@ class DomainStreams(RunData):
 
     def tasks(self) -> dict[str, Task]:
         kind = TASK_KINDS.build("classification")
-        spec, pred = self.cfg.distill.task_loss, self.cfg.distill.prediction_loss
+        assert self.cfg.classification is not None
+        spec = self.cfg.classification.task_loss
+        pred = self.cfg.classification.prediction_loss
         out = {}
         for d in self.domains.domains:
             train = self.domains.dataset(d, "train")
@@ -229,18 +232,24 @@ class SceneStreams(RunData):
 
     @property
     def partial(self) -> bool:
-        """Whether training sees only some (image, task) labels (``partial.protocol``)."""
-        return self.cfg.partial.protocol != "full"
+        """Whether training sees only some (image, task) labels (``dense.partial.protocol``)."""
+        return self.part.protocol != "full"
+
+    @property
+    def part(self) -> PartialConfig:
+        """The run's ``dense.partial`` section."""
+        assert self.cfg.dense is not None
+        return self.cfg.dense.partial
 
     def label_mask(self) -> torch.Tensor:
         """bool ``[N_train, T]``: which training image is labelled for which task (column order:
-        the run's tasks), drawn once from ``partial.seed`` (or read from ``partial.file``)."""
+        the run's tasks), drawn once from ``dense.partial.seed`` (or read from its ``file``)."""
         if self._mask is None:
             self._mask = self._make_mask()
         return self._mask
 
     def _make_mask(self) -> torch.Tensor:
-        part, tasks = self.cfg.partial, list(self.data.tasks)
+        part, tasks = self.part, list(self.data.tasks)
         n = len(self.data.dataset("train"))
         ids = self._train_ids()
         if part.protocol == "file":
@@ -281,7 +290,7 @@ class SceneStreams(RunData):
             if not torch.equal(saved, self.label_mask()):
                 raise DataError(f"{path} holds another label split than this run draws")
             return
-        part = self.cfg.partial
+        part = self.part
         write_label_split(
             path, self.label_mask(), tasks, self._train_ids(), part.protocol,
             self.cfg.seed if part.seed is None else part.seed,
@@ -298,7 +307,7 @@ class SceneStreams(RunData):
         # dense arrays are read as stored: a different label set, depth encoding or image size
         # is another benchmark, not another preprocessing
         keys = {"image_size": "the data's image size", "label_dir": "dense.label_dir",
-                "depth_kind": "dense.depth_kind"}  # fmt: skip
+                "depth_kind": "dense.inverse_depth"}  # fmt: skip
         for stream, pre in recorded.items():
             if stream not in self.streams():
                 continue
@@ -324,7 +333,8 @@ def build_run_data(cfg: Config) -> RunData:
     """The run's data: a dense benchmark when ``cfg.dense`` is set, else classification domains."""
     if cfg.dense is not None:
         return SceneStreams(build_dense_data(cfg, cache_dir(cfg)), cfg)
-    return DomainStreams(build_domains(cfg.data, cache_dir(cfg)), cfg)
+    assert cfg.classification is not None
+    return DomainStreams(build_domains(cfg.data, cfg.classification, cache_dir(cfg)), cfg)
 
 
 LABEL_SPLIT = "label_split.json"

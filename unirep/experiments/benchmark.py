@@ -70,9 +70,11 @@ from accelerate.utils import set_seed
 
 import unirep.training.trainer as trainer
 from unirep.batch import make_batch
-from unirep.config.schema import Config, ConfigError, apply_override, from_dict, to_dict
+from unirep.config.load import apply_override, from_dict, to_dict
+from unirep.config.schema import Config
 from unirep.data.sampling import MultiDomainStream
 from unirep.data.streams import RunData
+from unirep.errors import ConfigError, TeacherMismatchError
 from unirep.models.build import architecture, build_network
 from unirep.optim.optimizers import build_optimizer
 from unirep.pipeline.rundir import make_accelerator
@@ -80,7 +82,7 @@ from unirep.pipeline.stage_two import evaluate_teachers, load_teachers, resolve_
 from unirep.pipeline.validate import validate
 from unirep.tasks import TASK_KINDS, Task
 from unirep.teachers.provider import teacher_outputs
-from unirep.teachers.store import Teacher, TeacherMismatchError, freeze, teacher_root
+from unirep.teachers.store import Teacher, freeze, teacher_root
 from unirep.training.checkpoint import save_checkpoint
 from unirep.training.evaluator import Evaluator, Results
 from unirep.training.system import minor_page_faults
@@ -455,7 +457,7 @@ def _teacher_val(
     cfg: Config, data: RunData, accelerator: Any, untrained_teachers: bool
 ) -> Results | None:
     """The teachers' validation results when the student's selection score needs them (Δm)."""
-    if cfg.train.selection_metric != "delta_m":
+    if cfg.selection_metric != "delta_m":
         return None
     teachers = _teachers(cfg, data, untrained_teachers)
     for t in teachers.values():
@@ -845,7 +847,7 @@ def weighting_configs(
         values = to_dict(cfg)
         for override in overrides:
             apply_override(values, override)
-        variant = from_dict(Config, values)
+        variant = from_dict(values)
         try:
             validate(variant)
         except ConfigError as err:
@@ -893,11 +895,9 @@ def trunk_passes(module: Any, accumulation: int = 1) -> dict[str, Any]:
 
 def _timing_config(cfg: Config) -> Config:
     """``cfg`` without what is the same for every method and no part of its cost: the task
-    diagnostics (``train.diagnostics_every``) and Δm model selection (it needs the teachers'
-    validation results; no validation runs here)."""
+    diagnostics (``train.diagnostics_every``)."""
     cfg = copy.deepcopy(cfg)
     cfg.train.diagnostics_every = 0
-    cfg.train.selection_metric = "accuracy"
     return cfg
 
 
@@ -961,15 +961,21 @@ def weighting_costs(
     accelerator = accelerator or make_accelerator(base)
     data = data or resolve_data(base, accelerator)
     tasks = data.tasks()
-    needs_teachers = base.distill.enabled or bool(base.distill.init_from_teacher)
+    needs_teachers = base.distill.enabled or bool(
+        base.classification and base.classification.init_from_teacher
+    )
     teachers = _teachers(base, data, untrained_teachers) if needs_teachers else {}
     device = accelerator.device
     contexts: dict[str, Any] = {}
+    # selection never runs here: any reference makes a Δm score function
+    reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}
     with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
         for name, cfg in timing.items():
             work = Path(tmp) / name
             try:
-                phase, _ = student_phase(cfg, accelerator, "student", data, tasks, work, teachers, None, True)
+                phase, _ = student_phase(
+                    cfg, accelerator, "student", data, tasks, work, teachers, reference, True
+                )
             except ConfigError as err:
                 note = skipped_for_solvers(err)
                 if note is None:

@@ -21,14 +21,14 @@ from typing import Any
 
 import torch
 
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.experiments.jobs import Job, JobResult, run_jobs
 from unirep.io import atomic_write_json, atomic_write_text, read_json
 from unirep.metrics.classification import METRIC_HIGHER_IS_BETTER, delta_m
 from unirep.pipeline.report import format_metric, write_figure
 from unirep.pipeline.rundir import make_accelerator
 from unirep.pipeline.validate import load_config
-from unirep.stage_one.keys import teacher_path
+from unirep.stage_one.keys import finetune_source, teacher_path
 from unirep.tasks import TASK_KINDS
 from unirep.teachers.store import MANIFEST
 
@@ -37,22 +37,22 @@ FRONT = "front"
 FRONT_PREFIX = "static-"
 
 PARTIAL_VARIANTS: dict[str, list[str]] = {
-    "supervised": ["distill.enabled=false", "partial.method=none"],
-    "distill": ["partial.method=none"],
-    "mtpsl": ["distill.enabled=false", "partial.method=mtpsl"],
-    "jtr": ["distill.enabled=false", "partial.method=jtr"],
+    "supervised": ["distill.enabled=false", "dense.partial.method=none"],
+    "distill": ["dense.partial.method=none"],
+    "mtpsl": ["distill.enabled=false", "dense.partial.method=mtpsl"],
+    "jtr": ["distill.enabled=false", "dense.partial.method=jtr"],
     "distill+best-of:mtpsl,jtr": [],
 }
 """The comparison of issue 10 on a partially labelled preset; ``supervised`` is the reference."""
 
 
 XTASK_VARIANTS: dict[str, list[str]] = {
-    "distill": ["partial.method=none"],
-    "+consistency": ["partial.method=none", "xtask.consistency.weight=0.1"],
-    "+alignment": ["partial.method=none", "xtask.alignment.weight=0.1"],
-    "+cycle": ["partial.method=none", "xtask.cycle.weight=0.1"],
-    "+contrastive": ["partial.method=none", "xtask.contrastive.weight=0.1"],
-    "+contrastive-distill": ["partial.method=none", "distill.contrastive_weight=0.1"],
+    "distill": ["dense.partial.method=none"],
+    "+consistency": ["dense.partial.method=none", "dense.transfer.consistency.weight=0.1"],
+    "+alignment": ["dense.partial.method=none", "dense.transfer.alignment.weight=0.1"],
+    "+cycle": ["dense.partial.method=none", "dense.transfer.cycle.weight=0.1"],
+    "+contrastive": ["dense.partial.method=none", "dense.transfer.contrastive.weight=0.1"],
+    "+contrastive-distill": ["dense.partial.method=none", "distill.contrastive_weight=0.1"],
     "combine:+consistency,+alignment,+cycle,+contrastive,+contrastive-distill": [],
 }
 """The cross-task ablation of issue 11 (on ``mini-scenes`` or ``mini-scenes-onelabel``): the
@@ -548,7 +548,7 @@ def _teacher_jobs(
     accelerator = make_accelerator(cfg)
     data = resolve_data(cfg, accelerator)  # also generates an embedded benchmark, once
     jobs, after = [], []
-    source = cfg.teachers.finetune_from
+    source = finetune_source(cfg)
     folders = {t: str(teacher_path(cfg, data, t, accelerator.num_processes)) for t in data.tasks()}
     for task in sorted(folders, key=lambda t: t != source):  # a fine-tuning source goes first
         cached = folders[task]

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 
 
 @dataclass

@@ -11,8 +11,8 @@ from typing import Any
 import timm
 from torch import nn
 
+from unirep.errors import UnknownNameError
 from unirep.models import resnet_decathlon, segnet  # noqa: F401  (register unirep's own timm models)
-from unirep.registry import UnknownNameError
 
 
 def is_backbone(name: str) -> bool:

@@ -31,9 +31,11 @@ def architecture(cfg: Config, student: bool = False) -> dict[str, Any]:
             arch["cross_task"] = cross.name if cross else None
             arch["cross_task_kwargs"] = dict(cross.kwargs) if cross else {}
         return arch
-    arch = {"backbone": cfg.model.backbone, "backbone_kwargs": dict(cfg.model.backbone_kwargs)}
+    spec = cfg.classification
+    assert spec is not None
+    arch = {"backbone": spec.backbone, "backbone_kwargs": dict(spec.backbone_kwargs)}
     if student:
-        arch["residual_adapters"] = cfg.model.residual_adapters
+        arch["residual_adapters"] = spec.residual_adapters
     return arch
 
 

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unirep.config.schema import Config, ConfigError
+from unirep.config.schema import Config
+from unirep.errors import ConfigError
 from unirep.io import read_json
 from unirep.pipeline.rundir import (
     check_same_config,
@@ -55,12 +56,12 @@ class RunResult:
 
 
 def run(config: Config | str | Path | None = None, overrides: Sequence[str] = ()) -> RunResult:
-    """Run the whole recipe from Python, as ``accelerate launch scripts/distill.py`` does: train
-    the teachers missing from the cache, then distil, evaluate, export and report the student.
+    """Run the whole recipe from Python, as ``unirep distill`` does: train the teachers missing
+    from the cache, then distil, evaluate, export and report the student.
 
     Args:
-        config: a :class:`~unirep.config.schema.Config`, a preset name or a YAML path (None: the default
-            preset, ``mini-decathlon``); a Config is copied, not changed.
+        config: a :class:`~unirep.config.schema.Config`, a preset name or a YAML path (None:
+            the default preset, ``mini-decathlon``); a Config is copied, not changed.
         overrides: dotted ``key=value`` settings on top of it (``["train.max_steps=100"]``).
 
     Returns:
@@ -69,7 +70,12 @@ def run(config: Config | str | Path | None = None, overrides: Sequence[str] = ()
         launch`` every process calls it and gets the same result. The trackers of ``log_with``
         are finished on return; the process group is left for a next call.
     """
-    cfg = resolve_config(config, overrides)
+    return run_config(resolve_config(config, overrides))
+
+
+def run_config(cfg: Config) -> RunResult:
+    """:func:`run` for a config already validated (by the command line or
+    :func:`~unirep.pipeline.validate.resolve_config`): validation runs once per command."""
     accelerator = make_accelerator(cfg)
     data = resolve_data(cfg, accelerator)  # bad data fails before anything is written
     run_dir = prepare_run_dir(cfg, accelerator)
@@ -104,7 +110,7 @@ def run_recipe(preset: str | None, overrides: list[str]) -> dict[str, Any]:
         return read_json(run_dir / METRICS, what="run metrics")
     if (run_dir / "config.yaml").exists():
         cfg.resume = True  # an interrupted run continues where it stopped
-    return run(cfg).metrics
+    return run_config(cfg).metrics
 
 
 def train_teacher_job(preset: str | None, overrides: list[str], task: str, folder: str) -> str:

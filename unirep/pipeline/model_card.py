@@ -16,7 +16,9 @@ from typing import Any
 
 import yaml
 
-from unirep.config.schema import Config, ConfigError, flatten, preset_names, read_config, to_dict
+from unirep.config.load import flatten, preset_names, read_config, to_dict
+from unirep.config.schema import Config
+from unirep.errors import ConfigError
 
 MAIN_COMMAND = "accelerate launch scripts/distill.py"
 """How the README's main command runs a recipe (``unirep-distill`` is the installed equivalent)."""
@@ -143,20 +145,32 @@ def _recipe(cfg: Config) -> dict[str, Any]:
     if cfg.dense is not None:
         recipe["dense"] = values["dense"]
     else:
-        recipe["model"] = values["model"]
+        spec = values["classification"]
+        student = (
+            "backbone",
+            "backbone_kwargs",
+            "adapter",
+            "residual_adapters",
+            "task_loss",
+            "prediction_loss",
+            "init_from_teacher",
+            "selection_metric",
+            "batch_sizes",
+        )
+        recipe["classification"] = {k: spec[k] for k in student}
     recipe["distill"] = values["distill"]
     recipe["weighting"] = values["weighting"]
     train = values["train"]
-    keys = ("max_steps", "optim", "adapter_optim", "grad_clip", "gradient_accumulation_steps",
-            "selection_metric")  # fmt: skip
+    keys = ("max_steps", "optim", "adapter_optim", "grad_clip", "gradient_accumulation_steps")
     recipe["train"] = {k: train[k] for k in keys}
     teachers = values["teachers"]
     recipe["teachers"] = {"train": {k: teachers["train"][k] for k in ("max_steps", "optim")}}
-    if cfg.teachers.finetune_from:  # the other teachers start from this task's
-        recipe["teachers"]["finetune_from"] = teachers["finetune_from"]
-        tuned = teachers["finetune_train"] or teachers["train"]
+    if cfg.classification is not None and cfg.classification.finetune_from:
+        spec = values["classification"]  # the other teachers start from this task's
+        recipe["teachers"]["finetune_from"] = spec["finetune_from"]
+        tuned = spec["finetune_train"] or teachers["train"]
         recipe["teachers"]["finetune_train"] = {k: tuned[k] for k in ("max_steps", "optim")}
-    recipe["data"] = {k: values["data"][k] for k in ("batch_size", "batch_sizes")}
+    recipe["data"] = {"batch_size": values["data"]["batch_size"]}
     return recipe
 
 

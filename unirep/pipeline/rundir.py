@@ -21,13 +21,9 @@ import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 
-from unirep.config.schema import (
-    Config,
-    ConfigError,
-    flatten,
-    save_config,
-    to_dict,
-)
+from unirep.config.load import flatten, save_config, to_dict
+from unirep.config.schema import Config
+from unirep.errors import ConfigError
 from unirep.io import clean_partial
 from unirep.training.tracking import PROJECT, tracker_names
 from unirep.weighting import WEIGHTINGS

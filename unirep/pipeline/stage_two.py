@@ -4,7 +4,8 @@ export → report.
 A Visual Decathlon run and a dense NYUv2 run go through the same functions: the tasks of the run
 (:mod:`unirep.tasks`) say what differs. Model selection never looks at the test split: teachers
 keep their best validation main metric, the baseline and the student their best validation score
-(``train.selection_metric``: mean accuracy, or Δm against the teachers' validation results).
+(``classification.selection_metric``: mean accuracy, or Δm against the teachers' validation
+results, which dense runs always use).
 Δm in ``metrics.json`` is on ``cfg.split`` against the teachers of the same run.
 """
 
@@ -19,8 +20,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
-from unirep.config.schema import Config, ConfigError
+from unirep.config.schema import Config, Spec
 from unirep.data.streams import RunData, build_run_data
+from unirep.data.validation import check_against_data
+from unirep.errors import ConfigError
 from unirep.io import atomic_write_json, read_json
 from unirep.metrics.classification import (
     PUBLISHED_ACCURACY,
@@ -40,7 +43,6 @@ from unirep.pipeline.export import (
 from unirep.pipeline.model_card import model_card, reproduce_command
 from unirep.pipeline.report import prediction_grid_figure, write_figure, write_report
 from unirep.pipeline.rundir import resume_point
-from unirep.pipeline.validate import check_against_data
 from unirep.stage_one.keys import teacher_key, teacher_path
 from unirep.tasks import Task, main_metrics
 from unirep.teachers.output_cache import output_cache_summary
@@ -130,11 +132,11 @@ def evaluate_teachers(
 
 def selection(cfg: Config, tasks: dict[str, Task], teacher_val: Results | None) -> tuple[Any, str]:
     """(score function, logged name) of the baseline's and the student's model selection."""
-    if cfg.train.selection_metric == "delta_m":
+    if cfg.selection_metric == "delta_m":
         if teacher_val is None:
             raise ValueError("selection on Δm needs the teachers' validation results")
         return delta_m_score(tasks, teacher_val), "delta_m"
-    return mean_main_metric_score(tasks), cfg.train.selection_metric
+    return mean_main_metric_score(tasks), cfg.selection_metric
 
 
 def student_phase(
@@ -152,11 +154,11 @@ def student_phase(
     the teacher-output cache's record (``{}`` when it is off)."""
     set_seed(cfg.seed)  # baseline and student share their initialisation and data order
     trunk_state = None
-    source = cfg.distill.init_from_teacher
+    source = cfg.classification.init_from_teacher if cfg.classification else None
     if source:
         if source not in teachers:
             raise ConfigError(
-                f"config key 'distill.init_from_teacher': {source!r} is not a task of this run "
+                f"config key 'classification.init_from_teacher': {source!r} is not a task of this run "
                 f"({', '.join(teachers)})"
             )
         trunk_state = teachers[source].net.trunk.state_dict()
@@ -165,12 +167,12 @@ def student_phase(
     aligners = None
     if distill:
         dims = {t: teacher.feature_dim for t, teacher in teachers.items()}
-        spec = cfg.model.adapter
+        spec = cfg.classification.adapter if cfg.classification else Spec("linear")
         aligners = net.build_aligners(dims, spec.name, **spec.kwargs)
     joint: dict[str, nn.Module] = {}
     if role == "student" and cfg.dense is not None:  # the baseline stays plain supervised
-        joint = build_joint_terms(cfg.partial, tasks, net.encoder.channels[-1])
-        joint.update(build_cross_task_terms(cfg.xtask, tasks))
+        joint = build_joint_terms(cfg.dense.partial, tasks, net.encoder.channels[-1])
+        joint.update(build_cross_task_terms(cfg.dense.transfer, tasks))
     weighting = build_weighting(cfg.weighting.name, list(tasks), **cfg.weighting.kwargs)
     objective = Objective(tasks, cfg.distill if distill else None, joint)
     module = TrainableModule(net, objective, weighting, aligners, cfg.train.diagnostics_every)
@@ -236,7 +238,7 @@ def distill(
         t.net.to(accelerator.device)
     store = run_dir / "checkpoints"
     teacher_val = None
-    if cfg.train.selection_metric == "delta_m":
+    if cfg.selection_metric == "delta_m":
         teacher_val = stored(
             store / "teacher" / "evaluation_val.json",
             accelerator,
@@ -287,7 +289,7 @@ def distill(
     student, best = nets["student"], fits["student"]
     params = parameter_counts(student, teachers, modules["student"])
     metrics = build_metrics(cfg, tasks, accelerator.num_processes, results, params)
-    metrics["summary"].update(fit_records(fits, teacher_seconds, cfg.train.selection_metric))
+    metrics["summary"].update(fit_records(fits, teacher_seconds, cfg.selection_metric))
     metrics["summary"].update(data_records(data))
     if cache_summary is not None:
         metrics["summary"]["teacher_output_cache"] = cache_summary
@@ -305,7 +307,7 @@ def distill(
             selection={
                 "split": "val",
                 "best_step": best.best_step,
-                f"val_{cfg.train.selection_metric}": best.best_val,
+                f"val_{cfg.selection_metric}": best.best_val,
             },
             card=lambda manifest: model_card(
                 manifest, metrics, cfg, data_summary(cfg, data), command
@@ -643,10 +645,11 @@ def full_label_teachers(
 ) -> dict[str, Teacher]:
     """For a run with partial labels: the teachers the same config trains on every label, when
     all of them are in the cache (``{}`` otherwise, or when the run's labels are full)."""
-    if cfg.dense is None or cfg.partial.protocol == "full":
+    if cfg.dense is None or cfg.dense.partial.protocol == "full":
         return {}
     full_cfg = copy.deepcopy(cfg)
-    full_cfg.partial.protocol, full_cfg.partial.file = "full", None
+    assert full_cfg.dense is not None
+    full_cfg.dense.partial.protocol, full_cfg.dense.partial.file = "full", None
     full_data = build_run_data(full_cfg)
     paths = {t: teacher_path(full_cfg, full_data, t, world_size) for t in tasks}
     if not all((p / "teacher.json").is_file() for p in paths.values()):
@@ -670,10 +673,11 @@ def reference_records(
                 records[f"{prefix}delta_m_vs_full_label_teachers"] = _delta(
                     tasks, results[role], results[FULL_LABEL], False
                 )
-    if cfg.dense is not None and (cfg.partial.protocol != "full" or cfg.partial.method != "none"):
+    part = cfg.dense.partial if cfg.dense is not None else None
+    if part is not None and (part.protocol != "full" or part.method != "none"):
         records["partial"] = {
-            "protocol": cfg.partial.protocol,
-            "method": cfg.partial.method,
+            "protocol": part.protocol,
+            "method": part.method,
             "distillation": cfg.distill.enabled,
             "labels": data.label_summary(),
         }

@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state
 
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.models.dense import DenseMultiTaskNet
 from unirep.models.network import MultiDomainNet
 from unirep.tasks import Task

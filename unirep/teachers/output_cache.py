@@ -49,7 +49,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset, default_collate
 
 from unirep.batch import make_batch
-from unirep.config.schema import Config, to_dict
+from unirep.config.load import to_dict
+from unirep.config.schema import Config
 from unirep.data.streams import RunData
 from unirep.errors import DataError, NonFiniteError
 from unirep.io import atomic_write_json, read_json
@@ -349,17 +350,21 @@ def open_store(folder: Path, key: str) -> OutputStore | None:
 
 
 _SPEED_ONLY_DATA = ("num_workers", "memory_cache_mib", "eval_batch_size", "batch_size",
-                    "batch_sizes", "cache_dir", "on_corrupt", "root")  # fmt: skip
-_AUGMENTATION_DENSE = ("scales", "flip", "augment", "depth_kind", "label_dir")
+                    "cache_dir", "on_corrupt", "root")  # fmt: skip
+_AUGMENTATION = {
+    "classification": ("domains", "hf_domains", "resize", "crop", "crops", "no_flip",
+                       "square_resize"),
+    "dense": ("scales", "flip", "augment", "inverse_depth", "label_dir"),
+}  # fmt: skip
+"""Each kind's settings that shape a training sample's augmentation."""
 
 
 def stream_record(cfg: Config, data: RunData, stream: str, tasks: dict[str, Task]) -> dict:
     """What decides a stream's training samples: the files' fingerprint (per task, for partial
     labels), the preprocessing, and the data settings that shape augmentation."""
     settings = {k: v for k, v in to_dict(cfg.data).items() if k not in _SPEED_ONLY_DATA}
-    if cfg.dense is not None:
-        dense = to_dict(cfg.dense)
-        settings["dense"] = {k: dense[k] for k in _AUGMENTATION_DENSE}
+    section = to_dict(getattr(cfg, cfg.kind))
+    settings[cfg.kind] = {k: section[k] for k in _AUGMENTATION[cfg.kind]}
     return {
         "fingerprints": {
             t: data.fingerprint(t) for t, task in tasks.items() if task.stream == stream

@@ -15,8 +15,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from unirep.config.schema import Config, cache_dir
-from unirep.errors import UnirepError
+from unirep.config.load import cache_dir
+from unirep.config.schema import Config
+from unirep.errors import TeacherMismatchError
 from unirep.io import (
     atomic_write_json,
     check_finite_weights,
@@ -31,10 +32,6 @@ from unirep.version import __version__
 
 WEIGHTS = "model.safetensors"
 MANIFEST = "teacher.json"
-
-
-class TeacherMismatchError(UnirepError, ValueError):
-    """A teacher checkpoint does not fit the run (domain, classes, architecture, data, weights)."""
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 
 from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.faults import ENV, failpoint
 from unirep.io import atomic_write_text
 

@@ -52,7 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.registry import Registry
 
 AGGREGATORS: Registry[Aggregator] = Registry("gradient aggregator")

@@ -32,7 +32,7 @@ from unirep.data.classification.transforms import (
     classification_samples,
 )
 from unirep.data.memory import MemoryCache
-from unirep.errors import DataError, UnirepError
+from unirep.errors import CorruptImageError, DataError, DataRootError
 from unirep.metrics.classification import OFFICIAL_DECATHLON_DOMAINS as DECATHLON_DOMAINS
 
 __all__ = [
@@ -73,14 +73,6 @@ def coco_annotation(image_id: int, category_id: int) -> dict[str, Any]:
         "bbox": [],
         "iscrowd": 0,
     }
-
-
-class DataRootError(UnirepError, FileNotFoundError):
-    """The data root, an annotation file or a listed image is missing."""
-
-
-class CorruptImageError(UnirepError, OSError):
-    """An image file exists but cannot be decoded."""
 
 
 def _layout(root: Path, domain: str, split: str) -> str:

@@ -30,14 +30,9 @@ import torch
 from PIL import Image
 
 from unirep.data.checks import SkippedFile, cached_scan, files_fingerprint
-from unirep.data.classification.decathlon import (
-    ON_CORRUPT_CHOICES,
-    SPLITS,
-    CorruptImageError,
-    DataRootError,
-)
+from unirep.data.classification.decathlon import ON_CORRUPT_CHOICES, SPLITS
 from unirep.data.classification.transforms import classification_sample, classification_samples
-from unirep.errors import DataError
+from unirep.errors import CorruptImageError, DataError, DataRootError
 
 __all__ = ["HFDomain", "global_id_offset"]
 

@@ -14,13 +14,13 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import Dataset
 
-from unirep.config.schema import DataConfig
-from unirep.data.classification.decathlon import SPLITS, DataRootError, DecathlonDomain
+from unirep.config.schema import ClassificationConfig, DataConfig
+from unirep.data.classification.decathlon import SPLITS, DecathlonDomain
 from unirep.data.classification.mini_decathlon import ensure_mini_decathlon
 from unirep.data.classification.stats import domain_mean_std
 from unirep.data.classification.transforms import build_transform
 from unirep.data.memory import MemoryCache, memory_cache
-from unirep.errors import DataError
+from unirep.errors import DataError, DataRootError
 from unirep.io import file_sha256
 from unirep.registry import Registry
 
@@ -38,7 +38,8 @@ class DomainSet:
 
     root: Path
     domains: list[str]
-    cfg: DataConfig
+    data: DataConfig
+    spec: ClassificationConfig
     cache_dir: Path
     _stats: dict[str, tuple[list[float], list[float]]] = field(default_factory=dict)
     # read once per (domain, split), untransformed: reading an annotation file (1.2 M entries
@@ -52,12 +53,14 @@ class DomainSet:
 
     def __post_init__(self) -> None:
         if self.memory is None:
-            self.memory = memory_cache(self.cfg.memory_cache_mib)
+            self.memory = memory_cache(self.data.memory_cache_mib)
 
     def mean_std(self, domain: str) -> tuple[list[float], list[float]]:
         """Per-domain normalisation (reference figures, or computed once from train and cached)."""
         if domain not in self._stats:
-            path = self.cfg.hf_domains[domain].path if domain in self.cfg.hf_domains else self.root
+            path = (
+                self.spec.hf_domains[domain].path if domain in self.spec.hf_domains else self.root
+            )
             train = self.raw(domain, "train")
             self._stats[domain] = domain_mean_std(path, domain, self.cache_dir, train_set=train)
         return self._stats[domain]
@@ -66,14 +69,14 @@ class DomainSet:
         """Domain ``domain``'s ``split`` without a transform (PIL images), read once."""
         key = (domain, split)
         if key not in self._raw:
-            if domain in self.cfg.hf_domains:
+            if domain in self.spec.hf_domains:
                 self._raw[key] = self._hf(domain, split, transform=None)
             else:
                 self._raw[key] = DecathlonDomain(
                     self.root,
                     domain,
                     split,
-                    on_corrupt=self.cfg.on_corrupt,
+                    on_corrupt=self.data.on_corrupt,
                     scan_cache_dir=self.cache_dir,
                 )
                 self._raw[key].memory = self.memory
@@ -128,10 +131,10 @@ class DomainSet:
     def _hf(self, domain: str, split: str, transform: Any) -> HFDomain:
         from unirep.data.classification.hf import HFDomain, global_id_offset
 
-        spec = self.cfg.hf_domains[domain]
+        spec = self.spec.hf_domains[domain]
         if split not in spec.splits:
             raise DataRootError(
-                f"config key 'data.hf_domains.{domain}.splits' has no {split!r} entry "
+                f"config key 'classification.hf_domains.{domain}.splits' has no {split!r} entry "
                 f"(it maps unirep's train/val/test to the dataset's split names)"
             )
         return HFDomain(
@@ -144,16 +147,16 @@ class DomainSet:
             cache_dir=self.cache_dir / "hf",
             id_column=spec.id_column,
             id_offset=global_id_offset(domain, split),
-            on_corrupt=self.cfg.on_corrupt,
+            on_corrupt=self.data.on_corrupt,
             scan_cache_dir=self.cache_dir,
         )
 
     def fingerprint(self, domain: str) -> str:
         """Identifies the training data a teacher saw (annotation file or dataset fingerprint)."""
-        if domain in self.cfg.hf_domains:
+        if domain in self.spec.hf_domains:
             train: Any = self.raw(domain, "train")  # an HFDomain
             text = (
-                f"{self.cfg.hf_domains[domain].path}|{train.split}|{train.hf_dataset._fingerprint}"
+                f"{self.spec.hf_domains[domain].path}|{train.split}|{train.hf_dataset._fingerprint}"
             )
             return hashlib.sha256(text.encode()).hexdigest()
         return file_sha256(self.root / "annotations" / f"{domain}_train.json")
@@ -165,9 +168,9 @@ class DomainSet:
             return self.recorded[domain]
         mean, std = self.mean_std(domain)
         return {
-            "resize": self.cfg.resize,
+            "resize": self.spec.resize,
             "crop": self.crop(domain),
-            "square_resize": domain in self.cfg.square_resize,
+            "square_resize": domain in self.spec.square_resize,
             "mean": mean,
             "std": std,
         }
@@ -190,7 +193,7 @@ class DomainSet:
             crop=pre["crop"],
             mean=pre["mean"],
             std=pre["std"],
-            flip=domain not in self.cfg.no_flip,
+            flip=domain not in self.spec.no_flip,
             square_resize=pre["square_resize"],
         )
         return self.raw(domain, split).with_transform(transform)
@@ -204,11 +207,11 @@ class DomainSet:
         self._datasets.clear()
 
     def crop(self, domain: str) -> int:
-        """The domain's crop size (``data.crops.<domain>``, else ``data.crop``)."""
-        return self.cfg.crops.get(domain, self.cfg.crop)
+        """The domain's crop size (``classification.crops.<domain>``, else ``classification.crop``)."""
+        return self.spec.crops.get(domain, self.spec.crop)
 
     def batch_size(self, domain: str) -> int:
-        return self.cfg.batch_sizes.get(domain, self.cfg.batch_size)
+        return self.spec.batch_sizes.get(domain, self.data.batch_size)
 
 
 def _domains_in(root: Path) -> list[str]:
@@ -235,70 +238,66 @@ def _select(available: list[str], wanted: list[str], where: str) -> list[str]:
 
 
 @DATA_SOURCES.register("decathlon")
-def decathlon_source(cfg: DataConfig, cache_dir: Path) -> DomainSet:
+def decathlon_source(data: DataConfig, spec: ClassificationConfig, cache_dir: Path) -> DomainSet:
     """An existing Visual Decathlon tree (``decathlon-1.0/``) at ``data.root``."""
-    if not cfg.root:
+    if not data.root:
         raise DataRootError(
             "data.root is not set: point it at the decathlon-1.0 folder "
             f"(data.root=/path/to/decathlon-1.0), which must hold {LAYOUT}"
         )
-    root = Path(cfg.root).expanduser()
+    root = Path(data.root).expanduser()
     if not root.is_dir():
         raise DataRootError(f"data root {str(root)!r} does not exist; expected {LAYOUT}")
-    return DomainSet(
-        root,
-        _with_hf(_domains_in(root), cfg, f"{str(root)!r} (annotations/<domain>_train.json)"),
-        cfg,
-        cache_dir,
-    )
+    where = f"{str(root)!r} (annotations/<domain>_train.json)"
+    return DomainSet(root, _with_hf(_domains_in(root), spec, where), data, spec, cache_dir)
 
 
-def _with_hf(available: list[str], cfg: DataConfig, where: str) -> list[str]:
-    """The run's domains: those of the tree plus ``data.hf_domains``, filtered by data.domains."""
-    clash = sorted(set(available) & set(cfg.hf_domains))
+def _with_hf(available: list[str], spec: ClassificationConfig, where: str) -> list[str]:
+    """The run's domains: those of the tree plus ``classification.hf_domains``, filtered by
+    ``classification.domains``."""
+    clash = sorted(set(available) & set(spec.hf_domains))
     if clash:
         raise DataRootError(
-            f"data.hf_domains {clash} have the names of domains already under {where}; rename them"
+            f"classification.hf_domains {clash} have the names of domains already under {where}; "
+            "rename them"
         )
-    everything = available + list(cfg.hf_domains)
-    return _select(everything, cfg.domains, f"{where} or data.hf_domains")
+    everything = available + list(spec.hf_domains)
+    return _select(everything, spec.domains, f"{where} or classification.hf_domains")
 
 
 @DATA_SOURCES.register("hf")
-def hf_source(cfg: DataConfig, cache_dir: Path) -> DomainSet:
-    """Only Hugging Face ``datasets`` domains (``data.hf_domains``), no Decathlon tree."""
-    if not cfg.hf_domains:
+def hf_source(data: DataConfig, spec: ClassificationConfig, cache_dir: Path) -> DomainSet:
+    """Only Hugging Face ``datasets`` domains (``classification.hf_domains``), no Decathlon
+    tree."""
+    if not spec.hf_domains:
         raise DataRootError(
-            "data.source=hf needs data.hf_domains, e.g. "
-            'data.hf_domains="{pets: {path: /data/pets, splits: {train: train, val: val, '
-            'test: test}}}"'
+            "data.source=hf needs classification.hf_domains, e.g. "
+            'classification.hf_domains="{pets: {path: /data/pets, splits: {train: train, '
+            'val: val, test: test}}}"'
         )
-    return DomainSet(
-        cache_dir, _with_hf([], cfg, "data.source=hf (no Decathlon tree)"), cfg, cache_dir
-    )
+    domains = _with_hf([], spec, "data.source=hf (no Decathlon tree)")
+    return DomainSet(cache_dir, domains, data, spec, cache_dir)
 
 
-def synthetic_root(cfg: DataConfig, cache_dir: Path) -> Path:
+def synthetic_root(data: DataConfig, cache_dir: Path) -> Path:
     """Where the embedded benchmark with these generator settings lives."""
-    if cfg.root:
-        return Path(cfg.root).expanduser()
-    g = {"seed": 0, "image_size": 32, "scale": 1.0, **cfg.generator}
+    if data.root:
+        return Path(data.root).expanduser()
+    g = {"seed": 0, "image_size": 32, "scale": 1.0, **data.generator}
     return cache_dir / f"mini-decathlon-seed{g['seed']}-px{g['image_size']}-x{g['scale']}"
 
 
 @DATA_SOURCES.register("synthetic-decathlon")
-def synthetic_decathlon_source(cfg: DataConfig, cache_dir: Path) -> DomainSet:
+def synthetic_decathlon_source(
+    data: DataConfig, spec: ClassificationConfig, cache_dir: Path
+) -> DomainSet:
     """The embedded mini-decathlon, generated deterministically on first use (no download)."""
-    root = synthetic_root(cfg, cache_dir)
-    ensure_mini_decathlon(root, **cfg.generator)
-    return DomainSet(
-        root,
-        _with_hf(_domains_in(root), cfg, f"{str(root)!r} (annotations/<domain>_train.json)"),
-        cfg,
-        cache_dir,
-    )
+    root = synthetic_root(data, cache_dir)
+    ensure_mini_decathlon(root, **data.generator)
+    where = f"{str(root)!r} (annotations/<domain>_train.json)"
+    return DomainSet(root, _with_hf(_domains_in(root), spec, where), data, spec, cache_dir)
 
 
-def build_domains(cfg: DataConfig, cache_dir: Path) -> DomainSet:
+def build_domains(data: DataConfig, spec: ClassificationConfig, cache_dir: Path) -> DomainSet:
     """Resolve ``data.source`` into the run's :class:`DomainSet`."""
-    return DATA_SOURCES.build(cfg.source, cfg=cfg, cache_dir=cache_dir)
+    return DATA_SOURCES.build(data.source, data=data, spec=spec, cache_dir=cache_dir)

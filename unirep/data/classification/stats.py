@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from unirep.data.classification.decathlon import CorruptImageError, DecathlonDomain
-from unirep.errors import DataError
+from unirep.data.classification.decathlon import DecathlonDomain
+from unirep.errors import CorruptImageError, DataError
 
 __all__ = ["domain_mean_std", "reference_mean_std"]
 

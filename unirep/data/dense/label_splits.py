@@ -51,8 +51,7 @@ from typing import Any
 
 import torch
 
-from unirep.config.schema import ConfigError
-from unirep.errors import DataError
+from unirep.errors import ConfigError, DataError
 from unirep.io import atomic_write_json
 
 PROTOCOLS = ("full", "one-label", "random-labels", "fraction", "file")

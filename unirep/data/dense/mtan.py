@@ -25,9 +25,8 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from unirep.data.checks import SkippedFile
-from unirep.data.classification.decathlon import DataRootError
 from unirep.data.memory import MemoryCache
-from unirep.errors import DataError
+from unirep.errors import DataError, DataRootError
 
 __all__ = [
     "DENSE_TASKS",

@@ -24,14 +24,14 @@ from typing import Any
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from unirep.config.schema import Config, ConfigError
+from unirep.config.schema import Config
 from unirep.data.checks import SkippedFile, cached_scan, files_fingerprint
-from unirep.data.classification.decathlon import ON_CORRUPT_CHOICES, DataRootError
+from unirep.data.classification.decathlon import ON_CORRUPT_CHOICES
 from unirep.data.dense.mini_scenes import SCENE_CLASSES, ensure_mini_scenes
 from unirep.data.dense.mtan import MTANDense
 from unirep.data.generated import read_marker
 from unirep.data.memory import memory_cache
-from unirep.errors import DataError
+from unirep.errors import ConfigError, DataError, DataRootError
 
 __all__ = ["DENSE_SOURCES", "DenseData", "build_dense_data"]
 
@@ -289,7 +289,7 @@ def build_dense_data(cfg: Config, cache_dir: Path) -> DenseData:
         num_classes=dense.num_classes,
         class_names=class_names,
         label_dir=dense.label_dir,
-        depth_kind=dense.depth_kind,
+        depth_kind="inverse_depth" if dense.inverse_depth else "depth",
         scales=tuple(dense.scales),
         flip=dense.flip,
         augment=dense.augment,

@@ -1,0 +1,31 @@
+"""The config rules the networks own: the backbone, the adapters, the dense encoder and the
+cross-task attention modules, each named in its registry with arguments its builder takes."""
+
+from __future__ import annotations
+
+from unirep.config.binder import bind_spec
+from unirep.config.schema import Config
+from unirep.errors import ConfigError
+from unirep.models.adapters import ADAPTERS
+from unirep.models.backbones import is_backbone
+from unirep.models.cross_task import CROSS_TASK
+from unirep.models.dense import DENSE_ENCODERS
+
+
+def check_config(cfg: Config) -> None:
+    """Raise :class:`ConfigError`, naming the key, for a network that cannot be built."""
+    if cfg.classification is not None:
+        spec = cfg.classification
+        if not is_backbone(spec.backbone):
+            raise ConfigError(
+                f"config key 'classification.backbone': unknown backbone {spec.backbone!r}; "
+                "valid choices: any name in timm.list_models(), e.g. resnet26_decathlon, "
+                "resnet_decathlon_tiny, resnet18"
+            )
+        bind_spec(ADAPTERS, spec.adapter, "classification.adapter", ("in_dim", "out_dim"))
+        return
+    dense = cfg.dense
+    assert dense is not None
+    bind_spec(DENSE_ENCODERS, dense.encoder, "dense.encoder")
+    if dense.cross_task is not None:
+        bind_spec(CROSS_TASK, dense.cross_task, "dense.cross_task", ("tasks", "channels"))
