@@ -16,17 +16,14 @@ Importing ``unirep`` registers its own architectures with timm (``resnet26_decat
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from unirep.models import resnet_decathlon, segnet  # noqa: F401  (timm registrations)
 from unirep.version import __version__
 
-if TYPE_CHECKING:
-    from unirep.pipeline.api import RunResult, run
-    from unirep.pipeline.student import Student, load_student
-
 __all__ = ["RunResult", "Student", "__version__", "load_student", "run"]
 
+# imported on first use; their types for checkers are in __init__.pyi
 _API = {
     "RunResult": "unirep.pipeline.api",
     "run": "unirep.pipeline.api",

@@ -279,7 +279,7 @@ def build_joint_terms(
     """The joint term ``partial.method`` names (``{}`` for ``none``)."""
     if partial.method == "none":
         return {}
-    kinds = {t: task.kind.name for t, task in tasks.items()}
+    kinds = {t: task.kind for t, task in tasks.items()}
     channels = {t: task.out_channels for t, task in tasks.items()}
     loss: nn.Module
     if partial.method == "mtpsl":
@@ -313,7 +313,7 @@ def build_cross_task_terms(
     if not active:
         return {}
     terms = CrossTaskTerms(
-        {t: task.kind.name for t, task in tasks.items()},
+        {t: task.kind for t, task in tasks.items()},
         {t: task.out_channels for t, task in tasks.items()},
         pairs=[(a, b) for a, b in transfer.pairs] if transfer.pairs else None,
         terms=tuple(active),

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 from torch import Tensor
 
 from unirep.metrics.classification import METRIC_HIGHER_IS_BETTER, AccuracyMeter
-from unirep.metrics.dense import METRIC_NAMES, DepthMeter, NormalMeter, SegmentationMeter
+from unirep.metrics.dense import DepthMeter, NormalMeter, SegmentationMeter
 from unirep.registry import Registry
 
 TASK_KINDS: Registry[TaskKind] = Registry("task kind")
@@ -123,7 +123,7 @@ class SemanticSegmentation(TaskKind):
 
     name = "semantic"
     target_key = "semantic"
-    metric_names = METRIC_NAMES["semantic"]
+    metric_names: ClassVar[list[str]] = list(SegmentationMeter.metric_names)
     main_metric = "miou"
     default_loss = "cross_entropy"
     default_prediction_loss = "kl"
@@ -159,7 +159,7 @@ class Depth(TaskKind):
 
     name = "depth"
     target_key = "depth"
-    metric_names = METRIC_NAMES["depth"]
+    metric_names: ClassVar[list[str]] = list(DepthMeter.metric_names)
     main_metric = "abs_err"
     default_loss = "depth_l1"
     default_prediction_loss = "dense_l1"
@@ -191,7 +191,7 @@ class SurfaceNormal(TaskKind):
 
     name = "normal"
     target_key = "normal"
-    metric_names = METRIC_NAMES["normal"]
+    metric_names: ClassVar[list[str]] = list(NormalMeter.metric_names)
     main_metric = "angle_mean"
     default_loss = "normal_cosine"
     default_prediction_loss = "dense_l1"
@@ -212,6 +212,11 @@ class SurfaceNormal(TaskKind):
         rgb = np.clip((n + 1.0) / 2.0, 0, 1)
         rgb[~np.any(n != 0, axis=-1)] = 0.0
         return rgb
+
+
+def as_kind(kind: TaskKind | str) -> TaskKind:
+    """A task kind, given as itself or by its registry name (``"semantic"``)."""
+    return TASK_KINDS.build(kind) if isinstance(kind, str) else kind
 
 
 @dataclass

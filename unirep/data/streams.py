@@ -27,7 +27,7 @@ from unirep.data.dense.label_splits import (
     read_label_split,
     write_label_split,
 )
-from unirep.data.dense.sources import DenseData, build_dense_data
+from unirep.data.dense.sources import DenseData, build_dense_data, dense_task_names
 from unirep.errors import ConfigError, DataError
 from unirep.tasks import TASK_KINDS, Task
 
@@ -182,14 +182,15 @@ class SceneStreams(RunData):
         self.data = data
         self.root = data.root
         self.cfg = cfg
+        self.names = dense_task_names(cfg)  # the tasks' names, in the order the data reads them
         self._mask: torch.Tensor | None = None
 
     def tasks(self) -> dict[str, Task]:
         assert self.cfg.dense is not None
         out = {}
-        for name in self.data.tasks:
+        for name in self.names:
             spec = self.cfg.dense.tasks[name]
-            kind = TASK_KINDS.build(getattr(spec, "kind", None) or name)
+            kind = TASK_KINDS.build(spec.kind or name)
             pred = spec.prediction_loss
             out[name] = Task(
                 name=name,
@@ -206,14 +207,14 @@ class SceneStreams(RunData):
     def datasets(self, split: str, train: bool = False) -> dict[str, Dataset]:
         dataset = self.data.dataset(split, train=train)
         if split == "train" and self.partial:  # val and test stay fully labelled
-            dataset = LabelMasked(dataset, self.label_mask(), list(self.data.tasks))
+            dataset = LabelMasked(dataset, self.label_mask(), self.names)
         return {SCENE_STREAM: dataset}
 
     def labelled_train_set(self, task: str) -> Dataset:
         train = self.datasets("train", train=True)[SCENE_STREAM]
         if not self.partial:
             return train
-        column = self.label_mask()[:, list(self.data.tasks).index(task)]
+        column = self.label_mask()[:, self.names.index(task)]
         return Subset(train, column.nonzero().flatten().tolist())
 
     def batch_sizes(self) -> dict[str, int]:
@@ -223,7 +224,7 @@ class SceneStreams(RunData):
         """The data's fingerprint; with partial labels, also which images ``task`` sees."""
         if not self.partial:
             return self.data.fingerprint()
-        column = self.label_mask()[:, list(self.data.tasks).index(task)]
+        column = self.label_mask()[:, self.names.index(task)]
         digest = hashlib.sha256(self.data.fingerprint().encode())
         digest.update(column.numpy().tobytes())
         return digest.hexdigest()
@@ -249,7 +250,7 @@ class SceneStreams(RunData):
         return self._mask
 
     def _make_mask(self) -> torch.Tensor:
-        part, tasks = self.part, list(self.data.tasks)
+        part, tasks = self.part, self.names
         n = len(self.data.dataset("train"))
         ids = self._train_ids()
         if part.protocol == "file":
@@ -284,7 +285,7 @@ class SceneStreams(RunData):
         if not self.partial:
             return
         path = Path(run_dir) / LABEL_SPLIT
-        tasks = list(self.data.tasks)
+        tasks = self.names
         if path.is_file():
             saved = read_label_split(path, tasks, len(self._train_ids()), self._train_ids())
             if not torch.equal(saved, self.label_mask()):
@@ -298,7 +299,7 @@ class SceneStreams(RunData):
 
     def label_summary(self) -> dict[str, Any]:
         """Counts per task and labels per image of the training split (``{}`` when full)."""
-        return describe(self.label_mask(), list(self.data.tasks)) if self.partial else {}
+        return describe(self.label_mask(), self.names) if self.partial else {}
 
     def preprocessing(self, stream: str) -> dict[str, Any]:
         return self.data.preprocessing()

@@ -32,10 +32,14 @@ references, and there are no running statistics to synchronise across processes.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+
+from unirep.tasks import TaskKind, as_kind
 
 __all__ = [
     "JTRLoss",
@@ -46,29 +50,33 @@ __all__ = [
     "straight_through_one_hot",
 ]
 
-KINDS = ("semantic", "depth", "normal")
-
 
 # ---------------------------------------------------------------------------------------------
 # shared helpers
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_tasks(task_kinds: dict[str, str], task_channels: dict[str, int]) -> None:
-    """Refuse unknown kinds, mismatched task names and channel counts that cannot be right."""
-    unknown = sorted({k for k in task_kinds.values() if k not in KINDS})
-    if unknown:
-        raise ValueError(f"unknown task kinds {unknown}; known: {list(KINDS)}")
+def _kinds(task_kinds: Mapping[str, TaskKind | str]) -> dict[str, TaskKind]:
+    """``{task: kind}`` with every kind a per-pixel :class:`~unirep.tasks.TaskKind`."""
+    kinds = {t: as_kind(k) for t, k in task_kinds.items()}
+    flat = sorted({k.name for k in kinds.values() if not k.spatial})
+    if flat:
+        raise ValueError(f"task kinds {flat} are not predicted per pixel")
+    return kinds
+
+
+def _check_tasks(task_kinds: dict[str, TaskKind], task_channels: dict[str, int]) -> None:
+    """Refuse mismatched task names and channel counts that cannot be right."""
     if set(task_kinds) != set(task_channels):
         raise ValueError(
             f"task_kinds {sorted(task_kinds)} and task_channels {sorted(task_channels)} name "
             "different tasks"
         )
-    fixed = {"depth": 1, "normal": 3}
     for task, kind in task_kinds.items():
         channels = task_channels[task]
-        if channels != fixed.get(kind, channels) or channels < 1:
-            raise ValueError(f"task {task!r} of kind {kind!r} cannot have {channels} channels")
+        fixed = channels if kind.has_classes else kind.out_channels(None)
+        if channels != fixed or channels < 1:
+            raise ValueError(f"task {task!r} of kind {kind.name!r} cannot have {channels} channels")
 
 
 def _check_inputs(tasks: list[str], **named: dict[str, Tensor]) -> None:
@@ -108,14 +116,16 @@ def _init_convs(module: nn.Module) -> None:
                 nn.init.zeros_(m.bias)
 
 
-def _target_map(kind: str, target: Tensor) -> Tensor:
-    """A depth target ``[B, H, W]`` as ``[B, 1, H, W]``; other targets unchanged."""
-    return target.unsqueeze(1) if kind == "depth" and target.dim() == 3 else target
+def _target_map(kind: TaskKind, target: Tensor) -> Tensor:
+    """A one-channel regression target ``[B, H, W]`` (depth) as ``[B, 1, H, W]``; class
+    labels and ``[B, C, H, W]`` targets unchanged."""
+    return target.unsqueeze(1) if not kind.has_classes and target.dim() == 3 else target
 
 
-def _valid_pixels(kind: str, target: Tensor) -> Tensor:
-    """``[B, 1, H, W]`` bool: where ``target`` (``[B, H, W]`` or ``[B, C, H, W]``) is labelled."""
-    if kind == "semantic":
+def _valid_pixels(kind: TaskKind, target: Tensor) -> Tensor:
+    """``[B, 1, H, W]`` bool: where ``target`` (``[B, H, W]`` or ``[B, C, H, W]``) is labelled:
+    a class other than -1, or a value that is not all-zero."""
+    if kind.has_classes:
         return (target != -1).unsqueeze(1)
     return (_target_map(kind, target) != 0).any(1, keepdim=True)
 
@@ -153,7 +163,7 @@ def straight_through_one_hot(logits: Tensor) -> Tensor:
 
 
 def encode_for_mapping(
-    kind: str,
+    kind: TaskKind | str,
     x: Tensor,
     is_target: bool,
     num_classes: int | None = None,
@@ -170,22 +180,24 @@ def encode_for_mapping(
       guarded by ``eps``; missing target pixels (0) stay 0;
     * normal: ``(n + 1) / 2``; missing target pixels (all-zero) stay 0.
 
-    Targets are detached.
+    Targets are detached. The kind decides by its traits (:class:`~unirep.tasks.TaskKind`):
+    classes (semantic), unit vectors (normal), otherwise a scalar map (depth).
     """
+    kind = as_kind(kind)
+    if not kind.spatial:
+        raise ValueError(f"task kind {kind.name!r} is not predicted per pixel")
     if is_target:
         x = _target_map(kind, x.detach())
-    if kind == "semantic":
+    if kind.has_classes:
         if not is_target:
             return straight_through_one_hot(x)
         if num_classes is None:
-            raise ValueError("a semantic target needs num_classes")
+            raise ValueError(f"a {kind.name} target needs num_classes")
         return _one_hot(x, num_classes)
-    if kind == "depth":
-        return x / x.abs().amax((1, 2, 3), keepdim=True).clamp_min(eps)
-    if kind == "normal":
+    if kind.unit_vector:
         encoded = (x + 1.0) / 2.0
         return encoded * _valid_pixels(kind, x) if is_target else encoded
-    raise ValueError(f"unknown task kind {kind!r}; known: {list(KINDS)}")
+    return x / x.abs().amax((1, 2, 3), keepdim=True).clamp_min(eps)
 
 
 class _FiLMStage(nn.Module):
@@ -300,7 +312,7 @@ class MTPSLLoss(nn.Module):
 
     def __init__(
         self,
-        task_kinds: dict[str, str],
+        task_kinds: Mapping[str, TaskKind | str],
         task_channels: dict[str, int],
         feature_channels: int,
         lambda_reg: float = 0.5,
@@ -308,6 +320,7 @@ class MTPSLLoss(nn.Module):
         widths: tuple[int, ...] = (16, 32, 64),
     ) -> None:
         super().__init__()
+        task_kinds = _kinds(task_kinds)
         _check_tasks(task_kinds, task_channels)
         if mode not in ("partial", "full"):
             raise ValueError(f"mode must be 'partial' or 'full', got {mode!r}")
@@ -481,7 +494,7 @@ class JTRLoss(nn.Module):
 
     def __init__(
         self,
-        task_kinds: dict[str, str],
+        task_kinds: Mapping[str, TaskKind | str],
         task_channels: dict[str, int],
         distance_weight: float = 4.0,
         reconstruction_weight: float = 2.0,
@@ -490,6 +503,7 @@ class JTRLoss(nn.Module):
         depth_std: float = 1.5876,
     ) -> None:
         super().__init__()
+        task_kinds = _kinds(task_kinds)
         _check_tasks(task_kinds, task_channels)
         if depth_std <= 0:
             raise ValueError(f"depth_std must be positive, got {depth_std}")
@@ -501,11 +515,11 @@ class JTRLoss(nn.Module):
         self.depth_mean, self.depth_std = depth_mean, depth_std
         self.space = JointTaskSpace(sum(self.task_channels.values()), widths)
 
-    def _encode(self, kind: str, x: Tensor) -> Tensor:
+    def _encode(self, kind: TaskKind, x: Tensor) -> Tensor:
         """Depth and normal maps (prediction or label) as they enter the stack."""
-        if kind == "depth":
-            return torch.special.ndtr((x - self.depth_mean) / self.depth_std)
-        return (x + 1.0) / 2.0
+        if kind.unit_vector:
+            return (x + 1.0) / 2.0
+        return torch.special.ndtr((x - self.depth_mean) / self.depth_std)
 
     def stacks(
         self, preds: dict[str, Tensor], targets: dict[str, Tensor], masks: dict[str, Tensor]
@@ -518,7 +532,7 @@ class JTRLoss(nn.Module):
             kind, pred = self.task_kinds[task], preds[task]
             target = _target_map(kind, targets[task].detach())
             labelled = masks[task].bool().view(-1, 1, 1, 1)
-            if kind == "semantic":
+            if kind.has_classes:
                 encoded = pred.softmax(1)
                 guess = F.one_hot(pred.argmax(1), pred.shape[1]).movedim(-1, 1).to(dtype)
                 label = _one_hot(target, self.task_channels[task])
@@ -541,12 +555,12 @@ class JTRLoss(nn.Module):
             self.tasks, recon.split(channels, 1), stack.split(channels, 1), strict=True
         ):
             kind = self.task_kinds[task]
-            if kind == "semantic":
+            if kind.has_classes:
                 e = F.binary_cross_entropy_with_logits(r, x, reduction="none").sum(1)
-            elif kind == "depth":
-                e = (torch.sigmoid(r) - x).abs().sum(1)
-            else:
+            elif kind.unit_vector:
                 e = 1.0 - F.cosine_similarity(r, 2.0 * x - 1.0, dim=1, eps=1e-8)
+            else:
+                e = (torch.sigmoid(r) - x).abs().sum(1)
             error = error + e.flatten(1).mean(1)
         return error
 

@@ -37,6 +37,8 @@ with equal batches gives the global mean), the contrastive term is global by con
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -44,7 +46,8 @@ from torch import Tensor, nn
 from unirep.losses.contrastive import info_nce
 from unirep.losses.dense import _float_pair, _masked_mean
 from unirep.losses.distillation import _full_precision
-from unirep.losses.joint import _check_tasks, _target_map
+from unirep.losses.joint import _check_tasks, _kinds, _target_map
+from unirep.tasks import TaskKind, as_kind
 
 __all__ = [
     "CrossTaskTerms",
@@ -55,14 +58,16 @@ __all__ = [
     "transfer_output",
 ]
 
-KINDS = ("semantic", "depth", "normal")
 TERMS = ("consistency", "alignment", "cycle", "contrastive")
 CLASS_DISTANCES = ("kl", "ce")
 
 
-def _check_kind(kind: str) -> None:
-    if kind not in KINDS:
-        raise ValueError(f"unknown task kind {kind!r}; known: {list(KINDS)}")
+def _check_kind(kind: TaskKind | str) -> TaskKind:
+    """``kind`` as a per-pixel :class:`~unirep.tasks.TaskKind` (a name is looked up)."""
+    kind = as_kind(kind)
+    if not kind.spatial:
+        raise ValueError(f"task kind {kind.name!r} is not predicted per pixel")
+    return kind
 
 
 # ---------------------------------------------------------------------------------------------
@@ -142,24 +147,22 @@ class TransferNet(nn.Module):
         return self.head(x)
 
 
-def transfer_input(kind: str, pred: Tensor) -> Tensor:
+def transfer_input(kind: TaskKind | str, pred: Tensor) -> Tensor:
     """A prediction as a transfer network takes it (shapes unchanged, ``[B, C, H, W]``).
 
     Semantic logits → ``log_softmax`` over classes (the reference feeds ``T_s2d`` with
     ``LogSoftmax(seg)``); depth and normals as predicted (``T_d2s`` takes the raw depth).
     """
-    _check_kind(kind)
-    return F.log_softmax(pred, dim=1) if kind == "semantic" else pred
+    return F.log_softmax(pred, dim=1) if _check_kind(kind).has_classes else pred
 
 
-def transfer_output(kind: str, raw: Tensor) -> Tensor:
+def transfer_output(kind: TaskKind | str, raw: Tensor) -> Tensor:
     """A transfer network's raw output as a prediction of ``kind`` (shapes unchanged).
 
     Normals are L2-normalised over channels (unit vectors, like the student's normal head);
     semantic logits and depth are returned unchanged.
     """
-    _check_kind(kind)
-    return F.normalize(raw, dim=1, eps=1e-12) if kind == "normal" else raw
+    return F.normalize(raw, dim=1, eps=1e-12) if _check_kind(kind).unit_vector else raw
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,7 +171,7 @@ def transfer_output(kind: str, raw: Tensor) -> Tensor:
 
 
 def consistency_distance(
-    kind: str, transferred: Tensor, direct: Tensor, semantic: str = "kl"
+    kind: TaskKind | str, transferred: Tensor, direct: Tensor, semantic: str = "kl"
 ) -> Tensor:
     """Distance of a transferred prediction from the direct one (``direct`` is detached).
 
@@ -183,7 +186,7 @@ def consistency_distance(
 
     Computed in at least float32 with autocast off.
     """
-    _check_kind(kind)
+    kind = _check_kind(kind)
     if semantic not in CLASS_DISTANCES:
         raise ValueError(f"unknown semantic distance {semantic!r}; valid: {list(CLASS_DISTANCES)}")
     if transferred.dim() != 4 or transferred.shape != direct.shape:
@@ -193,7 +196,7 @@ def consistency_distance(
         )
     with _full_precision(transferred.device):
         x, d = _float_pair(transferred, direct.detach())
-        if kind != "semantic":
+        if not kind.has_classes:
             return (x - d).abs().mean()
         if semantic == "ce":
             return F.cross_entropy(x, d.argmax(1))
@@ -201,7 +204,9 @@ def consistency_distance(
         return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(1).mean()
 
 
-def alignment_distance(kind: str, transferred: Tensor, target: Tensor, mask: Tensor) -> Tensor:
+def alignment_distance(
+    kind: TaskKind | str, transferred: Tensor, target: Tensor, mask: Tensor
+) -> Tensor:
     """Distance of a transferred prediction from the ground truth, on labelled images only.
 
     Shapes: ``transferred`` ``[B, C, H, W]``; ``target`` as in the module docstring; ``mask``
@@ -217,13 +222,13 @@ def alignment_distance(kind: str, transferred: Tensor, target: Tensor, mask: Ten
     get exactly zero gradient; with no counted pixel the result is an exact 0 that stays in the
     graph, never NaN. Computed in at least float32 with autocast off; the target is detached.
     """
-    _check_kind(kind)
+    kind = _check_kind(kind)
     target = _target_map(kind, target.detach())
     batch, size = transferred.shape[0], tuple(transferred.shape[-2:])
-    expected = (batch, *size) if kind == "semantic" else tuple(transferred.shape)
+    expected = (batch, *size) if kind.has_classes else tuple(transferred.shape)
     if transferred.dim() != 4 or tuple(target.shape) != expected:
         raise ValueError(
-            f"{kind} target {tuple(target.shape)} does not match the transferred prediction "
+            f"{kind.name} target {tuple(target.shape)} does not match the transferred prediction "
             f"{tuple(transferred.shape)}"
         )
     if tuple(mask.shape) != (batch,):
@@ -233,16 +238,16 @@ def alignment_distance(kind: str, transferred: Tensor, target: Tensor, mask: Ten
         dtype = torch.promote_types(transferred.dtype, torch.float32)
         x = transferred.to(dtype)
         zero = torch.zeros((), dtype=dtype, device=x.device)
-        if kind == "semantic":
+        if kind.has_classes:
             valid = (target != -1).unsqueeze(1) & labelled  # [B, 1, H, W]
             labels = torch.where(valid, target.unsqueeze(1), 0)
             nll = -F.log_softmax(torch.where(valid, x, zero), 1).gather(1, labels)
             return _masked_mean(nll, valid)
         target = target.to(dtype)
-        if kind == "depth":
-            valid = (target > 0) & labelled
-        else:
+        if kind.unit_vector:
             valid = (target != 0).any(1, keepdim=True) & labelled
+        else:  # a scalar map (depth): positive where measured
+            valid = (target > 0) & labelled
         error = torch.where(valid, x - target, zero).abs().mean(1, keepdim=True)
         return _masked_mean(error, valid)
 
@@ -299,7 +304,7 @@ class CrossTaskTerms(nn.Module):
 
     def __init__(
         self,
-        task_kinds: dict[str, str],
+        task_kinds: Mapping[str, TaskKind | str],
         task_channels: dict[str, int],
         pairs: list[tuple[str, str]] | None = None,
         terms: tuple[str, ...] = ("consistency",),
@@ -309,6 +314,7 @@ class CrossTaskTerms(nn.Module):
         embed_dim: int = 64,
     ) -> None:
         super().__init__()
+        task_kinds = _kinds(task_kinds)
         _check_tasks(task_kinds, task_channels)
         self.task_kinds = dict(task_kinds)
         self.tasks = list(task_kinds)

@@ -26,7 +26,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "METRIC_NAMES",
     "NORMAL_THRESHOLDS",
     "DepthMeter",
     "NormalMeter",
@@ -35,13 +34,6 @@ __all__ = [
 
 NORMAL_THRESHOLDS: tuple[float, ...] = (11.25, 22.5, 30.0)
 """Angle thresholds (degrees) of the "within t°" normal scores (Eigen & Fergus, ICCV 2015)."""
-
-METRIC_NAMES: dict[str, list[str]] = {
-    "semantic": ["miou", "pixel_acc"],
-    "depth": ["abs_err", "rel_err"],
-    "normal": ["angle_mean", "angle_median", "within_11.25", "within_22.5", "within_30"],
-}
-"""The keys that each task's meter returns from ``compute()``, in reporting order."""
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -70,6 +62,9 @@ class SegmentationMeter:
         num_classes: K, the number of classes.
         ignore_index: target value of unlabelled pixels.
     """
+
+    metric_names: tuple[str, ...] = ("miou", "pixel_acc")
+    """The keys :meth:`compute` returns, in reporting order."""
 
     def __init__(self, num_classes: int, ignore_index: int = -1) -> None:
         if num_classes < 1:
@@ -185,6 +180,9 @@ class DepthMeter:
         invalid_value: target value that marks pixels without ground truth.
     """
 
+    metric_names: tuple[str, ...] = ("abs_err", "rel_err")
+    """The keys :meth:`compute` returns, in reporting order."""
+
     def __init__(self, invalid_value: float = 0.0) -> None:
         self.invalid_value = invalid_value
         # [Σ|p − t|, Σ|p − t| / t, #valid pixels]
@@ -260,6 +258,15 @@ class NormalMeter:
     the NYUv2 test split. The median of an even count is the mean of the two middle values.
     ``within_t`` is the fraction in [0, 1] of pixels with ``angle < t`` (strict, as in MTAN).
     """
+
+    metric_names: tuple[str, ...] = (
+        "angle_mean",
+        "angle_median",
+        "within_11.25",
+        "within_22.5",
+        "within_30",
+    )
+    """The keys :meth:`compute` returns, in reporting order."""
 
     def __init__(self) -> None:
         self._angles: list[Tensor] = []

@@ -14,7 +14,7 @@ from unirep.weighting.base import WEIGHTINGS, LossWeighting
 from unirep.weighting.loss_stats import add_terms, checked_task_losses
 
 DISTRIBUTIONS = (
-    "normal",
+    "gaussian",
     "uniform",
     "dirichlet",
     "random_normal",
@@ -29,7 +29,7 @@ class RLWWeighting(LossWeighting):
 
     ``λ = c·f(λ̃)``, ``λ̃ ~ distribution`` (``[T]``):
 
-    - ``normal`` (default; LibMTL): ``softmax(N(0, I))``;
+    - ``gaussian`` (default; LibMTL's ``normal``): ``softmax(N(0, I))``;
     - ``uniform``: ``softmax(U(0, 1)^T)``;
     - ``dirichlet``: ``Dirichlet(1, ..., 1)`` (normalised ``Exp(1)`` draws, the same law);
     - ``random_normal``: ``softmax(N(μ, diag σ²))`` with ``μ, σ ~ U(0, 1)^T`` drawn once, at
@@ -67,7 +67,7 @@ class RLWWeighting(LossWeighting):
     std: Tensor
 
     def __init__(
-        self, tasks: list[str], distribution: str = "normal", scale: str = "mean", seed: int = 0
+        self, tasks: list[str], distribution: str = "gaussian", scale: str = "mean", seed: int = 0
     ) -> None:
         super().__init__(tasks)
         if distribution not in DISTRIBUTIONS:
@@ -103,7 +103,7 @@ class RLWWeighting(LossWeighting):
         """The next ``[T]`` weights (CPU, float32)."""
         count = len(self.tasks)
         gen = self._generator()
-        if self.distribution == "normal":
+        if self.distribution == "gaussian":
             raw = torch.softmax(torch.randn(count, generator=gen), dim=0)
         elif self.distribution == "uniform":
             raw = torch.softmax(torch.rand(count, generator=gen), dim=0)

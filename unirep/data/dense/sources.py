@@ -28,7 +28,7 @@ from unirep.config.schema import Config
 from unirep.data.checks import SkippedFile, cached_scan, files_fingerprint
 from unirep.data.classification.decathlon import ON_CORRUPT_CHOICES
 from unirep.data.dense.mini_scenes import SCENE_CLASSES, ensure_mini_scenes
-from unirep.data.dense.mtan import MTANDense
+from unirep.data.dense.mtan import DENSE_TASKS, MTANDense
 from unirep.data.generated import read_marker
 from unirep.data.memory import memory_cache
 from unirep.errors import ConfigError, DataError, DataRootError
@@ -241,6 +241,28 @@ class DenseData:
         }
 
 
+def dense_task_names(cfg: Config) -> list[str]:
+    """The run's dense tasks in reading order: by kind as the MTAN files hold them (semantic,
+    depth, normal), then as the config lists them."""
+    assert cfg.dense is not None
+    order = {kind: i for i, kind in enumerate(DENSE_TASKS)}
+    tasks = cfg.dense.tasks
+    return sorted(tasks, key=lambda t: order.get(tasks[t].kind or t, len(order)))
+
+
+def dense_kinds(cfg: Config) -> list[str]:
+    """The kinds of target the run reads from the files, each once, in reading order."""
+    assert cfg.dense is not None
+    kinds = [cfg.dense.tasks[t].kind or t for t in dense_task_names(cfg)]
+    unknown = [k for k in kinds if k not in DENSE_TASKS]
+    if unknown:
+        raise ConfigError(
+            f"config key 'dense.tasks': this data has no {', '.join(map(repr, unknown))} "
+            f"targets; it provides {', '.join(DENSE_TASKS)}"
+        )
+    return list(dict.fromkeys(kinds))
+
+
 def build_dense_data(cfg: Config, cache_dir: Path) -> DenseData:
     """The dense benchmark of ``cfg`` (generated into ``cache_dir`` for ``mini-scenes``)."""
     dense = cfg.dense
@@ -285,7 +307,7 @@ def build_dense_data(cfg: Config, cache_dir: Path) -> DenseData:
         )
     data = DenseData(
         root=root,
-        tasks=[t for t in ("semantic", "depth", "normal") if t in dense.tasks],
+        tasks=dense_kinds(cfg),
         num_classes=dense.num_classes,
         class_names=class_names,
         label_dir=dense.label_dir,
