@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.losses.bundle import LossBundle
 from unirep.optim.optimizers import build_optimizer
 from unirep.pipeline.validate import load_config

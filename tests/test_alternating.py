@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from tests.conftest import fit_interrupted, tiny_dense_config
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.pipeline.rundir import make_accelerator
 from unirep.pipeline.validate import load_config
 from unirep.weighting import build_weighting

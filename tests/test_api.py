@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import TINY
-from unirep.config.schema import to_dict
+from unirep.config.load import to_dict
 from unirep.pipeline.model_card import NOT_REPRODUCING
 from unirep.pipeline.validate import load_config
 
@@ -122,7 +122,7 @@ def test_the_model_card_holds_the_runs_facts(example: dict[str, Any]) -> None:
 
 def test_a_finished_run_is_read_back(example: dict[str, Any], tiny_cache: Path) -> None:
     result = example["result"]
-    run = example["run"]
+    run = example["unirep"].run
     overrides = [*TINY, f"data.cache_dir={tiny_cache}", f"output_dir={result.directory.parent}"]
     again = run("mini-decathlon", [*overrides, "name=api-example", "resume=true"])
     assert again.already_finished and again.metrics == result.metrics

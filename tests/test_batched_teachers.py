@@ -22,7 +22,7 @@ from torch import Tensor, nn
 import unirep.teachers.batched as teachers_batched
 from tests.conftest import TINY_DENSE
 from unirep.batch import Batch
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.experiments.benchmark import random_teachers
 from unirep.models.build import build_network
 from unirep.pipeline.stage_two import resolve_data, student_phase

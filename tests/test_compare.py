@@ -12,7 +12,7 @@ import torch
 import yaml
 
 from tests.conftest import TINY_DENSE
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.experiments.compare import (
     PARTIAL_VARIANTS,
     Runners,
@@ -48,9 +48,9 @@ def _metrics(miou: float, abs_err: float, val: float, dm: float) -> dict:
 
 def test_variants_parse_and_best_of_is_chosen_on_validation_never_test() -> None:
     variants = parse_variants(["supervised", "mtpsl", "jtr", "distill+best-of:mtpsl,jtr",
-                               "mine=partial.weight=3;seed=2"])  # fmt: skip
+                               "mine=dense.partial.weight=3;seed=2"])  # fmt: skip
     assert variants[0].overrides == PARTIAL_VARIANTS["supervised"]
-    assert variants[-1] == Variant("mine", ["partial.weight=3", "seed=2"])
+    assert variants[-1] == Variant("mine", ["dense.partial.weight=3", "seed=2"])
     by_name = {v.name: v for v in variants}
     # jtr is better on validation, mtpsl on test: validation decides
     results = {
@@ -58,7 +58,7 @@ def test_variants_parse_and_best_of_is_chosen_on_validation_never_test() -> None
         "jtr": [_metrics(0.1, 0.9, val=2.0, dm=-9.0)],
     }
     overrides, note = resolve(by_name["distill+best-of:mtpsl,jtr"], by_name, results)
-    assert "partial.method=jtr" in overrides and "distill.enabled=true" in overrides
+    assert "dense.partial.method=jtr" in overrides and "distill.enabled=true" in overrides
     assert "distill.enabled=false" not in overrides and "→ jtr" in note
     with pytest.raises(ConfigError, match="run mtpsl"):
         resolve(by_name["distill+best-of:mtpsl,jtr"], by_name, {})
@@ -138,7 +138,7 @@ def test_side_by_side_jobs_compute_what_one_process_computes_and_share_teachers(
     # a run saved before a config key existed is the same run when the key holds its default
     saved = tmp_path / "out2" / "cmp" / "supervised-seed0" / "config.yaml"
     older = yaml.safe_load(saved.read_text())
-    del older["xtask"]["class_distance"], older["train"]["grad_clip"]
+    del older["dense"]["transfer"]["class_distance"], older["train"]["grad_clip"]
     saved.write_text(yaml.safe_dump(older))
     _, again, _, _ = run_comparison(
         "mini-scenes-onelabel", variants, [0], "cmp", settings, RUNNERS, 1, lambda _: None
@@ -174,10 +174,10 @@ def test_combine_takes_every_term_that_beats_the_reference_on_validation() -> No
     # test scores say the opposite of validation: they must not matter
     results = {n: [_metrics(0.1, 0.1, val=v, dm=-v)] for n, v in vals.items()}
     overrides, note = resolve(combine, by_name, results, reference="distill")
-    assert "xtask.consistency.weight=0.1" in overrides and "xtask.cycle.weight=0.1" in overrides
+    assert "dense.transfer.consistency.weight=0.1" in overrides and "dense.transfer.cycle.weight=0.1" in overrides
     assert "distill.contrastive_weight=0.1" in overrides
-    assert not [o for o in overrides if "alignment" in o or "xtask.contrastive" in o]
-    assert overrides.count("partial.method=none") == 1
+    assert not [o for o in overrides if "alignment" in o or "dense.transfer.contrastive" in o]
+    assert overrides.count("dense.partial.method=none") == 1
     assert "→ +consistency + +cycle + +contrastive-distill" in note
     # none beats the reference: the best one alone
     worse = {n: [_metrics(0.1, 0.1, val=-v, dm=0)] for n, v in vals.items()}

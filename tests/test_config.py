@@ -7,16 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from unirep.config.schema import (
-    Config,
-    ConfigError,
-    Spec,
-    apply_override,
-    preset_names,
-    save_config,
-    to_dict,
-)
-from unirep.pipeline.validate import NOT_FOR_DENSE, load_config
+from unirep.config.load import apply_override, preset_names, save_config, to_dict
+from unirep.config.schema import Config, Spec
+from unirep.errors import ConfigError
+from unirep.pipeline.validate import load_config
 from unirep.weighting import WEIGHTINGS
 
 
@@ -64,7 +58,7 @@ def test_every_preset_loads_and_builds(preset: str) -> None:
     teachers = {t: build_network(architecture(cfg), {t: task}) for t, task in tasks.items()}
     net = build_network(architecture(cfg, student=True), tasks)
     assert set(net.tasks) == expected
-    spec = cfg.model.adapter
+    spec = cfg.classification.adapter if cfg.classification is not None else Spec("linear")
     aligners = net.build_aligners(
         {t: teacher.feature_dim for t, teacher in teachers.items()}, spec.name, **spec.kwargs
     )
@@ -88,14 +82,15 @@ def test_overrides_are_typed_yaml() -> None:
             "distill.lambda_feature={objects: 10}",
             "train.optim.optimizer.kwargs.lr=1e-3",
             "distill.feature_loss=l2",
-            "data.domains=[objects, digits]",
+            "classification.domains=[objects, digits]",
         ],
     )
     assert cfg.train.max_steps == 7
     assert cfg.distill.lambda_feature == {"objects": 10.0}
     assert cfg.train.optim.optimizer.kwargs["lr"] == pytest.approx(1e-3)
     assert cfg.distill.feature_loss.name == "l2"
-    assert cfg.data.domains == ["objects", "digits"]
+    assert cfg.classification is not None
+    assert cfg.classification.domains == ["objects", "digits"]
 
 
 def test_override_into_bare_spec_name() -> None:
@@ -112,15 +107,15 @@ def test_override_into_bare_spec_name() -> None:
         ("train.max_steps=many", ["train.max_steps", "integer", "many"]),
         ("baseline=maybe", ["baseline", "true or false"]),
         ("distill.feature_loss=ckaa", ["distill.feature_loss.name", "ckaa", "cka_rbf", "l2"]),
-        ("distill.prediction_loss=kll", ["kll", "kl"]),
-        ("model.adapter=big", ["model.adapter.name", "linear"]),
-        ("model.backbone=not_a_net", ["model.backbone", "not_a_net", "timm"]),
+        ("classification.prediction_loss=kll", ["kll", "kl"]),
+        ("classification.adapter=big", ["classification.adapter.name", "linear"]),
+        ("classification.backbone=not_a_net", ["classification.backbone", "not_a_net", "timm"]),
         ("train.optim.optimizer=sgdd", ["train.optim.optimizer.name", "sgd", "adam"]),
         ("train.optim.scheduler=cos", ["scheduler", "cosine"]),
         ("data.source=imagenet", ["data.source", "decathlon", "synthetic-decathlon"]),
         ("split=testing", ["split", "test", "val"]),
         ("data.on_corrupt=ignore", ["data.on_corrupt", "skip"]),
-        ("data.crop=64", ["data.crop", "data.resize"]),
+        ("classification.crop=64", ["classification.crop", "classification.resize"]),
         ("train.max_steps=0", ["train.max_steps", "positive"]),
         ("noequals", ["key=value"]),
     ],
@@ -150,10 +145,15 @@ def test_yaml_file_and_missing_file(tmp_path: Path) -> None:
         load_config(str(path))
 
 
-def test_delta_m_selection_is_for_dense_runs_only() -> None:
-    with pytest.raises(ConfigError, match=r"'delta_m' is for dense runs"):
-        load_config("mini-decathlon", ["train.selection_metric=delta_m"])
-    assert load_config("mini-scenes").train.selection_metric == "delta_m"
+def test_selection_metric_is_a_classification_choice_and_delta_m_for_dense_runs() -> None:
+    assert load_config("mini-decathlon").selection_metric == "accuracy"
+    cfg = load_config("mini-decathlon", ["classification.selection_metric=delta_m"])
+    assert cfg.selection_metric == "delta_m"
+    with pytest.raises(ConfigError, match="'classification.selection_metric'.*accuracy, delta_m"):
+        load_config("mini-decathlon", ["classification.selection_metric=loss"])
+    assert load_config("mini-scenes").selection_metric == "delta_m"
+    with pytest.raises(ConfigError, match="dense runs always select on delta_m"):
+        load_config("mini-scenes", ["train.selection_metric=accuracy"])
 
 
 @pytest.mark.parametrize("preset", preset_names())
@@ -227,33 +227,39 @@ def test_bad_dense_task_kind_names_the_key(override: str, needles: list[str]) ->
 
 
 @pytest.mark.parametrize(
-    ("override", "key"),
+    "override",
     [
-        ("model.backbone=resnet18", "model.backbone"),
-        ("data.crop=16", "data.crop"),
-        ("distill.task_loss=depth_l1", "distill.task_loss"),
-        ("teachers.finetune_from=semantic", "teachers.finetune_from"),
+        "classification.backbone=resnet18",
+        "classification.crop=16",
+        "classification.task_loss=depth_l1",
+        "classification.finetune_from=semantic",
     ],
 )
-def test_classification_keys_are_refused_in_dense_runs(override: str, key: str) -> None:
+def test_classification_keys_are_refused_in_dense_runs(override: str) -> None:
     with pytest.raises(ConfigError) as info:
         load_config("mini-scenes", [override])
     message = str(info.value)
+    key = override.split("=")[0]
     assert f"{key!r} does not apply to dense runs" in message, message
-    assert "remove" in message and NOT_FOR_DENSE[key] in message
+    assert "remove it" in message
 
 
-def test_defaults_of_refused_keys_are_accepted_in_dense_runs() -> None:
-    defaults = Config()
-    cfg = load_config(
-        "mini-scenes",
-        [
-            f"model.backbone={defaults.model.backbone}",
-            f"data.crop={defaults.data.crop}",
-            f"distill.task_loss={defaults.distill.task_loss.name}",
-        ],
-    )
-    assert cfg.dense is not None
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [
+        ("model.backbone=resnet18", "classification.backbone"),
+        ("data.domains=[digits]", "classification.domains"),
+        ("teachers.finetune_lr=0.1", "classification.finetune_lr"),
+        ("partial.method=jtr", "dense.partial.method"),
+        ("xtask.cycle.weight=1.0", "dense.transfer.cycle.weight"),
+        ("dense.depth_kind=depth", "dense.inverse_depth"),
+    ],
+)
+def test_keys_of_0_3_name_their_new_place(old: str, new: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config("mini-scenes" if old.startswith(("partial", "xtask", "dense")) else None, [old])
+    message = str(info.value)
+    assert f"moved to {new!r}" in message and "unirep 0.4" in message, message
 
 
 @pytest.mark.parametrize(
@@ -268,5 +274,5 @@ def test_teacher_selection_metric_is_refused(preset: str, kind: str, key: str) -
     with pytest.raises(ConfigError) as info:
         load_config(preset, [f"{key}=delta_m"])
     message = str(info.value)
-    assert f"'{key}' does not apply to {kind} runs" in message, message
-    assert "main metric on the validation split" in message and "remove it" in message
+    assert f"'{key}' was removed in unirep 0.4" in message, message
+    assert "teachers select on their task's main metric" in message, message

@@ -366,8 +366,8 @@ def _prepare_hf(cache: Path, domains: dict[str, dict], *extra: str) -> RunData:
         "mini-decathlon",
         [
             "data.source=hf",
-            "data.domains=[]",
-            f"data.hf_domains={{{spec}}}",
+            "classification.domains=[]",
+            f"classification.hf_domains={{{spec}}}",
             f"data.cache_dir={cache}",
             *extra,
         ],

@@ -19,15 +19,15 @@ from unirep.pipeline.validate import load_config
 pytestmark = pytest.mark.slow
 
 TINY = [
-    "model.backbone=resnet_decathlon_tiny",
+    "classification.backbone=resnet_decathlon_tiny",
     "data.batch_size=4",
-    "data.batch_sizes={}",
+    "classification.batch_sizes={}",
     "data.eval_batch_size=16",
     "data.num_workers=0",
     "progress=false",
     *[
         f"{phase}.{key}={value}"
-        for phase in ("teachers.train", "teachers.finetune_train", "train")
+        for phase in ("teachers.train", "classification.finetune_train", "train")
         for key, value in (("max_steps", 2), ("eval_every", 2), ("checkpoint_every", 2))
     ],
 ]

@@ -17,7 +17,8 @@ from unirep.stage_one.keys import teacher_path
 from unirep.stage_one.train import ensure_teachers
 
 from tests.conftest import TINY_DENSE, tiny_dense_config
-from unirep.config.schema import Config, ConfigError
+from unirep.config.schema import Config
+from unirep.errors import ConfigError
 from unirep.data.classification.decathlon import DataRootError
 from unirep.data.dense.mtan import write_mtan_fixture
 from unirep.data.streams import SCENE_STREAM
@@ -422,12 +423,12 @@ def test_labels_beyond_num_classes_are_refused(tiny_cache: Path, tmp_path: Path)
     [
         ("dense.tasks.edges={loss: cross_entropy}", "dense.tasks.edges"),
         ("data.source=synthetic-decathlon", "not a dense data source"),
-        ("train.selection_metric=accuracy", "delta_m"),
+        ("classification.selection_metric=accuracy", "delta_m"),
         ("dense.tasks.depth.loss=nope", "dense.tasks.depth.loss.name"),
         ("dense.cross_task=nope", "dense.cross_task.name"),
         ("dense.depth_kind=disparity", "dense.depth_kind"),
         ("dense.scales=[0.5]", "dense.scales"),
-        ("distill.init_from_teacher=semantic", "init_from_teacher"),
+        ("classification.init_from_teacher=semantic", "init_from_teacher"),
     ],
 )
 def test_bad_dense_config_names_the_key(

@@ -24,13 +24,15 @@ from unirep.stage_one.keys import teacher_key
 import unirep.teachers.provider as provider
 import unirep.training.trainer as trainer
 from tests.conftest import TINY_DENSE
-from unirep.config.schema import Config, ConfigError
+from unirep.config.schema import Config
+from unirep.errors import ConfigError
 from unirep.experiments.benchmark import OPTION_VARIANTS, format_term_costs, term_costs
 from unirep.io import save_weights
 from unirep.models.build import build_network
 from unirep.pipeline.rundir import make_accelerator
 from unirep.pipeline.stage_two import resolve_data, student_phase
-from unirep.pipeline.validate import _compile_problem, load_config
+from unirep.pipeline.validate import load_config
+from unirep.training.validation import compile_problem as _compile_problem
 from unirep.tasks import TASK_KINDS, Task
 
 DENSE = {"encoder": "segnet", "encoder_kwargs": {"width_mult": 0.125}, "decoder_channels": 8}

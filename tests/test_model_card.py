@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.conftest import TINY, TINY_DENSE
-from unirep.config.schema import save_config, to_dict
+from unirep.config.load import save_config, to_dict
 from unirep.pipeline.model_card import NOT_REPRODUCING, model_card, reproduce_command, run_overrides
 from unirep.pipeline.validate import load_config
 
@@ -28,7 +28,7 @@ def _reproducing(cfg) -> dict:
         ("mini-decathlon", [*TINY, "data.cache_dir=/tmp/c", "output_dir=/tmp/o", "name=r"]),
         ("mini-scenes", [*TINY_DENSE, "weighting=uncertainty", "seed=3"]),
         # a section replaced by a smaller one: keys of the preset the run does not have
-        ("mini-decathlon", ["data.generator={seed: 1}", "model.backbone=resnet10t"]),
+        ("mini-decathlon", ["data.generator={seed: 1}", "classification.backbone=resnet10t"]),
         ("mini-scenes", ["dense.tasks={semantic: {loss: cross_entropy}}", "resume=true"]),
         ("mini-decathlon", []),
     ],

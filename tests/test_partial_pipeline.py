@@ -61,7 +61,7 @@ def test_training_samples_carry_the_split_and_teachers_see_their_labels(
 
 
 def test_the_split_is_saved_read_back_and_never_rewritten(tiny_cache: Path, tmp_path: Path) -> None:
-    _, data = _data(tiny_cache, tmp_path, "partial.protocol=random-labels")
+    _, data = _data(tiny_cache, tmp_path, "dense.partial.protocol=random-labels")
     data.save_records(tmp_path)
     path = tmp_path / "label_split.json"
     saved = json.loads(path.read_text())
@@ -71,18 +71,18 @@ def test_the_split_is_saved_read_back_and_never_rewritten(tiny_cache: Path, tmp_
     data.save_records(tmp_path)  # a resumed run checks it, and leaves it
     assert json.loads(path.read_text()) == saved
     # a user's split file drives the run; one that does not match the data is refused
-    _, from_file = _data(tiny_cache, tmp_path, "partial.protocol=file", f"partial.file={path}")
+    _, from_file = _data(tiny_cache, tmp_path, "dense.partial.protocol=file", f"dense.partial.file={path}")
     assert torch.equal(from_file.label_mask(), mask)
     unlabelled = tmp_path / "unlabelled.json"  # random-labels forbids an image without labels
     rows = [list(r) for r in saved["labels"]]
     rows[0] = [0] * len(rows[0])
     unlabelled.write_text(json.dumps({**saved, "labels": rows}))
     with pytest.raises(DataError, match=r"unlabelled\.json.*no label"):
-        _data(tiny_cache, tmp_path, "partial.protocol=file", f"partial.file={unlabelled}")
+        _data(tiny_cache, tmp_path, "dense.partial.protocol=file", f"dense.partial.file={unlabelled}")
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**saved, "labels": saved["labels"][:-1]}))
     with pytest.raises(DataError, match=r"bad\.json.*11 label rows"):  # when the data resolves
-        _data(tiny_cache, tmp_path, "partial.protocol=file", f"partial.file={bad}")
+        _data(tiny_cache, tmp_path, "dense.partial.protocol=file", f"dense.partial.file={bad}")
 
 
 def test_mtpsl_settings_file_is_imported(tiny_cache: Path, tmp_path: Path) -> None:
@@ -93,8 +93,8 @@ def test_mtpsl_settings_file_is_imported(tiny_cache: Path, tmp_path: Path) -> No
     path = tmp_path / "onelabel.pth"
     torch.save({"labels_weights": weights}, path)
     _, imported = _data(
-        tiny_cache, tmp_path, "partial.protocol=file", f"partial.file={path}",
-        "partial.file_tasks=[semantic, depth, normal]",
+        tiny_cache, tmp_path, "dense.partial.protocol=file", f"dense.partial.file={path}",
+        "dense.partial.file_tasks=[semantic, depth, normal]",
     )  # fmt: skip
     tasks = list(imported.data.tasks)
     expected = weights.bool()[:, [["semantic", "depth", "normal"].index(t) for t in tasks]]
@@ -113,7 +113,7 @@ def _student(cfg, run_dir: Path, crash_at: int | None, monkeypatch: pytest.Monke
 def test_a_run_with_a_joint_task_term_resumes_bit_exactly(
     method: str, tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    extra = [f"partial.method={method}", "distill.enabled=false", "train.max_steps=6",
+    extra = [f"dense.partial.method={method}", "distill.enabled=false", "train.max_steps=6",
              "train.checkpoint_every=2", "train.eval_every=3"]  # fmt: skip
     whole = _student(tiny_dense_config(tiny_cache, tmp_path / "a", *extra, preset=ONE_LABEL),
                      tmp_path / "a", None, monkeypatch)  # fmt: skip
@@ -175,26 +175,26 @@ def _series(path: Path) -> set[str]:
 @pytest.mark.parametrize(
     ("preset", "override", "needle"),
     [
-        ("mini-decathlon", "partial.protocol=one-label", "for dense runs"),
-        ("mini-scenes", "partial.protocol=half", "partial.protocol"),
-        ("mini-scenes", "partial.method=mixup", "partial.method"),
-        ("mini-scenes", "partial.protocol=file", "partial.file"),
-        ("mini-scenes", "partial.file=/nowhere/split.json", "partial.file"),
-        ("mini-scenes", "partial.fraction=1.5", "partial.fraction"),
-        ("mini-scenes", "partial.fractions={edges: 0.5}", "edges"),
-        ("mini-scenes", "partial.file_tasks=[semantic, edges]", "edges"),
-        ("mini-scenes", "partial.weight=-1", "partial.weight"),
-        ("mini-scenes", "partial.rampup_steps=-5", "partial.rampup_steps"),
-        ("mini-scenes", "partial.mtpsl.film_lr=0", "partial.mtpsl.film_lr"),
-        ("mini-scenes", "partial.mtpsl.mode=half", "partial.mtpsl.mode"),
-        ("mini-scenes", "partial.jtr.widths=[0]", "partial.jtr.widths"),
-        ("mini-scenes", "partial.jtr.distance_weight=.nan", "partial.jtr.distance_weight"),
+        ("mini-decathlon", "dense.partial.protocol=one-label", "for dense runs"),
+        ("mini-scenes", "dense.partial.protocol=half", "dense.partial.protocol"),
+        ("mini-scenes", "dense.partial.method=mixup", "dense.partial.method"),
+        ("mini-scenes", "dense.partial.protocol=file", "dense.partial.file"),
+        ("mini-scenes", "dense.partial.file=/nowhere/split.json", "dense.partial.file"),
+        ("mini-scenes", "dense.partial.fraction=1.5", "dense.partial.fraction"),
+        ("mini-scenes", "dense.partial.fractions={edges: 0.5}", "edges"),
+        ("mini-scenes", "dense.partial.file_tasks=[semantic, edges]", "edges"),
+        ("mini-scenes", "dense.partial.weight=-1", "dense.partial.weight"),
+        ("mini-scenes", "dense.partial.rampup_steps=-5", "dense.partial.rampup_steps"),
+        ("mini-scenes", "dense.partial.mtpsl.film_lr=0", "dense.partial.mtpsl.film_lr"),
+        ("mini-scenes", "dense.partial.mtpsl.mode=half", "dense.partial.mtpsl.mode"),
+        ("mini-scenes", "dense.partial.jtr.widths=[0]", "dense.partial.jtr.widths"),
+        ("mini-scenes", "dense.partial.jtr.distance_weight=.nan", "dense.partial.jtr.distance_weight"),
     ],
 )
 def test_bad_partial_settings_are_refused_before_work(
     tiny_cache: Path, tmp_path: Path, preset: str, override: str, needle: str
 ) -> None:
-    from unirep.config.schema import ConfigError
+    from unirep.errors import ConfigError
     from unirep.pipeline.validate import load_config
 
     with pytest.raises(ConfigError, match=needle):
@@ -202,14 +202,14 @@ def test_bad_partial_settings_are_refused_before_work(
 
 
 def test_one_task_runs_refuse_pairwise_methods() -> None:
-    from unirep.config.schema import ConfigError
+    from unirep.errors import ConfigError
     from unirep.pipeline.validate import load_config
 
     one = "dense.tasks={depth: {loss: depth_l1}}"
     with pytest.raises(ConfigError, match="mtpsl maps between tasks"):
-        load_config("mini-scenes", [one, "partial.method=mtpsl", "distill.lambda_feature={}"])
+        load_config("mini-scenes", [one, "dense.partial.method=mtpsl", "distill.lambda_feature={}"])
     with pytest.raises(ConfigError, match="random-labels needs at least 2 tasks"):
-        load_config("mini-scenes", [one, "partial.protocol=random-labels",
+        load_config("mini-scenes", [one, "dense.partial.protocol=random-labels",
                                     "distill.lambda_feature={}"])  # fmt: skip
 
 
@@ -229,7 +229,7 @@ def test_an_all_unlabelled_batch_gives_finite_zero_supervision(
 ) -> None:
     """No sample of the batch is labelled for any task: the supervised terms are exact zeros with
     zero gradient, the joint terms finite (no NaN from an empty mean)."""
-    cfg, data = _data(tiny_cache, tmp_path, f"partial.method={method}", "distill.enabled=false")
+    cfg, data = _data(tiny_cache, tmp_path, f"dense.partial.method={method}", "distill.enabled=false")
     tasks = data.tasks()
     reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}
     accelerator = Accelerator(cpu=True)
@@ -253,7 +253,7 @@ def test_an_all_unlabelled_batch_gives_finite_zero_supervision(
 def test_a_batch_larger_than_a_teachers_labelled_images_is_refused(
     tiny_cache: Path, tmp_path: Path
 ) -> None:
-    from unirep.config.schema import ConfigError
+    from unirep.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"data\.batch_size.*teacher of .* labelled for it"):
         _data(tiny_cache, tmp_path, "data.batch_size=6")  # 12 scenes, one label each: 4 per task

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.data.dense.label_splits import (
     MTPSL_TASK_ORDER,
     PROTOCOLS,

@@ -17,7 +17,7 @@ from torch import nn
 
 import unirep.objective as objective_module
 from tests.conftest import TINY, tiny_config
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.errors import NonFiniteError, UnirepError
 from unirep.io import atomic_write_json, load_weights, save_weights
 from unirep.pipeline.rundir import prepare_run_dir
@@ -35,7 +35,7 @@ STEPS = ["train.max_steps=6", "train.eval_every=2", "train.checkpoint_every=1"]
 def _baseline(cache: Path, run_dir: Path, *extra: str):
     """A tiny baseline phase (no teachers), ready for :func:`fit`."""
     torch.set_num_threads(1)
-    cfg = tiny_config(cache, run_dir, "distill.init_from_teacher=null", *STEPS, *extra)
+    cfg = tiny_config(cache, run_dir, "classification.init_from_teacher=null", *STEPS, *extra)
     accelerator = Accelerator(cpu=True)
     data = resolve_data(cfg, accelerator)
     tasks = data.tasks()
@@ -240,11 +240,11 @@ def test_an_unlabelled_test_split_gives_a_submission_and_exits_0(tmp_path: Path)
 
     root = write_official_fixture(tmp_path / "decathlon-1.0", labelled_test=False)
     common = [
-        "--config", "decathlon", f"data.root={root}", "data.domains=[imagenet12, dtd]",
-        "model.backbone=resnet_decathlon_tiny", "data.batch_size=4", "data.batch_sizes={}",
+        "--config", "decathlon", f"data.root={root}", "classification.domains=[imagenet12, dtd]",
+        "classification.backbone=resnet_decathlon_tiny", "data.batch_size=4", "classification.batch_sizes={}",
         "data.eval_batch_size=16", "progress=false", f"data.cache_dir={tmp_path / 'cache'}",
         f"output_dir={tmp_path / 'runs'}",
-        *[f"{phase}.{key}=2" for phase in ("teachers.train", "teachers.finetune_train", "train")
+        *[f"{phase}.{key}=2" for phase in ("teachers.train", "classification.finetune_train", "train")
           for key in ("max_steps", "eval_every", "checkpoint_every")],
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -287,19 +287,19 @@ def test_the_teacher_cache_is_keyed_by_what_determines_a_teacher(
     assert base.name.startswith("digits-")
     assert path("digits", "progress=true", "name=other", "train.max_steps=9") == base
     changes = [
-        "teachers.finetune_train.max_steps=7",
-        "teachers.finetune_train.optim.optimizer.kwargs={lr: 0.2}",
+        "classification.finetune_train.max_steps=7",
+        "classification.finetune_train.optim.optimizer.kwargs={lr: 0.2}",
         "teachers.train.max_steps=7",  # the recipe of objects, which digits starts from
         "seed=1",
-        "data.crop=24",
+        "classification.crop=24",
         "data.batch_size=4",
-        "model.backbone=resnet18",
-        "distill.task_loss={name: cross_entropy, kwargs: {label_smoothing: 0.1}}",
+        "classification.backbone=resnet18",
+        "classification.task_loss={name: cross_entropy, kwargs: {label_smoothing: 0.1}}",
     ]
     for change in changes:
         assert path("digits", change) != base, change
     source = path("objects")
-    assert path("objects", "teachers.finetune_train.max_steps=7") == source
+    assert path("objects", "classification.finetune_train.max_steps=7") == source
 
 
 @pytest.mark.slow

@@ -124,7 +124,7 @@ def test_interrupted_uncertainty_run_resumes_bit_exactly(
     extra = ["weighting=uncertainty", "train.max_steps=6", "train.checkpoint_every=2",
              "train.eval_every=3", "train.log_every=1", "train.diagnostics_every=3"]  # fmt: skip
     if preset == "mini-decathlon":
-        extra.append("distill.init_from_teacher=null")
+        extra.append("classification.init_from_teacher=null")
     build = tiny_config if preset == "mini-decathlon" else tiny_dense_config
     cfg_a = build(tiny_cache, tmp_path / "a", *extra)
     cfg_b = build(tiny_cache, tmp_path / "b", *extra)
@@ -145,7 +145,7 @@ def test_interrupted_uncertainty_run_resumes_bit_exactly(
 def test_a_run_folder_is_never_reused_without_resume(tiny_cache: Path, tmp_path: Path) -> None:
     """Re-running a name without resume=true is refused before any work (issue 9's first fault:
     an old student silently reported under a new config)."""
-    from unirep.config.schema import ConfigError
+    from unirep.errors import ConfigError
     from unirep.pipeline.rundir import prepare_run_dir
 
     accelerator = Accelerator(cpu=True)

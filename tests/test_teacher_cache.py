@@ -28,7 +28,7 @@ from accelerate import Accelerator
 from torch.utils.data import Dataset
 
 from tests.conftest import tiny_config, tiny_dense_config
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.data.sampling import DrawBatchSampler, StepBatchSampler
 from unirep.errors import DataError
 from unirep.experiments.benchmark import random_teachers

@@ -19,7 +19,7 @@ from unirep.stage_one.keys import teacher_path
 from unirep.stage_one.train import ensure_teachers
 
 from tests.conftest import tiny_config
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.pipeline.rundir import check_same_config, make_accelerator, prepare_run_dir
 from unirep.pipeline.stage_two import distill, resolve_data
 from unirep.pipeline.validate import load_config
@@ -109,7 +109,7 @@ def test_tensorboard_holds_every_csv_series_and_the_final_metrics(
     (stored,) = (run_dir / "logs" / PROJECT).glob("*/hparams.yml")
     hparams = yaml.safe_load(stored.read_text())
     assert hparams["log_with"] == "tensorboard" and hparams["train.max_steps"] == 6
-    assert json.loads(hparams["data.domains"]) == list(TASKS)
+    assert json.loads(hparams["classification.domains"]) == list(TASKS)
 
 
 @pytest.mark.slow

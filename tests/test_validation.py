@@ -1,7 +1,7 @@
 """Every bad value is refused at start-up, naming its key; no traceback reaches the user.
 
 The unit test runs :func:`unirep.pipeline.validate.load_config` over many bad values; the data-dependent
-checks (:func:`unirep.pipeline.validate.check_against_data`) run on small stand-ins for the run's data and
+checks (:func:`unirep.data.validation.check_against_data`) run on small stand-ins for the run's data and
 once on the tiny generated benchmark; one script run shows the user sees a single line.
 """
 
@@ -13,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from unirep.config.schema import Config, ConfigError, DenseConfig, DenseTaskConfig, Spec
-from unirep.pipeline import validate as validation
-from unirep.pipeline.validate import check_against_data, load_config
+from unirep.config.schema import Config, DenseConfig, DenseTaskConfig, Spec
+from unirep.errors import ConfigError
+from unirep.data import validation
+from unirep.data.validation import check_against_data
+from unirep.pipeline.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,16 +36,16 @@ BAD: list[tuple[str | None, list[str], str]] = [
     (None, ["train.on_nonfinite=ignore"], "train.on_nonfinite"),
     (None, ["teachers.train.eval_every=0"], "teachers.train.eval_every"),
     (None, ["teachers.train.on_nonfinite=retry"], "teachers.train.on_nonfinite"),
-    (None, ["teachers.finetune_train.log_every=0"], "teachers.finetune_train.log_every"),
-    (None, ["teachers.finetune_train.keep_checkpoints=-2"], "teachers.finetune_train.keep"),
+    (None, ["classification.finetune_train.log_every=0"], "classification.finetune_train.log_every"),
+    (None, ["classification.finetune_train.keep_checkpoints=-2"], "classification.finetune_train.keep"),
     # data sizes
     (None, ["data.batch_size=0"], "data.batch_size"),
-    (None, ["data.batch_sizes={objects: 0}"], "data.batch_sizes.objects"),
+    (None, ["classification.batch_sizes={objects: 0}"], "classification.batch_sizes.objects"),
     (None, ["data.eval_batch_size=-1"], "data.eval_batch_size"),
     (None, ["data.num_workers=-1"], "data.num_workers"),
-    (None, ["data.resize=0"], "data.resize"),
-    (None, ["data.crop=0"], "data.crop"),
-    (None, ["data.crops={objects: 0}"], "data.crops.objects"),
+    (None, ["classification.resize=0"], "classification.resize"),
+    (None, ["classification.crop=0"], "classification.crop"),
+    (None, ["classification.crops={objects: 0}"], "classification.crops.objects"),
     (None, ["data.generator.image_size=0"], "data.generator.image_size"),
     (None, ["data.generator.scale=-1.0"], "data.generator.scale"),
     (None, ["data.generator.sizee=3"], "data.generator.sizee"),
@@ -62,7 +64,7 @@ BAD: list[tuple[str | None, list[str], str]] = [
     (None, ["train.adapter_optim.optimizer.kwargs.lr=0"], "train.adapter_optim.optimizer"),
     (None, ["train.adapter_optim.optimizer.kwargs.momentum=0.9"], "kwargs.momentum"),
     (None, ["teachers.train.optim.optimizer.kwargs.weight_decay=-1"], "teachers.train.optim"),
-    (None, ["teachers.finetune_train.optim.scheduler.kwargs.warmup=3"], "kwargs.warmup"),
+    (None, ["classification.finetune_train.optim.scheduler.kwargs.warmup=3"], "kwargs.warmup"),
     (None, ["train.optim.scheduler.kwargs.min_factor=-0.5"], "scheduler.kwargs.min_factor"),
     (None, ["train.optim.scheduler.kwargs.warmup_steps=-1"], "scheduler.kwargs.warmup_steps"),
     (
@@ -76,12 +78,12 @@ BAD: list[tuple[str | None, list[str], str]] = [
         "train.optim.scheduler.kwargs.milestones",
     ),
     (None, ["train.optim.scheduler.kwargs.total_steps=5"], "kwargs.total_steps"),
-    (None, ["teachers.finetune_lr={digits: 0.0}"], "teachers.finetune_lr.digits"),
-    (None, ["teachers.finetune_lr={objects: 0.1}"], "teachers.finetune_lr.objects"),
+    (None, ["classification.finetune_lr={digits: 0.0}"], "classification.finetune_lr.digits"),
+    (None, ["classification.finetune_lr={objects: 0.1}"], "classification.finetune_lr.objects"),
     (
         None,
-        ["teachers.finetune_from=null", "teachers.finetune_lr={digits: 0.1}"],
-        "teachers.finetune_lr",
+        ["classification.finetune_from=null", "classification.finetune_lr={digits: 0.1}"],
+        "classification.finetune_lr",
     ),
     # weights, λs and scales
     (None, ["distill.lambda_feature={objects: -1}"], "distill.lambda_feature.objects"),
@@ -90,17 +92,17 @@ BAD: list[tuple[str | None, list[str], str]] = [
     (None, ["distill.prediction_scale=.nan"], "distill.prediction_scale"),
     (None, ["distill.default_lambda=-0.1"], "distill.default_lambda"),
     # losses: arguments, temperatures, kinds
-    (None, ["distill.prediction_loss.kwargs.temperature=0"], "prediction_loss.kwargs.temperature"),
-    (None, ["distill.prediction_loss.kwargs.temperature=.nan"], "kwargs.temperature"),
-    (None, ["distill.prediction_loss.kwargs.temp=2"], "distill.prediction_loss.kwargs.temp"),
-    (None, ["distill.task_loss.kwargs.label_smoothing=1.5"], "distill.task_loss.kwargs"),
-    (None, ["distill.task_loss=depth_l1"], "distill.task_loss.name"),
-    (None, ["distill.prediction_loss=dense_l1"], "distill.prediction_loss.name"),
+    (None, ["classification.prediction_loss.kwargs.temperature=0"], "prediction_loss.kwargs.temperature"),
+    (None, ["classification.prediction_loss.kwargs.temperature=.nan"], "kwargs.temperature"),
+    (None, ["classification.prediction_loss.kwargs.temp=2"], "classification.prediction_loss.kwargs.temp"),
+    (None, ["classification.task_loss.kwargs.label_smoothing=1.5"], "classification.task_loss.kwargs"),
+    (None, ["classification.task_loss=depth_l1"], "classification.task_loss.name"),
+    (None, ["classification.prediction_loss=dense_l1"], "classification.prediction_loss.name"),
     (None, ["distill.feature_loss.kwargs.sigma_scale=0"], "distill.feature_loss.kwargs.sigma"),
     (None, ["distill.feature_loss.kwargs.normalise=true"], "distill.feature_loss.kwargs.norm"),
     # other components' arguments
-    (None, ["model.adapter={name: mlp, kwargs: {hidden_mult: 0}}"], "model.adapter.kwargs"),
-    (None, ["model.adapter.kwargs.in_dim=3"], "model.adapter.kwargs.in_dim"),
+    (None, ["classification.adapter={name: mlp, kwargs: {hidden_mult: 0}}"], "classification.adapter.kwargs"),
+    (None, ["classification.adapter.kwargs.in_dim=3"], "classification.adapter.kwargs.in_dim"),
     (None, ["weighting={name: uncertainty, kwargs: {inti: 1}}"], "weighting.kwargs.inti"),
     (None, ["weighting={name: pcgrad, kwargs: {seed: -1}}"], "weighting.kwargs.seed"),
     (None, ["weighting={name: pcgrad, kwargs: {seed: 1.5}}"], "weighting.kwargs.seed"),
@@ -108,8 +110,8 @@ BAD: list[tuple[str | None, list[str], str]] = [
     (None, ["seed=-1"], "seed"),
     (None, ["overwrite=true", "resume=true"], "overwrite"),
     (None, ["cpu=true", "mixed_precision=fp16"], "mixed_precision"),
-    (None, ["data.domains=[digits, objects]", "distill.init_from_teacher=glyphs"], "init_from"),
-    (None, ["data.domains=[digits, textures]"], "teachers.finetune_from"),
+    (None, ["classification.domains=[digits, objects]", "classification.init_from_teacher=glyphs"], "init_from"),
+    (None, ["classification.domains=[digits, textures]"], "classification.finetune_from"),
     # dense runs
     (DENSE, ["dense.decoder_channels=0"], "dense.decoder_channels"),
     (DENSE, ["dense.num_classes=0"], "dense.num_classes"),
@@ -171,7 +173,7 @@ def test_there_are_many_distinct_bad_values() -> None:
                 "teachers.train.on_nonfinite=skip"]),
         (None, ["train.optim.scheduler={name: multistep, kwargs: {milestones: [0.5]}}",
                 "train.optim.scheduler.kwargs.gamma=0.5"]),
-        (None, ["data.domains=[objects, digits]", "distill.lambda_feature={glyphs: 2.0}"]),
+        (None, ["classification.domains=[objects, digits]", "distill.lambda_feature={glyphs: 2.0}"]),
         (DENSE, ["dense.tasks={semantic: {loss: cross_entropy}, depth: {loss: depth_berhu}}"]),
         (DENSE, ["dense.encoder={name: timm, kwargs: {model_name: resnet10t, drop_rate: 0.1}}"]),
         (DENSE, ["dense.cross_task={name: densemtl, kwargs: {pool: 4, heads: 2}}"]),
@@ -206,7 +208,8 @@ class FakeData:
 def _classification(**data: object) -> Config:
     cfg = Config()
     for key, value in data.items():
-        setattr(cfg.data, key, value)
+        section = cfg.classification if hasattr(cfg.classification, key) else cfg.data
+        setattr(section, key, value)
     return cfg
 
 
@@ -223,7 +226,7 @@ def test_data_that_fits_passes() -> None:
         (_classification(batch_size=32), FakeData({"a": 10}, {"a": 32}, ["a"]), 1,
          ["'data.batch_size'", "32", "10 training samples of 'a'", "at most 10"]),
         (_classification(batch_sizes={"b": 8}), FakeData({"a": 99, "b": 5}, {"a": 4, "b": 8},
-         ["a", "b"]), 1, ["'data.batch_sizes.b'", "8", "5 training samples"]),
+         ["a", "b"]), 1, ["'classification.batch_sizes.b'", "8", "5 training samples"]),
         (_classification(batch_size=4), FakeData({"a": 6}, {"a": 4}, ["a"]), 2,
          ["'data.batch_size'", "× 2 processes", "at most 3"]),
     ],
@@ -261,10 +264,10 @@ def test_every_domain_run_refuses_keys_naming_other_tasks(key: str, value: objec
 @pytest.mark.parametrize(
     ("field", "value", "key"),
     [
-        ("batch_sizes", {"c": 2}, "data.batch_sizes.c"),
-        ("crops", {"c": 16}, "data.crops.c"),
-        ("no_flip", ["c"], "data.no_flip"),
-        ("square_resize", ["c"], "data.square_resize"),
+        ("batch_sizes", {"c": 2}, "classification.batch_sizes.c"),
+        ("crops", {"c": 16}, "classification.crops.c"),
+        ("no_flip", ["c"], "classification.no_flip"),
+        ("square_resize", ["c"], "classification.square_resize"),
     ],
 )
 def test_every_domain_run_refuses_data_keys_naming_other_domains(
@@ -277,8 +280,9 @@ def test_every_domain_run_refuses_data_keys_naming_other_domains(
 
 def test_teacher_keys_must_name_a_task_of_the_run() -> None:
     cfg = Config()
-    cfg.teachers.finetune_from = "c"
-    with pytest.raises(ConfigError, match=r"'teachers\.finetune_from'.*valid: a"):
+    assert cfg.classification is not None
+    cfg.classification.finetune_from = "c"
+    with pytest.raises(ConfigError, match=r"'classification\.finetune_from'.*valid: a"):
         check_against_data(cfg, FakeData({"a": 9}, {"a": 2}, ["a"]))  # type: ignore[arg-type]
 
 
@@ -300,8 +304,8 @@ def test_resolve_data_checks_the_generated_benchmark(tiny_cache: Path, tmp_path:
     from unirep.pipeline.rundir import make_accelerator
     from unirep.pipeline.stage_two import resolve_data
 
-    cfg = tiny_config(tiny_cache, tmp_path, "data.batch_sizes={textures: 100000}")
-    with pytest.raises(ConfigError, match=r"'data\.batch_sizes\.textures'.*100000"):
+    cfg = tiny_config(tiny_cache, tmp_path, "classification.batch_sizes={textures: 100000}")
+    with pytest.raises(ConfigError, match=r"'classification\.batch_sizes\.textures'.*100000"):
         resolve_data(cfg, make_accelerator(cfg))
     cfg = tiny_config(tiny_cache, tmp_path, "distill.lambda_feature={glyph: 2.0}")
     with pytest.raises(ConfigError, match=r"'distill\.lambda_feature\.glyph'.*glyphs"):

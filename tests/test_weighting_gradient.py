@@ -37,7 +37,7 @@ from tests.test_weighting import (
     _shared,
     _task_grad,
 )
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.losses.bundle import LossBundle
 from unirep.weighting import (
     AGGREGATORS,

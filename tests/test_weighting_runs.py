@@ -36,7 +36,7 @@ def test_every_weighting_trains_both_kinds(kind: str, tiny_cache: Path, tmp_path
 
     torch.set_num_threads(1)
     build = tiny_config if kind == "classification" else tiny_dense_config
-    extra = ["distill.init_from_teacher=null"] if kind == "classification" else []
+    extra = ["classification.init_from_teacher=null"] if kind == "classification" else []
     accelerator = Accelerator(cpu=True)
     data = resolve_data(build(tiny_cache, tmp_path, *extra), accelerator)
     tasks = data.tasks()

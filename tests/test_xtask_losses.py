@@ -196,7 +196,7 @@ def test_transfer_input_and_output() -> None:
     depth = raw[:, :1]
     assert transfer_output("depth", depth) is depth
     assert transfer_output("semantic", raw) is raw
-    with pytest.raises(ValueError, match="unknown task kind"):
+    with pytest.raises(KeyError, match="unknown task kind"):
         transfer_input("edges", raw)
 
 

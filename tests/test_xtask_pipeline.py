@@ -13,17 +13,17 @@ from unirep.stage_one.train import ensure_teachers
 
 from tests.conftest import fit_interrupted, tiny_dense_config
 from unirep.batch import make_batch
-from unirep.config.schema import ConfigError
+from unirep.errors import ConfigError
 from unirep.pipeline.export import read_student
 from unirep.pipeline.rundir import prepare_run_dir
 from unirep.pipeline.stage_two import distill, load_teachers, resolve_data, student_phase
 
 XTASK = "mini-scenes-xtask"
 ALL_TERMS = [
-    "xtask.consistency.weight=0.1",
-    "xtask.alignment.weight=0.1",
-    "xtask.cycle.weight=0.1",
-    "xtask.contrastive.weight=0.1",
+    "dense.transfer.consistency.weight=0.1",
+    "dense.transfer.alignment.weight=0.1",
+    "dense.transfer.cycle.weight=0.1",
+    "dense.transfer.contrastive.weight=0.1",
 ]
 
 
@@ -74,7 +74,7 @@ def _phase(tiny_cache: Path, tmp_path: Path, *extra: str):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
-    [[t] for t in ALL_TERMS] + [["distill.contrastive_weight=1.0", "xtask.consistency.weight=0"]],
+    [[t] for t in ALL_TERMS] + [["distill.contrastive_weight=1.0", "dense.transfer.consistency.weight=0"]],
     ids=["consistency", "alignment", "cycle", "contrastive", "contrastive_distill"],
 )
 def test_each_term_reaches_its_networks_and_the_student_never_the_teachers(
@@ -85,8 +85,8 @@ def test_each_term_reaches_its_networks_and_the_student_never_the_teachers(
     module = phase.module
     teacher_out = {t: teachers[t].net(batch.inputs)[t] for t in teachers}
     bundle = module(batch, teacher_out, step=5, total_steps=10)
-    if extra[0].startswith("xtask."):
-        name = "xtask_" + extra[0].split(".")[1]
+    if extra[0].startswith("dense.transfer."):
+        name = "xtask_" + extra[0].split(".")[2]
         assert set(bundle.joint) == {name}
         value = bundle.joint[name]
     else:
@@ -96,7 +96,7 @@ def test_each_term_reaches_its_networks_and_the_student_never_the_teachers(
     value.backward()
     student = [p.grad for p in module.student.parameters()]
     assert any(g is not None and g.abs().sum() > 0 for g in student)
-    if extra[0].startswith("xtask."):
+    if extra[0].startswith("dense.transfer."):
         xt = module.objective.joint["xtask"].terms
         grads = [p.grad for p in xt.transfers.parameters()]
         assert any(g is not None and g.abs().sum() > 0 for g in grads)
@@ -129,17 +129,17 @@ def test_a_run_with_transfer_networks_resumes_bit_exactly(
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
-        (["xtask.consistency.weight=-1"], "xtask.consistency.weight"),
-        (["xtask.alignment.weight=nan"], "xtask.alignment.weight"),
-        (["xtask.cycle.rampup_steps=-2"], "xtask.cycle.rampup_steps"),
-        (["xtask.class_distance=l2"], "kl or ce"),
-        (["xtask.temperature=0"], "xtask.temperature"),
-        (["xtask.embed_dim=0"], "xtask.embed_dim"),
-        (["xtask.widths=[]"], "xtask.widths"),
-        (["xtask.pairs=[[semantic, semantic]]"], "xtask.pairs"),
-        (["xtask.pairs=[[semantic, albedo]]"], "xtask.pairs"),
-        (["xtask.pairs=[[semantic, depth], [semantic, depth]]"], "twice"),
-        (["xtask.pairs=[[semantic, depth]]", "xtask.cycle.weight=1"], "both"),
+        (["dense.transfer.consistency.weight=-1"], "dense.transfer.consistency.weight"),
+        (["dense.transfer.alignment.weight=nan"], "dense.transfer.alignment.weight"),
+        (["dense.transfer.cycle.rampup_steps=-2"], "dense.transfer.cycle.rampup_steps"),
+        (["dense.transfer.class_distance=l2"], "kl, ce"),
+        (["dense.transfer.temperature=0"], "dense.transfer.temperature"),
+        (["dense.transfer.embed_dim=0"], "dense.transfer.embed_dim"),
+        (["dense.transfer.widths=[]"], "dense.transfer.widths"),
+        (["dense.transfer.pairs=[[semantic, semantic]]"], "dense.transfer.pairs"),
+        (["dense.transfer.pairs=[[semantic, albedo]]"], "dense.transfer.pairs"),
+        (["dense.transfer.pairs=[[semantic, depth], [semantic, depth]]"], "twice"),
+        (["dense.transfer.pairs=[[semantic, depth]]", "dense.transfer.cycle.weight=1"], "both"),
         (["distill.contrastive_temperature=0"], "distill.contrastive_temperature"),
         (["distill.contrastive_weight=-0.1"], "distill.contrastive_weight"),
     ],
@@ -154,8 +154,8 @@ def test_bad_cross_task_settings_are_refused_naming_the_key(
 def test_cross_task_terms_need_a_dense_run() -> None:
     from unirep.pipeline.validate import load_config
 
-    with pytest.raises(ConfigError, match=r"'xtask'.*dense"):
-        load_config("mini-decathlon", ["xtask.consistency.weight=0.1"])
+    with pytest.raises(ConfigError, match=r"'dense\.transfer\.consistency\.weight' applies to dense runs only"):
+        load_config("mini-decathlon", ["dense.transfer.consistency.weight=0.1"])
     cfg = load_config("mini-decathlon", ["distill.contrastive_weight=0.5"])  # classification too
     assert cfg.distill.contrastive_weight == 0.5
 
@@ -169,10 +169,10 @@ def test_cross_task_terms_train_with_partial_labels_and_any_weighting(
     student and the transfer networks train, every value stays finite."""
     torch.set_num_threads(1)
     extra = [
-        "partial.method=none",
+        "dense.partial.method=none",
         "distill.enabled=false",
-        "xtask.alignment.weight=0.5",
-        "xtask.consistency.weight=0.1",
+        "dense.transfer.alignment.weight=0.5",
+        "dense.transfer.consistency.weight=0.1",
         f"weighting={weighting}",
     ]
     cfg = tiny_dense_config(tiny_cache, tmp_path / "a", *extra, "train.max_steps=3",

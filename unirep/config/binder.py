@@ -36,7 +36,7 @@ from typing import Any
 from unirep.errors import ConfigError
 from unirep.registry import Registry
 
-__all__ = ["Range", "bind", "bind_arguments", "bind_spec", "check_name"]
+__all__ = ["NonEmpty", "Range", "bind", "bind_arguments", "bind_spec", "check_name"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +77,11 @@ class Range:
             if bound is not None
         ]
         return ("a finite number " if self.finite else "a number ") + " and ".join(bounds)
+
+
+@dataclass(frozen=True)
+class NonEmpty:
+    """A constraint for ``Annotated[list[...], NonEmpty()]``: at least one item."""
 
 
 _EXPONENT_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -130,7 +135,8 @@ def _union(value: Any, tp: Any, key: str, moved: Mapping[str, str]) -> Any:
             return coerce(value, option, key, moved)
         except ConfigError as err:
             if len(options) == 2 and type(None) in options:
-                raise  # "X or null": the one real option's message says more
+                # "X or null": the one real option's message says more
+                raise ConfigError(f"{err} (or null)") from None
             last = err
     expected = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
     raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r}") from last
@@ -147,6 +153,8 @@ def coerce(value: Any, tp: Any, key: str, moved: Moved | None = None) -> Any:
         inner, *extras = typing.get_args(tp)
         value = coerce(value, inner, key, moved)
         for extra in extras:
+            if isinstance(extra, NonEmpty) and not value:
+                raise ConfigError(f"config key {key!r}: must hold at least one item, got {value!r}")
             if isinstance(extra, Range):
                 for number in value if isinstance(value, list) else [value]:
                     if not extra.holds(number):

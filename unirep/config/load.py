@@ -48,6 +48,7 @@ _NOTES = {
 REMOVED: dict[str, str] = {
     "student": "pass the student with 'unirep evaluate --student PATH'",
     "teachers.train.selection_metric": "teachers select on their task's main metric",
+    "teachers.finetune_train.selection_metric": "teachers select on their task's main metric",
 }
 """Keys of unirep 0.3 that have no place in 0.4, and what to do instead."""
 
@@ -192,10 +193,20 @@ def apply_override(values: dict[str, Any], override: str) -> None:
     node[parts[-1]] = value
 
 
-def _one_kind(values: dict[str, Any], name: str) -> None:
-    """A run is classification or dense: refuse classification keys beside a dense section."""
-    both = isinstance(values.get("dense"), dict) and isinstance(values.get("classification"), dict)
-    if not both:
+def _one_kind(values: dict[str, Any], name: str, dense_preset: bool = True) -> None:
+    """A run is classification or dense: refuse the keys of one kind beside a section of the
+    other (``dense_preset``: the preset itself is dense, so its classification keys are wrong;
+    else the overrides added dense keys to a classification preset)."""
+    dense = values.get("dense")
+    if not isinstance(dense, dict):
+        return
+    if not dense_preset:
+        keys = [f"dense.{k}" for k in flatten(dense)] or ["dense"]
+        raise ConfigError(
+            f"config key {keys[0]!r} applies to dense runs only, and {name!r} is a "
+            "classification run; choose a dense preset (e.g. --config mini-scenes) or remove it"
+        )
+    if not isinstance(values.get("classification"), dict):
         return
     keys = [f"classification.{k}" for k in values["classification"]] or ["classification"]
     raise ConfigError(
@@ -218,8 +229,10 @@ def read_config(preset_or_path: str | None = None, overrides: list[str] | None =
     """
     name, values = read_yaml(preset_or_path or DEFAULT_PRESET)
     values.setdefault("preset", name)
+    dense_preset = isinstance(values.get("dense"), dict)
     for override in overrides or []:
         apply_override(values, override)
+    _one_kind(values, name, dense_preset)
     return from_dict(values)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from unirep.config.binder import Range
+from unirep.config.binder import NonEmpty, Range
 
 AtLeastOne = Annotated[int, Range(ge=1, text="a positive integer (>= 1)")]
 NonNegativeInt = Annotated[int, Range(ge=0, text="an integer >= 0")]
@@ -26,7 +26,9 @@ PositiveNumber = Annotated[float, Range(gt=0, text="a finite number > 0")]
 LearningRate = Annotated[float, Range(gt=0, text="a positive learning rate")]
 Fraction = Annotated[float, Range(ge=0, le=1, text="a fraction in [0, 1]")]
 GradClip = Annotated[float, Range(gt=0, text="a positive number, or null for no clipping")]
-Widths = list[Annotated[int, Range(ge=1, text="a list of positive channel counts")]]
+Widths = Annotated[
+    list[Annotated[int, Range(ge=1, text="a list of positive channel counts")]], NonEmpty()
+]
 
 
 @dataclass
