@@ -1,4 +1,7 @@
-"""Mean ± std over finished runs' metrics.json, as a markdown table: ``unirep aggregate``, see :mod:`unirep.cli.aggregate`."""
+"""Mean ± std over finished runs' metrics.json, as a markdown table.
+
+``unirep aggregate``, see :mod:`unirep.cli.aggregate`.
+"""
 
 from unirep.cli import main
 

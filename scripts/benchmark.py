@@ -1,4 +1,7 @@
-"""Time the real training step against a minimal loop; split a phase into its parts: ``unirep benchmark``, see :mod:`unirep.cli.benchmark`."""
+"""Time the real training step against a minimal loop; split a phase into its parts.
+
+``unirep benchmark``, see :mod:`unirep.cli.benchmark`.
+"""
 
 from unirep.cli import main
 

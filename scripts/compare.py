@@ -1,4 +1,7 @@
-"""Variants × seeds on one preset: one table (mean ± std over seeds) and a plot: ``unirep compare``, see :mod:`unirep.cli.compare`."""
+"""Variants × seeds on one preset: one table (mean ± std over seeds) and a plot.
+
+``unirep compare``, see :mod:`unirep.cli.compare`.
+"""
 
 from unirep.cli import main
 

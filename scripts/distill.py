@@ -1,4 +1,7 @@
-"""Stage one (missing teachers) and two (baseline, student, evaluation, report): ``unirep distill``, see :mod:`unirep.cli.distill`."""
+"""Stage one (missing teachers) and two (baseline, student, evaluation, report).
+
+``unirep distill``, see :mod:`unirep.cli.distill`.
+"""
 
 from unirep.cli import main
 

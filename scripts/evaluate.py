@@ -1,4 +1,7 @@
-"""Evaluate an exported student on a split (writes metrics.json): ``unirep evaluate``, see :mod:`unirep.cli.evaluate`."""
+"""Evaluate an exported student on a split (writes metrics.json).
+
+``unirep evaluate``, see :mod:`unirep.cli.evaluate`.
+"""
 
 from unirep.cli import main
 

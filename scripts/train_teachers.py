@@ -1,4 +1,7 @@
-"""Stage one alone: train (or verify) one teacher per task: ``unirep train-teachers``, see :mod:`unirep.cli.train_teachers`."""
+"""Stage one alone: train (or verify) one teacher per task.
+
+``unirep train-teachers``, see :mod:`unirep.cli.train_teachers`.
+"""
 
 from unirep.cli import main
 

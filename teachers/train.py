@@ -6,8 +6,9 @@ mIoU ↑, depth abs err ↓, normal mean angle ↓), and saved with its manifest
 ``<teacher_root>/<task>-<key>/``, the key hashing everything that determines it
 (:func:`unirep.stage_one.keys.teacher_key`). With ``classification.finetune_from`` (Visual
 Decathlon: ImageNet) that task's teacher is trained first from scratch and its trunk initialises
-the others, which then follow ``classification.finetune_train`` (Rebuffi et al. 2017; Li, Liu & Bilen 2023). This is
-URL's recipe, except that the reference selects its dense teachers on the test split.
+the others, which then follow ``classification.finetune_train`` (Rebuffi et al. 2017; Li, Liu &
+Bilen 2023). This is URL's recipe, except that the reference selects its dense teachers on the test
+split.
 """
 
 from __future__ import annotations

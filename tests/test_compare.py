@@ -174,7 +174,10 @@ def test_combine_takes_every_term_that_beats_the_reference_on_validation() -> No
     # test scores say the opposite of validation: they must not matter
     results = {n: [_metrics(0.1, 0.1, val=v, dm=-v)] for n, v in vals.items()}
     overrides, note = resolve(combine, by_name, results, reference="distill")
-    assert "dense.transfer.consistency.weight=0.1" in overrides and "dense.transfer.cycle.weight=0.1" in overrides
+    assert (
+        "dense.transfer.consistency.weight=0.1" in overrides
+        and "dense.transfer.cycle.weight=0.1" in overrides
+    )
     assert "distill.contrastive_weight=0.1" in overrides
     assert not [o for o in overrides if "alignment" in o or "dense.transfer.contrastive" in o]
     assert overrides.count("dense.partial.method=none") == 1

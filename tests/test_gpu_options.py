@@ -32,8 +32,8 @@ from unirep.models.build import build_network
 from unirep.pipeline.rundir import make_accelerator
 from unirep.pipeline.stage_two import resolve_data, student_phase
 from unirep.pipeline.validate import load_config
-from unirep.training.validation import compile_problem as _compile_problem
 from unirep.tasks import TASK_KINDS, Task
+from unirep.training.validation import compile_problem as _compile_problem
 
 DENSE = {"encoder": "segnet", "encoder_kwargs": {"width_mult": 0.125}, "decoder_channels": 8}
 CLASSIFICATION = {"backbone": "resnet_decathlon_tiny", "backbone_kwargs": {}}
@@ -83,7 +83,7 @@ def _close(a: dict[str, Tensor], b: dict[str, Tensor], rtol: float, atol: float)
     assert set(a) == set(b)
     for key in a:
         torch.testing.assert_close(
-            a[key].float(), b[key].float(), rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}"
+            a[key].double(), b[key].double(), rtol=rtol, atol=atol, msg=lambda m, k=key: f"{k}: {m}"
         )
 
 
@@ -104,6 +104,10 @@ def test_channels_last_gives_the_same_outputs_and_gradients(kind: str) -> None:
         tasks = {d: Task(d, kind_, d, num_classes=3 + i) for i, d in enumerate(("a", "b"))}
         net = build_network(CLASSIFICATION, tasks)
         inputs = {d: torch.randn(4, 3, 28, 28) for d in tasks}
+    # float64: in float32 the NHWC kernels round differently, and in a deep net trained on a
+    # tiny batch a 1e-6 difference can flip a ReLU or a max near a tie (a valid but different
+    # subgradient); in float64 such flips do not happen, so any layout bug shows.
+    net, inputs = net.double(), {s: x.double() for s, x in inputs.items()}
     nhwc = copy.deepcopy(net).to(memory_format=torch.channels_last)
     conv = next(m for m in nhwc.modules() if isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3))
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -117,9 +121,9 @@ def test_channels_last_gives_the_same_outputs_and_gradients(kind: str) -> None:
         results.append((out, grads))
     (out, grads), (out_nhwc, grads_nhwc) = results
     for task in out:  # NHWC convolutions round differently: close, not equal
-        _close(out[task], out_nhwc[task], rtol=1e-3, atol=1e-4)
+        _close(out[task], out_nhwc[task], rtol=1e-7, atol=1e-9)
     assert len(grads) == len(list(net.parameters()))
-    _close(grads, grads_nhwc, rtol=1e-3, atol=1e-4)
+    _close(grads, grads_nhwc, rtol=1e-7, atol=1e-9)
 
 
 def test_channels_last_train_step_matches_the_default(tiny_cache: Path, tmp_path: Path) -> None:

@@ -66,14 +66,25 @@ def test_hf_domain_joins_a_run(tiny_cache: Path, tmp_path: Path, monkeypatch: py
 
 def test_hf_only_source_and_errors(tiny_cache: Path, tmp_path: Path) -> None:
     path = _saved_dataset(tmp_path / "pets")
-    only_pets = ["classification.finetune_from=null", "classification.init_from_teacher=null", "classification.no_flip=[]"]
+    only_pets = [
+        "classification.finetune_from=null",
+        "classification.init_from_teacher=null",
+        "classification.no_flip=[]",
+    ]
     cfg = tiny_config(
-        tiny_cache, tmp_path, "data.source=hf", "classification.domains=[]", HF.format(path=path), *only_pets
+        tiny_cache,
+        tmp_path,
+        "data.source=hf",
+        "classification.domains=[]",
+        HF.format(path=path),
+        *only_pets,
     )
     data = resolve_data(cfg, make_accelerator(cfg))
     assert list(data.tasks()) == ["pets"] and data.tasks()["pets"].num_classes == 3
     assert data.datasets("train")["pets"].num_classes == 3
-    empty = tiny_config(tiny_cache, tmp_path, "data.source=hf", "classification.domains=[]", *only_pets)
+    empty = tiny_config(
+        tiny_cache, tmp_path, "data.source=hf", "classification.domains=[]", *only_pets
+    )
     with pytest.raises(DataRootError, match="hf_domains"):
         resolve_data(empty, make_accelerator(empty))
     clash = tiny_config(tiny_cache, tmp_path, HF.replace("pets", "digits").format(path=path))

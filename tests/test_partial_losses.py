@@ -219,7 +219,7 @@ def test_depth_divided_by_its_own_image_maximum(is_target: bool) -> None:
 
 
 def test_mtpsl_rejects_bad_configuration() -> None:
-    with pytest.raises(ValueError, match="unknown task kinds"):
+    with pytest.raises(KeyError, match="unknown task kind 'edges'"):
         MTPSLLoss({"a": "edges", "b": "depth"}, {"a": 1, "b": 1}, FEAT_C)
     with pytest.raises(ValueError, match="mode"):
         MTPSLLoss(KINDS, CHANNELS, FEAT_C, mode="half")

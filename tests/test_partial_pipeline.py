@@ -71,14 +71,18 @@ def test_the_split_is_saved_read_back_and_never_rewritten(tiny_cache: Path, tmp_
     data.save_records(tmp_path)  # a resumed run checks it, and leaves it
     assert json.loads(path.read_text()) == saved
     # a user's split file drives the run; one that does not match the data is refused
-    _, from_file = _data(tiny_cache, tmp_path, "dense.partial.protocol=file", f"dense.partial.file={path}")
+    _, from_file = _data(
+        tiny_cache, tmp_path, "dense.partial.protocol=file", f"dense.partial.file={path}"
+    )
     assert torch.equal(from_file.label_mask(), mask)
     unlabelled = tmp_path / "unlabelled.json"  # random-labels forbids an image without labels
     rows = [list(r) for r in saved["labels"]]
     rows[0] = [0] * len(rows[0])
     unlabelled.write_text(json.dumps({**saved, "labels": rows}))
     with pytest.raises(DataError, match=r"unlabelled\.json.*no label"):
-        _data(tiny_cache, tmp_path, "dense.partial.protocol=file", f"dense.partial.file={unlabelled}")
+        _data(
+            tiny_cache, tmp_path, "dense.partial.protocol=file", f"dense.partial.file={unlabelled}"
+        )
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({**saved, "labels": saved["labels"][:-1]}))
     with pytest.raises(DataError, match=r"bad\.json.*11 label rows"):  # when the data resolves
@@ -175,7 +179,7 @@ def _series(path: Path) -> set[str]:
 @pytest.mark.parametrize(
     ("preset", "override", "needle"),
     [
-        ("mini-decathlon", "dense.partial.protocol=one-label", "for dense runs"),
+        ("mini-decathlon", "dense.partial.protocol=one-label", "applies to dense runs only"),
         ("mini-scenes", "dense.partial.protocol=half", "dense.partial.protocol"),
         ("mini-scenes", "dense.partial.method=mixup", "dense.partial.method"),
         ("mini-scenes", "dense.partial.protocol=file", "dense.partial.file"),
@@ -188,7 +192,11 @@ def _series(path: Path) -> set[str]:
         ("mini-scenes", "dense.partial.mtpsl.film_lr=0", "dense.partial.mtpsl.film_lr"),
         ("mini-scenes", "dense.partial.mtpsl.mode=half", "dense.partial.mtpsl.mode"),
         ("mini-scenes", "dense.partial.jtr.widths=[0]", "dense.partial.jtr.widths"),
-        ("mini-scenes", "dense.partial.jtr.distance_weight=.nan", "dense.partial.jtr.distance_weight"),
+        (
+            "mini-scenes",
+            "dense.partial.jtr.distance_weight=.nan",
+            "dense.partial.jtr.distance_weight",
+        ),
     ],
 )
 def test_bad_partial_settings_are_refused_before_work(
@@ -229,7 +237,9 @@ def test_an_all_unlabelled_batch_gives_finite_zero_supervision(
 ) -> None:
     """No sample of the batch is labelled for any task: the supervised terms are exact zeros with
     zero gradient, the joint terms finite (no NaN from an empty mean)."""
-    cfg, data = _data(tiny_cache, tmp_path, f"dense.partial.method={method}", "distill.enabled=false")
+    cfg, data = _data(
+        tiny_cache, tmp_path, f"dense.partial.method={method}", "distill.enabled=false"
+    )
     tasks = data.tasks()
     reference = {n: {t.main_metric: 1.0} for n, t in tasks.items()}
     accelerator = Accelerator(cpu=True)

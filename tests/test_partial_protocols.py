@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 import torch
 
-from unirep.errors import ConfigError
 from unirep.data.dense.label_splits import (
     MTPSL_TASK_ORDER,
     PROTOCOLS,
@@ -21,7 +20,7 @@ from unirep.data.dense.label_splits import (
     read_label_split,
     write_label_split,
 )
-from unirep.errors import DataError
+from unirep.errors import ConfigError, DataError
 
 NYU = ["semantic", "depth", "normal"]
 

@@ -15,8 +15,8 @@ from unirep.stage_one.keys import teacher_path
 from unirep.stage_one.train import ensure_teachers
 
 from tests.conftest import tiny_config
-from unirep.errors import ConfigError
 from unirep.data.classification.decathlon import DataRootError
+from unirep.errors import ConfigError
 from unirep.io import load_weights
 from unirep.models.build import build_network
 from unirep.pipeline.export import STUDENT_FORMAT, student_tasks
@@ -149,7 +149,7 @@ def test_evaluate_uses_the_students_preprocessing_and_a_new_folder(
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--config",
-         str(run_dir / "config.yaml"), f"student={run_dir}", "classification.resize=40", "classification.crop=36"],
+         str(run_dir / "config.yaml"), "--student", str(run_dir), "classification.resize=40", "classification.crop=36"],
         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
@@ -164,7 +164,7 @@ def test_evaluate_uses_the_students_preprocessing_and_a_new_folder(
         assert again["tasks"][domain]["student"] == pytest.approx(task["student"])
     second = subprocess.run(
         [sys.executable, str(ROOT / "scripts" / "evaluate.py"), "--config",
-         str(run_dir / "config.yaml"), f"student={run_dir}", f"name={run_dir.name}"],
+         str(run_dir / "config.yaml"), "--student", str(run_dir), f"name={run_dir.name}"],
         capture_output=True, text=True, timeout=600, env=env, cwd=ROOT,
     )  # fmt: skip
     assert second.returncode == 1 and "training run" in second.stderr.strip().splitlines()[-1]

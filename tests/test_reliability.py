@@ -17,8 +17,7 @@ from torch import nn
 
 import unirep.objective as objective_module
 from tests.conftest import TINY, tiny_config
-from unirep.errors import ConfigError
-from unirep.errors import NonFiniteError, UnirepError
+from unirep.errors import ConfigError, NonFiniteError, UnirepError
 from unirep.io import atomic_write_json, load_weights, save_weights
 from unirep.pipeline.rundir import prepare_run_dir
 from unirep.pipeline.stage_two import resolve_data, student_phase
@@ -266,7 +265,7 @@ def test_an_unlabelled_test_split_gives_a_submission_and_exits_0(tmp_path: Path)
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["tasks"]["dtd"]["student"]["accuracy"] is None
 
-    evaluated = launch("evaluate.py", f"student={run}", "split=test")
+    evaluated = launch("evaluate.py", "--student", str(run), "split=test")
     assert evaluated.returncode == 0, evaluated.stderr[-3000:]
     assert "not measured (unlabelled split)" in evaluated.stdout
     out = tmp_path / "runs" / "eval-vd-test"

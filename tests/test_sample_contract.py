@@ -10,6 +10,7 @@ plain torchvision v2 pipeline / MTAN augmentation, so training is bit-identical 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from tests.decathlon_fixture import write_official_fixture
-from unirep.config.schema import DataConfig, HFDomainConfig
+from unirep.config.schema import ClassificationConfig, DataConfig, HFDomainConfig
 from unirep.data.classification.decathlon import DecathlonDomain
 from unirep.data.classification.hf import HFDomain, global_id_offset
 from unirep.data.classification.sources import DomainSet, build_domains
@@ -237,7 +238,7 @@ def _check_classification_family(
     train = domains.dataset(domain, split, train=True)
     evaluation = domains.dataset(domain, split)
     crop = domains.crop(domain)
-    square = domain in domains.cfg.square_resize
+    square = domain in domains.spec.square_resize
     mean, std = domains.mean_std(domain)
     n = len(train)
     for i in range(n):
@@ -265,22 +266,29 @@ def _check_classification_family(
     assert batch["aug"]["flip"].dtype == torch.bool and batch["aug"]["flip"].shape == (b,)
 
 
+def _configs(**values: Any) -> tuple[DataConfig, ClassificationConfig]:
+    """The data and classification sections holding ``values``, each key in its own section."""
+    mine = {f.name for f in dataclasses.fields(ClassificationConfig)}
+    spec = ClassificationConfig(**{k: v for k, v in values.items() if k in mine})
+    return DataConfig(**{k: v for k, v in values.items() if k not in mine}), spec
+
+
 def test_mini_decathlon_source(tmp_path: Path) -> None:
-    cfg = DataConfig(
+    cfg, spec = _configs(
         generator={"seed": 0, "image_size": 32, "scale": 0.03},
         resize=32,
         crop=28,
         no_flip=["digits"],
         square_resize=["objects"],
     )
-    domains = build_domains(cfg, tmp_path / "cache")
+    domains = build_domains(cfg, spec, tmp_path / "cache")
     assert "digits" in domains.domains and "objects" in domains.domains
     for domain in domains.domains:
         raw = DecathlonDomain(domains.root, domain, "train")
         _check_classification_family(domains, domain, "train", raw, 32)
         train = domains.dataset(domain, "train", train=True)
         assert [train[i]["id"] for i in range(len(train))] == raw.image_ids
-        if domain in cfg.no_flip:
+        if domain in spec.no_flip:
             assert not any(bool(train[i]["aug"]["flip"]) for i in range(len(train)))
     # ids are also stable across worker processes
     train = domains.dataset("digits", "train", train=True)
@@ -290,7 +298,7 @@ def test_mini_decathlon_source(tmp_path: Path) -> None:
 
 def test_decathlon_tree_source(tmp_path: Path) -> None:
     root = write_official_fixture(tmp_path / "decathlon-1.0")
-    cfg = DataConfig(
+    cfg, spec = _configs(
         source="decathlon",
         root=str(root),
         domains=["aircraft", "gtsrb", "dtd"],
@@ -299,7 +307,7 @@ def test_decathlon_tree_source(tmp_path: Path) -> None:
         no_flip=sorted(DECATHLON_NO_FLIP),
         square_resize=sorted(DECATHLON_SQUARE_RESIZE),
     )
-    domains = build_domains(cfg, tmp_path / "cache")
+    domains = build_domains(cfg, spec, tmp_path / "cache")
     for domain in domains.domains:
         for split in ("train", "val", "test"):
             raw = DecathlonDomain(root, domain, split)
@@ -343,8 +351,8 @@ def test_hf_domain(tmp_path: Path, id_column: str | None) -> None:
     spec = HFDomainConfig(
         path=str(path), image_column="img", label_column="kind", id_column=id_column
     )
-    cfg = DataConfig(source="hf", resize=20, crop=16, hf_domains={"pets": spec})
-    domains: DomainSet = build_domains(cfg, tmp_path / "cache")
+    cfg, classification = _configs(source="hf", resize=20, crop=16, hf_domains={"pets": spec})
+    domains: DomainSet = build_domains(cfg, classification, tmp_path / "cache")
     for split, name in spec.splits.items():
         offset = global_id_offset("pets", split) if id_column is None else 0
         raw = HFDomain(

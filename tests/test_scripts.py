@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
             ["--config", "mini-scenes", "dense.tasks.edges={loss: cross_entropy}"],
             "edges",
         ),
-        ("evaluate.py", ["student={tmp}/nowhere"], "nowhere"),
+        ("evaluate.py", ["--student", "{tmp}/nowhere"], "nowhere"),
     ],
 )
 def test_bad_input_exits_with_a_message_and_writes_nothing(

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 
 from unirep.config.schema import Config, DenseConfig, DenseTaskConfig, Spec
-from unirep.errors import ConfigError
 from unirep.data import validation
 from unirep.data.validation import check_against_data
+from unirep.errors import ConfigError
 from unirep.pipeline.validate import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,8 +36,16 @@ BAD: list[tuple[str | None, list[str], str]] = [
     (None, ["train.on_nonfinite=ignore"], "train.on_nonfinite"),
     (None, ["teachers.train.eval_every=0"], "teachers.train.eval_every"),
     (None, ["teachers.train.on_nonfinite=retry"], "teachers.train.on_nonfinite"),
-    (None, ["classification.finetune_train.log_every=0"], "classification.finetune_train.log_every"),
-    (None, ["classification.finetune_train.keep_checkpoints=-2"], "classification.finetune_train.keep"),
+    (
+        None,
+        ["classification.finetune_train.log_every=0"],
+        "classification.finetune_train.log_every",
+    ),
+    (
+        None,
+        ["classification.finetune_train.keep_checkpoints=-2"],
+        "classification.finetune_train.keep",
+    ),
     # data sizes
     (None, ["data.batch_size=0"], "data.batch_size"),
     (None, ["classification.batch_sizes={objects: 0}"], "classification.batch_sizes.objects"),
@@ -92,16 +100,32 @@ BAD: list[tuple[str | None, list[str], str]] = [
     (None, ["distill.prediction_scale=.nan"], "distill.prediction_scale"),
     (None, ["distill.default_lambda=-0.1"], "distill.default_lambda"),
     # losses: arguments, temperatures, kinds
-    (None, ["classification.prediction_loss.kwargs.temperature=0"], "prediction_loss.kwargs.temperature"),
+    (
+        None,
+        ["classification.prediction_loss.kwargs.temperature=0"],
+        "prediction_loss.kwargs.temperature",
+    ),
     (None, ["classification.prediction_loss.kwargs.temperature=.nan"], "kwargs.temperature"),
-    (None, ["classification.prediction_loss.kwargs.temp=2"], "classification.prediction_loss.kwargs.temp"),
-    (None, ["classification.task_loss.kwargs.label_smoothing=1.5"], "classification.task_loss.kwargs"),
+    (
+        None,
+        ["classification.prediction_loss.kwargs.temp=2"],
+        "classification.prediction_loss.kwargs.temp",
+    ),
+    (
+        None,
+        ["classification.task_loss.kwargs.label_smoothing=1.5"],
+        "classification.task_loss.kwargs",
+    ),
     (None, ["classification.task_loss=depth_l1"], "classification.task_loss.name"),
     (None, ["classification.prediction_loss=dense_l1"], "classification.prediction_loss.name"),
     (None, ["distill.feature_loss.kwargs.sigma_scale=0"], "distill.feature_loss.kwargs.sigma"),
     (None, ["distill.feature_loss.kwargs.normalise=true"], "distill.feature_loss.kwargs.norm"),
     # other components' arguments
-    (None, ["classification.adapter={name: mlp, kwargs: {hidden_mult: 0}}"], "classification.adapter.kwargs"),
+    (
+        None,
+        ["classification.adapter={name: mlp, kwargs: {hidden_mult: 0}}"],
+        "classification.adapter.kwargs",
+    ),
     (None, ["classification.adapter.kwargs.in_dim=3"], "classification.adapter.kwargs.in_dim"),
     (None, ["weighting={name: uncertainty, kwargs: {inti: 1}}"], "weighting.kwargs.inti"),
     (None, ["weighting={name: pcgrad, kwargs: {seed: -1}}"], "weighting.kwargs.seed"),
@@ -110,7 +134,11 @@ BAD: list[tuple[str | None, list[str], str]] = [
     (None, ["seed=-1"], "seed"),
     (None, ["overwrite=true", "resume=true"], "overwrite"),
     (None, ["cpu=true", "mixed_precision=fp16"], "mixed_precision"),
-    (None, ["classification.domains=[digits, objects]", "classification.init_from_teacher=glyphs"], "init_from"),
+    (
+        None,
+        ["classification.domains=[digits, objects]", "classification.init_from_teacher=glyphs"],
+        "init_from",
+    ),
     (None, ["classification.domains=[digits, textures]"], "classification.finetune_from"),
     # dense runs
     (DENSE, ["dense.decoder_channels=0"], "dense.decoder_channels"),

@@ -178,7 +178,11 @@ def test_unknown_kwargs_name_the_weighting(name: str) -> None:
         ("dwa", {"temperature": 0.0}, "temperature must be > 0"),
         ("dwa", {"period": 0}, "period must be an integer >= 1"),
         ("dwa", {"period": 2.5}, "period must be an integer >= 1"),
-        ("rlw", {"distribution": "gauss"}, "gaussian, uniform, dirichlet, random_normal, bernoulli"),
+        (
+            "rlw",
+            {"distribution": "gauss"},
+            "gaussian, uniform, dirichlet, random_normal, bernoulli",
+        ),
         ("rlw", {"scale": "total"}, "scale must be 'mean'"),
         ("rlw", {"seed": 1.5}, "seed must be an integer"),
         ("famo", {"lr": -0.1}, "lr must be >= 0"),

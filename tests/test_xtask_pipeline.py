@@ -74,7 +74,8 @@ def _phase(tiny_cache: Path, tmp_path: Path, *extra: str):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "extra",
-    [[t] for t in ALL_TERMS] + [["distill.contrastive_weight=1.0", "dense.transfer.consistency.weight=0"]],
+    [[t] for t in ALL_TERMS]
+    + [["distill.contrastive_weight=1.0", "dense.transfer.consistency.weight=0"]],
     ids=["consistency", "alignment", "cycle", "contrastive", "contrastive_distill"],
 )
 def test_each_term_reaches_its_networks_and_the_student_never_the_teachers(
@@ -154,7 +155,9 @@ def test_bad_cross_task_settings_are_refused_naming_the_key(
 def test_cross_task_terms_need_a_dense_run() -> None:
     from unirep.pipeline.validate import load_config
 
-    with pytest.raises(ConfigError, match=r"'dense\.transfer\.consistency\.weight' applies to dense runs only"):
+    with pytest.raises(
+        ConfigError, match=r"'dense\.transfer\.consistency\.weight' applies to dense runs only"
+    ):
         load_config("mini-decathlon", ["dense.transfer.consistency.weight=0.1"])
     cfg = load_config("mini-decathlon", ["distill.contrastive_weight=0.5"])  # classification too
     assert cfg.distill.contrastive_weight == 0.5

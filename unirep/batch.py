@@ -31,8 +31,8 @@ class Batch:
         aug: ``{stream: {name: tensor [B_s, ...]}}`` the augmentation drawn per sample
             (crop box, scale, flip); empty where a dataset does not record it.
         teacher: ``{task: {"features", "pred": tensor [B_s, ...]}}`` the teachers' outputs read
-            from the teacher-output cache (:mod:`unirep.teachers.output_cache`), float32; empty when the
-            teachers run online.
+            from the teacher-output cache (:mod:`unirep.teachers.output_cache`), float32; empty when
+            the teachers run online.
     """
 
     inputs: dict[str, Tensor]

@@ -39,7 +39,8 @@ class Meter(abc.ABC):
 
 
 class _Wrapped(Meter):
-    """One of :mod:`unirep.metrics.classification` / :mod:`unirep.metrics.dense`' meters behind :class:`Meter`."""
+    """One of :mod:`unirep.metrics.classification` / :mod:`unirep.metrics.dense`' meters behind
+    :class:`Meter`."""
 
     def __init__(self, meter: Any, names: list[str]) -> None:
         self.meter, self.names = meter, names

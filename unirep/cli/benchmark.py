@@ -9,8 +9,8 @@ For the baseline and the distilled student of the config (any preset, any ``weig
 ``unirep.training.trainer.train_step`` (what ``fit`` runs) split into data / teachers / step, one
 validation pass and one checkpoint write, beside a hand-written torch loop on the same network
 and batches; prints markdown tables and the projected split of a whole phase
-(see :mod:`unirep.experiments.benchmark`). Run it with ``python`` (one process); each measurement runs in a
-fresh process of its own.
+(see :mod:`unirep.experiments.benchmark`). Run it with ``python`` (one process); each measurement
+runs in a fresh process of its own.
 
 Flags (read before the config arguments): ``--steps`` timed steps (default 20), ``--warmup``
 untimed steps first (default 3), ``--json`` writes every figure there, ``--run-dir`` keeps the
@@ -21,11 +21,11 @@ tasks (random inputs, 8 images of 48×64; no config needed), ``--term-costs`` on
 student's real step with distillation alone, then + each cross-task / contrastive term of the
 ablation (``scripts/compare.py --variants xtask``) and + all of them, ``--options`` only times
 the student's real step with each speed option on against all off
-(``unirep.experiments.benchmark.OPTION_VARIANTS``: channels_last, compile, bf16, batched teachers, teachers
-in bf16), on CUDA when present, ``--weightings`` only
-times the student's real step under each task-balancing method (``unirep.weighting``; NAMES:
-comma-separated registry names, ``imtl`` for its three modes or ``imtl-l`` / ``-g`` / ``-h``;
-default ``unirep.experiments.benchmark.WEIGHTING_METHODS``), the methods alternated step by step in one
+(``unirep.experiments.benchmark.OPTION_VARIANTS``: channels_last, compile, bf16, batched teachers,
+teachers in bf16), on CUDA when present, ``--weightings`` only times the student's real step under
+each task-balancing method (``unirep.weighting``; NAMES: comma-separated registry names, ``imtl``
+for its three modes or ``imtl-l`` / ``-g`` / ``-h``; default
+``unirep.experiments.benchmark.WEIGHTING_METHODS``), the methods alternated step by step in one
 process, against ``sum``, with the backward passes through the trunk each needs; distillation is
 off (the plain multi-task model) unless ``--with-distill``, and methods whose optional solvers
 are missing (``unirep[solvers]``) are skipped with a note, e.g.
@@ -167,7 +167,8 @@ def _side_by_side(
     cfg: Config, rest: list[str], flags: argparse.Namespace, variants: dict[str, list[str]]
 ) -> tuple[dict[str, dict[str, Any]], str]:
     """(rows, where the teachers come from): the student's real step under each variant's
-    overrides, each in a fresh process, against the first (:func:`unirep.experiments.benchmark.term_costs`)."""
+    overrides, each in a fresh process, against the first
+    (:func:`unirep.experiments.benchmark.term_costs`)."""
     configs = _configs(rest, variants)
     with tempfile.TemporaryDirectory(prefix="unirep-bench-") as tmp:
         cfg, source, _ = _with_teachers(cfg, flags, Path(tmp))

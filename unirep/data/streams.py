@@ -85,9 +85,9 @@ class RunData(abc.ABC):
         """Check the data of every split the run uses (train, val, test) up front, cheaply, and
         compute what the other processes then read (statistics, cached scans).
 
-        Runs before any teacher trains (:func:`unirep.pipeline.stage_two.resolve_data`), in the main process
-        first. What is checked depends on the family (see the implementations); any fault is a
-        :class:`~unirep.errors.DataError` or
+        Runs before any teacher trains (:func:`unirep.pipeline.stage_two.resolve_data`), in the main
+        process first. What is checked depends on the family (see the implementations); any fault is
+        a :class:`~unirep.errors.DataError` or
         :class:`~unirep.data.classification.decathlon.DataRootError` naming the file.
         """
 

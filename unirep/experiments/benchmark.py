@@ -1,20 +1,21 @@
 """Where a training phase spends its time: the real step against a minimal loop, per mode.
 
 For a config (any preset, any ``weighting``) the benchmark builds what a run builds — the run's
-data (:func:`~unirep.pipeline.stage_two.resolve_data`), its teachers, and three *modes*: the baseline
-(``student_phase(..., distill=False)``: the plain multi-task step), the distilled student with its
-teachers run online (``student``), and the student reading the teacher-output cache
-(``student+cache``, :mod:`unirep.teachers.output_cache`, with the config's ``teachers.output_cache.draws``
-or :data:`CACHE_DRAWS`; the cache is built first when missing) — and, for each mode, measures two
-*loops* on the same network and the same batches:
+data (:func:`~unirep.pipeline.stage_two.resolve_data`), its teachers, and three *modes*: the
+baseline (``student_phase(..., distill=False)``: the plain multi-task step), the distilled student
+with its teachers run online (``student``), and the student reading the teacher-output cache
+(``student+cache``, :mod:`unirep.teachers.output_cache`, with the config's
+``teachers.output_cache.draws`` or :data:`CACHE_DRAWS`; the cache is built first when missing) —
+and, for each mode, measures two *loops* on the same network and the same batches:
 
-- ``real``: :func:`unirep.training.trainer.setup`, then :func:`unirep.training.trainer.train_step` (the function
-  :func:`~unirep.training.trainer.fit` runs) with its ``timings``: seconds per step in **data** (draw the
-  batch of every stream, move it to the device), **teachers** (the frozen teachers' forward) and
-  **step** (forward, the weighting's backward, clip, optimizer); **other** is the rest of the
-  call (schedules). After the steps, one **validation** pass
+- ``real``: :func:`unirep.training.trainer.setup`, then :func:`unirep.training.trainer.train_step`
+  (the function :func:`~unirep.training.trainer.fit` runs) with its ``timings``: seconds per step in
+  **data** (draw the batch of every stream, move it to the device), **teachers** (the frozen
+  teachers' forward) and **step** (forward, the weighting's backward, clip, optimizer); **other** is
+  the rest of the call (schedules). After the steps, one **validation** pass
   (:meth:`~unirep.training.evaluator.Evaluator.evaluate` of the student on the val split) and one
-  **checkpoint** write (:func:`~unirep.training.checkpoint.save_checkpoint` into a temporary folder).
+  **checkpoint** write (:func:`~unirep.training.checkpoint.save_checkpoint` into a temporary
+  folder).
 - ``minimal``: a hand-written torch loop with no accelerate, no weighting, no clipping and no
   schedule: ``bundle = module(batch, teachers' outputs); bundle.total().backward();
   opt.step()`` with the phase's optimizers (teachers under ``no_grad``; ``torch.autocast`` and,
@@ -35,8 +36,8 @@ includes the interpreter, the libraries and the data already read).
 
 Teachers come from the config's teacher root when they verify, else from a benchmark folder
 (:func:`teacher_config`; the caller trains them there, ``scripts/benchmark.py`` with
-``unirep.stage_one.train.ensure_teachers`` and the config's teacher recipe, which overrides can shorten),
-never into the shared cache. ``random_teachers=True`` uses untrained teachers of the run's
+``unirep.stage_one.train.ensure_teachers`` and the config's teacher recipe, which overrides can
+shorten), never into the shared cache. ``random_teachers=True`` uses untrained teachers of the run's
 architecture instead: the same cost per step, but not trained weights (say so where quoted).
 Run it as one process (``python``, not ``accelerate launch``); the device is the accelerator's
 (CUDA when present, ``cpu=true`` forces CPU).
@@ -707,8 +708,8 @@ def term_costs(
     spawn: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """The student's real train step under each of ``configs`` (e.g. distillation alone, then
-    + each cross-task or contrastive term: :data:`unirep.experiments.compare.XTASK_VARIANTS`), each measured
-    in a fresh process, and its ratio to the first config's step.
+    + each cross-task or contrastive term: :data:`unirep.experiments.compare.XTASK_VARIANTS`), each
+    measured in a fresh process, and its ratio to the first config's step.
 
     Returns ``{name: {"seconds": ..., "ratio_step": real (step + teachers + other) / the first's,
     "ratio_total": ..., "device": ..., "threads": ...}}`` (``seconds`` as in :func:`measure`;
@@ -930,10 +931,10 @@ def weighting_costs(
 
     Every config is set up in this process (one accelerator, the first config's data; the
     configs must differ in the weighting, its optimizer and distillation only), then each
-    step runs :func:`unirep.training.trainer.train_step` once for every method, the order rotated by one
-    each step, so that drifts of the machine's load fall on every method alike. Task
-    diagnostics and Δm selection are switched off (:func:`_timing_config`). Teachers are
-    loaded (or untrained) only when the first config distils or initialises from a teacher.
+    step runs :func:`unirep.training.trainer.train_step` once for every method, the order rotated by
+    one each step, so that drifts of the machine's load fall on every method alike. Task diagnostics
+    and Δm selection are switched off (:func:`_timing_config`). Teachers are loaded (or untrained)
+    only when the first config distils or initialises from a teacher.
     The methods share the accelerator (with fp16, its GradScaler's scale too) and its
     accumulation counter, which stays aligned: every ``train_step`` runs a whole step.
 

@@ -7,8 +7,8 @@ jobs it depends on are finished: a comparison of variants × seeds on a 2-core m
 cores busy with one-thread runs instead of one run that a small model cannot spread over two
 threads. A run computes the same numbers in a worker as in the calling process at the same
 thread count (tested), because every run seeds itself and owns its folder; teachers are keyed by
-what determines them (:func:`unirep.stage_one.keys.teacher_key`), so runs that share them wait for one
-job that trains them.
+what determines them (:func:`unirep.stage_one.keys.teacher_key`), so runs that share them wait for
+one job that trains them.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ aligns the formulas that the reference code bases disagree on (see
   average of batch medians (MTAN).
 
 Conventions: accuracies and "within t°" scores are **fractions in [0, 1]** (as in
-:mod:`unirep.metrics.classification`); angles are in degrees; depth errors are in the unit of the targets.
+:mod:`unirep.metrics.classification`); angles are in degrees; depth errors are in the unit of the
+targets.
 
 Distributed evaluation: each meter has ``state()`` (a tensor) and ``merge(state)``. Sum-type
 states (segmentation, depth) have a fixed shape and can be reduced with

@@ -82,8 +82,8 @@ def resolve_data(cfg: Config, accelerator: Accelerator) -> RunData:
 def load_teachers(
     cfg: Config, data: RunData, tasks: dict[str, Task], world_size: int = 1
 ) -> dict[str, Teacher]:
-    """Every task's teacher, found by its key (:func:`unirep.stage_one.keys.teacher_key`) and verified
-    against the data (classes, fingerprint, architecture, key, weights)."""
+    """Every task's teacher, found by its key (:func:`unirep.stage_one.keys.teacher_key`) and
+    verified against the data (classes, fingerprint, architecture, key, weights)."""
     return {
         name: load_teacher(
             teacher_path(cfg, data, name, world_size),
@@ -158,8 +158,8 @@ def student_phase(
     if source:
         if source not in teachers:
             raise ConfigError(
-                f"config key 'classification.init_from_teacher': {source!r} is not a task of this run "
-                f"({', '.join(teachers)})"
+                f"config key 'classification.init_from_teacher': {source!r} is not a task of "
+                f"this run ({', '.join(teachers)})"
             )
         trunk_state = teachers[source].net.trunk.state_dict()
     net = build_network(architecture(cfg, student=True), tasks, trunk_state)

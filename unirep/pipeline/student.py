@@ -10,10 +10,10 @@
 Images are PIL images, ``uint8`` arrays ``[H, W, 3]`` / ``[B, H, W, 3]``, or tensors
 ``[3, H, W]`` / ``[B, 3, H, W]`` (``uint8``, or float RGB in [0, 1]), alone or in a list; each
 stream's preprocessing is the one its manifest records, applied by the datasets' own transforms
-(:func:`unirep.data.classification.transforms.build_transform` at evaluation for a classification stream: resize,
-centre crop, normalise; :class:`unirep.data.dense.mtan.DenseImageTransform` for a dense one: [0, 1]
-floats at the training size). Tensors already preprocessed (a unirep dataset's ``"image"``) pass
-with ``preprocessed=True``.
+(:func:`unirep.data.classification.transforms.build_transform` at evaluation for a classification
+stream: resize, centre crop, normalise; :class:`unirep.data.dense.mtan.DenseImageTransform` for a
+dense one: [0, 1] floats at the training size). Tensors already preprocessed (a unirep dataset's
+``"image"``) pass with ``preprocessed=True``.
 """
 
 from __future__ import annotations

@@ -49,7 +49,8 @@ Outputs = dict[str, dict[str, Tensor]]  # {task: {"pred", "features", ...}}
 
 def teacher_autocast_dtype(name: str | None, device: torch.device) -> torch.dtype | None:
     """The dtype ``teachers.autocast`` asks for on ``device`` (None: the run's mixed precision);
-    a :class:`~unirep.config.schema.ConfigError` naming the key where the device cannot autocast it."""
+    a :class:`~unirep.config.schema.ConfigError` naming the key where the device cannot autocast
+    it."""
     if name is None:
         return None
     if name not in TEACHER_AUTOCAST:

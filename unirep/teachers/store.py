@@ -61,8 +61,9 @@ def save_teacher(
 ) -> dict[str, Any]:
     """Write the weights, then the manifest (each atomically); returns the manifest.
 
-    ``key`` hashes what determined the weights (:func:`unirep.stage_one.keys.teacher_key`); weights with
-    a NaN or inf are refused (:class:`~unirep.errors.NonFiniteError`) before anything is written.
+    ``key`` hashes what determined the weights (:func:`unirep.stage_one.keys.teacher_key`); weights
+    with a NaN or inf are refused (:class:`~unirep.errors.NonFiniteError`) before anything is
+    written.
     """
     check_finite_weights(net.state_dict(), f"teacher {task.name!r} is not saved")
     fields: dict[str, Any] = {

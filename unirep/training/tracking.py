@@ -2,8 +2,8 @@
 and the same series forwarded to the experiment trackers that ``log_with`` names.
 
 Trackers go through accelerate's tracking API (:func:`unirep.pipeline.rundir.make_accelerator` and
-:func:`unirep.pipeline.rundir.start_trackers`); they only see what the CSV logs hold, under the phase's
-name (``student/train/loss`` at the student's step), plus the final metrics (``final/...``).
+:func:`unirep.pipeline.rundir.start_trackers`); they only see what the CSV logs hold, under the
+phase's name (``student/train/loss`` at the student's step), plus the final metrics (``final/...``).
 """
 
 from __future__ import annotations
@@ -83,8 +83,8 @@ class TrackerLog:
     """Forwards one phase's series to the run's experiment trackers, named ``<prefix>/<series>``
     at the phase's own step (``student/train/loss`` at step 40).
 
-    The trackers are the accelerator's (started by :func:`unirep.pipeline.rundir.start_trackers`, on the
-    main process only), so this does nothing elsewhere or without ``log_with``. It calls each
+    The trackers are the accelerator's (started by :func:`unirep.pipeline.rundir.start_trackers`, on
+    the main process only), so this does nothing elsewhere or without ``log_with``. It calls each
     tracker rather than ``accelerator.log``, which gives every tracker the same step: wandb drops
     points whose step is below one it has seen, and every phase counts from 1, so wandb gets the
     step as its own series per phase (``student/step``, the x axis of ``student/*``); MLflow gets
@@ -212,8 +212,8 @@ WEIGHTING_TERMS: tuple[str, ...] = ("weight", "gradcos", "dominance")
 """Per-task terms of the task-balancing method: ``train/weight/<task>`` (effective loss weight),
 ``train/gradcos/<a>~<b>`` (cosine between two tasks' shared gradients) and
 ``train/dominance/<layer>/<task>`` (a task's share of a shared layer's accumulated update,
-:mod:`unirep.training.diagnostics`). They are per task, pair or layer by nature, so :func:`report_curves`
-never averages them; :func:`weighting_curves` keeps them apart."""
+:mod:`unirep.training.diagnostics`). They are per task, pair or layer by nature, so
+:func:`report_curves` never averages them; :func:`weighting_curves` keeps them apart."""
 
 
 def report_curves(curves: Curves) -> Curves:

@@ -1,6 +1,7 @@
 """Visual Decathlon reader (Rebuffi, Bilen & Vedaldi, NeurIPS 2017), one domain and split at a time.
 
-On-disk layout (``decathlon-1.0/``, also written by :mod:`unirep.data.classification.mini_decathlon`)::
+On-disk layout (``decathlon-1.0/``, also written by
+:mod:`unirep.data.classification.mini_decathlon`)::
 
     annotations/<domain>_{train,val}.json       COCO-style: images, annotations, categories
     annotations/<domain>_test.json              labelled test set, when available
@@ -100,9 +101,9 @@ class DecathlonDomain(torch.utils.data.Dataset):
     "id": int, "aug": {"crop": int64 [4], "flip": bool ()}}`` (the PIL image itself when
     ``transform`` is None). ``"id"`` is the image id (stable across epochs and processes);
     ``"aug"`` is the crop box ``(top, left, height, width)`` in the resized image and the flip
-    drawn by the transform (see :func:`unirep.data.classification.transforms.apply_transform`). Images are
-    sorted by image id and opened only when indexed. Labels are ``-1`` for an unlabelled test
-    split.
+    drawn by the transform (see :func:`unirep.data.classification.transforms.apply_transform`).
+    Images are sorted by image id and opened only when indexed. Labels are ``-1`` for an unlabelled
+    test split.
 
     Args:
         root: The ``decathlon-1.0`` folder (holding ``annotations/`` and ``data/``).
@@ -111,7 +112,8 @@ class DecathlonDomain(torch.utils.data.Dataset):
             ``<domain>_test.json`` when present (labelled) and otherwise the devkit's
             ``<domain>_test_stripped.json`` (labels -1).
         transform: Applied to the RGB PIL image; one with a ``with_params`` method (see
-            :func:`~unirep.data.classification.transforms.build_transform`) also reports the crop and flip.
+            :func:`~unirep.data.classification.transforms.build_transform`) also reports the crop
+            and flip.
         on_corrupt: ``"error"`` raises :class:`CorruptImageError` naming the file when an image
             cannot be decoded; ``"skip"`` decodes every file once in the constructor (one full
             pass over the split's files, which costs time on large domains), drops the
@@ -320,8 +322,9 @@ class DecathlonDomain(torch.utils.data.Dataset):
 
     def __getitems__(self, indices: list[int]) -> list[dict[str, Any]]:
         """The samples of a whole batch (the DataLoader's batched fetch): the images are
-        transformed as one batch (:func:`~unirep.data.classification.transforms.classification_samples`), with
-        the same draws and numbers as ``[self[i] for i in indices]``."""
+        transformed as one batch
+        (:func:`~unirep.data.classification.transforms.classification_samples`), with the same draws
+        and numbers as ``[self[i] for i in indices]``."""
         return classification_samples(
             self.transform,
             [self._image(i) for i in indices],
@@ -332,8 +335,9 @@ class DecathlonDomain(torch.utils.data.Dataset):
 
     def replay_items(self, indices: list[int], augs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The samples ``indices`` with recorded augmentations ``augs`` applied as one batch
-        (:meth:`~unirep.data.classification.transforms.DecathlonTransform.batch_replay`; no RNG use): what
-        ``__getitems__`` gave when it drew them. The teacher-output cache reads through it."""
+        (:meth:`~unirep.data.classification.transforms.DecathlonTransform.batch_replay`; no RNG
+        use): what ``__getitems__`` gave when it drew them. The teacher-output cache reads through
+        it."""
         replay = getattr(self.transform, "batch_replay", None)
         if not callable(replay):
             raise TypeError(f"{self!r}: its transform cannot replay recorded augmentations")

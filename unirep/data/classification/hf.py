@@ -90,9 +90,9 @@ class HFDomain(torch.utils.data.Dataset):
 
     Each sample is ``{"image": transform(RGB PIL image), "label": int, "image_id": int,
     "id": int, "aug": {"crop": int64 [4], "flip": bool ()}}`` (the PIL image itself when
-    ``transform`` is None), like :class:`~unirep.data.classification.decathlon.DecathlonDomain`: ``"id"`` is
-    the image id (``id_column``, else the row index; stable across epochs and processes) and
-    ``"aug"`` the crop box and flip the transform drew.
+    ``transform`` is None), like :class:`~unirep.data.classification.decathlon.DecathlonDomain`:
+    ``"id"`` is the image id (``id_column``, else the row index; stable across epochs and processes)
+    and ``"aug"`` the crop box and flip the transform drew.
 
     Labels: a ``ClassLabel`` column gives the labels and :attr:`class_names` as they are (``-1``
     or null marks an unlabelled row). Any other scalar column is mapped to ``0..K-1`` in the
@@ -108,7 +108,8 @@ class HFDomain(torch.utils.data.Dataset):
         image_column: Column of ``datasets.Image`` feature holding the images.
         label_column: Column holding one class per row.
         transform: Applied to the RGB PIL image; one with a ``with_params`` method (see
-            :func:`~unirep.data.classification.transforms.build_transform`) also reports the crop and flip.
+            :func:`~unirep.data.classification.transforms.build_transform`) also reports the crop
+            and flip.
         config_name: Configuration of a ``load_dataset`` source (Hub datasets with several).
         cache_dir: Where ``load_dataset`` keeps its Arrow cache (and Hub downloads); the
             ``datasets`` default when None. Unused for ``save_to_disk`` folders, which are read
@@ -117,9 +118,10 @@ class HFDomain(torch.utils.data.Dataset):
             ``id_offset + row index``.
         id_offset: Added to the row index when there is no ``id_column`` (a run passes
             :func:`global_id_offset`, so that ids are unique over every domain of the run).
-        on_corrupt: ``"error"`` raises :class:`~unirep.data.classification.decathlon.CorruptImageError` naming
-            the row when an image cannot be decoded; ``"skip"`` decodes every row once in the
-            constructor, drops the undecodable ones and lists them in :attr:`skipped`.
+        on_corrupt: ``"error"`` raises
+            :class:`~unirep.data.classification.decathlon.CorruptImageError` naming the row when an
+            image cannot be decoded; ``"skip"`` decodes every row once in the constructor, drops the
+            undecodable ones and lists them in :attr:`skipped`.
         scan_cache_dir: Where the result of the ``"skip"`` pass is kept
             (``<scan_cache_dir>/checks/``), keyed by :meth:`fingerprint`.
 

@@ -2,7 +2,8 @@
 
 The benchmark is drawn offline with numpy, deterministically from a seed, so that the default
 preset runs anywhere without a download and the same reader serves it and the real data
-(``unirep.data.classification.decathlon``). Each domain imitates one kind of Visual Decathlon domain:
+(``unirep.data.classification.decathlon``). Each domain imitates one kind of Visual Decathlon
+domain:
 
 ==  ========  =======================  =======  =====  =================================
 d   name      imitates                 classes  w × h  train / val / test images (scale 1)

@@ -207,7 +207,8 @@ class DomainSet:
         self._datasets.clear()
 
     def crop(self, domain: str) -> int:
-        """The domain's crop size (``classification.crops.<domain>``, else ``classification.crop``)."""
+        """The domain's crop size (``classification.crops.<domain>``, else
+        ``classification.crop``)."""
         return self.spec.crops.get(domain, self.spec.crop)
 
     def batch_size(self, domain: str) -> int:

@@ -121,7 +121,8 @@ def domain_mean_std(
     """Per-channel (mean, std) of a domain's [0, 1] RGB pixels.
 
     Args:
-        root: Decathlon-format data root (see :class:`unirep.data.classification.decathlon.DecathlonDomain`).
+        root: Decathlon-format data root (see
+            :class:`unirep.data.classification.decathlon.DecathlonDomain`).
         domain: Domain name. The ten official names return the reference figures at once.
         cache_dir: Where computed figures are cached, as ``cache_dir/stats/<domain>-<hash>.json``
             keyed by the domain and the fingerprint of the files read (``train_set.fingerprint``:
@@ -131,8 +132,8 @@ def domain_mean_std(
             (deterministic), are read; undecodable ones are left out.
         train_set: The domain's train split returning PIL images, with a
             ``fingerprint(indices)`` method (a :class:`DecathlonDomain` or
-            :class:`~unirep.data.classification.hf.HFDomain`); by default the Decathlon reader's train split
-            under ``root``.
+            :class:`~unirep.data.classification.hf.HFDomain`); by default the Decathlon reader's
+            train split under ``root``.
 
     Returns:
         ``(mean, std)``, three floats each.

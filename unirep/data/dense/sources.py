@@ -1,16 +1,17 @@
 """The splits of a dense multi-task run: train, a validation split, test, in the MTAN format.
 
 :func:`build_dense_data` turns the config into a :class:`DenseData`, which hands out datasets per
-split (:class:`~unirep.data.dense.mtan.MTANDense`, augmented for training) and a fingerprint that ties
-teachers to the data they saw. Two sources:
+split (:class:`~unirep.data.dense.mtan.MTANDense`, augmented for training) and a fingerprint that
+ties teachers to the data they saw. Two sources:
 
 - ``mtan``: an existing MTAN-preprocessed folder at ``data.root`` (NYUv2: ``train`` 795 /
   ``val`` 654 images; Cityscapes: ``train`` 2975 / ``val`` 500). MTAN's ``val`` folder is the
   standard **test** set, so the validation split used for model selection is carved from the
   training folder (``dense.val_fraction``, a fixed permutation: the same images for every run
   and every seed) unless ``dense.val_folder`` names a folder of its own.
-- ``mini-scenes``: the embedded benchmark (:mod:`unirep.data.dense.mini_scenes`), generated once into the
-  cache with ``data.generator`` arguments; it has its own ``train`` / ``val`` / ``test`` folders.
+- ``mini-scenes``: the embedded benchmark (:mod:`unirep.data.dense.mini_scenes`), generated once
+  into the cache with ``data.generator`` arguments; it has its own ``train`` / ``val`` / ``test``
+  folders.
 """
 
 from __future__ import annotations
