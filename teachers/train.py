@@ -19,6 +19,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from unirep.stage_one.keys import finetune_source, teacher_key, teacher_path, teacher_recipe
 
+import unirep.layout as layout
 from unirep.config.schema import Config
 from unirep.data.streams import RunData
 from unirep.errors import ConfigError
@@ -82,8 +83,8 @@ def train_teacher(
         val_sets={stream: data.datasets("val")[stream]},
         batch_sizes={stream: data.batch_sizes()[stream]},
         cfg=recipe,
-        checkpoint_dir=run_dir / "checkpoints" / name,
-        log_dir=run_dir / "logs",
+        checkpoint_dir=layout.checkpoint_dir(run_dir, name),
+        log_dir=run_dir / layout.LOGS,
         score=mean_main_metric_score(tasks),
         score_name=task.main_metric if task.higher_is_better else f"neg_{task.main_metric}",
         seed=cfg.seed,

@@ -1,4 +1,4 @@
-"""Worker of tests/test_weighting_distributed.py: every gradient method under DDP on two CPUs.
+"""Worker of tests/e2e/test_weighting_distributed.py: every gradient method under DDP on two CPUs.
 
 Run as ``accelerate launch --multi_gpu --num_processes 2 tests/weighting_ddp_worker.py OUT``.
 For each method of :data:`METHODS`, each rank trains a fresh copy of the same tiny two-task model

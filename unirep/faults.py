@@ -1,4 +1,4 @@
-"""Named kill points, for the tests that kill a run and resume it (issue: "kill and resume").
+"""Named kill points, for the tests that kill a run and resume it.
 
 ``UNIREP_KILL_AT=<point>`` in the environment makes the process SIGKILL itself the first time it
 reaches ``<point>``; without it (every normal run) :func:`failpoint` is one dictionary lookup.

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from unirep.errors import NonFiniteError
 from unirep.faults import failpoint
@@ -82,17 +82,7 @@ def save_weights(path: Path, state: dict[str, torch.Tensor]) -> str:
     """
     path = Path(path)
     check_finite_weights(state, f"refusing to write {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp)
-        failpoint(f"write:{path.parent.name}/{path.name}")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
     return file_sha256(path)
 
 

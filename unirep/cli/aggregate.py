@@ -9,6 +9,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import unirep.layout as layout
 from unirep.cli.args import run
 from unirep.errors import UnirepError
 from unirep.io import read_json
@@ -22,7 +23,7 @@ def main(prog: str = PROG) -> None:
     folders = [Path(a) for a in sys.argv[1:]]
     if not folders or any(a.startswith("-") for a in sys.argv[1:]):
         raise UnirepError(f"usage: {prog} RUN_DIR [RUN_DIR ...]")
-    metrics = [read_json(f / "metrics.json", what="run metrics") for f in folders]
+    metrics = [read_json(f / layout.METRICS, what="run metrics") for f in folders]
     print(aggregate_runs(metrics))
 
 

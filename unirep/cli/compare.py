@@ -34,6 +34,7 @@ from __future__ import annotations
 import sys
 from functools import partial
 
+import unirep.layout as layout
 from unirep.cli.args import parse_command, run, split_args
 from unirep.errors import ConfigError
 from unirep.experiments.compare import (
@@ -81,7 +82,7 @@ def main(prog: str = PROG) -> None:
     )
     if accelerator.is_main_process:
         write_comparison(folder, base.preset, seeds, results, reference, notes, cost)
-        print((folder / "comparison.md").read_text())
+        print((folder / layout.COMPARISON).read_text())
 
 
 def _integers(text: str, option: str, prog: str = PROG) -> list[int]:

@@ -15,6 +15,7 @@ from typing import Any
 
 from accelerate import PartialState
 
+import unirep.layout as layout
 from unirep.cli import args as command_line
 from unirep.pipeline.api import run_config
 
@@ -43,7 +44,7 @@ def main(prog: str = PROG) -> None:
     state = PartialState()
     if not result.already_finished:
         state.print(summary_line(result.metrics["summary"]))
-        state.print(f"report: {result.directory / 'report.md'}")
+        state.print(f"report: {result.directory / layout.REPORT}")
     state.destroy_process_group()  # the launch ends here (run leaves it for a next call)
 
 

@@ -15,6 +15,7 @@ import sys
 from functools import partial
 from pathlib import Path
 
+import unirep.layout as layout
 from unirep.cli.args import parse_command, run
 from unirep.config.schema import Config
 from unirep.errors import ConfigError
@@ -48,9 +49,9 @@ def main(prog: str = PROG) -> None:
     if "--student" not in options:
         raise ConfigError(f"{prog}: set --student PATH (a run folder or its student/ folder)")
     student_dir = Path(options["--student"]).expanduser()
-    if (student_dir / "student").is_dir():
-        student_dir = student_dir / "student"
-    if not (student_dir / "manifest.json").is_file():
+    if layout.student_dir(student_dir).is_dir():
+        student_dir = layout.student_dir(student_dir)
+    if not (student_dir / layout.STUDENT_MANIFEST).is_file():
         raise ConfigError(f"--student: {str(student_dir)!r} holds no student manifest.json")
     cfg.resume, cfg.overwrite = False, False  # an evaluation always writes a new folder
     accelerator = make_accelerator(cfg)
@@ -66,7 +67,7 @@ def main(prog: str = PROG) -> None:
     for task, entry in metrics["tasks"].items():
         values = ", ".join(f"{k} {v:.4f}" for k, v in entry["student"].items() if v is not None)
         accelerator.print(f"{task}: {values or 'not measured (unlabelled split)'}")
-    accelerator.print(f"metrics: {run_dir / 'metrics.json'}")
+    accelerator.print(f"metrics: {run_dir / layout.METRICS}")
     accelerator.end_training()
 
 

@@ -1,8 +1,8 @@
 """Decoded samples kept in memory, within a size limit (``data.memory_cache_mib``).
 
 Reading a training sample costs a file read and, for JPEG domains, a decode and a resize, on
-every epoch; at the embedded benchmarks' sizes this is a third of a phase's wall time on 2 cores
-(issue 13). A :class:`MemoryCache` keeps the deterministic part of a sample (the decoded image
+every epoch; at the embedded benchmarks' sizes this is a third of a phase's wall time on 2 CPU
+cores. A :class:`MemoryCache` keeps the deterministic part of a sample (the decoded image
 resized to the training resolution, as uint8; a dense scene's arrays) the first time it is read,
 until the run's budget is used up; the random part (crop, flip, scale) is still drawn per sample,
 from the same generator in the same order, so a run computes exactly what it computes without the

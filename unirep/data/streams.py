@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset, Subset
 
+import unirep.layout as layout
 from unirep.config.load import cache_dir
 from unirep.config.schema import Config, PartialConfig
 from unirep.data.classification.sources import DomainSet, build_domains
@@ -338,7 +339,7 @@ def build_run_data(cfg: Config) -> RunData:
     return DomainStreams(build_domains(cfg.data, cfg.classification, cache_dir(cfg)), cfg)
 
 
-LABEL_SPLIT = "label_split.json"
+LABEL_SPLIT = layout.LABEL_SPLIT
 
 
 class LabelMasked(Dataset):

@@ -69,6 +69,7 @@ from typing import Any
 import torch
 from accelerate.utils import set_seed
 
+import unirep.layout as layout
 import unirep.training.trainer as trainer
 from unirep.batch import make_batch
 from unirep.config.load import apply_override, from_dict, to_dict
@@ -202,8 +203,8 @@ def _timed_step(ctx: Any, step: int, device: torch.device) -> dict[str, float]:
 
 def _bench_phase(phase: Phase, work: Path) -> Phase:
     """The phase with its checkpoints in a fresh folder: never resumes, never touches a run."""
-    return dataclasses.replace(phase, checkpoint_dir=work / "checkpoints" / phase.name,
-                               log_dir=work / "logs", resume_from=None)  # fmt: skip
+    return dataclasses.replace(phase, checkpoint_dir=layout.checkpoint_dir(work, phase.name),
+                               log_dir=work / layout.LOGS, resume_from=None)  # fmt: skip
 
 
 def _real(accelerator: Any, phase: Phase, steps: int, warmup: int) -> dict[str, Any]:
@@ -950,14 +951,7 @@ def weighting_costs(
     """
     if steps < 1 or warmup < 0:
         raise ValueError(f"steps must be >= 1 and warmup >= 0 (got {steps}, {warmup})")
-    rows: dict[str, dict[str, Any]] = {}
-    timing: dict[str, Config] = {}
-    for name, cfg in configs.items():
-        if isinstance(cfg, str):
-            rows[name] = {"skipped": cfg}
-        else:
-            rows[name] = {}
-            timing[name] = _timing_config(cfg)
+    rows, timing = _timed_rows(configs)
     base = next(iter(timing.values()))
     accelerator = accelerator or make_accelerator(base)
     data = data or resolve_data(base, accelerator)
@@ -990,24 +984,51 @@ def weighting_costs(
                 "kwargs": dict(cfg.weighting.kwargs),
                 "passes": trunk_passes(phase.module, cfg.train.gradient_accumulation_steps),
             }
-        per_step: dict[str, list[dict[str, float]]] = {name: [] for name in contexts}
-        peaks: dict[str, float | None] = dict.fromkeys(contexts)
-        order = list(contexts)
-        for step in range(warmup + steps):
-            shift = step % len(order)
-            for name in order[shift:] + order[:shift]:
-                allocated = _step_start(device)
-                timings = _timed_step(contexts[name], step, device)
-                if step >= warmup:
-                    per_step[name].append(timings)
-                    peak = _step_peak_mib(device, allocated)
-                    if peak is not None:
-                        peaks[name] = max(peaks[name] or 0.0, peak)
+        per_step, peaks = _alternated_steps(contexts, steps, warmup, device)
         del contexts
     for name, timed in per_step.items():
         rows[name].update(seconds=_means(timed), step_peak_mib=peaks[name], device=str(device),
                           threads=torch.get_num_threads())  # fmt: skip
     return _with_ratios(rows, "compute_median", "total_median")
+
+
+def _timed_rows(
+    configs: dict[str, Config | str],
+) -> tuple[dict[str, dict[str, Any]], dict[str, Config]]:
+    """The rows of :func:`weighting_costs` in the order of ``configs`` (``{"skipped": note}``
+    for a note, empty otherwise) and the configs to time (:func:`_timing_config`)."""
+    rows: dict[str, dict[str, Any]] = {}
+    timing: dict[str, Config] = {}
+    for name, cfg in configs.items():
+        if isinstance(cfg, str):
+            rows[name] = {"skipped": cfg}
+        else:
+            rows[name] = {}
+            timing[name] = _timing_config(cfg)
+    return rows, timing
+
+
+def _alternated_steps(
+    contexts: dict[str, Any], steps: int, warmup: int, device: torch.device
+) -> tuple[dict[str, list[dict[str, float]]], dict[str, float | None]]:
+    """Run ``warmup + steps`` train steps of every method of ``contexts`` (set up by
+    :func:`unirep.training.trainer.setup`), the order rotated by one each step; returns each
+    method's timings of the steps after the warm-up and its largest step peak (MiB, CUDA;
+    None elsewhere)."""
+    per_step: dict[str, list[dict[str, float]]] = {name: [] for name in contexts}
+    peaks: dict[str, float | None] = dict.fromkeys(contexts)
+    order = list(contexts)
+    for step in range(warmup + steps):
+        shift = step % len(order)
+        for name in order[shift:] + order[:shift]:
+            allocated = _step_start(device)
+            timings = _timed_step(contexts[name], step, device)
+            if step >= warmup:
+                per_step[name].append(timings)
+                peak = _step_peak_mib(device, allocated)
+                if peak is not None:
+                    peaks[name] = max(peaks[name] or 0.0, peak)
+    return per_step, peaks
 
 
 def _passes_cell(passes: dict[str, Any]) -> str:

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+import unirep.layout as layout
 from unirep.errors import ConfigError
 from unirep.experiments.jobs import Job, JobResult, run_jobs
 from unirep.io import atomic_write_json, atomic_write_text, read_json
@@ -43,7 +44,7 @@ PARTIAL_VARIANTS: dict[str, list[str]] = {
     "jtr": ["distill.enabled=false", "dense.partial.method=jtr"],
     "distill+best-of:mtpsl,jtr": [],
 }
-"""The comparison of issue 10 on a partially labelled preset; ``supervised`` is the reference."""
+"""The partial-label comparison on a partially labelled preset; ``supervised`` is the reference."""
 
 
 XTASK_VARIANTS: dict[str, list[str]] = {
@@ -55,7 +56,7 @@ XTASK_VARIANTS: dict[str, list[str]] = {
     "+contrastive-distill": ["dense.partial.method=none", "distill.contrastive_weight=0.1"],
     "combine:+consistency,+alignment,+cycle,+contrastive,+contrastive-distill": [],
 }
-"""The cross-task ablation of issue 11 (on ``mini-scenes`` or ``mini-scenes-onelabel``): the
+"""The cross-task ablation (on ``mini-scenes`` or ``mini-scenes-onelabel``): the
 student with distillation alone (the reference), + each term, + the combination of the terms
 that beat distillation alone on validation."""
 
@@ -73,7 +74,7 @@ BALANCE_VARIANTS: dict[str, list[str]] = {
     f"distill+best-of:{','.join([*BALANCE_METHODS, 'adatask'])}": [],
     FRONT: [],
 }
-"""The task-balancing comparison of issue 12 (``mini-scenes-balance``): the multi-task model
+"""The task-balancing comparison (``mini-scenes-balance``): the multi-task model
 with ``sum`` (the reference), with each balancing method, distillation alone, distillation with
 the method that scored best on validation, and ``front``: a sweep of static task weights (the
 scalarisation front every method is plotted against, Xin et al. and Kurin et al., NeurIPS 2022),
@@ -504,7 +505,7 @@ def write_comparison(
 
 
 def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
-    path = run_dir / "metrics.json"
+    path = run_dir / layout.METRICS
     return read_json(path, what="run metrics") if path.is_file() else None
 
 

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import unirep.layout as layout
 from unirep.config.schema import Config
 from unirep.errors import ConfigError
 from unirep.io import read_json
@@ -52,7 +53,7 @@ class RunResult:
     @property
     def student(self) -> Path:
         """The exported student's folder, for ``unirep.load_student(result.student)``."""
-        return self.directory / "student"
+        return layout.student_dir(self.directory)
 
 
 def run(config: Config | str | Path | None = None, overrides: Sequence[str] = ()) -> RunResult:
@@ -106,9 +107,9 @@ def run_recipe(preset: str | None, overrides: list[str]) -> dict[str, Any]:
         raise ConfigError("run_recipe needs the run's name (name=<run name>)")
     run_dir = Path(cfg.output_dir) / cfg.name
     if run_finished(run_dir):  # read back only for the config that produced it
-        check_same_config(cfg, run_dir / "config.yaml", finished=True)
+        check_same_config(cfg, run_dir / layout.CONFIG, finished=True)
         return read_json(run_dir / METRICS, what="run metrics")
-    if (run_dir / "config.yaml").exists():
+    if (run_dir / layout.CONFIG).exists():
         cfg.resume = True  # an interrupted run continues where it stopped
     return run_config(cfg).metrics
 
@@ -121,11 +122,11 @@ def train_teacher_job(preset: str | None, overrides: list[str], task: str, folde
     data = resolve_data(cfg, accelerator)
     cached = teacher_path(cfg, data, task, accelerator.num_processes)
     scratch = Path(folder)
-    checkpoints = scratch / "checkpoints" / f"teacher-{task}"
+    checkpoints = layout.checkpoint_dir(scratch, f"teacher-{task}")
     if accelerator.is_main_process:
         if not (cached / MANIFEST).exists():  # a killed job's partial training starts over
             shutil.rmtree(checkpoints, ignore_errors=True)
-            (scratch / "logs" / f"teacher-{task}.csv").unlink(missing_ok=True)
+            layout.log_file(scratch, f"teacher-{task}").unlink(missing_ok=True)
         scratch.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     ensure_teachers(cfg, accelerator, data, scratch, only=[task])

@@ -43,15 +43,13 @@ from unirep.io import (
     read_json,
     save_weights,
 )
+from unirep.layout import BACKBONE as BACKBONE_DIR
+from unirep.layout import MODEL_CARD, STUDENT_MANIFEST, TIMM_CONFIG, WEIGHTS
 from unirep.models.build import build_network
 from unirep.tasks import TASK_KINDS, Task
 from unirep.version import __version__
 
-STUDENT_MANIFEST = "manifest.json"
 STUDENT_FORMAT = "unirep-student/2"
-BACKBONE_DIR = "backbone"
-MODEL_CARD = "README.md"
-TIMM_CONFIG = "config.json"
 SEGNET_TIMM_NAME = "segnet_mtan"
 _OLD_DENSE_STREAM = "images"
 # pretrained_cfg entries copied from the architecture's own timm config (how timm adapts it)
@@ -85,7 +83,7 @@ def export_student(
     """Write the student's weights, its timm backbone, its model card (``card(manifest)``, when
     given) and, last, its manifest, each atomically; returns the manifest."""
     directory = Path(directory)
-    digest = save_weights(directory / "model.safetensors", net.state_dict())
+    digest = save_weights(directory / WEIGHTS, net.state_dict())
     manifest = {
         "format": STUDENT_FORMAT,
         "unirep_version": __version__,
@@ -177,7 +175,7 @@ def export_backbone(
     if isinstance(found, str):
         return {"folder": None, "reason": found}
     name, args, model = found
-    digest = save_weights(Path(directory) / "model.safetensors", model.state_dict())
+    digest = save_weights(Path(directory) / WEIGHTS, model.state_dict())
     num_features = int(model.num_features)  # type: ignore[arg-type]
     config = {
         "architecture": name,
@@ -201,7 +199,7 @@ def read_student(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
     """An exported student's manifest and weights, the weights checked against its hash."""
     directory = Path(directory)
     manifest = read_json(directory / STUDENT_MANIFEST, what="student manifest")
-    weights = directory / "model.safetensors"
+    weights = directory / WEIGHTS
     if file_sha256(weights) != manifest.get("weights_sha256"):
         raise ValueError(f"student weights {str(weights)!r} do not match the hash in its manifest")
     return manifest, load_weights(weights)

@@ -181,7 +181,7 @@ def model_card(
     data: dict[str, Any],
     command: str,
 ) -> str:
-    """The markdown of ``student/README.md``.
+    """The markdown of ``student/README.md``: its sections, each followed by a blank line.
 
     Args:
         manifest: the student's manifest (``unirep.pipeline.export``), weights hash included.
@@ -190,18 +190,36 @@ def model_card(
         data: ``{"source", "root", "images": {split: {stream: count}}}``.
         command: the command that reproduces the run (:func:`reproduce_command`).
     """
-    tasks = manifest["tasks"]
-    split = metrics["split"]
+    sections = [
+        _title(manifest, cfg),
+        _files_section(manifest),
+        _data_section(manifest, data, metrics["split"]),
+        _tasks_section(manifest["tasks"]),
+        _teachers_section(manifest["teachers"]),
+        _recipe_section(manifest, cfg),
+        _metrics_section(metrics),
+        _command_section(command),
+    ]
+    return "\n".join(line for section in sections for line in [*section, ""])
+
+
+def _title(manifest: dict[str, Any], cfg: Config) -> list[str]:
+    """The card's title and what the student is: its trunk, heads, version and teachers."""
     arch = manifest["architecture"]
     trunk = arch.get("backbone") or arch.get("encoder")
-    backbone = manifest.get("timm_backbone") or {}
-    lines = [
+    return [
         f"# unirep student: {cfg.preset} / {cfg.name}",
         "",
-        f"One shared {trunk} network with {len(tasks)} task heads, distilled by unirep "
+        f"One shared {trunk} network with {len(manifest['tasks'])} task heads, distilled by unirep "
         f"{manifest['unirep_version']} from {len(manifest['teachers'])} single-task teachers "
         "(Universal Representations, Li, Liu & Bilen, IJCV 2023).",
-        "",
+    ]
+
+
+def _files_section(manifest: dict[str, Any]) -> list[str]:
+    """The files of the exported folder: weights (with their hash), manifest, timm backbone."""
+    backbone = manifest.get("timm_backbone") or {}
+    lines = [
         "## Files",
         "",
         f"- `model.safetensors` (sha256 `{manifest['weights_sha256']}`): the whole student; "
@@ -217,8 +235,13 @@ def model_card(
         )
     else:
         lines.append(f"- no timm backbone: {backbone.get('reason', 'exported before unirep 0.3')}.")
-    lines += [
-        "",
+    return lines
+
+
+def _data_section(manifest: dict[str, Any], data: dict[str, Any], split: str) -> list[str]:
+    """The data: source, root, images per split and stream, the splits of selection and
+    metrics, and the preprocessing of each input stream."""
+    return [
         "## Data",
         "",
         f"- source: `{data['source']}`, root `{data['root']}`",
@@ -232,50 +255,70 @@ def model_card(
         "",
         "Preprocessing per input stream (what `predict` and `features` apply):",
         "",
+        *(f"- `{s}`: `{json.dumps(p)}`" for s, p in manifest["preprocessing"].items()),
     ]
-    lines += [f"- `{s}`: `{json.dumps(p)}`" for s, p in manifest["preprocessing"].items()]
-    lines += [
-        "",
+
+
+def _tasks_section(tasks: dict[str, Any]) -> list[str]:
+    """The table of the student's tasks: kind, stream, outputs and main metric."""
+    return [
         "## Tasks",
         "",
         "| task | kind | stream | outputs | main metric |",
         "|:---|:---|:---|---:|:---|",
+        *(
+            f"| {n} | {t['kind']} | {t['stream']} | {t['out_channels']} | {t['main_metric']} |"
+            for n, t in tasks.items()
+        ),
     ]
-    lines += [
-        f"| {n} | {t['kind']} | {t['stream']} | {t['out_channels']} | {t['main_metric']} |"
-        for n, t in tasks.items()
-    ]
-    lines += [
-        "",
+
+
+def _teachers_section(teachers: dict[str, Any]) -> list[str]:
+    """The table of the teachers: weights hash, cache key and validation metrics."""
+    lines = [
         "## Teachers",
         "",
         "| task | weights sha256 | cache key | validation |",
         "|:---|:---|:---|:---|",
     ]
-    for name, record in manifest["teachers"].items():
+    for name, record in teachers.items():
         val = ", ".join(f"{m} {_number(v)}" for m, v in (record.get("val_metrics") or {}).items())
         lines.append(f"| {name} | `{record['weights_sha256']}` | `{record.get('key')}` | {val} |")
+    return lines
+
+
+def _recipe_section(manifest: dict[str, Any], cfg: Config) -> list[str]:
+    """The architecture, the validation selection and the key settings (:func:`_recipe`)."""
     selection = manifest.get("selection", {})
     chosen = ", ".join(
         f"{k} {_number(v) if isinstance(v, float) else v}" for k, v in selection.items()
     )
-    lines += [
-        "",
+    return [
         "## Recipe",
         "",
-        f"Architecture: `{json.dumps(arch)}`. Selected on validation: {chosen}. "
-        "The key settings (the whole resolved config is the run's `config.yaml`):",
+        f"Architecture: `{json.dumps(manifest['architecture'])}`. Selected on validation: "
+        f"{chosen}. The key settings (the whole resolved config is the run's `config.yaml`):",
         "",
         "```yaml",
         yaml.safe_dump(_recipe(cfg), sort_keys=False, default_flow_style=None, width=100).rstrip(),
         "```",
-        "",
-        f"## Metrics ({split} split)",
+    ]
+
+
+def _metrics_section(metrics: dict[str, Any]) -> list[str]:
+    """The run's metrics on its split: the per-task table, then the summary lines."""
+    return [
+        f"## Metrics ({metrics['split']} split)",
         "",
         *_metrics_table(metrics),
         "",
         *_summary(metrics),
-        "",
+    ]
+
+
+def _command_section(command: str) -> list[str]:
+    """The command that reproduces the run."""
+    return [
         "## Command",
         "",
         "```sh",
@@ -284,6 +327,4 @@ def model_card(
         "",
         "(`unirep-distill` in place of `accelerate launch scripts/distill.py` where unirep is "
         "pip-installed.)",
-        "",
     ]
-    return "\n".join(lines)

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from unirep.io import atomic_write_bytes
+from unirep.layout import CURVES_FIGURE, PER_TASK_FIGURE, REPORT, WEIGHTING_FIGURE
 from unirep.metrics.classification import METRIC_HIGHER_IS_BETTER
 
 __all__ = [
@@ -36,10 +36,7 @@ __all__ = [
     "write_report",
 ]
 
-REPORT_FILE = "report.md"
-CURVES_FIGURE = "training_curves.png"
-PER_TASK_FIGURE = "per_task_metrics.png"
-WEIGHTING_FIGURE = "weighting.png"
+REPORT_FILE = REPORT
 
 ROLES: tuple[str, ...] = ("teacher", "baseline", "student")
 """Columns of the per-task table, in order."""
@@ -334,21 +331,9 @@ def _dominance_panel(ax: Any, phase: str, series: Mapping[str, list[tuple[int, f
 # --------------------------------------------------------------------------------------------
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see either the old file or the new one."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_figure(path: Path, png: bytes) -> None:
     """Write a PNG produced by this module atomically (readers see the old or the new file)."""
-    _atomic_write(Path(path), png)
+    atomic_write_bytes(Path(path), png)
 
 
 def _array(x: Any) -> Any:
@@ -467,16 +452,16 @@ def write_report(
         sections.append("## Per-task metrics\n\n" + _per_task_table(tasks))
         figure = _per_task_figure(tasks)
         if figure is not None:
-            _atomic_write(run_dir / PER_TASK_FIGURE, figure)
+            atomic_write_bytes(run_dir / PER_TASK_FIGURE, figure)
             sections.append(f"![Main metric per task]({PER_TASK_FIGURE})")
     if any(points for series in curves.values() for points in series.values()):
-        _atomic_write(run_dir / CURVES_FIGURE, _curves_figure(curves))
+        atomic_write_bytes(run_dir / CURVES_FIGURE, _curves_figure(curves))
         sections.append(f"## Training curves\n\n![Training curves]({CURVES_FIGURE})")
     else:
         sections.append("## Training curves\n\nNo training curves were recorded.")
     figure = _weighting_figure(weighting or {})
     if figure is not None:
-        _atomic_write(run_dir / WEIGHTING_FIGURE, figure)
+        atomic_write_bytes(run_dir / WEIGHTING_FIGURE, figure)
         sections.append(
             "## Task weighting\n\n"
             "Left: the effective weight the task-balancing method gave each task's loss at each "
@@ -490,7 +475,7 @@ def write_report(
     sections.extend(block.strip() for block in extra_sections or [] if block.strip())
 
     report = run_dir / REPORT_FILE
-    _atomic_write(report, ("\n\n".join(sections) + "\n").encode("utf-8"))
+    atomic_write_bytes(report, ("\n\n".join(sections) + "\n").encode("utf-8"))
     return report
 
 

@@ -21,6 +21,7 @@ import torch
 import yaml
 from accelerate import Accelerator, DistributedDataParallelKwargs
 
+import unirep.layout as layout
 from unirep.config.load import flatten, save_config, to_dict
 from unirep.config.schema import Config
 from unirep.errors import ConfigError
@@ -28,7 +29,7 @@ from unirep.io import clean_partial
 from unirep.training.tracking import PROJECT, tracker_names
 from unirep.weighting import WEIGHTINGS
 
-CONFIG = "config.yaml"
+CONFIG = layout.CONFIG
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -64,7 +65,7 @@ def start_trackers(cfg: Config, accelerator: Accelerator, run_dir: Path) -> None
     """
     if not accelerator.log_with or accelerator.trackers:
         return
-    logs = Path(run_dir) / "logs"
+    logs = Path(run_dir) / layout.LOGS
     accelerator.project_configuration.logging_dir = str(logs)
     if accelerator.is_main_process:
         logs.mkdir(parents=True, exist_ok=True)
@@ -96,7 +97,7 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """``<output_dir>/<name>/``, created (or found, when resuming) with the resolved config."""
     if cfg.resume and isinstance(cfg.resume, str) and cfg.resume not in ("latest",):
         checkpoint = Path(cfg.resume)
-        if not (checkpoint / "trainer_state.json").is_file():
+        if not (checkpoint / layout.TRAINER_STATE).is_file():
             raise ConfigError(
                 f"config key 'resume': {cfg.resume!r} is not a checkpoint folder "
                 "(expected <run>/checkpoints/<phase>/step_NNNNNN/trainer_state.json)"
@@ -155,7 +156,7 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
 
 def run_finished(run_dir: Path) -> bool:
     """Whether the run in ``run_dir`` finished: its ``metrics.json`` is written last."""
-    return (Path(run_dir) / "metrics.json").is_file()
+    return (Path(run_dir) / layout.METRICS).is_file()
 
 
 RESUME_MAY_CHANGE = {"resume", "overwrite", "name", "output_dir", "progress", "log_with",

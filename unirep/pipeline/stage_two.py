@@ -7,11 +7,16 @@ keep their best validation main metric, the baseline and the student their best 
 (``classification.selection_metric``: mean accuracy, or Δm against the teachers' validation
 results, which dense runs always use).
 Δm in ``metrics.json`` is on ``cfg.split`` against the teachers of the same run.
+
+:func:`distill` reads as the recipe: each step is a function of this module, the content of
+``metrics.json`` is assembled in :mod:`unirep.pipeline.results` and the report's sections are
+made in :mod:`unirep.pipeline.report_sections` (their names are importable from here too).
 """
 
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,18 +25,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+import unirep.layout as layout
 from unirep.config.schema import Config, Spec
 from unirep.data.streams import RunData, build_run_data
 from unirep.data.validation import check_against_data
 from unirep.errors import ConfigError
 from unirep.io import atomic_write_json, read_json
-from unirep.metrics.classification import (
-    PUBLISHED_ACCURACY,
-    decathlon_score,
-    delta_m,
-    official_decathlon_score,
-)
-from unirep.models.build import architecture, build_network, count_parameters
+from unirep.models.build import architecture, build_network
 from unirep.objective import Objective, build_cross_task_terms, build_joint_terms
 from unirep.pipeline.export import (
     STUDENT_MANIFEST,
@@ -41,29 +41,41 @@ from unirep.pipeline.export import (
     student_tasks,
 )
 from unirep.pipeline.model_card import model_card, reproduce_command
-from unirep.pipeline.report import prediction_grid_figure, write_figure, write_report
+from unirep.pipeline.report_sections import GRID_FIGURE as GRID_FIGURE
+from unirep.pipeline.report_sections import GRID_SAMPLES as GRID_SAMPLES
+from unirep.pipeline.report_sections import delta_m_notes as delta_m_notes
+from unirep.pipeline.report_sections import informative_weighting as informative_weighting
+from unirep.pipeline.report_sections import published_comparison as published_comparison
+from unirep.pipeline.report_sections import qualitative_section, write_run_report
+from unirep.pipeline.report_sections import reliability_section as reliability_section
+from unirep.pipeline.report_sections import unlabelled_note as unlabelled_note
+from unirep.pipeline.results import (
+    FULL_LABEL,
+    build_metrics,
+    data_records,
+    distill_metrics,
+    parameter_counts,
+    submission_entries,
+)
+from unirep.pipeline.results import fit_records as fit_records
+from unirep.pipeline.results import reference_records as reference_records
 from unirep.pipeline.rundir import resume_point
 from unirep.stage_one.keys import teacher_key, teacher_path
-from unirep.tasks import Task, main_metrics
+from unirep.tasks import Task
 from unirep.teachers.output_cache import output_cache_summary
 from unirep.teachers.provider import provide_teachers
 from unirep.teachers.store import Teacher, load_teacher, teacher_folder
-from unirep.training.evaluator import (
-    Evaluator,
-    Results,
-    delta_m_score,
-    mean_main_metric_score,
-    mean_metric,
-)
-from unirep.training.tracking import log_final_metrics, read_curves, report_curves, weighting_curves
+from unirep.training.evaluator import Evaluator, Results, delta_m_score, mean_main_metric_score
+from unirep.training.tracking import log_final_metrics
 from unirep.training.trainable import TrainableModule
 from unirep.training.trainer import FitResult, Phase, fit
 from unirep.weighting import build_weighting
 
-SUBMISSION = "results.json"
-METRICS = "metrics.json"
-GRID_FIGURE = "qualitative.png"
-GRID_SAMPLES = 4
+SUBMISSION = layout.SUBMISSION
+METRICS = layout.METRICS
+
+Predictions = dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""``{task: (predictions, targets, ids)}`` of an evaluation that keeps them (the submission's)."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -113,6 +125,23 @@ def recorded_teachers(
         )
         for name, task in tasks.items()
     }
+
+
+def full_label_teachers(
+    cfg: Config, data: RunData, tasks: dict[str, Task], world_size: int
+) -> dict[str, Teacher]:
+    """For a run with partial labels: the teachers the same config trains on every label, when
+    all of them are in the cache (``{}`` otherwise, or when the run's labels are full)."""
+    if cfg.dense is None or cfg.dense.partial.protocol == "full":
+        return {}
+    full_cfg = copy.deepcopy(cfg)
+    assert full_cfg.dense is not None
+    full_cfg.dense.partial.protocol, full_cfg.dense.partial.file = "full", None
+    full_data = build_run_data(full_cfg)
+    paths = {t: teacher_path(full_cfg, full_data, t, world_size) for t in tasks}
+    if not all((p / layout.TEACHER_MANIFEST).is_file() for p in paths.values()):
+        return {}
+    return load_teachers(full_cfg, full_data, tasks, world_size)
 
 
 def evaluate_teachers(
@@ -177,7 +206,7 @@ def student_phase(
     objective = Objective(tasks, cfg.distill if distill else None, joint)
     module = TrainableModule(net, objective, weighting, aligners, cfg.train.diagnostics_every)
     score, score_name = selection(cfg, tasks, teacher_val)
-    checkpoint_dir = run_dir / "checkpoints" / role
+    checkpoint_dir = layout.checkpoint_dir(run_dir, role)
     provision = provide_teachers(cfg, accelerator, data, teachers if distill else {}, tasks,
                                  data.datasets("train", train=True), cfg.seed, role)  # fmt: skip
     phase = Phase(
@@ -189,7 +218,7 @@ def student_phase(
         batch_sizes=data.batch_sizes(),
         cfg=cfg.train,
         checkpoint_dir=checkpoint_dir,
-        log_dir=run_dir / "logs",
+        log_dir=run_dir / layout.LOGS,
         score=score,
         score_name=score_name,
         seed=cfg.seed,
@@ -203,6 +232,33 @@ def student_phase(
 
 # --------------------------------------------------------------------------------------------
 # Stage two
+
+
+@dataclass
+class StageTwo:
+    """What every step of :func:`distill` shares: the run's config, accelerator, data and
+    folder, the evaluator, the tasks and the verified teachers (on the device)."""
+
+    cfg: Config
+    accelerator: Accelerator
+    data: RunData
+    run_dir: Path
+    evaluator: Evaluator
+    tasks: dict[str, Task]
+    teachers: dict[str, Teacher]
+
+
+@dataclass
+class Trained:
+    """The trained phases of a run by role (``baseline`` when trained, then ``student``): their
+    fits, networks and trainable modules, the student's predictions on the reported split and
+    the teacher-output cache's summary (None when it is off)."""
+
+    fits: dict[str, FitResult] = field(default_factory=dict)
+    nets: dict[str, nn.Module] = field(default_factory=dict)
+    modules: dict[str, TrainableModule] = field(default_factory=dict)
+    predictions: Predictions = field(default_factory=dict)
+    cache_summary: dict[str, Any] | None = None  # teachers.output_cache
 
 
 def stored(path: Path, accelerator: Accelerator, compute: Any) -> Any:
@@ -231,113 +287,177 @@ def distill(
     marks the run finished, see :func:`unirep.pipeline.rundir.run_finished`). The export follows the
     metrics, which its model card (``student/README.md``) holds.
     """
-    evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
-    tasks = data.tasks()
-    teachers = load_teachers(cfg, data, tasks, accelerator.num_processes)
-    for t in teachers.values():
-        t.net.to(accelerator.device)
-    store = run_dir / "checkpoints"
-    teacher_val = None
-    if cfg.selection_metric == "delta_m":
-        teacher_val = stored(
-            store / "teacher" / "evaluation_val.json",
-            accelerator,
-            lambda: evaluate_teachers(evaluator, teachers, tasks, "val", data),
-        )
+    run = set_up(cfg, accelerator, data, run_dir)
+    teacher_val = teacher_validation(run)
     split_sets = data.datasets(cfg.split)
-    results = {
-        "teacher": stored(
-            store / "teacher" / f"evaluation_{cfg.split}.json",
-            accelerator,
-            lambda: evaluate_teachers(evaluator, teachers, tasks, cfg.split, data),
-        )
-    }
-    fits: dict[str, FitResult] = {}
-    nets: dict[str, torch.nn.Module] = {}
-    modules: dict[str, TrainableModule] = {}
-    predictions: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-    cache_summary = None  # teachers.output_cache
-    for role, is_distilled in (("baseline", False), ("student", True)):
-        if role == "baseline" and not cfg.baseline:
-            continue
-        phase, cache = student_phase(
-            cfg, accelerator, role, data, tasks, run_dir, teachers, teacher_val, is_distilled
-        )
-        if cache:
-            cache_summary = output_cache_summary(cfg, cache)
-        fits[role] = fit(accelerator, phase, evaluator, progress=cfg.progress)
-        net = nets[role] = phase.module.student
-        modules[role] = phase.module
-        if role == "student":  # its predictions make the submission
-            results[role] = evaluator.evaluate(net, cfg.split, split_sets, tasks, keep=predictions)
-        else:
-            results[role] = stored(
-                phase.checkpoint_dir / f"evaluation_{cfg.split}.json",
-                accelerator,
-                lambda net=net: evaluator.evaluate(net, cfg.split, split_sets, tasks),
-            )
-
-    full = full_label_teachers(cfg, data, tasks, accelerator.num_processes)
-    if full:
-        for t in full.values():
-            t.net.to(accelerator.device)
-        results[FULL_LABEL] = stored(
-            store / "teacher" / f"evaluation_full_label_{cfg.split}.json",
-            accelerator,
-            lambda: evaluate_teachers(evaluator, full, tasks, cfg.split, data),
-        )
-    student, best = nets["student"], fits["student"]
-    params = parameter_counts(student, teachers, modules["student"])
-    metrics = build_metrics(cfg, tasks, accelerator.num_processes, results, params)
-    metrics["summary"].update(fit_records(fits, teacher_seconds, cfg.selection_metric))
-    metrics["summary"].update(data_records(data))
-    if cache_summary is not None:
-        metrics["summary"]["teacher_output_cache"] = cache_summary
-    metrics["summary"].update(reference_records(cfg, data, tasks, results))
-    if accelerator.is_main_process and not (run_dir / "student" / STUDENT_MANIFEST).is_file():
-        command = reproduce_command(cfg, str(run_dir / "config.yaml"))
-        export_student(
-            run_dir / "student",
-            student,
-            preset=cfg.preset,
-            architecture=architecture(cfg, student=True),
-            tasks=tasks,
-            preprocessing={s: data.preprocessing(s) for s in data.streams()},
-            teachers=teachers,
-            selection={
-                "split": "val",
-                "best_step": best.best_step,
-                f"val_{cfg.selection_metric}": best.best_val,
-            },
-            card=lambda manifest: model_card(
-                manifest, metrics, cfg, data_summary(cfg, data), command
-            ),
-        )
+    results = {"teacher": teacher_evaluation(run, run.teachers, cfg.split)}
+    trained = Trained()
+    for role in phase_roles(cfg):  # the baseline (optional), then the distilled student
+        phase = train_phase(run, trained, role, teacher_val)
+        results[role] = evaluate_phase(run, trained, phase, split_sets)
+    results.update(full_label_results(run))
+    metrics = run_metrics(run, trained, results, teacher_seconds)
+    if (
+        accelerator.is_main_process
+        and not (layout.student_dir(run_dir) / STUDENT_MANIFEST).is_file()
+    ):
+        export_run(run, trained, metrics)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        entries = submission_entries(tasks, split_sets, predictions)
-        if entries is not None:
-            atomic_write_json(run_dir / SUBMISSION, entries)
-        grid = qualitative_section(run_dir, evaluator, data, tasks, cfg.split, teachers, nets)
-        curves = read_curves(run_dir / "logs")
-        write_report(
-            run_dir,
-            metrics,
-            report_curves(curves),
-            extra_sections=[
-                unlabelled_note(metrics),
-                published_comparison(metrics),
-                delta_m_notes(metrics),
-                grid,
-                reliability_section(metrics),
-            ],
-            weighting=informative_weighting(weighting_curves(curves)),
-        )
-        # before metrics.json: a kill in between logs them again on resume, never loses them
-        log_final_metrics(accelerator, metrics, step=cfg.train.max_steps)
-        atomic_write_json(run_dir / METRICS, metrics)  # last: the run is finished
+        write_outputs(run, trained, split_sets, metrics)
     accelerator.wait_for_everyone()
     return metrics
+
+
+def set_up(cfg: Config, accelerator: Accelerator, data: RunData, run_dir: Path) -> StageTwo:
+    """The shared state of a run: its evaluator, its tasks and its teachers, loaded, verified
+    (:func:`load_teachers`) and moved to the accelerator's device."""
+    evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
+    tasks = data.tasks()
+    teachers = on_device(load_teachers(cfg, data, tasks, accelerator.num_processes), accelerator)
+    return StageTwo(cfg, accelerator, data, run_dir, evaluator, tasks, teachers)
+
+
+def on_device(teachers: dict[str, Teacher], accelerator: Accelerator) -> dict[str, Teacher]:
+    """``teachers``, each network moved to the accelerator's device."""
+    for t in teachers.values():
+        t.net.to(accelerator.device)
+    return teachers
+
+
+def teacher_evaluation(
+    run: StageTwo, teachers: dict[str, Teacher], split: str, label: str = ""
+) -> Results:
+    """``teachers`` on ``split`` (:func:`evaluate_teachers`), stored once in the run's
+    ``checkpoints/teacher/evaluation_<label><split>.json``."""
+    return stored(
+        layout.evaluation_file(
+            layout.checkpoint_dir(run.run_dir, layout.TEACHER_PHASE), split, label
+        ),
+        run.accelerator,
+        lambda: evaluate_teachers(run.evaluator, teachers, run.tasks, split, run.data),
+    )
+
+
+def teacher_validation(run: StageTwo) -> Results | None:
+    """The teachers' stored evaluation on the validation split when the baseline and the student
+    are selected on Δm (its reference, :func:`selection`); None otherwise."""
+    if run.cfg.selection_metric != "delta_m":
+        return None
+    return teacher_evaluation(run, run.teachers, "val")
+
+
+def phase_roles(cfg: Config) -> tuple[str, ...]:
+    """The phases a run trains, in order: the baseline (when ``cfg.baseline``), the student."""
+    return ("baseline", "student") if cfg.baseline else ("student",)
+
+
+def train_phase(run: StageTwo, trained: Trained, role: str, teacher_val: Results | None) -> Phase:
+    """Fit the baseline (``role="baseline"``, no distillation) or the distilled student and
+    record its fit, network, module and teacher-output cache in ``trained``."""
+    phase, cache = student_phase(
+        run.cfg,
+        run.accelerator,
+        role,
+        run.data,
+        run.tasks,
+        run.run_dir,
+        run.teachers,
+        teacher_val,
+        role == "student",
+    )
+    if cache:
+        trained.cache_summary = output_cache_summary(run.cfg, cache)
+    trained.fits[role] = fit(run.accelerator, phase, run.evaluator, progress=run.cfg.progress)
+    trained.nets[role] = phase.module.student
+    trained.modules[role] = phase.module
+    return phase
+
+
+def evaluate_phase(
+    run: StageTwo, trained: Trained, phase: Phase, split_sets: dict[str, Any]
+) -> Results:
+    """A trained phase's network on the reported split: the student's predictions are kept in
+    ``trained`` (they make the submission), the baseline's evaluation is stored once."""
+    net, split, tasks = phase.module.student, run.cfg.split, run.tasks
+    if phase.name == "student":
+        return run.evaluator.evaluate(net, split, split_sets, tasks, keep=trained.predictions)
+    return stored(
+        layout.evaluation_file(phase.checkpoint_dir, split),
+        run.accelerator,
+        lambda: run.evaluator.evaluate(net, split, split_sets, tasks),
+    )
+
+
+def full_label_results(run: StageTwo) -> dict[str, Results]:
+    """``{FULL_LABEL: results}`` of the full-label teachers on the reported split, when a
+    partially labelled run finds them (:func:`full_label_teachers`); else ``{}``."""
+    cfg, accelerator = run.cfg, run.accelerator
+    full = full_label_teachers(cfg, run.data, run.tasks, accelerator.num_processes)
+    if not full:
+        return {}
+    return {
+        FULL_LABEL: teacher_evaluation(run, on_device(full, accelerator), cfg.split, "full_label_")
+    }
+
+
+def run_metrics(
+    run: StageTwo, trained: Trained, results: dict[str, Results], teacher_seconds: float
+) -> dict[str, Any]:
+    """The run's ``metrics.json`` (:func:`unirep.pipeline.results.distill_metrics`), with the
+    parameter counts of the student, its adapters and the teachers."""
+    student, module = trained.nets["student"], trained.modules["student"]
+    return distill_metrics(
+        run.cfg,
+        run.data,
+        run.tasks,
+        run.accelerator.num_processes,
+        results,
+        parameter_counts(student, run.teachers, module),
+        trained.fits,
+        teacher_seconds,
+        trained.cache_summary,
+    )
+
+
+def export_run(run: StageTwo, trained: Trained, metrics: dict[str, Any]) -> None:
+    """Export the student into ``run_dir/student`` with its teachers, its validation selection
+    and its model card (which holds ``metrics`` and the command that reproduces the run)."""
+    cfg, data, run_dir, best = run.cfg, run.data, run.run_dir, trained.fits["student"]
+    command = reproduce_command(cfg, str(run_dir / layout.CONFIG))
+    export_student(
+        layout.student_dir(run_dir),
+        trained.nets["student"],
+        preset=cfg.preset,
+        architecture=architecture(cfg, student=True),
+        tasks=run.tasks,
+        preprocessing={s: data.preprocessing(s) for s in data.streams()},
+        teachers=run.teachers,
+        selection={
+            "split": "val",
+            "best_step": best.best_step,
+            f"val_{cfg.selection_metric}": best.best_val,
+        },
+        card=lambda manifest: model_card(manifest, metrics, cfg, data_summary(cfg, data), command),
+    )
+
+
+def write_outputs(
+    run: StageTwo, trained: Trained, split_sets: dict[str, Any], metrics: dict[str, Any]
+) -> None:
+    """The run's files, by the main process: the submission (``results.json``, when the run has
+    per-image classification tasks), the report with its figures, the final metrics logged to
+    the trackers and, last, ``metrics.json`` (the run is finished)."""
+    entries = submission_entries(run.tasks, split_sets, trained.predictions)
+    if entries is not None:
+        atomic_write_json(run.run_dir / SUBMISSION, entries)
+    grid = qualitative_section(
+        run.run_dir, run.evaluator, run.data, run.tasks, run.cfg.split, run.teachers, trained.nets
+    )
+    write_run_report(run.run_dir, metrics, grid)
+    # before metrics.json: a kill in between logs them again on resume, never loses them
+    log_final_metrics(run.accelerator, metrics, step=run.cfg.train.max_steps)
+    atomic_write_json(run.run_dir / METRICS, metrics)  # last: the run is finished
 
 
 def evaluate_student(
@@ -351,7 +471,7 @@ def evaluate_student(
     tasks = matching_tasks(student_tasks(manifest), data.tasks(), str(student_dir))
     evaluator = Evaluator(accelerator, cfg.data.eval_batch_size, cfg.data.num_workers)
     sets = data.datasets(cfg.split)
-    predictions: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    predictions: Predictions = {}
     results: dict[str, Results] = {
         "student": evaluator.evaluate(net, cfg.split, sets, tasks, keep=predictions)
     }
@@ -359,8 +479,7 @@ def evaluate_student(
         accelerator, manifest, lambda: recorded_teachers(cfg, data, tasks, manifest)
     )
     if teachers:
-        for t in teachers.values():
-            t.net.to(accelerator.device)
+        on_device(teachers, accelerator)
         results["teacher"] = evaluate_teachers(evaluator, teachers, tasks, cfg.split, data)
     params = parameter_counts(net, teachers)
     metrics = build_metrics(cfg, tasks, accelerator.num_processes, results, params)
@@ -431,370 +550,3 @@ def teachers_of_student(
         )
         return {}
     return teachers
-
-
-# --------------------------------------------------------------------------------------------
-# metrics.json
-
-
-def _delta(tasks: dict[str, Task], results: Results, reference: Results, every: bool) -> Any:
-    """Δm (%) over the main metrics (``every``: over every metric) of the tasks measured in both;
-    None when nothing is comparable or a reference is 0."""
-    if every:
-        mine = {t: {m: v for m, v in r.items() if v is not None} for t, r in results.items()}
-        ref = {
-            t: {m: v for m, v in reference[t].items() if v is not None and m in mine[t]}
-            for t in mine
-            if t in reference
-        }
-        mine = {t: {m: v for m, v in mine[t].items() if m in ref[t]} for t in ref}
-    else:
-        ref = main_metrics(tasks, reference)
-        mine = {t: m for t, m in main_metrics(tasks, results).items() if t in ref}
-        ref = {t: m for t, m in ref.items() if t in mine}
-    mine = {t: m for t, m in mine.items() if m}
-    ref = {t: m for t, m in ref.items() if t in mine}
-    if not mine:
-        return None
-    try:
-        return delta_m(mine, ref)
-    except ValueError:  # a reference metric of 0: the relative change is undefined
-        return None
-
-
-def build_metrics(
-    cfg: Config,
-    tasks: dict[str, Task],
-    num_processes: int,
-    results: dict[str, Results],
-    params: dict[str, Any],
-) -> dict[str, Any]:
-    """The metrics.json of the run-directory contract (see README).
-
-    ``results[role][task][metric]`` for roles ``student``, ``teacher``, ``baseline`` (any but
-    ``student`` may be missing). Δm uses each task's main metric against the teachers of the
-    same run; where every task is scored by accuracy, the mean accuracy and the Visual Decathlon
-    score (E_max = 2 × the teacher's error) are added.
-    """
-    roles = [r for r in ("student", "teacher", "baseline", FULL_LABEL) if r in results]
-    per_task = {t: {role: results[role][t] for role in roles} for t in results["student"]}
-    by_accuracy = all(t.main_metric == "accuracy" for t in tasks.values())
-    teacher = results.get("teacher")
-    summary: dict[str, Any] = {}
-    for role in ("student", "baseline"):
-        if role not in results:
-            continue
-        prefix = "" if role == "student" else "baseline_"
-        if by_accuracy:
-            summary[f"{prefix}mean_accuracy"] = mean_metric(results[role], "accuracy")
-        if teacher:
-            summary[f"{prefix}delta_m_vs_teachers"] = _delta(tasks, results[role], teacher, False)
-            summary[f"{prefix}delta_m_all_metrics_vs_teachers"] = _delta(
-                tasks, results[role], teacher, True
-            )
-            if by_accuracy:
-                pairs = {
-                    t: (r["accuracy"], teacher[t]["accuracy"])
-                    for t, r in results[role].items()
-                    if r.get("accuracy") is not None
-                    and teacher.get(t, {}).get("accuracy") is not None
-                }
-                summary[f"{prefix}decathlon_score"] = (
-                    decathlon_score(
-                        {t: a for t, (a, _) in pairs.items()}, {t: b for t, (_, b) in pairs.items()}
-                    )[0]
-                    if pairs
-                    else None
-                )
-    if by_accuracy:
-        for role in roles:  # the official score, for runs on the real Visual Decathlon domains
-            official = official_decathlon_score(
-                {t: r["accuracy"] for t, r in results[role].items()}
-            )
-            if official is not None:
-                summary.setdefault("official_decathlon_score", {})[role] = official
-        if teacher:
-            summary["teacher_mean_accuracy"] = mean_metric(teacher, "accuracy")
-    summary["delta_m_metrics"] = [f"{t}/{task.main_metric}" for t, task in tasks.items()]
-    summary["params"] = {k: v for k, v in params.items() if k != "backbone_multiplier"}
-    if "backbone_multiplier" in params:
-        summary["backbone_multiplier"] = params["backbone_multiplier"]
-    summary["weighting"] = cfg.weighting.name
-    if cfg.dense is not None and cfg.dense.cross_task is not None:
-        summary["cross_task"] = cfg.dense.cross_task.name
-    summary["num_processes"] = num_processes
-    return {"preset": cfg.preset, "split": cfg.split, "tasks": per_task, "summary": summary}
-
-
-def fit_records(fits: dict[str, FitResult], teacher_seconds: float, score: str) -> dict[str, Any]:
-    """Summary entries of the trained phases: total and per-phase seconds, the val selection."""
-    records: dict[str, Any] = {
-        "train_seconds": teacher_seconds + sum(f.seconds for f in fits.values())
-    }
-    if fits:
-        records["phase_seconds"] = {role: f.seconds for role, f in fits.items()}
-        records["skipped_steps"] = {role: f.skipped_steps for role, f in fits.items()}
-        records["selection"] = {
-            role: {"split": "val", "best_step": f.best_step, f"val_{score}": f.best_val}
-            for role, f in fits.items()
-        }
-    return records
-
-
-def parameter_counts(
-    student: torch.nn.Module,
-    teachers: dict[str, Teacher],
-    module: TrainableModule | None = None,
-) -> dict[str, Any]:
-    """Exported student, its alignment adapters, all teachers together, and (the "#par" of the
-    Decathlon tables) the student's trunk over one teacher's trunk."""
-    counts: dict[str, Any] = {
-        "student": count_parameters(student),
-        "teachers_total": sum(count_parameters(t.net) for t in teachers.values()),
-    }
-    if module is not None:
-        counts["adapters"] = count_parameters(module.aligners)
-    if teachers:
-        one = count_parameters(next(iter(teachers.values())).net.trunk)
-        counts["backbone_multiplier"] = count_parameters(student.trunk) / one  # type: ignore[arg-type]
-    return counts
-
-
-def submission_entries(
-    tasks: dict[str, Task],
-    sets: dict[str, Any],
-    predictions: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-) -> list[dict[str, int]] | None:
-    """The Visual Decathlon submission ``[{"image_id", "category_id"}]`` over every per-image
-    classification task (None when the run has none). Ids are the annotation files' own;
-    entries are sorted by image id; predictions were gathered without padding duplicates."""
-    entries = []
-    found = False
-    for name, (preds, _, ids) in predictions.items():
-        task = tasks[name]
-        if task.kind.spatial or not task.kind.has_classes:
-            continue
-        found = True
-        dataset = sets[task.stream]
-        entries += [
-            {"image_id": int(i), "category_id": dataset.category_id(int(p))}
-            for p, i in zip(preds.tolist(), ids.tolist(), strict=True)
-        ]
-    return sorted(entries, key=lambda e: e["image_id"]) if found else None
-
-
-# --------------------------------------------------------------------------------------------
-# Report sections
-
-
-def informative_weighting(curves: dict[str, Any]) -> dict[str, Any]:
-    """The phases whose task weights changed over training or that logged gradient cosines
-    (a teacher's, or ``sum``'s, constant weights of 1 say nothing)."""
-    keep = {}
-    for phase, series in curves.items():
-        moving = any(len({v for _, v in pts}) > 1 for pts in series.get("weight", {}).values())
-        if (
-            moving
-            or any(series.get("gradcos", {}).values())
-            or any(series.get("dominance", {}).values())
-        ):
-            keep[phase] = series
-    return keep
-
-
-def published_comparison(metrics: dict[str, Any]) -> str:
-    """Markdown: our per-domain accuracies beside the published ResNet-26 rows (URL, IJCV 2023).
-
-    Empty unless the run's tasks are official Visual Decathlon domains with measured accuracy.
-    """
-    tasks = metrics["tasks"]
-    official = metrics["summary"].get("official_decathlon_score")
-    if not official:
-        return ""
-    domains = list(tasks)
-    header = "| model | " + " | ".join(domains) + " | mean | score |"
-    rows = [header, "|:---|" + "---:|" * (len(domains) + 2)]
-    for role, score in official.items():
-        accs = [tasks[d][role]["accuracy"] * 100 for d in domains]
-        cells = " | ".join(f"{a:.2f}" for a in accs)
-        rows.append(f"| ours: {role} | {cells} | {sum(accs) / len(accs):.2f} | {score:.0f} |")
-    for name in ("Finetune", "Parallel RA", "URL", "URL (RA)"):
-        accs = [PUBLISHED_ACCURACY[name][d] for d in domains]
-        cells = " | ".join(f"{a:.2f}" for a in accs)
-        score = official_decathlon_score({d: PUBLISHED_ACCURACY[name][d] / 100 for d in domains})
-        rows.append(f"| published: {name} | {cells} | {sum(accs) / len(accs):.2f} | {score:.0f} |")
-    note = (
-        "Scores use the official constants (γ = 2, E_max = 2 × the published Finetune error, "
-        "1000 per domain); published rows are ResNet-26 test accuracies from Li, Liu & Bilen "
-        "(IJCV 2023, Table 2), rescored on the domains of this run."
-    )
-    return (
-        "## Visual Decathlon: ours beside the published results\n\n"
-        + "\n".join(rows)
-        + "\n\n"
-        + note
-    )
-
-
-FULL_LABEL = "full_label_teacher"
-"""The role of the teachers trained on every label, beside a partially labelled run's own."""
-
-
-def full_label_teachers(
-    cfg: Config, data: RunData, tasks: dict[str, Task], world_size: int
-) -> dict[str, Teacher]:
-    """For a run with partial labels: the teachers the same config trains on every label, when
-    all of them are in the cache (``{}`` otherwise, or when the run's labels are full)."""
-    if cfg.dense is None or cfg.dense.partial.protocol == "full":
-        return {}
-    full_cfg = copy.deepcopy(cfg)
-    assert full_cfg.dense is not None
-    full_cfg.dense.partial.protocol, full_cfg.dense.partial.file = "full", None
-    full_data = build_run_data(full_cfg)
-    paths = {t: teacher_path(full_cfg, full_data, t, world_size) for t in tasks}
-    if not all((p / "teacher.json").is_file() for p in paths.values()):
-        return {}
-    return load_teachers(full_cfg, full_data, tasks, world_size)
-
-
-def reference_records(
-    cfg: Config, data: RunData, tasks: dict[str, Task], results: dict[str, Results]
-) -> dict[str, Any]:
-    """Δm of the student against the baseline (the supervised multi-task model on the same
-    labels: JTR's protocol) and against full-label teachers when measured; the label split."""
-    records: dict[str, Any] = {}
-    if "baseline" in results:
-        records["delta_m_vs_baseline"] = _delta(
-            tasks, results["student"], results["baseline"], False
-        )
-    if FULL_LABEL in results:
-        for role, prefix in (("student", ""), ("baseline", "baseline_")):
-            if role in results:
-                records[f"{prefix}delta_m_vs_full_label_teachers"] = _delta(
-                    tasks, results[role], results[FULL_LABEL], False
-                )
-    part = cfg.dense.partial if cfg.dense is not None else None
-    if part is not None and (part.protocol != "full" or part.method != "none"):
-        records["partial"] = {
-            "protocol": part.protocol,
-            "method": part.method,
-            "distillation": cfg.distill.enabled,
-            "labels": data.label_summary(),
-        }
-    return records
-
-
-def data_records(data: RunData) -> dict[str, Any]:
-    """Summary entries about the data: whether the reported split is labelled and the files
-    skipped as corrupt (``data.on_corrupt=skip``), listed with their reason."""
-    return {"skipped_files": data.skipped()}
-
-
-def unlabelled_note(metrics: dict[str, Any]) -> str:
-    """Markdown, when no metric of the reported split could be computed (no labels)."""
-    measured = any(
-        v is not None for entry in metrics["tasks"].values() for v in entry["student"].values()
-    )
-    if measured:
-        return ""
-    return (
-        f"## The {metrics['split']} split is unlabelled\n\n"
-        "Its annotations carry no labels (e.g. Visual Decathlon's `*_test_stripped.json`), so no "
-        "metric is computed on it: the tables show dashes. The predictions are in `results.json`, "
-        "the file the official evaluation server takes. Model selection used the validation split."
-    )
-
-
-def reliability_section(metrics: dict[str, Any]) -> str:
-    """Markdown: steps skipped for non-finite values and files skipped as corrupt, if any."""
-    s = metrics["summary"]
-    lines = []
-    skipped = {r: n for r, n in s.get("skipped_steps", {}).items() if n}
-    if skipped:
-        lines.append(
-            "Steps skipped for a non-finite loss or gradient (`train.on_nonfinite=skip`): "
-            + ", ".join(f"{role} {n}" for role, n in skipped.items())
-            + "."
-        )
-    files = s.get("skipped_files") or []
-    if files:
-        lines.append(f"Files skipped as corrupt (`data.on_corrupt=skip`): {len(files)}.\n")
-        lines += [f"- `{f['path']}` ({f.get('split', '?')}): {f.get('reason', '')}" for f in files]
-    if not lines:
-        return ""
-    return "## Skipped steps and files\n\n" + "\n".join(lines)
-
-
-def delta_m_notes(metrics: dict[str, Any]) -> str:
-    """Markdown: how Δm and selection were computed in this run."""
-    s = metrics["summary"]
-    if "delta_m_vs_teachers" not in s:
-        return ""
-    lines = [
-        "## Δm against the teachers",
-        "",
-        "Δm = 100/T · Σ_t (−1)^l_t (M_t − M_teacher,t) / M_teacher,t over the main metric of "
-        f"each task ({', '.join(s['delta_m_metrics'])}; l_t = 1 where lower is better), "
-        f"on the {metrics['split']} split, against the single-task teachers of this run "
-        "(Maninis et al. 2019). Positive is better than the teachers.",
-        "",
-        "| model | Δm (%) | Δm, all metrics (%) |",
-        "|:---|---:|---:|",
-    ]
-    for role, prefix in (("student", ""), ("baseline (no distillation)", "baseline_")):
-        if f"{prefix}delta_m_vs_teachers" not in s:
-            continue
-        every = s.get(f"{prefix}delta_m_all_metrics_vs_teachers")
-        values = (s[f"{prefix}delta_m_vs_teachers"], every)
-        cells = [f"{v:+.2f}" if v is not None else "–" for v in values]
-        lines.append(f"| {role} | {cells[0]} | {cells[1]} |")
-    lines += [
-        "",
-        "Selection: teachers on their validation main metric, baseline and student on their "
-        "validation score; the test split is never used for selection.",
-    ]
-    return "\n".join(lines)
-
-
-def qualitative_section(
-    run_dir: Path,
-    evaluator: Evaluator,
-    data: RunData,
-    tasks: dict[str, Task],
-    split: str,
-    teachers: dict[str, Teacher],
-    nets: dict[str, torch.nn.Module],
-) -> str:
-    """The grid of a few ``split`` images of the per-pixel tasks (ground truth, teacher,
-    baseline, student); its markdown. Empty when the run has no per-pixel task."""
-    spatial = {n: t for n, t in tasks.items() if t.kind.spatial}
-    if not spatial:
-        return ""
-    stream = next(iter(spatial.values())).stream
-    spatial = {n: t for n, t in spatial.items() if t.stream == stream}
-    dataset = data.datasets(split)[stream]
-    n = min(GRID_SAMPLES, len(dataset))  # type: ignore[arg-type]
-    samples = [dataset[i] for i in range(n)]
-    images = torch.stack([s["image"] for s in samples])
-    truth = {
-        t: torch.stack([s[task.target_key] for s in samples]).float()
-        for t, task in spatial.items()
-        if task.target_key in samples[0]
-    }
-    columns: dict[str, dict[str, torch.Tensor]] = {"ground truth": truth, "teacher": {}}
-    for name, teacher in teachers.items():
-        if name in spatial:
-            columns["teacher"].update(
-                evaluator.predictions(teacher.net, stream, images, {name: spatial[name]})
-            )
-    for role, net in nets.items():
-        columns[role] = evaluator.predictions(net, stream, images, spatial)
-    render = {t: task.render for t, task in spatial.items()}
-    png = prediction_grid_figure(images, columns, list(spatial), render)
-    write_figure(run_dir / GRID_FIGURE, png)
-    return (
-        f"## Qualitative results ({split} split)\n\n"
-        f"First {n} images of the split; for each task: ground truth, the single-task teacher, "
-        "the baseline and the distilled student. Black marks pixels without ground truth.\n\n"
-        f"![Qualitative results]({GRID_FIGURE})"
-    )

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+import unirep.layout as layout
 from unirep.config.schema import Config
 from unirep.data.classification.transforms import build_transform
 from unirep.data.dense.mtan import DenseImageTransform
@@ -38,7 +39,7 @@ from unirep.training.evaluator import Results
 Images = Any
 """What :meth:`Student.predict` and :meth:`Student.features` take (see the module docstring)."""
 
-RUN_CONFIG = "config.yaml"  # beside student/ in a run folder: the config that trained it
+RUN_CONFIG = layout.CONFIG  # beside student/ in a run folder: the config that trained it
 
 
 def inference_transform(preprocessing: dict[str, Any]) -> Callable[[Any], Tensor]:
@@ -241,7 +242,7 @@ def load_student(folder: str | Path, map_location: str | torch.device = "cpu") -
     :class:`Student` in eval mode on ``map_location``: the weights' sha256 is checked against the
     manifest and loaded strictly into the architecture it records. Any export format loads."""
     folder = Path(folder)
-    if (folder / "student").is_dir() and not (folder / "manifest.json").is_file():
-        folder = folder / "student"
+    if layout.student_dir(folder).is_dir() and not (folder / layout.STUDENT_MANIFEST).is_file():
+        folder = layout.student_dir(folder)
     net, manifest = load_network(folder)
     return Student(net, manifest, folder).to(map_location).eval()

@@ -21,7 +21,7 @@ Teachers whose inputs cannot be stacked together (another image size or batch si
 classification domain's stream may differ from the others'), a teacher alone of its shape, and
 any other network (per-domain residual adapters, cross-task modules) run one by one, as
 :func:`each_teacher` runs them all. The outputs equal the one-by-one path's to float rounding
-(``tests/test_batched_teachers.py``; on an H100 they were bit-identical in float32, and within
+(``tests/unit/teachers/test_batched.py``; on an H100 they were bit-identical in float32, and within
 2e-4 with cuDNN's default TF32 convolutions, which round the grouped and the plain convolutions
 differently). The stacked weights are copies: the batched parts of the teachers' weights are
 held twice.

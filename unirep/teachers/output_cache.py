@@ -54,11 +54,12 @@ from unirep.config.schema import Config
 from unirep.data.streams import RunData
 from unirep.errors import DataError, NonFiniteError
 from unirep.io import atomic_write_json, read_json
+from unirep.layout import OUTPUT_CACHE_MANIFEST
 from unirep.tasks import Task
 
 CACHE_FORMAT = "unirep-teacher-outputs/1"
 DTYPES = {"float16": np.float16, "float32": np.float32}  # config.OUTPUT_CACHE_DTYPES
-MANIFEST = "manifest.json"
+MANIFEST = OUTPUT_CACHE_MANIFEST
 _MIX = (1_000_003, 7_919, 2**62)
 
 
@@ -287,13 +288,7 @@ def build_store(
         return raw, {t: {k: out[t][k].cpu() for k in ks} for t, ks in outputs.items()}
 
     raw, first = run([(0, 0)])  # shapes of every array
-    shapes: dict[str, tuple[tuple[int, ...], Any]] = {"ids": ((n,), np.int64)}
-    for name, value in raw.get("aug", {}).items():
-        value = np.asarray(value)
-        shapes[f"aug/{name}"] = ((n, draws, *value.shape[1:]), value.dtype)
-    for task, keys in first.items():
-        for k, value in keys.items():
-            shapes[f"{task}/{k}"] = ((n, draws, *value.shape[1:]), np_dtype)
+    shapes = _array_shapes(raw, first, n, draws, np_dtype)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)  # a build killed before its rename
         for name, (shape, np_type) in shapes.items():
@@ -306,19 +301,7 @@ def build_store(
         for start in range(0, len(mine), batch_size):
             indices = mine[start : start + batch_size]
             raw, out = run([(i, draw) for i in indices])
-            arrays["ids"][indices] = torch.as_tensor(raw["id"]).numpy()
-            for name, value in raw.get("aug", {}).items():
-                arrays[f"aug/{name}"][indices, draw] = np.asarray(value)
-            for task, keys in out.items():
-                for k, value in keys.items():
-                    stored = value.float().numpy().astype(np_dtype)
-                    if not np.isfinite(stored).all():
-                        raise NonFiniteError(
-                            f"teacher {task!r} output {k!r} is not finite once stored as "
-                            f"{dtype} (sample {indices[0]}..., draw {draw}); set "
-                            "teachers.output_cache.dtype=float32"
-                        )
-                    arrays[f"{task}/{k}"][indices, draw] = stored
+            _store_batch(arrays, raw, out, indices, draw, dtype)
     for array in arrays.values():
         array.flush()
     del arrays
@@ -339,6 +322,56 @@ def build_store(
         tmp.replace(folder)  # complete: from now on only read
     accelerator.wait_for_everyone()
     return OutputStore(folder)
+
+
+def _array_shapes(
+    raw: dict[str, Any],
+    first: dict[str, dict[str, Tensor]],
+    n: int,
+    draws: int,
+    np_dtype: Any,
+) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """``{array name: (shape, dtype)}`` of a stream's cache, from its first collated sample
+    ``raw`` and the teachers' outputs on it ``first``: ids ``[N]``, each ``aug/<name>``
+    ``[N, K, ...]`` in its own dtype, each ``<task>/<key>`` ``[N, K, ...]`` in ``np_dtype``."""
+    shapes: dict[str, tuple[tuple[int, ...], Any]] = {"ids": ((n,), np.int64)}
+    for name, value in raw.get("aug", {}).items():
+        value = np.asarray(value)
+        shapes[f"aug/{name}"] = ((n, draws, *value.shape[1:]), value.dtype)
+    for task, keys in first.items():
+        for k, value in keys.items():
+            shapes[f"{task}/{k}"] = ((n, draws, *value.shape[1:]), np_dtype)
+    return shapes
+
+
+def _store_batch(
+    arrays: dict[str, np.ndarray],
+    raw: dict[str, Any],
+    out: dict[str, dict[str, Tensor]],
+    indices: list[int],
+    draw: int,
+    dtype: str,
+) -> None:
+    """Write one batch of draw ``draw`` (samples ``indices``) into the cache's ``arrays``: its
+    ids, its ``aug`` records and the teachers' outputs ``out`` in ``dtype``.
+
+    Raises:
+        NonFiniteError: an output is not finite once stored in ``dtype``.
+    """
+    np_dtype = DTYPES[dtype]
+    arrays["ids"][indices] = torch.as_tensor(raw["id"]).numpy()
+    for name, value in raw.get("aug", {}).items():
+        arrays[f"aug/{name}"][indices, draw] = np.asarray(value)
+    for task, keys in out.items():
+        for k, value in keys.items():
+            stored = value.float().numpy().astype(np_dtype)
+            if not np.isfinite(stored).all():
+                raise NonFiniteError(
+                    f"teacher {task!r} output {k!r} is not finite once stored as "
+                    f"{dtype} (sample {indices[0]}..., draw {draw}); set "
+                    "teachers.output_cache.dtype=float32"
+                )
+            arrays[f"{task}/{k}"][indices, draw] = stored
 
 
 def open_store(folder: Path, key: str) -> OutputStore | None:

@@ -26,12 +26,12 @@ from unirep.io import (
     read_json,
     save_weights,
 )
+from unirep.layout import TEACHER_MANIFEST, WEIGHTS
 from unirep.models.build import build_network
 from unirep.tasks import Task
 from unirep.version import __version__
 
-WEIGHTS = "model.safetensors"
-MANIFEST = "teacher.json"
+MANIFEST = TEACHER_MANIFEST
 
 
 @dataclass

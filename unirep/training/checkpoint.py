@@ -26,10 +26,9 @@ from torch import nn
 
 from unirep.faults import failpoint
 from unirep.io import atomic_write_json, load_weights, read_json, save_weights
+from unirep.layout import OPTIMIZERS, TRAINER_STATE, WEIGHTS
 
-STATE = "trainer_state.json"
-DONE = "done.json"
-BEST = "best.safetensors"
+STATE = TRAINER_STATE
 
 
 def latest_checkpoint(directory: Path) -> Path | None:
@@ -63,13 +62,13 @@ def save_checkpoint(
     }
     torch.save(rng, tmp / f"rng_{accelerator.process_index}.pt")
     if accelerator.is_main_process:
-        save_weights(tmp / "model.safetensors", accelerator.unwrap_model(module).state_dict())
+        save_weights(tmp / WEIGHTS, accelerator.unwrap_model(module).state_dict())
         torch.save(
             {
                 "optimizers": [o.state_dict() for o in optimizers],
                 "schedulers": [s.state_dict() for s in schedulers],
             },
-            tmp / "optim.pt",
+            tmp / OPTIMIZERS,
         )
         atomic_write_json(tmp / STATE, {**state, "step": step})
     accelerator.wait_for_everyone()
@@ -91,8 +90,8 @@ def load_checkpoint(
 ) -> dict[str, Any]:
     """Restore module, optimizers and schedules from ``path``; returns the trainer's record."""
     state = read_json(path / STATE, what="trainer state")
-    accelerator.unwrap_model(module).load_state_dict(load_weights(path / "model.safetensors"))
-    optim = torch.load(path / "optim.pt", map_location="cpu", weights_only=False)
+    accelerator.unwrap_model(module).load_state_dict(load_weights(path / WEIGHTS))
+    optim = torch.load(path / OPTIMIZERS, map_location="cpu", weights_only=False)
     for o, s in zip(optimizers, optim["optimizers"], strict=True):
         o.load_state_dict(s)
     for sch, s in zip(schedulers, optim["schedulers"], strict=True):

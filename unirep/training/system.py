@@ -4,7 +4,7 @@ glibc's ``malloc`` adapts its mmap threshold as blocks are freed and returns hea
 system (``trim``) whenever the top of the heap frees more than the trim threshold. A training
 step allocates and frees the same activation-sized buffers every time, so with the defaults each
 step maps and unmaps them again: about 19 000 page faults per step and a sixth of the run in
-system time on this machine (issue 13). :func:`tune_allocator` fixes the mmap threshold at
+system time on a 2-core CPU machine. :func:`tune_allocator` fixes the mmap threshold at
 glibc's maximum (32 MiB on 64-bit: every buffer below it comes from the heap and is reused) and
 raises the trim threshold (1 GiB: freed memory stays in the process for the next step).
 

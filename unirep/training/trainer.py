@@ -28,11 +28,10 @@ from unirep.data.sampling import MultiDomainStream
 from unirep.errors import NonFiniteError
 from unirep.faults import failpoint
 from unirep.io import atomic_write_json, load_weights, read_json, save_weights
+from unirep.layout import BEST, DONE
 from unirep.optim.optimizers import build_optimizer, build_scheduler
 from unirep.tasks import Task
 from unirep.training.checkpoint import (
-    BEST,
-    DONE,
     latest_checkpoint,
     load_checkpoint,
     restore_rng,

@@ -20,7 +20,7 @@ def device_type(cfg: Config) -> str:
 
 
 def check_config(cfg: Config) -> None:
-    """Raise :class:`ConfigError`, naming the key, for a setting this machine cannot run."""
+    """Raise :class:`ConfigError`, naming the key, for a setting the device cannot run."""
     tracker_names(cfg.log_with)  # the tracker's package is installed
     if cfg.overwrite and cfg.resume:
         resume = "true" if cfg.resume is True else repr(cfg.resume)

@@ -9,9 +9,7 @@ under ``<cache_dir>/stats/`` (never inside the data root, which may be read-only
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -21,6 +19,7 @@ import numpy as np
 
 from unirep.data.classification.decathlon import DecathlonDomain
 from unirep.errors import CorruptImageError, DataError
+from unirep.io import atomic_write_text
 
 __all__ = ["domain_mean_std", "reference_mean_std"]
 
@@ -62,15 +61,7 @@ def _read_cache(path: Path, domain: str, fingerprint: str, max_images: int) -> d
 
 
 def _write_atomically(path: Path, entry: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(entry, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write_text(path, json.dumps(entry, indent=1))
 
 
 def _sample_indices(n: int, max_images: int) -> list[int]:

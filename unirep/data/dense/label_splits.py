@@ -1,4 +1,4 @@
-"""Label protocols for partially labelled dense multi-task learning (issue 10).
+"""Label protocols for partially labelled dense multi-task learning.
 
 A *label mask* is a bool tensor ``[N, T]``: row ``i`` is training image ``i`` (dataset order),
 column ``j`` is ``tasks[j]``; True means image ``i``'s label for that task may be used. This
@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -275,6 +275,28 @@ def read_label_split(
     def fail(problem: str) -> DataError:
         return DataError(f"label split {str(path)!r}: {problem}")
 
+    data = _split_object(path, fail)
+    file_tasks = _split_tasks(data["tasks"], tasks, fail)
+    labels = _split_labels(data["labels"], num_images, file_tasks, fail)
+    if "image_ids" in data:
+        _check_split_ids(data["image_ids"], image_ids, num_images, fail)
+    file_mask = torch.tensor(labels, dtype=torch.bool).reshape(num_images, len(file_tasks))
+    mask = file_mask[:, [file_tasks.index(t) for t in tasks]].contiguous()
+    if require_label:
+        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
+        if empty:
+            first = empty[0]
+            name = f" (id {_short(data['image_ids'][first])})" if "image_ids" in data else ""
+            raise fail(
+                f"{len(empty)} image(s) have no label, first image {first}{name}; "
+                "this protocol needs at least one label per image"
+            )
+    return mask
+
+
+def _split_object(path: Path, fail: Callable[[str], DataError]) -> dict[str, Any]:
+    """The label-split file's JSON object, its format tag and keys checked (``fail(problem)``
+    makes the error naming the file)."""
     if not path.is_file():
         raise fail("does not exist")
     try:
@@ -291,8 +313,11 @@ def read_label_split(
     missing_keys = [k for k in _REQUIRED_KEYS if k not in data]
     if missing_keys:
         raise fail(f"missing key(s) {missing_keys}")
+    return data
 
-    file_tasks = data["tasks"]
+
+def _split_tasks(file_tasks: Any, tasks: list[str], fail: Callable[[str], DataError]) -> list[str]:
+    """The file's ``tasks``, checked: a list of distinct names, the same set as the run's."""
     if not isinstance(file_tasks, list) or not all(isinstance(t, str) for t in file_tasks):
         raise fail(f"'tasks' must be a list of task names, got {_short(file_tasks)}")
     if len(set(file_tasks)) != len(file_tasks):
@@ -303,8 +328,13 @@ def read_label_split(
     missing = [t for t in tasks if t not in file_tasks]
     if missing:
         raise fail(f"no labels for task(s) {missing} (file tasks {file_tasks})")
+    return file_tasks
 
-    labels = data["labels"]
+
+def _split_labels(
+    labels: Any, num_images: int, file_tasks: list[str], fail: Callable[[str], DataError]
+) -> list[list[int]]:
+    """The file's ``labels``, checked: ``num_images`` rows of one 0/1 integer per file task."""
     if not isinstance(labels, list):
         raise fail(f"'labels' must be a list of rows, got a {_jtype(labels)}")
     if len(labels) != num_images:
@@ -317,36 +347,32 @@ def read_label_split(
         for v in row:
             if type(v) is not int or v not in (0, 1):
                 raise fail(f"row {i} holds {_short(v)}; label values must be the integers 0 or 1")
+    return labels
 
-    if "image_ids" in data:
-        file_ids = data["image_ids"]
-        if not isinstance(file_ids, list):
-            raise fail(f"'image_ids' must be a list, got a {_jtype(file_ids)}")
-        if len(file_ids) != num_images:
-            raise fail(f"has {len(file_ids)} image ids but the training split has {num_images}")
-        if image_ids is not None:
-            expected = list(image_ids)
-            if len(expected) != num_images:
-                raise ValueError(f"{len(expected)} image ids given for {num_images} images")
-            for i, (got_id, want_id) in enumerate(zip(file_ids, expected, strict=True)):
-                if got_id != want_id:
-                    raise fail(
-                        f"image id {i} is {_short(got_id)} but the training split's is "
-                        f"{_short(want_id)}: the split was made for other images or another order"
-                    )
 
-    file_mask = torch.tensor(labels, dtype=torch.bool).reshape(num_images, width)
-    mask = file_mask[:, [file_tasks.index(t) for t in tasks]].contiguous()
-    if require_label:
-        empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
-        if empty:
-            first = empty[0]
-            name = f" (id {_short(data['image_ids'][first])})" if "image_ids" in data else ""
+def _check_split_ids(
+    file_ids: Any,
+    image_ids: Sequence[str | int] | None,
+    num_images: int,
+    fail: Callable[[str], DataError],
+) -> None:
+    """Refuse the file's ``image_ids`` unless they are a list of ``num_images`` ids equal, in
+    order, to ``image_ids`` (when given)."""
+    if not isinstance(file_ids, list):
+        raise fail(f"'image_ids' must be a list, got a {_jtype(file_ids)}")
+    if len(file_ids) != num_images:
+        raise fail(f"has {len(file_ids)} image ids but the training split has {num_images}")
+    if image_ids is None:
+        return
+    expected = list(image_ids)
+    if len(expected) != num_images:
+        raise ValueError(f"{len(expected)} image ids given for {num_images} images")
+    for i, (got_id, want_id) in enumerate(zip(file_ids, expected, strict=True)):
+        if got_id != want_id:
             raise fail(
-                f"{len(empty)} image(s) have no label, first image {first}{name}; "
-                "this protocol needs at least one label per image"
+                f"image id {i} is {_short(got_id)} but the training split's is "
+                f"{_short(want_id)}: the split was made for other images or another order"
             )
-    return mask
 
 
 def _jtype(value: Any) -> str:
