@@ -50,6 +50,7 @@ STUDENT_MANIFEST = "manifest.json"
 MODEL_CARD = "README.md"
 BACKBONE = "backbone"  # the student's trunk as a timm model folder
 TIMM_CONFIG = "config.json"
+TORCH_PROGRAM = "model.pt2"  # the backbone as a torch.export program: loads without unirep
 OUTPUT_CACHE_MANIFEST = "manifest.json"  # a teacher-output cache folder, written last
 
 

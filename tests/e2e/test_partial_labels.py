@@ -14,7 +14,8 @@ from unirep.stage_one.train import ensure_teachers
 
 from tests.conftest import fit_interrupted, tiny_dense_config
 from unirep.batch import make_batch
-from unirep.data.dense.label_splits import read_label_split
+from unirep.data.dense.label_splits import MTPSL_TASK_ORDER, make_label_mask, read_label_split
+from unirep.data.dense.mtan import write_mtan_fixture
 from unirep.errors import DataError
 from unirep.pipeline.export import read_student
 from unirep.pipeline.rundir import prepare_run_dir
@@ -103,6 +104,90 @@ def test_mtpsl_settings_file_is_imported(tiny_cache: Path, tmp_path: Path) -> No
     tasks = list(imported.data.tasks)
     expected = weights.bool()[:, [["semantic", "depth", "normal"].index(t) for t in tasks]]
     assert torch.equal(imported.label_mask(), expected)
+
+
+@pytest.mark.parametrize(
+    ("preset", "n", "protocol", "fixture"),
+    [
+        ("nyuv2-onelabel", 795, "one-label", {"classes": 13}),
+        ("nyuv2-random", 795, "random-labels", {"classes": 13}),
+        (
+            "cityscapes-onelabel",
+            2975,
+            "one-label",
+            {"classes": 7, "with_normals": False, "label_dir": "label_7"},
+        ),
+    ],
+)
+def test_a_published_split_indexes_the_whole_training_folder(
+    tiny_cache: Path, tmp_path: Path, preset: str, n: int, protocol: str, fixture: dict
+) -> None:
+    """MTPSL's settings files (795 × 3 for NYUv2, 2975 × 2 for Cityscapes: one row per image of
+    the training folder) on a training folder of that size in the MTAN format, with the presets'
+    carved validation (dense.val_fraction 0.1): each training image gets its folder row, the
+    validation images keep every label, label_split.json records the mapping."""
+    root = tmp_path / "data"
+    write_mtan_fixture(root, "train", n, 2, 3, seed=0, **fixture)
+    write_mtan_fixture(root, "val", 2, 2, 3, seed=1, **fixture)
+    order = list(MTPSL_TASK_ORDER[preset.split("-")[0]])
+    weights = make_label_mask(protocol, n, order, seed=7).float()
+    settings = (
+        tmp_path / "settings" / ("onelabel.pth" if protocol == "one-label" else "randomlabels.pth")
+    )
+    settings.parent.mkdir()
+    torch.save({"labels_weights": weights}, settings)
+    base = [f"data.root={root}", "data.num_workers=0", "dense.partial.protocol=file"]
+
+    def run_data(split_file: Path):
+        return _data(tiny_cache, tmp_path, *base, f"dense.partial.file={split_file}", preset=preset)
+
+    _, data = run_data(settings)
+    tasks = list(data.tasks())
+    train = data.datasets("train", train=True)["images"]
+    val = data.datasets("val")["images"]
+    ids = [int(i) for i in data.data.dataset("train").indices]
+    held_out = [int(i) for i in val.indices]
+    n_val = round(n * 0.1)
+    assert len(train) == n - n_val and len(held_out) == n_val
+    assert sorted(ids + held_out) == list(range(n))  # carved from the whole folder
+    expected = weights.bool()[ids][:, [order.index(t) for t in tasks]]
+    assert torch.equal(data.label_mask(), expected)
+    for i in (0, len(train) // 2, len(train) - 1):  # the sample is folder image ids[i]
+        sample = train[i]
+        assert int(sample["index"]) == ids[i]
+        row = weights[ids[i]].bool().tolist()
+        assert sample["label_mask"] == {t: row[order.index(t)] for t in tasks}
+    assert "label_mask" not in val[0]  # validation keeps full ground truth
+    for j, t in enumerate(tasks):
+        assert len(data.labelled_train_set(t)) == int(expected[:, j].sum())
+    data.save_records(tmp_path)
+    record = json.loads((tmp_path / "label_split.json").read_text())
+    assert record["image_ids"] == ids and record["validation_images"] == held_out
+    assert record["folder_images"] == n and record["protocol"] == "file" and record["seed"] is None
+    assert record["source"] == {"file": str(settings), "rows": n, "row_of": "folder"}
+    assert torch.equal(
+        read_label_split(tmp_path / "label_split.json", tasks, len(ids), ids), expected
+    )
+    data.save_records(tmp_path)  # a resumed run checks the record and leaves it
+    # the run's own record (one row per training image) drives a run the same way
+    _, again = run_data(tmp_path / "label_split.json")
+    assert torch.equal(again.label_mask(), expected)
+    # a settings file sized to the carved split keeps working (row i = training image i)
+    carved = tmp_path / "carved.pth"
+    torch.save({"labels_weights": weights[: len(ids)]}, carved)
+    _, sized = run_data(carved)
+    assert torch.equal(
+        sized.label_mask(), weights.bool()[: len(ids)][:, [order.index(t) for t in tasks]]
+    )
+    # any other count is refused in one line: the file, both counts, the keys that set them
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"labels_weights": weights[:-1]}, wrong)
+    with pytest.raises(DataError) as err:
+        run_data(wrong)
+    message = str(err.value)
+    assert str(wrong) in message and f"has {n - 1} label rows" in message
+    assert f"({len(ids)})" in message and f"({n}," in message and "\n" not in message
+    assert "dense.val_fraction / dense.val_folder" in message
 
 
 def _student(cfg, run_dir: Path, crash_at: int | None, monkeypatch: pytest.MonkeyPatch):

@@ -26,6 +26,7 @@ from unirep.data.dense.label_splits import (
     import_mtpsl,
     make_label_mask,
     read_label_split,
+    split_rows,
     write_label_split,
 )
 from unirep.data.dense.sources import DenseData, build_dense_data, dense_task_names
@@ -185,6 +186,7 @@ class SceneStreams(RunData):
         self.cfg = cfg
         self.names = dense_task_names(cfg)  # the tasks' names, in the order the data reads them
         self._mask: torch.Tensor | None = None
+        self._source: dict[str, Any] | None = None  # protocol file: the file and its rows
 
     def tasks(self) -> dict[str, Task]:
         assert self.cfg.dense is not None
@@ -245,7 +247,10 @@ class SceneStreams(RunData):
 
     def label_mask(self) -> torch.Tensor:
         """bool ``[N_train, T]``: which training image is labelled for which task (column order:
-        the run's tasks), drawn once from ``dense.partial.seed`` (or read from its ``file``)."""
+        the run's tasks), drawn once from ``dense.partial.seed`` (or read from its ``file``: one
+        row per training image, or one per image of the whole training folder, as MTPSL's
+        files have, whose validation images' rows are then left out; see
+        :func:`~unirep.data.dense.label_splits.split_rows`)."""
         if self._mask is None:
             self._mask = self._make_mask()
         return self._mask
@@ -257,17 +262,21 @@ class SceneStreams(RunData):
         if part.protocol == "file":
             assert part.file is not None
             path = Path(part.file).expanduser()
+            folder = self.data.folder_images()
             if path.suffix in (".pth", ".pt"):
                 order = part.file_tasks or tasks
                 mask = import_mtpsl(path, order)
-                if mask.shape[0] != n:
-                    raise DataError(
-                        f"{path}: {mask.shape[0]} rows, but the training split has {n} images"
-                    )
-                return _columns(mask, order, tasks, path)
+                rows = split_rows(mask.shape[0], ids, folder, f"MTPSL settings file {str(path)!r}")
+                self._source = _source(path, mask.shape[0], n)
+                return _columns(mask[rows], order, tasks, path)
             # a split drawn by a protocol that labels every image must label every image
             require = _file_protocol(path) in ("one-label", "random-labels")
-            return read_label_split(path, tasks, n, image_ids=ids, require_label=require)
+            mask = read_label_split(
+                path, tasks, n, image_ids=ids, require_label=require,
+                folder_indices=ids, folder_images=folder,
+            )  # fmt: skip
+            self._source = _source(path, _file_rows(path), n)
+            return mask
         seed = self.cfg.seed if part.seed is None else part.seed
         fraction: Any = None
         if part.protocol == "fraction":
@@ -275,14 +284,13 @@ class SceneStreams(RunData):
         return make_label_mask(part.protocol, n, tasks, seed, fraction=fraction)
 
     def _train_ids(self) -> list[int]:
-        train = self.data.dataset("train")
-        if isinstance(train, Subset):
-            return [int(i) for i in train.indices]
-        return list(range(len(train)))
+        return self.data.folder_indices("train")
 
     def save_records(self, run_dir: Path) -> None:
-        """``label_split.json`` (our documented format) when training labels are partial; an
-        existing one (a resumed run) is checked, never rewritten."""
+        """``label_split.json`` (our documented format) when training labels are partial, with
+        the training folder's size, its images carved out for validation and, for a split read
+        from a file, that file and how its rows were mapped; an existing one (a resumed run) is
+        checked, never rewritten."""
         if not self.partial:
             return
         path = Path(run_dir) / LABEL_SPLIT
@@ -293,9 +301,14 @@ class SceneStreams(RunData):
                 raise DataError(f"{path} holds another label split than this run draws")
             return
         part = self.part
+        mask = self.label_mask()
+        drawn = part.protocol != "file"
         write_label_split(
-            path, self.label_mask(), tasks, self._train_ids(), part.protocol,
-            self.cfg.seed if part.seed is None else part.seed,
+            path, mask, tasks, self._train_ids(), part.protocol,
+            (self.cfg.seed if part.seed is None else part.seed) if drawn else None,
+            folder_images=self.data.folder_images(),
+            validation_images=self.data.validation_images(),
+            source=self._source,
         )  # fmt: skip
 
     def label_summary(self) -> dict[str, Any]:
@@ -382,6 +395,21 @@ def _file_protocol(path: Path) -> str | None:
     except (OSError, ValueError, AttributeError):
         return None
     return value if isinstance(value, str) else None
+
+
+def _file_rows(path: Path) -> int:
+    """The number of label rows of a unirep split file that has just been read."""
+    return len(json.loads(path.read_text(encoding="utf-8"))["labels"])
+
+
+def _source(path: Path, rows: int, num_images: int) -> dict[str, Any]:
+    """The ``source`` record of a split read from ``path`` (``rows`` rows) for ``num_images``
+    training images: rows indexed by training image when the counts agree, else by folder."""
+    return {
+        "file": str(path),
+        "rows": rows,
+        "row_of": "training" if rows == num_images else "folder",
+    }
 
 
 def _columns(mask: torch.Tensor, order: list[str], tasks: list[str], path: Path) -> torch.Tensor:

@@ -13,6 +13,11 @@ Registered with ``timm.models.register_model``, so ``timm.create_model(name)`` b
 weights are hosted, so ``pretrained=True`` needs a file: a unirep export's ``student/backbone/``
 (``timm.create_model("local-dir:<student>/backbone", pretrained=True)``, see
 :mod:`unirep.models.timm_weights`).
+
+No stock timm architecture builds this network, whatever its arguments: timm's ``ResNet`` has a
+stride-2 stem with max-pool (or a strided conv), convolutional projection shortcuts and no final
+BN-ReLU. So a process without unirep cannot build it from ``config.json``; the export puts a
+``torch.export`` program of it beside (``backbone/model.pt2``, see :mod:`unirep.pipeline.export`).
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 ``resnet26_decathlon``, ``resnet_decathlon_tiny`` and ``segnet_mtan`` have no hosted weights: their
 entry points accept ``pretrained=True`` only with a weights file (what ``timm.create_model(
 "local-dir:<student>/backbone", pretrained=True)`` or ``pretrained_cfg_overlay=dict(file=...)``
-gives), so a missing file is an error, never a random initialisation.
+gives), so a missing file is an error, never a random initialisation. timm builds them only after
+``import unirep`` registers them; without unirep, the export's ``backbone/model.pt2`` (a
+``torch.export`` program, see :mod:`unirep.pipeline.export`) runs the same weights with torch
+alone.
 """
 
 from __future__ import annotations

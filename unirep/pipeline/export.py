@@ -19,7 +19,14 @@ means a complete export):
   backbone, ``resnet26_decathlon`` / ``resnet_decathlon_tiny`` and the dense ``segnet`` encoder
   as ``segnet_mtan``, the last three registered with timm by ``import unirep``; not a backbone
   with residual adapters, whose parts are per domain, nor a dense ``timm`` encoder, whose
-  ``features_only`` wrapper renames the modules). The manifest's ``timm_backbone`` records it.
+  ``features_only`` wrapper renames the modules). A stock timm architecture loads so with timm
+  alone. unirep's own ones have no stock timm equivalent (the decathlon ResNets' stride-1 stem,
+  parameter-free shortcuts and final BN-ReLU are not timm's ``ResNet``; SegNet's bias-free,
+  ``width_mult``-scaled stages are not timm's ``VGG``), so beside them goes
+  :data:`TORCH_PROGRAM`, a ``torch.export`` program of the same weights that torch alone runs:
+  ``torch.export.load("<student>/backbone/model.pt2").module()(x)`` gives what
+  ``Student.features`` gives (:func:`export_program`). The manifest's ``timm_backbone`` records
+  both (``program``: its file, sha256, input and output; None for a stock timm architecture).
 - ``README.md``: the model card (:mod:`unirep.pipeline.model_card`), when the caller renders one.
 
 Exports written before the backbone and the card existed load as before.
@@ -27,15 +34,19 @@ Exports written before the backbone and the card existed load as before.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from unirep.io import (
+    atomic_write_bytes,
     atomic_write_json,
     atomic_write_text,
     file_sha256,
@@ -44,12 +55,13 @@ from unirep.io import (
     save_weights,
 )
 from unirep.layout import BACKBONE as BACKBONE_DIR
-from unirep.layout import MODEL_CARD, STUDENT_MANIFEST, TIMM_CONFIG, WEIGHTS
+from unirep.layout import MODEL_CARD, STUDENT_MANIFEST, TIMM_CONFIG, TORCH_PROGRAM, WEIGHTS
 from unirep.models.build import build_network
 from unirep.tasks import TASK_KINDS, Task
 from unirep.version import __version__
 
 STUDENT_FORMAT = "unirep-student/2"
+# the backbone as a torch.export program, beside TIMM_CONFIG in BACKBONE_DIR (for unirep.layout)
 SEGNET_TIMM_NAME = "segnet_mtan"
 _OLD_DENSE_STREAM = "images"
 # pretrained_cfg entries copied from the architecture's own timm config (how timm adapts it)
@@ -162,36 +174,113 @@ def timm_pretrained_cfg(
     return cfg
 
 
+def needs_program(name: str) -> bool:
+    """Whether timm alone cannot build the architecture ``name``: it is registered outside timm
+    (unirep's ``resnet26_decathlon``, ``resnet_decathlon_tiny``, ``segnet_mtan``)."""
+    return not timm.models.model_entrypoint(name).__module__.startswith("timm.")
+
+
+class _StudentFeatures(nn.Module):
+    """A timm backbone's forward as ``Student.features``: the pooled ``[B, C]`` of a
+    classification backbone, the last stage ``[B, C, h, w]`` (``forward_features``) of a dense
+    encoder."""
+
+    def __init__(self, model: nn.Module, dense: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.dense = dense
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model.forward_features(x) if self.dense else self.model(x)  # type: ignore[operator]
+
+
+def _size_oblivious() -> contextlib.AbstractContextManager[Any]:
+    """Trace sizes 0/1 like any other (no guard such as ``W // 32 != 1``), so the program takes
+    every batch and image size the model takes; a no-op where torch lacks the switch."""
+    try:
+        from torch.fx.experimental import _config
+
+        return _config.patch(backed_size_oblivious=True)
+    except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+        return contextlib.nullcontext()
+
+
+def export_program(
+    path: Path, model: nn.Module, *, dense: bool, input_size: list[int]
+) -> dict[str, Any]:
+    """Write ``model`` (eval mode) as a ``torch.export`` program to ``path``, atomically, and
+    return its record: file name, sha256, input, output and the torch version that wrote it.
+
+    The program's forward is what ``Student.features`` gives (see :class:`_StudentFeatures`),
+    on float32 ``[B, C, H, W]`` preprocessed as the student's stream; batch and image size are
+    dynamic (traced on ``[2, *input_size]``). It needs torch only:
+    ``torch.export.load(path).module()(x)``. Checked on the trace input before writing.
+    """
+    module = _StudentFeatures(model.eval(), dense).eval()
+    example = torch.zeros(2, *input_size)
+    auto = torch.export.Dim.AUTO
+    with _size_oblivious():
+        program = torch.export.export(
+            module, (example,), dynamic_shapes=({0: auto, 2: auto, 3: auto},)
+        )
+    with torch.no_grad():
+        if not torch.allclose(program.module()(example), module(example), atol=1e-5):
+            raise RuntimeError(f"the torch.export program of {path} differs from its model")
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    data = buffer.getvalue()
+    atomic_write_bytes(Path(path), data)
+    c = int(model.num_features)  # type: ignore[arg-type]
+    return {
+        "file": Path(path).name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "input": f"float32 [B, {input_size[0]}, H, W], preprocessed as pretrained_cfg",
+        "output": f"last stage [B, {c}, h, w]" if dense else f"pooled features [B, {c}]",
+        "torch_version": torch.__version__,
+    }
+
+
 def export_backbone(
     directory: Path,
     net: nn.Module,
     arch: dict[str, Any],
     preprocessing: dict[str, dict[str, Any]],
 ) -> dict[str, Any]:
-    """Write ``directory/{model.safetensors, config.json}`` for timm (see :func:`timm_backbone`);
-    returns the manifest's ``timm_backbone`` record (``folder`` None, with the reason, when the
-    student has no timm backbone)."""
+    """Write ``directory/{model.safetensors, config.json}`` for timm (see :func:`timm_backbone`)
+    and, for an architecture timm alone cannot build, ``directory/model.pt2`` for torch alone
+    (:func:`export_program`); returns the manifest's ``timm_backbone`` record (``folder`` None,
+    with the reason, when the student has no timm backbone)."""
     found = timm_backbone(net, arch)
     if isinstance(found, str):
         return {"folder": None, "reason": found}
     name, args, model = found
-    digest = save_weights(Path(directory) / WEIGHTS, model.state_dict())
+    directory = Path(directory)
+    digest = save_weights(directory / WEIGHTS, model.state_dict())
     num_features = int(model.num_features)  # type: ignore[arg-type]
+    pretrained_cfg = timm_pretrained_cfg(model, preprocessing)
+    program = None
+    if needs_program(name):
+        default = getattr(model, "pretrained_cfg", None) or {}  # the architecture's own size
+        size = pretrained_cfg.get("input_size") or default.get("input_size", (3, 224, 224))
+        program = export_program(
+            directory / TORCH_PROGRAM, model, dense="encoder" in arch, input_size=list(size)
+        )
     config = {
         "architecture": name,
         "num_classes": 0,
         "num_features": num_features,
         "model_args": args,
-        "pretrained_cfg": timm_pretrained_cfg(model, preprocessing),
-        "unirep": {"preprocessing": preprocessing, "weights_sha256": digest},
+        "pretrained_cfg": pretrained_cfg,
+        "unirep": {"preprocessing": preprocessing, "weights_sha256": digest, "program": program},
     }
-    atomic_write_json(Path(directory) / TIMM_CONFIG, config)
+    atomic_write_json(directory / TIMM_CONFIG, config)
     return {
         "folder": BACKBONE_DIR,
         "architecture": name,
         "model_args": args,
         "num_features": num_features,
         "weights_sha256": digest,
+        "program": program,
     }
 
 

@@ -231,7 +231,15 @@ def _files_section(manifest: dict[str, Any]) -> list[str]:
             f"- `{backbone['folder']}/`: the shared backbone alone, timm's `"
             f"{backbone['architecture']}` (sha256 `{backbone['weights_sha256']}`): "
             f'`timm.create_model("local-dir:<this folder>/{backbone["folder"]}", '
-            "pretrained=True)` after `import unirep`."
+            "pretrained=True)`"
+            + (
+                f" after `import unirep`, or with torch alone the `torch.export` program "
+                f"`{backbone['folder']}/{program['file']}` (sha256 `{program['sha256']}`): "
+                f'`torch.export.load("<this folder>/{backbone["folder"]}/{program["file"]}")'
+                ".module()`."
+                if (program := backbone.get("program"))
+                else " (a stock timm architecture: timm alone loads it)."
+            )
         )
     else:
         lines.append(f"- no timm backbone: {backbone.get('reason', 'exported before unirep 0.3')}.")

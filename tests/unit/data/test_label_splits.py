@@ -19,8 +19,10 @@ from unirep.data.dense.label_splits import (
     import_mtpsl,
     make_label_mask,
     read_label_split,
+    split_rows,
     write_label_split,
 )
+from unirep.data.dense.sources import carve
 from unirep.errors import ConfigError, DataError
 
 NYU = ["semantic", "depth", "normal"]
@@ -383,6 +385,126 @@ def test_import_mtpsl_refuses_unreadable(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cannot be loaded") as err:
         import_mtpsl(path, NYU)
     assert "\n" not in str(err.value)
+
+
+# --- a published split over the whole training folder -------------------------------------------
+
+
+def mtpsl_settings(n: int, t: int, protocol: str = "one-label") -> torch.Tensor:
+    """A ``labels_weights`` FloatTensor ``[n, t]`` like MTPSL's shipped settings files."""
+    return make_label_mask(protocol, n, [f"task{j}" for j in range(t)], seed=5).float()
+
+
+def test_split_rows_by_training_image_or_by_folder_image() -> None:
+    train = [0, 2, 3, 5, 6, 7, 9]  # of a folder of 10; 1, 4, 8 validate
+    assert split_rows(7, train, 10, "f") == list(range(7))  # one row per training image
+    assert split_rows(10, train, 10, "f") == train  # one row per image of the folder
+    assert split_rows(10, list(range(10)), 10, "f") == list(range(10))  # nothing carved
+    with pytest.raises(DataError) as err:
+        split_rows(8, train, 10, "label split 'x.json'")
+    message = str(err.value)
+    assert message.startswith("label split 'x.json': has 8 label rows")
+    assert "(7)" in message and "(10," in message and "\n" not in message
+    assert "dense.val_fraction / dense.val_folder" in message
+    whole = r"has 9 label rows but the training split has 10 images, the whole training folder"
+    with pytest.raises(DataError, match=whole + r".*dense\.val_folder"):
+        split_rows(9, list(range(10)), 10, "f")
+    with pytest.raises(ValueError, match="increasing"):
+        split_rows(10, [3, 2], 10, "f")
+    with pytest.raises(ValueError, match="below folder_images"):
+        split_rows(10, [3, 10], 10, "f")
+
+
+@pytest.mark.parametrize(
+    ("dataset", "n", "n_val", "protocol", "file_name"),
+    [
+        ("nyuv2", 795, 80, "one-label", "onelabel.pth"),
+        ("nyuv2", 795, 80, "random-labels", "randomlabels.pth"),
+        ("cityscapes", 2975, 298, "one-label", "onelabel.pth"),
+    ],
+)
+def test_mtpsl_shaped_file_maps_onto_the_carved_training_split(
+    tmp_path: Path, dataset: str, n: int, n_val: int, protocol: str, file_name: str
+) -> None:
+    """MTPSL's files, exactly shaped (795 × 3, 2975 × 2, torch.save-d {'labels_weights': float
+    tensor}), against the real carve of their training folder (dense.val_fraction 0.1)."""
+    order = list(MTPSL_TASK_ORDER[dataset])
+    weights = mtpsl_settings(n, len(order), protocol)
+    path = tmp_path / f"{dataset}_settings" / file_name
+    path.parent.mkdir()
+    torch.save({"labels_weights": weights}, path)
+    assert torch.load(path, weights_only=True)["labels_weights"].shape == (n, len(order))
+    train, val = carve(n, 0.1)
+    assert len(val) == n_val and len(train) == n - n_val and not set(train) & set(val)
+    full = import_mtpsl(path, order)
+    rows = split_rows(full.shape[0], train, n, f"MTPSL settings file {str(path)!r}")
+    assert rows == train
+    mask = full[rows]
+    assert mask.shape == (n - n_val, len(order))
+    for i in (0, 1, len(train) // 2, len(train) - 1):  # training image i gets its folder's row
+        assert torch.equal(mask[i], weights[train[i]].bool())
+    # the same labels written as a whole-folder JSON split read the same way, ids checked
+    split = tmp_path / "folder.json"
+    write_label_split(split, full, order, list(range(n)), protocol, None)
+    back = read_label_split(
+        split, order, len(train), image_ids=train, require_label=True,
+        folder_indices=train, folder_images=n,
+    )  # fmt: skip
+    assert torch.equal(back, mask)
+    # a file sized to the carved split keeps working; another count names both and the keys
+    assert split_rows(len(train), train, n, "f") == list(range(len(train)))
+    with pytest.raises(DataError) as err:
+        split_rows(n - 1, train, n, f"MTPSL settings file {str(path)!r}")
+    message = str(err.value)
+    assert str(path) in message and f"({len(train)})" in message and f"({n}," in message
+    assert "dense.val_fraction / dense.val_folder" in message and "\n" not in message
+
+
+def test_whole_folder_json_split_uses_the_training_rows_only(tmp_path: Path) -> None:
+    train, folder = [0, 1, 3], 4  # image 2 validates
+    data = valid_split()
+    data["labels"][2] = [0, 0, 0]  # the validation image's row: unused, so no label is fine
+    path = tmp_path / "folder.json"
+    path.write_text(json.dumps(data))
+    kwargs: dict[str, Any] = {"folder_indices": train, "folder_images": folder}
+    train_ids = [ids(4)[i] for i in train]
+    mask = read_label_split(path, NYU, 3, image_ids=train_ids, require_label=True, **kwargs)
+    assert mask.int().tolist() == [data["labels"][i] for i in train]
+    with pytest.raises(DataError, match="image id 3 is '0003' but the training split's is 'x'"):
+        read_label_split(path, NYU, 3, image_ids=["0000", "0001", "x"], **kwargs)
+    data["labels"][3] = [0, 0, 0]  # a training image without a label is still refused
+    path.write_text(json.dumps(data))
+    with pytest.raises(DataError, match=r"1 image\(s\) have no label, first image 2 \(id '0003'\)"):
+        read_label_split(path, NYU, 3, require_label=True, **kwargs)
+    with pytest.raises(DataError, match="has 4 label rows but the training split has 3 images"):
+        read_label_split(path, NYU, 3)  # without the folder, only one row per training image
+
+
+def test_the_folder_and_source_records_round_trip(tmp_path: Path) -> None:
+    mask = make_label_mask("one-label", 3, NYU, seed=0)
+    path = tmp_path / "label_split.json"
+    source = {"file": "/mtpsl/nyuv2_settings/onelabel.pth", "rows": 5, "row_of": "folder"}
+    write_label_split(
+        path, mask, NYU, [0, 2, 4], "file", None,
+        folder_images=5, validation_images=[1, 3], source=source,
+    )  # fmt: skip
+    data = json.loads(path.read_text())
+    assert data["folder_images"] == 5 and data["validation_images"] == [1, 3]
+    assert data["source"] == source and data["image_ids"] == [0, 2, 4]
+    assert torch.equal(read_label_split(path, NYU, 3, image_ids=[0, 2, 4]), mask)
+    for key, value, match in [
+        ("folder_images", -1, "'folder_images' must be a count"),
+        ("validation_images", [1, "3"], "'validation_images' must be a list of folder indices"),
+        ("source", {"file": "a"}, "'source' must be an object with the keys"),
+        ("source", {**source, "row_of": "row"}, "'row_of' is 'row'"),
+    ]:
+        path.write_text(json.dumps({**data, key: value}))
+        with pytest.raises(DataError, match=match):
+            read_label_split(path, NYU, 3)
+    with pytest.raises(ValueError, match="folder_images"):
+        write_label_split(path, mask, NYU, None, "file", None, folder_images=2)
+    with pytest.raises(ValueError, match="source"):
+        write_label_split(path, mask, NYU, None, "file", None, source={"file": "a"})
 
 
 # --- describe -----------------------------------------------------------------------------------

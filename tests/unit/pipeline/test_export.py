@@ -5,11 +5,20 @@ decathlon ResNets, the dense SegNet encoder as ``segnet_mtan``), ``export_studen
 ``backbone/{model.safetensors, config.json}``; ``timm.create_model`` loads it both through
 ``local-dir:`` and through ``pretrained_cfg_overlay={"file": ...}``, and its output equals
 ``Student.features``. Students without one say why in the manifest; old exports still load.
+
+Without unirep (issue 22): a stock timm architecture loads by ``local-dir:`` with timm alone;
+unirep's own architectures (no stock timm equivalent) come with ``backbone/model.pt2``, a
+``torch.export`` program that torch alone runs. Both are checked in a subprocess that cannot
+import unirep, against ``Student.features`` here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import subprocess
+import sys
+import sysconfig
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +28,13 @@ import torch
 
 import unirep
 from unirep.models.build import build_network
-from unirep.pipeline.export import BACKBONE_DIR, MODEL_CARD, STUDENT_MANIFEST, export_student
+from unirep.pipeline.export import (
+    BACKBONE_DIR,
+    MODEL_CARD,
+    STUDENT_MANIFEST,
+    TORCH_PROGRAM,
+    export_student,
+)
 from unirep.tasks import TASK_KINDS, Task
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -108,6 +123,78 @@ def test_the_exported_backbone_loads_in_timm_with_the_students_features(
     assert [round(m, 6) for m in data["mean"]] == (
         pre[stream]["mean"] if "mean" in pre[stream] else [0.0, 0.0, 0.0]
     )
+
+
+# Run with ``python -I -S`` from outside the repository: the interpreter's site-packages are on
+# sys.path (torch, timm) but its .pth files, unirep's editable install among them, are not run.
+WITHOUT_UNIREP = """
+import sys
+sys.path.extend(sys.argv[1].split("|"))
+try:
+    import unirep
+except ImportError:
+    pass
+else:
+    raise SystemExit("unirep is importable: " + unirep.__file__)
+import torch, timm
+backbone, how = sys.argv[2], sys.argv[3]
+inputs = torch.load(sys.argv[4])
+if how == "timm":
+    model = timm.create_model("local-dir:" + backbone, pretrained=True).eval()
+else:
+    try:
+        timm.create_model("local-dir:" + backbone, pretrained=True)
+    except RuntimeError as e:
+        assert "Unknown model" in str(e), e
+    else:
+        raise SystemExit("timm knows unirep's architecture")
+    model = torch.export.load(backbone + "/model.pt2").module()
+with torch.no_grad():
+    torch.save([model(x) for x in inputs], sys.argv[5])
+assert not any(m == "unirep" or m.startswith("unirep.") for m in sys.modules)
+"""
+
+
+@pytest.mark.parametrize(
+    ("case", "how"),
+    [("timm-resnet10t", "timm"), ("resnet_decathlon_tiny", "torch"), ("segnet_mtan", "torch")],
+)
+def test_the_exported_backbone_loads_without_unirep(tmp_path: Path, case: str, how: str) -> None:
+    arch, tasks, pre = LOADABLE[case]()
+    folder = _export(tmp_path / "student", arch, tasks, pre)
+    record = json.loads((folder / STUDENT_MANIFEST).read_text())["timm_backbone"]
+    backbone = folder / BACKBONE_DIR
+    program = backbone / TORCH_PROGRAM
+    if how == "timm":  # timm builds a stock architecture itself: no program
+        assert record["program"] is None and not program.exists()
+    else:
+        assert record["program"]["file"] == TORCH_PROGRAM
+        assert record["program"]["sha256"] == hashlib.sha256(program.read_bytes()).hexdigest()
+        config = json.loads((backbone / "config.json").read_text())
+        assert config["unirep"]["program"] == record["program"]
+
+    student = unirep.load_student(folder)
+    stream = student.streams[0]
+    images = torch.randint(0, 256, (2, 40, 60, 3), dtype=torch.uint8).numpy()
+    size = student.preprocess(images, stream).shape[-2:]
+    # the student's input, then another batch and image size (the program's shapes are dynamic)
+    inputs = [student.preprocess(images, stream), torch.rand(1, 3, size[0] + 32, size[1] + 8)]
+    expected = [student.features(x, stream=stream, preprocessed=True) for x in inputs]
+    torch.save(inputs, tmp_path / "inputs.pt")
+
+    site = "|".join(dict.fromkeys(sysconfig.get_paths()[k] for k in ("purelib", "platlib")))
+    script = [sys.executable, "-I", "-S", "-c", WITHOUT_UNIREP, site, str(backbone), how]
+    outside = tmp_path / "elsewhere"  # no unirep/ in the working directory either
+    outside.mkdir()
+    done = subprocess.run(
+        [*script, str(tmp_path / "inputs.pt"), str(tmp_path / "got.pt")],
+        cwd=outside, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = torch.load(tmp_path / "got.pt")
+    for g, e in zip(got, expected, strict=True):
+        assert g.shape == e.shape
+        assert torch.allclose(g, e, atol=1e-5)
 
 
 def test_a_new_head_for_fine_tuning_keeps_the_trained_backbone(tmp_path: Path) -> None:

@@ -13,7 +13,10 @@ from Partially Annotated Data", CVPR 2022) and JTR (Nishi et al., CVPR 2024):
 - ``random-labels``: every image labelled for a random non-empty, non-full subset of the tasks.
 - ``fraction``: task ``t`` labelled on exactly ``round(f_t · N)`` images, chosen per task.
 - ``file``: the mask is read from a label-split file (:func:`read_label_split`); MTPSL's shipped
-  ``.pth`` settings are converted with :func:`import_mtpsl`.
+  ``.pth`` settings are converted with :func:`import_mtpsl`. A file holds one row per training
+  image, or one per image of the whole training folder in file order, as published splits do
+  (MTPSL's 795 NYUv2 / 2975 Cityscapes rows) when the run carves its validation images from that
+  folder: :func:`split_rows` picks the training images' rows, and validation keeps every label.
 
 Every random mask is a function of ``seed`` alone (a local ``torch.Generator``; the global RNG is
 never read or advanced), so a run, its resume and every process of a distributed run agree.
@@ -33,12 +36,31 @@ Label-split file format (strict JSON, one object; written by :func:`write_label_
 - ``protocol``: how the mask was made (free text, usually a :data:`PROTOCOLS` name).
 - ``seed``: the seed that made it, or null (e.g. a split imported from MTPSL).
 - ``tasks``: the column names, each once.
-- ``image_ids``: the training images' ids (strings or integers) in dataset order.
-- ``labels``: N rows of T integers 0/1, columns in ``tasks`` order; 1 = labelled.
+- ``image_ids``: one id (string or integer) per row: the training images' ids in dataset order
+  (a run writes their file indices).
+- ``labels``: N rows of T integers 0/1, columns in ``tasks`` order; 1 = labelled. N is the number
+  of training images, or of images in the whole training folder (file order; see
+  :func:`split_rows`).
 
-``format``, ``tasks`` and ``labels`` are required; ``protocol``, ``seed`` and ``image_ids`` are
-optional on read; no other key is allowed. The file's task order may differ from the run's: the
-columns are reordered to the run's tasks, and every run task must be in the file and vice versa.
+A run's ``label_split.json`` also records where its training images come from (optional keys,
+informative: a reader checks their types and otherwise ignores them)::
+
+      "folder_images": 795,
+      "validation_images": [3, 17, 40],
+      "source": {"file": "/mtpsl/nyuv2_settings/onelabel.pth", "rows": 795, "row_of": "folder"}
+
+- ``folder_images``: images in the training folder before the validation images are carved out.
+- ``validation_images``: the folder indices carved out for validation (fully labelled, not in
+  this split); empty when validation has a folder of its own.
+- ``source`` (protocol ``file`` only): the split file the labels were read from, its number of
+  rows, and ``row_of``: ``"folder"`` when row ``r`` labels image ``r`` of the training folder
+  (the rows of validation images were not used), ``"training"`` when row ``i`` labels training
+  image ``i`` (see :func:`split_rows`).
+
+``format``, ``tasks`` and ``labels`` are required; ``protocol``, ``seed``, ``image_ids``,
+``folder_images``, ``validation_images`` and ``source`` are optional on read; no other key is
+allowed. The file's task order may differ from the run's: the columns are reordered to the run's
+tasks, and every run task must be in the file and vice versa.
 """
 
 from __future__ import annotations
@@ -62,7 +84,18 @@ MTPSL_TASK_ORDER: dict[str, tuple[str, ...]] = {
     "cityscapes": ("semantic", "depth"),
 }
 _REQUIRED_KEYS = ("format", "tasks", "labels")
-_OPTIONAL_KEYS = ("protocol", "seed", "image_ids")
+_OPTIONAL_KEYS = (
+    "protocol",
+    "seed",
+    "image_ids",
+    "folder_images",
+    "validation_images",
+    "source",
+)
+_SOURCE_KEYS = ("file", "rows", "row_of")
+ROW_OF = ("folder", "training")  # what a split file's row indexes (``source.row_of``)
+#: The config keys that decide which images of the training folder train (the rest validate).
+CARVE_KEYS = "dense.val_fraction / dense.val_folder"
 
 
 def _check_tasks(tasks: Sequence[str], what: str = "tasks") -> list[str]:
@@ -208,12 +241,17 @@ def write_label_split(
     image_ids: Sequence[str | int] | None,
     protocol: str,
     seed: int | None,
+    folder_images: int | None = None,
+    validation_images: Sequence[int] | None = None,
+    source: Mapping[str, Any] | None = None,
 ) -> None:
     """Atomically write ``mask`` (bool or 0/1 ``[N, T]``, columns = ``tasks``) as a label split.
 
     ``image_ids``: the N training images' ids in dataset order (strings or integers), or None to
     leave them out. ``protocol`` and ``seed`` record how the mask was made (``seed`` None when it
-    was not drawn from one). The format is in this module's docstring.
+    was not drawn from one). ``folder_images``, ``validation_images`` and ``source`` (``{"file",
+    "rows", "row_of"}``) record where the training images and their rows came from; each is left
+    out when None. The format is in this module's docstring.
     """
     tasks = _check_tasks(tasks)
     mask = _check_mask(mask, tasks)
@@ -234,8 +272,100 @@ def write_label_split(
         if len(set(ids)) != len(ids):
             raise ValueError("image ids are not unique")
         data["image_ids"] = ids
+    if folder_images is not None:
+        if _bad_count(folder_images) or folder_images < mask.shape[0]:
+            raise ValueError(
+                f"folder_images must be an integer >= the {mask.shape[0]} images, "
+                f"got {folder_images!r}"
+            )
+        data["folder_images"] = folder_images
+    if validation_images is not None:
+        held_out = [_json_id(i) for i in validation_images]
+        if not all(isinstance(i, int) and i >= 0 for i in held_out):
+            raise ValueError(f"validation_images must be folder indices, got {held_out!r}")
+        data["validation_images"] = held_out
+    if source is not None:
+        problem = _source_problem(source)
+        if problem:
+            raise ValueError(f"source {problem}")
+        data["source"] = {k: source[k] for k in _SOURCE_KEYS}
     data["labels"] = mask.to(torch.int64).tolist()
     atomic_write_json(Path(path), data)
+
+
+def _bad_count(value: Any) -> bool:
+    return isinstance(value, bool) or not isinstance(value, int) or value < 0
+
+
+def _source_problem(source: Any) -> str | None:
+    """What is wrong with a ``source`` record (None: nothing)."""
+    if not isinstance(source, Mapping) or sorted(source) != sorted(_SOURCE_KEYS):
+        keys = sorted(source) if isinstance(source, Mapping) else _jtype(source)
+        return f"must be an object with the keys {list(_SOURCE_KEYS)}, got {_short(keys)}"
+    if not isinstance(source["file"], str) or _bad_count(source["rows"]):
+        return f"'file' must be a string and 'rows' a count, got {_short(dict(source))}"
+    if source["row_of"] not in ROW_OF:
+        return f"'row_of' is {_short(source['row_of'])}, expected one of {list(ROW_OF)}"
+    return None
+
+
+def split_rows(
+    num_rows: int, folder_indices: Sequence[int], folder_images: int, name: str
+) -> list[int]:
+    """Which row of a split file with ``num_rows`` rows labels each training image.
+
+    ``folder_indices[i]`` is training image ``i``'s index (file order) in the training folder,
+    which holds ``folder_images`` images: the run may carve its validation images from that
+    folder (``dense.val_fraction``) and leave out unreadable ones. Two layouts are accepted:
+
+    - one row per training image, in dataset order (``num_rows == len(folder_indices)``; what a
+      run's ``label_split.json`` holds): training image ``i`` gets row ``i``;
+    - one row per image of the whole training folder, in file order (``num_rows ==
+      folder_images``; what a published split holds, e.g. MTPSL's ``labels_weights``: 795 rows
+      for NYUv2, 2975 for Cityscapes): training image ``i`` gets row ``folder_indices[i]``. The
+      rows of the images that do not train (validation) are not used: validation keeps every
+      label.
+
+    Returns ``rows``, ``rows[i]`` the row of training image ``i`` (row ``i`` when the two counts
+    agree). Raises :class:`DataError` for any other row count: one line starting with ``name``
+    (the file), naming both accepted counts and :data:`CARVE_KEYS`.
+    """
+    indices = [int(i) for i in folder_indices]
+    if indices != sorted(set(indices)) or (indices and not 0 <= indices[-1] < folder_images):
+        raise ValueError(
+            f"folder_indices must be distinct increasing indices below folder_images "
+            f"{folder_images}, got {_short(indices)}"
+        )
+    rows = _rows(num_rows, indices, folder_images)
+    if rows is None:
+        raise DataError(f"{name}: {_row_count_problem(num_rows, len(indices), folder_images)}")
+    return rows
+
+
+def _rows(num_rows: int, indices: Sequence[int], folder_images: int | None) -> list[int] | None:
+    """:func:`split_rows`' answer, None for a row count it refuses."""
+    if num_rows == len(indices):
+        return list(range(num_rows))
+    if folder_images is not None and num_rows == folder_images:
+        return list(indices)
+    return None
+
+
+def _row_count_problem(num_rows: int, num_images: int, folder_images: int | None) -> str:
+    problem = f"has {num_rows} label rows but the training split has {num_images} images"
+    if folder_images is None:
+        return problem
+    if folder_images == num_images:
+        return (
+            f"{problem}, the whole training folder (one row per image, in file order); "
+            f"{CARVE_KEYS} decide which images train"
+        )
+    return (
+        f"{problem} of the training folder's {folder_images}: give one row per training image "
+        f"({num_images}) or one per image of the training folder in file order ({folder_images}, "
+        f"the rows of the {folder_images - num_images} images that do not train are left out); "
+        f"{CARVE_KEYS} decide which images train"
+    )
 
 
 def _first_line(err: BaseException) -> str:
@@ -254,39 +384,59 @@ def read_label_split(
     num_images: int,
     image_ids: Sequence[str | int] | None = None,
     require_label: bool = False,
+    folder_indices: Sequence[int] | None = None,
+    folder_images: int | None = None,
 ) -> torch.Tensor:
     """Read a label-split file as a bool mask ``[num_images, len(tasks)]``, columns = ``tasks``.
 
-    The file's columns are reordered to ``tasks``. When the file holds image ids, they must match
-    ``image_ids`` exactly (same ids, same order) if given, and be ``num_images`` long otherwise.
-    ``require_label=True`` refuses an image with no label: pass it for the ``one-label`` and
-    ``random-labels`` semantics (every image contributes to training); leave it False for
-    ``fraction``-style splits, where an unlabelled image is expected.
+    The file's columns are reordered to ``tasks``. Its rows are the ``num_images`` training
+    images in dataset order or, when ``folder_indices`` (each training image's index in its
+    folder) and ``folder_images`` (the folder's size) are given, the images of the whole training
+    folder in file order (see :func:`split_rows`; the other images' rows are checked, not used).
+    When the file holds image ids (one per row), those of the rows used must match ``image_ids``
+    exactly (same ids, same order) if given. ``require_label=True`` refuses a training image with
+    no label: pass it for the ``one-label`` and ``random-labels`` semantics (every image
+    contributes to training); leave it False for ``fraction``-style splits, where an unlabelled
+    image is expected.
 
     Raises :class:`DataError`, one line naming the file and the problem, for: a missing file,
     invalid JSON, a wrong or missing format tag, an unknown key, a run task absent from the file,
-    a file task unknown to the run, a duplicated task, a row count other than ``num_images``, a
-    row of the wrong length, a value other than the integers 0/1, mismatching image ids, and (with
-    ``require_label``) an image with no label.
+    a file task unknown to the run, a duplicated task, a row count other than those accepted, a
+    row of the wrong length, a value other than the integers 0/1, mismatching image ids, a
+    malformed record key, and (with ``require_label``) an image with no label.
     """
     tasks = _check_tasks(tasks)
     path = Path(path)
+    if (folder_indices is None) != (folder_images is None):
+        raise ValueError("folder_indices and folder_images go together")
+    indices = list(range(num_images)) if folder_indices is None else list(folder_indices)
+    if len(indices) != num_images:
+        raise ValueError(f"{len(indices)} folder indices given for {num_images} images")
 
     def fail(problem: str) -> DataError:
         return DataError(f"label split {str(path)!r}: {problem}")
 
     data = _split_object(path, fail)
     file_tasks = _split_tasks(data["tasks"], tasks, fail)
-    labels = _split_labels(data["labels"], num_images, file_tasks, fail)
+    labels = data["labels"]
+    if not isinstance(labels, list):
+        raise fail(f"'labels' must be a list of rows, got a {_jtype(labels)}")
+    if folder_images is None:
+        rows = _rows(len(labels), indices, None)
+        if rows is None:
+            raise fail(_row_count_problem(len(labels), num_images, None))
+    else:
+        rows = split_rows(len(labels), indices, folder_images, f"label split {str(path)!r}")
+    _split_labels(labels, file_tasks, fail)
     if "image_ids" in data:
-        _check_split_ids(data["image_ids"], image_ids, num_images, fail)
-    file_mask = torch.tensor(labels, dtype=torch.bool).reshape(num_images, len(file_tasks))
-    mask = file_mask[:, [file_tasks.index(t) for t in tasks]].contiguous()
+        _check_split_ids(data["image_ids"], image_ids, rows, len(labels), fail)
+    file_mask = torch.tensor(labels, dtype=torch.bool).reshape(len(labels), len(file_tasks))
+    mask = file_mask[rows][:, [file_tasks.index(t) for t in tasks]].contiguous()
     if require_label:
         empty = (~mask.any(dim=1)).nonzero().flatten().tolist()
         if empty:
             first = empty[0]
-            name = f" (id {_short(data['image_ids'][first])})" if "image_ids" in data else ""
+            name = f" (id {_short(data['image_ids'][rows[first]])})" if "image_ids" in data else ""
             raise fail(
                 f"{len(empty)} image(s) have no label, first image {first}{name}; "
                 "this protocol needs at least one label per image"
@@ -313,6 +463,15 @@ def _split_object(path: Path, fail: Callable[[str], DataError]) -> dict[str, Any
     missing_keys = [k for k in _REQUIRED_KEYS if k not in data]
     if missing_keys:
         raise fail(f"missing key(s) {missing_keys}")
+    if "folder_images" in data and _bad_count(data["folder_images"]):
+        raise fail(f"'folder_images' must be a count, got {_short(data['folder_images'])}")
+    held_out = data.get("validation_images", [])
+    if not isinstance(held_out, list) or any(_bad_count(i) for i in held_out):
+        raise fail(f"'validation_images' must be a list of folder indices, got {_short(held_out)}")
+    if "source" in data:
+        problem = _source_problem(data["source"])
+        if problem:
+            raise fail(f"'source' {problem}")
     return data
 
 
@@ -332,13 +491,9 @@ def _split_tasks(file_tasks: Any, tasks: list[str], fail: Callable[[str], DataEr
 
 
 def _split_labels(
-    labels: Any, num_images: int, file_tasks: list[str], fail: Callable[[str], DataError]
+    labels: list[Any], file_tasks: list[str], fail: Callable[[str], DataError]
 ) -> list[list[int]]:
-    """The file's ``labels``, checked: ``num_images`` rows of one 0/1 integer per file task."""
-    if not isinstance(labels, list):
-        raise fail(f"'labels' must be a list of rows, got a {_jtype(labels)}")
-    if len(labels) != num_images:
-        raise fail(f"has {len(labels)} label rows but the training split has {num_images} images")
+    """The file's ``labels`` (a list), checked: rows of one 0/1 integer per file task."""
     width = len(file_tasks)
     for i, row in enumerate(labels):
         if not isinstance(row, list) or len(row) != width:
@@ -353,24 +508,25 @@ def _split_labels(
 def _check_split_ids(
     file_ids: Any,
     image_ids: Sequence[str | int] | None,
-    num_images: int,
+    rows: list[int],
+    num_rows: int,
     fail: Callable[[str], DataError],
 ) -> None:
-    """Refuse the file's ``image_ids`` unless they are a list of ``num_images`` ids equal, in
-    order, to ``image_ids`` (when given)."""
+    """Refuse the file's ``image_ids`` unless they are a list of one id per row (``num_rows``)
+    whose ids at ``rows`` equal, in order, ``image_ids`` (when given)."""
     if not isinstance(file_ids, list):
         raise fail(f"'image_ids' must be a list, got a {_jtype(file_ids)}")
-    if len(file_ids) != num_images:
-        raise fail(f"has {len(file_ids)} image ids but the training split has {num_images}")
+    if len(file_ids) != num_rows:
+        raise fail(f"has {len(file_ids)} image ids but {num_rows} label rows")
     if image_ids is None:
         return
     expected = list(image_ids)
-    if len(expected) != num_images:
-        raise ValueError(f"{len(expected)} image ids given for {num_images} images")
-    for i, (got_id, want_id) in enumerate(zip(file_ids, expected, strict=True)):
-        if got_id != want_id:
+    if len(expected) != len(rows):
+        raise ValueError(f"{len(expected)} image ids given for {len(rows)} images")
+    for i, want_id in zip(rows, expected, strict=True):
+        if file_ids[i] != want_id:
             raise fail(
-                f"image id {i} is {_short(got_id)} but the training split's is "
+                f"image id {i} is {_short(file_ids[i])} but the training split's is "
                 f"{_short(want_id)}: the split was made for other images or another order"
             )
 
@@ -387,7 +543,8 @@ def import_mtpsl(path: str | Path, task_order: list[str]) -> torch.Tensor:
     FloatTensor ``[N, T]`` of 0/1 (``nyuv2_settings/*.pth``: N = 795, T = 3; ``cityscapes_settings/
     onelabel.pth``: N = 2975, T = 2); a file holding the bare tensor is accepted too.
     ``task_order`` names the file's columns (:data:`MTPSL_TASK_ORDER`). Loaded with
-    ``weights_only=True``: no code in the file runs.
+    ``weights_only=True``: no code in the file runs. Row ``r`` is image ``r`` of the whole
+    training folder (file order): :func:`split_rows` picks the rows of a run's training images.
 
     Raises :class:`DataError` naming the file for: a missing or unreadable file, a dict without
     that single key, a value that is not a 2-D tensor with ``len(task_order)`` columns and at least
