@@ -36,7 +36,16 @@ from typing import Any
 from unirep.errors import ConfigError
 from unirep.registry import Registry
 
-__all__ = ["NonEmpty", "Range", "bind", "bind_arguments", "bind_spec", "check_name"]
+__all__ = [
+    "NonEmpty",
+    "Pattern",
+    "Range",
+    "Unique",
+    "bind",
+    "bind_arguments",
+    "bind_spec",
+    "check_name",
+]
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,19 @@ class Range:
 @dataclass(frozen=True)
 class NonEmpty:
     """A constraint for ``Annotated[list[...], NonEmpty()]``: at least one item."""
+
+
+@dataclass(frozen=True)
+class Unique:
+    """A constraint for ``Annotated[list[...], Unique()]``: no item twice (a list of names)."""
+
+
+@dataclass(frozen=True)
+class Pattern:
+    """A constraint for ``Annotated[str, Pattern(regex, text)]``: the whole string matches."""
+
+    regex: str
+    text: str
 
 
 _EXPONENT_FLOAT = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
@@ -135,8 +157,9 @@ def _union(value: Any, tp: Any, key: str, moved: Mapping[str, str]) -> Any:
             return coerce(value, option, key, moved)
         except ConfigError as err:
             if len(options) == 2 and type(None) in options:
-                # "X or null": the one real option's message says more
-                raise ConfigError(f"{err} (or null)") from None
+                # "X or null": the one real option's message says more (and null is valid)
+                here = str(err).startswith(f"config key {key!r}:")
+                raise ConfigError(f"{err} (or null)" if here else str(err)) from None
             last = err
     expected = " or ".join("null" if o is type(None) else _type_name(o) for o in options)
     raise ConfigError(f"config key {key!r}: expected {expected}, got {value!r}") from last
@@ -155,6 +178,15 @@ def coerce(value: Any, tp: Any, key: str, moved: Moved | None = None) -> Any:
         for extra in extras:
             if isinstance(extra, NonEmpty) and not value:
                 raise ConfigError(f"config key {key!r}: must hold at least one item, got {value!r}")
+            if isinstance(extra, Unique):
+                twice = sorted({str(v) for i, v in enumerate(value) if v in value[:i]})
+                if twice:
+                    raise ConfigError(
+                        f"config key {key!r}: {', '.join(map(repr, twice))} given more than "
+                        "once; name each once"
+                    )
+            if isinstance(extra, Pattern) and not re.fullmatch(extra.regex, value):
+                raise ConfigError(f"config key {key!r}: {value!r} is not {extra.text}")
             if isinstance(extra, Range):
                 for number in value if isinstance(value, list) else [value]:
                     if not extra.holds(number):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -234,6 +236,32 @@ def read_config(preset_or_path: str | None = None, overrides: list[str] | None =
         apply_override(values, override)
     _one_kind(values, name, dense_preset)
     return from_dict(values)
+
+
+def with_origin(message: str, preset_or_path: str | None, overrides: Sequence[str]) -> str:
+    """``message`` (a :class:`ConfigError` naming ``config key '<key>'``) saying where the value
+    came from when the user did not write it: the preset (or file) set it, so the fix is an
+    override, not the command line they typed."""
+    found = re.match(r"config key '([^']+)'", message)
+    if found is None:
+        return message
+    key = found.group(1)
+    given = [o.split("=", 1)[0].strip() for o in overrides if "=" in o]
+    if any(_related(key, g) for g in given):
+        return message
+    name = preset_or_path or DEFAULT_PRESET
+    try:
+        _, values = read_yaml(name)
+    except ConfigError:
+        return message
+    if not any(_related(key, k) for k in flatten(values)):
+        return message  # a default of the schema
+    return f"{message} (the value comes from {name!r}: override it, e.g. {key}=...)"
+
+
+def _related(a: str, b: str) -> bool:
+    """Whether dotted keys ``a`` and ``b`` are the same key or one holds the other."""
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:

@@ -17,12 +17,21 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from unirep.config.binder import NonEmpty, Range
+from unirep.config.binder import NonEmpty, Pattern, Range, Unique
 
 AtLeastOne = Annotated[int, Range(ge=1, text="a positive integer (>= 1)")]
 NonNegativeInt = Annotated[int, Range(ge=0, text="an integer >= 0")]
 Weight = Annotated[float, Range(ge=0, text="a finite number >= 0")]
 PositiveNumber = Annotated[float, Range(gt=0, text="a finite number > 0")]
+Names = Annotated[list[str], Unique()]  # domains or tasks, each named once
+RunName = Annotated[
+    str,
+    Pattern(
+        r"(?:[A-Za-z0-9][A-Za-z0-9._+=,@-]*)(?:/[A-Za-z0-9][A-Za-z0-9._+=,@-]*)*",
+        "a folder name under output_dir (letters, digits and ._+=,@- ; not starting with '.' "
+        "or '-'; '/' only between such names)",
+    ),
+]
 LearningRate = Annotated[float, Range(gt=0, text="a positive learning rate")]
 Fraction = Annotated[float, Range(ge=0, le=1, text="a fraction in [0, 1]")]
 GradClip = Annotated[float, Range(gt=0, text="a positive number, or null for no clipping")]
@@ -196,14 +205,14 @@ class ClassificationConfig:
     ``finetune_train`` and ``finetune_lr.<domain>`` (Rebuffi et al. 2017).
     """
 
-    domains: list[str] = field(default_factory=list)  # empty: every domain the source has
+    domains: Names = field(default_factory=list)  # empty: every domain the source has
     hf_domains: dict[str, HFDomainConfig] = field(default_factory=dict)
     batch_sizes: dict[str, AtLeastOne] = field(default_factory=dict)  # per domain
     resize: AtLeastOne = 32  # shorter side after resizing
     crop: AtLeastOne = 28  # training / evaluation crop
     crops: dict[str, AtLeastOne] = field(default_factory=dict)  # per domain (Decathlon: 72)
-    no_flip: list[str] = field(default_factory=list)
-    square_resize: list[str] = field(default_factory=list)
+    no_flip: Names = field(default_factory=list)
+    square_resize: Names = field(default_factory=list)
     backbone: str = "resnet_decathlon_tiny"  # a unirep backbone or any timm model name
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     adapter: Spec = field(default_factory=lambda: Spec("linear"))
@@ -277,7 +286,7 @@ class PartialConfig:
     fraction: Fraction = 1.0
     fractions: dict[str, Fraction] = field(default_factory=dict)
     file: str | None = None
-    file_tasks: list[str] = field(default_factory=list)
+    file_tasks: Names = field(default_factory=list)
     seed: int | None = None
     method: Literal["none", "mtpsl", "jtr"] = "none"
     weight: Weight = 1.0
@@ -369,7 +378,7 @@ class Config:
     distillation, task weighting, the training recipe and where the outputs go."""
 
     preset: str = "custom"
-    name: str | None = None  # run name; None: <preset>-<timestamp>
+    name: RunName | None = None  # run name; None: <preset>-<timestamp>
     output_dir: str = "runs"
     seed: Annotated[int, Range(ge=0, lt=2**32, text="an integer in [0, 2**32)")] = 0
     split: Literal["train", "val", "test"] = "test"  # reported in metrics.json; selection: val

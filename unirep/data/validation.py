@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from unirep.config.binder import bind_arguments
 from unirep.config.load import cache_dir
 from unirep.config.schema import Config
-from unirep.data.classification.mini_decathlon import ensure_mini_decathlon
+from unirep.data.classification.mini_decathlon import MINI_DECATHLON_DOMAINS, ensure_mini_decathlon
 from unirep.data.classification.sources import DATA_SOURCES
 from unirep.data.dense.mini_scenes import ensure_mini_scenes
 from unirep.data.dense.sources import DENSE_SOURCES
@@ -155,14 +155,38 @@ def _task_keys(cfg: Config) -> tuple[list[tuple[str, str]], list[tuple[str, str]
     return settings, uses
 
 
+def source_domains(cfg: Config) -> list[str] | None:
+    """Every domain ``data.source`` has, when the config alone tells (the generated
+    mini-decathlon in the cache, Hugging Face domains); None when only the data on disk does."""
+    spec = cfg.classification
+    assert spec is not None
+    hf = list(spec.hf_domains)
+    if cfg.data.source == "synthetic-decathlon" and not cfg.data.root:
+        return [d.name for d in MINI_DECATHLON_DOMAINS] + hf
+    if cfg.data.source == "hf":
+        return hf
+    return None
+
+
 def _known_tasks(cfg: Config) -> tuple[list[str] | None, list[str] | None]:
     """(the run's tasks, the tasks settings may name) as far as the config alone tells."""
     if cfg.dense is not None:  # a setting may name a task of the benchmark the run leaves out
         tasks = list(cfg.dense.tasks)
         return tasks, tasks + [k for k in dense_kinds() if k not in tasks]
     assert cfg.classification is not None
-    if cfg.classification.domains:  # other domains of the source are known only from the data
-        return list(cfg.classification.domains), None
+    everything = source_domains(cfg)
+    picked = cfg.classification.domains
+    if everything is not None:
+        unknown = [d for d in picked if d not in everything]
+        if unknown:
+            raise ConfigError(
+                f"config key 'classification.domains': {', '.join(map(repr, unknown))} "
+                f"{'is' if len(unknown) == 1 else 'are'} not a domain of data.source "
+                f"{cfg.data.source!r}; valid: {', '.join(everything)}"
+            )
+        return list(picked) or everything, everything
+    if picked:  # other domains of the source are known only from the data
+        return list(picked), None
     return None, None
 
 

@@ -13,9 +13,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
-from unirep.config.load import apply_override, from_dict, read_config, to_dict
+from unirep.config.load import apply_override, from_dict, read_config, to_dict, with_origin
 from unirep.config.schema import Config
 from unirep.data import validation as data_rules
+from unirep.errors import ConfigError
 from unirep.losses import validation as loss_rules
 from unirep.models import validation as model_rules
 from unirep.optim import validation as optim_rules
@@ -45,7 +46,10 @@ def validate(cfg: Config) -> None:
 def load_config(preset_or_path: str | None = None, overrides: list[str] | None = None) -> Config:
     """Read a preset name or YAML path (default ``mini-decathlon``), apply overrides, validate."""
     cfg = read_config(preset_or_path, overrides)
-    validate(cfg)
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        raise ConfigError(with_origin(str(err), preset_or_path, overrides or [])) from None
     return cfg
 
 

@@ -367,6 +367,9 @@ def _prepare_hf(cache: Path, domains: dict[str, dict], *extra: str) -> RunData:
         [
             "data.source=hf",
             "classification.domains=[]",
+            "classification.finetune_from=null",  # the preset's: a domain this source lacks
+            "classification.init_from_teacher=null",
+            "classification.no_flip=[]",
             f"classification.hf_domains={{{spec}}}",
             f"data.cache_dir={cache}",
             *extra,
