@@ -9,13 +9,13 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors.torch import load_file, save
+from typing import TYPE_CHECKING, Any
 
 from unirep.errors import NonFiniteError
 from unirep.faults import failpoint
+
+if TYPE_CHECKING:  # torch loads with the first weights read or written, not with unirep.io
+    import torch
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -68,10 +68,48 @@ def read_json(path: Path, what: str = "file") -> Any:
         raise ValueError(f"{what} {str(path)!r} is not valid JSON: {err}") from err
 
 
+SEAL = "sha256"  # the key of a sealed record's own digest (:func:`write_sealed_json`)
+
+
+def json_digest(data: Any) -> str:
+    """sha256 of ``data`` as canonical strict JSON (sorted keys, NaN and ±inf as null)."""
+    text = json.dumps(strict_json(data), sort_keys=True, allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_sealed_json(path: Path, data: dict[str, Any]) -> None:
+    """Atomically write the record ``data`` with its own sha256 under :data:`SEAL`, so that a
+    changed value is found when it is read back (:func:`read_sealed_json`)."""
+    atomic_write_json(path, {**data, SEAL: json_digest(data)})
+
+
+def read_sealed_json(path: Path) -> dict[str, Any]:
+    """A record written by :func:`write_sealed_json`, without its seal.
+
+    Raises:
+        ValueError: the file is missing, is not a JSON object, carries no seal, or its content
+            does not match its seal; the message says which, without naming the file (the
+            caller names it with what it means).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path.name} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path.name} is not valid JSON ({err})") from err
+    if not isinstance(data, dict) or not isinstance(data.get(SEAL), str):
+        raise ValueError(f"{path.name} carries no sha256 of its content")
+    record = {k: v for k, v in data.items() if k != SEAL}
+    if json_digest(record) != data[SEAL]:
+        raise ValueError(f"{path.name} does not match the sha256 written with it")
+    return record
+
+
 def check_finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
     """Raise :class:`NonFiniteError` naming the first tensor of ``state`` with a NaN or inf."""
     for name, tensor in state.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        if tensor.is_floating_point() and not bool(tensor.isfinite().all()):
             raise NonFiniteError(f"{where}: tensor {name!r} holds NaN or inf values")
 
 
@@ -82,6 +120,8 @@ def save_weights(path: Path, state: dict[str, torch.Tensor]) -> str:
     """
     path = Path(path)
     check_finite_weights(state, f"refusing to write {str(path)!r}")
+    from safetensors.torch import save
+
     atomic_write_bytes(path, save({k: v.detach().contiguous().cpu() for k, v in state.items()}))
     return file_sha256(path)
 
@@ -92,6 +132,8 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise FileNotFoundError(f"weights file {str(path)!r} does not exist")
     try:
+        from safetensors.torch import load_file
+
         return load_file(str(path), device="cpu")
     except Exception as err:  # safetensors raises its own error types
         raise ValueError(f"weights file {str(path)!r} cannot be read: {err}") from err

@@ -12,6 +12,7 @@ when it is called, so ``unirep --help`` answers without loading the training sta
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -24,6 +25,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "aggregate": ("aggregate", "mean ± std of finished runs' metrics.json"),
 }
 """Subcommand name -> (module in :mod:`unirep.cli`, one line of help)."""
+
+OPTIONS: dict[str, tuple[str, ...]] = {
+    "evaluate": ("--student",),
+    "compare": ("--seeds", "--variants", "--name", "--reference", "--jobs"),
+}
+"""The ``--option VALUE`` flags of a subcommand beyond ``--config`` (shown by its ``--help``)."""
+
+OWN_HELP = ("benchmark", "aggregate")
+"""Subcommands whose ``--help`` is their own (their module docstring or usage line)."""
 
 
 def usage() -> str:
@@ -54,7 +64,14 @@ def main(
     name, rest = args[0], args[1:]
     if name not in COMMANDS:
         raise SystemExit(f"unirep: unknown command {name!r}; valid commands: {', '.join(COMMANDS)}")
-    module = importlib.import_module(f"unirep.cli.{COMMANDS[name][0]}")
     prog = prog or f"unirep {name}"
+    if name not in OWN_HELP and any(a in ("-h", "--help") for a in rest):
+        from unirep.cli.helptext import usage as command_usage  # light: no torch
+
+        print(command_usage(prog, OPTIONS.get(name, ())))
+        raise SystemExit(0)
+    if name != "aggregate" and os.environ.get("RANK", "0") == "0":  # before torch loads (seconds)
+        print(f"{prog}: starting (loading torch)", flush=True)
+    module = importlib.import_module(f"unirep.cli.{COMMANDS[name][0]}")
     sys.argv = [prog, *rest]
     module.cli(prog)

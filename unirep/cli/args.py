@@ -7,40 +7,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from unirep.config.load import preset_names
+from unirep.cli.helptext import usage
 from unirep.config.schema import Config
 from unirep.errors import ConfigError, UnirepError
 from unirep.pipeline.validate import load_config
 from unirep.training.system import tune_allocator
-
-COMMON_KEYS = (
-    ("seed=N", "the run's seed"),
-    ("name=RUN", "the run folder's name under output_dir (default: <preset>-<time>)"),
-    ("output_dir=DIR", "where run folders go (default: runs)"),
-    ("resume=true", "continue the run called name= from its latest checkpoint"),
-    ("train.max_steps=N", "the baseline's and student's steps"),
-    ("baseline=false", "skip the same student trained without distillation"),
-    ("distill.enabled=false", "train the student without the teachers' losses"),
-    ("weighting=NAME", "task balancing: sum, uncertainty, famo, pcgrad, ..."),
-    ("data.root=DIR", "a real dataset's folder (decathlon, nyuv2, cityscapes presets)"),
-    ("teachers.root=DIR", "where teachers are cached"),
-    ("log_with=tensorboard", "also log to TensorBoard (wandb, mlflow, all)"),
-)
-"""The keys a user sets most, shown by ``--help`` (the rest: docs/configuration.md)."""
-
-
-def usage(prog: str, options: Sequence[str] = ()) -> str:
-    """The help of one subcommand: its shape, the presets and the most used keys."""
-    extra = "".join(f" [{o} VALUE]" for o in options)
-    width = max(len(k) for k, _ in COMMON_KEYS)
-    keys = "\n".join(f"    {k:<{width}}  {text}" for k, text in COMMON_KEYS)
-    return (
-        f"usage: {prog} [--config PRESET_OR_PATH]{extra} [key=value ...]\n"
-        f"  presets: {', '.join(preset_names())}\n"
-        f"  most used keys:\n{keys}\n"
-        f"  example: {prog} --config mini-decathlon train.max_steps=100 seed=1\n"
-        "  every key: docs/configuration.md"
-    )
 
 
 def split_args(
@@ -99,9 +70,25 @@ def parse_args(argv: Sequence[str] | None = None, prog: str = "unirep") -> Confi
 def run(main: Callable[[], None], prog: str) -> None:
     """Run a command's ``main``; every user-facing error (:class:`unirep.errors.UnirepError`:
     bad config, data, teachers, a non-finite value) exits with its one-line message, no
-    traceback. The allocator is set up first (:func:`unirep.training.system.tune_allocator`)."""
+    traceback. So does a write the file system refuses after the start-up checks (a full disk,
+    a read-only folder, a path component that is a file), naming the file. The allocator is set
+    up first (:func:`unirep.training.system.tune_allocator`)."""
     tune_allocator()
     try:
         main()
     except UnirepError as err:
         raise SystemExit(f"{prog}: error: {err}") from None
+    except OSError as err:
+        import errno
+
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        refused = err.errno in (errno.EROFS, errno.EACCES, errno.EPERM, errno.ENOTDIR,
+                                errno.EEXIST, errno.EISDIR)  # fmt: skip
+        if not (full or (refused and err.filename)):
+            raise
+        where = f" {str(err.filename)!r}" if err.filename else ""
+        todo = "free some space" if full else "check that folder's permissions and path"
+        raise SystemExit(
+            f"{prog}: error: cannot write{where}: {err.strerror}; {todo} (or set output_dir=, "
+            "data.cache_dir= or teachers.root= elsewhere)"
+        ) from None

@@ -35,6 +35,7 @@ import sys
 from functools import partial
 
 import unirep.layout as layout
+from unirep.cli import OPTIONS as CLI_OPTIONS
 from unirep.cli.args import parse_command, run, split_args
 from unirep.errors import ConfigError
 from unirep.experiments.compare import (
@@ -51,7 +52,7 @@ from unirep.pipeline.api import run_recipe, train_teacher_job
 from unirep.pipeline.rundir import make_accelerator
 
 RUNNERS = Runners(run=run_recipe, teacher=train_teacher_job)
-OPTIONS = ("--seeds", "--variants", "--name", "--reference", "--jobs")
+OPTIONS = CLI_OPTIONS["compare"]
 PROG = "unirep compare"
 
 

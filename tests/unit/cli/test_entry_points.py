@@ -85,3 +85,29 @@ def test_a_bad_override_fails_in_one_line_naming_the_command(tmp_path: Path) -> 
     assert result.returncode != 0
     assert "unirep train-teachers: configuration error" in result.stderr
     assert "train.max_stepz" in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("command", ["distill", "train-teachers", "evaluate", "compare"])
+def test_help_answers_without_loading_torch(command: str) -> None:
+    """``--help`` lists the presets and keys at once: neither torch nor timm is imported."""
+    code = (
+        "import sys\nfrom unirep.cli import main\ntry:\n"
+        f"    main([{command!r}, '--help'])\nexcept SystemExit as exit:\n"
+        "    assert exit.code in (0, None)\n"
+        "print(sorted(m for m in ('torch', 'timm') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "presets:" in out.stdout and "most used keys" in out.stdout
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_import_unirep_is_light_and_timm_still_finds_its_architectures() -> None:
+    code = (
+        "import sys, unirep\nassert 'torch' not in sys.modules\nimport timm\n"
+        "print(all(n in timm.list_models() for n in "
+        "('resnet_decathlon_tiny', 'resnet26_decathlon', 'segnet_mtan')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "True"
