@@ -23,6 +23,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -83,11 +84,30 @@ def _layout(root: Path, domain: str, split: str) -> str:
     )
 
 
+HIGH_DEPTH_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I", "F")
+"""PIL modes of 16-bit, 32-bit integer and float single-channel images."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """``img`` as 8-bit RGB, decoding it fully. 16-bit (and 32-bit integer) greyscale is scaled
+    by 255/65535, float greyscale in [0, 1] by 255 (PIL's own ``convert("RGB")`` clips such
+    values at 255, turning almost every pixel white); every other mode is PIL's conversion."""
+    if img.mode not in HIGH_DEPTH_MODES:
+        return img.convert("RGB")
+    values = np.asarray(img, dtype=np.float64)
+    if img.mode == "F":
+        scale = 255.0 if values.size and float(np.nanmax(values)) <= 1.0 else 1.0
+    else:
+        scale = 255.0 / 65535.0
+    grey = np.clip(np.rint(np.nan_to_num(values) * scale), 0, 255).astype(np.uint8)
+    return Image.fromarray(grey).convert("RGB")
+
+
 def _decode_rgb(path: Path) -> Image.Image:
     """Open and fully decode an image as RGB; decoding failures become CorruptImageError."""
     try:
         with Image.open(path) as img:
-            return img.convert("RGB")  # convert() decodes everything, so truncation shows here
+            return to_rgb(img)  # decodes everything, so truncation shows here
     except FileNotFoundError:
         raise
     except (OSError, SyntaxError, ValueError) as err:

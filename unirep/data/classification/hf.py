@@ -30,7 +30,7 @@ import torch
 from PIL import Image
 
 from unirep.data.checks import SkippedFile, cached_scan, files_fingerprint
-from unirep.data.classification.decathlon import ON_CORRUPT_CHOICES, SPLITS
+from unirep.data.classification.decathlon import ON_CORRUPT_CHOICES, SPLITS, to_rgb
 from unirep.data.classification.transforms import classification_sample, classification_samples
 from unirep.errors import CorruptImageError, DataError, DataRootError
 
@@ -124,6 +124,9 @@ class HFDomain(torch.utils.data.Dataset):
             undecodable ones and lists them in :attr:`skipped`.
         scan_cache_dir: Where the result of the ``"skip"`` pass is kept
             (``<scan_cache_dir>/checks/``), keyed by :meth:`fingerprint`.
+        train_split: The dataset's training split: for a label column of plain values the
+            classes are its values, and a value only another split has is refused (a class
+            without training images); None: the values of every split.
 
     The constructor checks the columns, that ids are unique and not null and that labels of a
     ``ClassLabel`` column are within its names; :meth:`check` adds the checks of the images
@@ -151,6 +154,7 @@ class HFDomain(torch.utils.data.Dataset):
         id_offset: int = 0,
         on_corrupt: str = "error",
         scan_cache_dir: str | Path | None = None,
+        train_split: str | None = None,
     ) -> None:
         if on_corrupt not in ON_CORRUPT_CHOICES:
             raise ValueError(
@@ -166,6 +170,7 @@ class HFDomain(torch.utils.data.Dataset):
         self.id_column = id_column
         self.id_offset = int(id_offset)
         self.on_corrupt = on_corrupt
+        self.train_split = train_split
 
         splits = self._load_splits()
         if split not in splits:
@@ -336,7 +341,7 @@ class HFDomain(torch.utils.data.Dataset):
             raise DataRootError(f"{self._where(index)} has no image (null)")
         try:
             image = datasets.Image().decode_example(value)
-            return image.convert("RGB")  # convert() decodes everything, so truncation shows here
+            return to_rgb(image)  # decodes everything, so truncation shows here
         except FileNotFoundError as err:
             raise DataRootError(
                 f"image file {value.get('path')} of {self._where(index)} not found"
@@ -444,11 +449,28 @@ class HFDomain(torch.utils.data.Dataset):
         def missing(value: Any) -> bool:
             return value is None or (isinstance(value, int) and value == -1)
 
-        classes: set[Any] = set()
-        for other in splits.values():
-            if column in other.column_names and other.features[column] == feature:
-                classes.update(v for v in _column_values(other, column) if not missing(v))
+        # the classes are the values of the training split (``train_split``); a value that only
+        # another split has would be a class no training image teaches. Without it: every split.
+        if self.train_split in splits:
+            sources = [splits[self.train_split]]
+        else:
+            sources = [o for o in splits.values() if column in o.column_names]
+        classes = {
+            v
+            for other in sources
+            if other.features.get(column) == feature
+            for v in _column_values(other, column)
+            if not missing(v)
+        }
         index_of = {value: label for label, value in enumerate(sorted(classes))}
+        unseen = [(row, v) for row, v in enumerate(values) if not missing(v) and v not in index_of]
+        if unseen:
+            row, value = unseen[0]
+            raise DataError(
+                f"label {value!r} of {self._where(row)} never occurs in the training split "
+                f"({len(unseen)} row(s) of split {self.split!r} have such labels); every class "
+                "must have training images: fix the labels or leave those rows out"
+            )
         labels = [-1 if missing(v) else index_of[v] for v in values]
         return [str(value) for value in sorted(classes)], labels
 

@@ -92,6 +92,14 @@ class DomainSet:
         Raises:
             DataError, DataRootError: naming the file (or dataset) and what is wrong.
         """
+        for domain in self.domains:  # a domain with one class makes accuracy meaningless
+            labels = {label for label in self.raw(domain, "train").labels if label >= 0}
+            if len(labels) < 2:
+                raise DataError(
+                    f"domain {domain!r} ({self.source_of(domain, 'train')}): its training split "
+                    f"has {len(labels)} class{'es' if len(labels) != 1 else ''}; a classification "
+                    "domain needs at least 2 (leave it out with classification.domains)"
+                )
         for split in SPLITS:
             owner: dict[int, str] = {}
             for domain in self.domains:
@@ -140,6 +148,7 @@ class DomainSet:
         return HFDomain(
             spec.path,
             spec.splits[split],
+            train_split=spec.splits.get("train"),
             image_column=spec.image_column,
             label_column=spec.label_column,
             transform=transform,
