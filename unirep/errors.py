@@ -30,7 +30,19 @@ class CorruptImageError(UnirepError, OSError):
 
 
 class TeacherMismatchError(UnirepError, ValueError):
-    """A teacher checkpoint does not fit the run (domain, classes, architecture, data, weights)."""
+    """A teacher checkpoint does not fit the run (domain, classes, architecture, data, weights),
+    or is damaged (a manifest that is not JSON, weights that fail their hash)."""
+
+
+class StudentError(UnirepError, ValueError):
+    """An exported student does not load: its manifest is not JSON or lacks an entry, its
+    weights fail their hash or do not fit the architecture and tasks it records, or its format
+    or architecture is unknown; the message names the file."""
+
+
+class MissingFileError(UnirepError, FileNotFoundError):
+    """A file unirep wrote earlier is gone (a cached teacher's or an exported student's manifest
+    or weights); the message names it and what to do."""
 
 
 class NonFiniteError(UnirepError, FloatingPointError):

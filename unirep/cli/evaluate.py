@@ -19,8 +19,9 @@ import unirep.layout as layout
 from unirep.cli.args import parse_command, run
 from unirep.config.schema import Config
 from unirep.errors import ConfigError
-from unirep.pipeline.rundir import make_accelerator, prepare_run_dir
-from unirep.pipeline.stage_two import evaluate_student, resolve_data
+from unirep.pipeline.rundir import check_output_dir, make_accelerator, prepare_run_dir
+from unirep.pipeline.stage_two import evaluate_student, matching_tasks, resolve_data
+from unirep.pipeline.student import load_student
 
 PROG = "unirep evaluate"
 
@@ -53,6 +54,8 @@ def main(prog: str = PROG) -> None:
         student_dir = layout.student_dir(student_dir)
     if not (student_dir / layout.STUDENT_MANIFEST).is_file():
         raise ConfigError(f"--student: {str(student_dir)!r} holds no student manifest.json")
+    # a damaged student (manifest, hash, format, architecture, edited tasks) fails first
+    student = load_student(student_dir)
     cfg.resume, cfg.overwrite = False, False  # an evaluation always writes a new folder
     accelerator = make_accelerator(cfg)
     names = [output_name(cfg, student_dir, sys.argv[1:])]
@@ -61,7 +64,10 @@ def main(prog: str = PROG) -> None:
 
         broadcast_object_list(names)
     cfg.name = names[0]
+    check_output_dir(Path(cfg.output_dir) / cfg.name)  # writable, free space: before the data
     data = resolve_data(cfg, accelerator)  # bad data fails before anything is written
+    matching_tasks(student.tasks, data.tasks(), str(student_dir))  # ... and tasks it lacks
+    del student  # evaluate_student loads it again, onto the accelerator's device
     run_dir = prepare_run_dir(cfg, accelerator)
     metrics = evaluate_student(cfg, accelerator, data, run_dir, student_dir)
     for task, entry in metrics["tasks"].items():

@@ -19,10 +19,12 @@ from typing import Any
 
 import unirep.layout as layout
 from unirep.config.schema import Config
-from unirep.errors import ConfigError
+from unirep.errors import ConfigError, UnirepError
 from unirep.io import read_json
 from unirep.pipeline.rundir import (
+    check_output_dir,
     check_same_config,
+    forget_unstarted_run,
     make_accelerator,
     prepare_run_dir,
     run_finished,
@@ -77,6 +79,7 @@ def run(config: Config | str | Path | None = None, overrides: Sequence[str] = ()
 def run_config(cfg: Config) -> RunResult:
     """:func:`run` for a config already validated (by the command line or
     :func:`~unirep.pipeline.validate.resolve_config`): validation runs once per command."""
+    check_output_dir(Path(cfg.output_dir) / cfg.name if cfg.name else Path(cfg.output_dir))
     accelerator = make_accelerator(cfg)
     data = resolve_data(cfg, accelerator)  # bad data fails before anything is written
     run_dir = prepare_run_dir(cfg, accelerator)
@@ -87,7 +90,12 @@ def run_config(cfg: Config) -> RunResult:
             )
             return RunResult(run_dir, read_json(run_dir / METRICS, what="run metrics"), True)
         accelerator.print(f"run directory: {run_dir}  (processes: {accelerator.num_processes})")
-        teacher_seconds = ensure_teachers(cfg, accelerator, data, run_dir)
+        try:
+            teacher_seconds = ensure_teachers(cfg, accelerator, data, run_dir)
+        except UnirepError:  # e.g. a damaged cached teacher: the fixed command must run again
+            if accelerator.is_main_process:
+                forget_unstarted_run(run_dir)
+            raise
         return RunResult(run_dir, distill(cfg, accelerator, data, run_dir, teacher_seconds))
     finally:  # the next run in this process starts its own (log_with)
         stop_trackers(accelerator)

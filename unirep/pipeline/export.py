@@ -45,6 +45,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from unirep.errors import MissingFileError, StudentError
 from unirep.io import (
     atomic_write_bytes,
     atomic_write_json,
@@ -284,14 +285,108 @@ def export_backbone(
     }
 
 
+STUDENT_FORMATS = (STUDENT_FORMAT, "unirep-student/1", "unirep-dense-student/1")
+"""The export formats this version reads (the current one and unirep 0.1's)."""
+_RECOPY = "copy the whole student folder again (or rerun its run to export it again)"
+
+
+def _student_manifest(directory: Path) -> dict[str, Any]:
+    """The manifest of the student in ``directory``, checked to be one this version reads: a
+    :class:`MissingFileError` or :class:`StudentError` names the file and what to do."""
+    path = directory / STUDENT_MANIFEST
+    try:
+        manifest = read_json(path, what="student manifest")
+    except FileNotFoundError as err:
+        raise MissingFileError(f"{err}; {_RECOPY}") from None
+    except (ValueError, OSError) as err:  # truncated, not UTF-8, unreadable
+        cause = err.__cause__ or err
+        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
+        raise StudentError(
+            f"student manifest {str(path)!r} cannot be read ({why}); {_RECOPY}"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise StudentError(f"student manifest {str(path)!r} is not a record; {_RECOPY}")
+    version = manifest.get("unirep_version", "an unknown version")
+    if manifest.get("format") not in STUDENT_FORMATS:
+        raise StudentError(
+            f"student manifest {str(path)!r} has format {manifest.get('format')!r} (written by "
+            f"unirep {version}), which unirep {__version__} does not read (it reads "
+            f"{', '.join(STUDENT_FORMATS)}); load it with the unirep version that wrote it"
+        )
+    for key, kind in (("architecture", dict), ("tasks", dict), ("weights_sha256", str)):
+        if not isinstance(manifest.get(key), kind) or not manifest[key]:
+            raise StudentError(
+                f"student manifest {str(path)!r} has no valid {key!r} entry; {_RECOPY}"
+            )
+    try:
+        student_tasks(manifest)
+        student_preprocessing(manifest)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise StudentError(
+            f"student manifest {str(path)!r} has a task or preprocessing record unirep "
+            f"{__version__} does not read ({type(err).__name__}: {err}); {_RECOPY}"
+        ) from None
+    return manifest
+
+
+def _check_fits(directory: Path, manifest: dict[str, Any], state: dict[str, torch.Tensor]) -> None:
+    """The weights are those of the architecture and tasks the manifest records: a renamed task,
+    a changed class count or an unknown architecture is a :class:`StudentError` naming both
+    files (never a partial load)."""
+    where = str(directory / STUDENT_MANIFEST)
+    try:
+        expected = build_network(manifest["architecture"], student_tasks(manifest)).state_dict()
+    except (KeyError, TypeError, ValueError) as err:  # e.g. a backbone this version lacks
+        raise StudentError(
+            f"student manifest {where!r} records an architecture unirep {__version__} cannot "
+            f"build ({manifest['architecture']}: {err}); load it with the unirep version "
+            "that wrote it"
+        ) from None
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs manifest {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    problems = [
+        f"{what} {items[:3]}{' ...' if len(items) > 3 else ''}"
+        for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
+                            ("shape mismatches", shapes))
+        if items
+    ]  # fmt: skip
+    if problems:
+        raise StudentError(
+            f"student weights {str(directory / WEIGHTS)!r} do not fit the tasks and architecture "
+            f"{where!r} records ({'; '.join(problems)}): a task was renamed or its class count "
+            f"changed in the manifest; restore the {STUDENT_MANIFEST} exported with these weights"
+        )
+
+
 def read_student(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """An exported student's manifest and weights, the weights checked against its hash."""
+    """An exported student's manifest and weights, the weights checked against its hash and
+    against the architecture and tasks it records. Each fault (a missing or damaged file, a
+    format or architecture this version does not read, edited tasks) is a one-line
+    :class:`~unirep.errors.StudentError` / :class:`~unirep.errors.MissingFileError` naming the
+    file and what to do."""
     directory = Path(directory)
-    manifest = read_json(directory / STUDENT_MANIFEST, what="student manifest")
+    manifest = _student_manifest(directory)
     weights = directory / WEIGHTS
-    if file_sha256(weights) != manifest.get("weights_sha256"):
-        raise ValueError(f"student weights {str(weights)!r} do not match the hash in its manifest")
-    return manifest, load_weights(weights)
+    if not weights.is_file():
+        raise MissingFileError(f"student weights {str(weights)!r} do not exist; {_RECOPY}")
+    digest = file_sha256(weights)
+    if digest != manifest["weights_sha256"]:
+        raise StudentError(
+            f"student weights {str(weights)!r} have sha256 {digest[:12]}…, but "
+            f"{str(directory / STUDENT_MANIFEST)!r} records {manifest['weights_sha256'][:12]}…: "
+            f"the file was replaced or corrupted; {_RECOPY}"
+        )
+    try:
+        state = load_weights(weights)
+    except ValueError as err:
+        raise StudentError(f"{err}; {_RECOPY}") from None
+    _check_fits(directory, manifest, state)
+    return manifest, state
 
 
 def student_tasks(manifest: dict[str, Any]) -> dict[str, Task]:

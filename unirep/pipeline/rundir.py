@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
+import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -30,6 +32,8 @@ from unirep.training.tracking import PROJECT, tracker_names
 from unirep.weighting import WEIGHTINGS
 
 CONFIG = layout.CONFIG
+MIN_FREE_MIB = 100
+"""The free space (MiB) a run's output folder must have before any work starts."""
 
 
 def make_accelerator(cfg: Config) -> Accelerator:
@@ -93,6 +97,47 @@ def tracker_config(cfg: Config) -> dict[str, Any]:
     }
 
 
+def _existing_ancestor(path: Path) -> Path:
+    """``path`` itself when something is there (a folder, a file, a dangling link), else its
+    nearest ancestor that exists."""
+    path = Path(os.path.abspath(path))
+    while not (path.exists() or path.is_symlink()) and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_output_dir(directory: Path, min_free_mib: int = MIN_FREE_MIB) -> None:
+    """Refuse, before any work, a run folder ``directory`` that cannot be written: a path
+    component that is a file, a folder that is read-only (tried with a temporary file), or less
+    than ``min_free_mib`` MiB free there. A :class:`ConfigError` names ``output_dir``, the path and
+    what to do; nothing is created."""
+    directory = Path(directory)
+    found = _existing_ancestor(directory)
+    choose = "choose another output_dir= (or name=)"
+    if not found.is_dir():
+        what = "a dangling link" if not found.exists() else "a file"
+        below = "" if found == Path(os.path.abspath(directory)) else f" ({str(directory)!r})"
+        raise ConfigError(
+            f"config key 'output_dir': {str(found)!r} is {what}, not a folder, so the run folder"
+            f"{below} cannot be created; move it away or {choose}"
+        )
+    try:
+        fd, probe = tempfile.mkstemp(dir=found, prefix=".unirep-write-test.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise ConfigError(
+            f"config key 'output_dir': cannot write in {str(found)!r} "
+            f"({err.strerror or err}); make it writable or {choose}"
+        ) from None
+    free = shutil.disk_usage(found).free
+    if free < min_free_mib * 2**20:
+        raise ConfigError(
+            f"config key 'output_dir': only {free / 2**20:.0f} MiB free in {str(found)!r} (a run "
+            f"needs at least {min_free_mib} MiB); free some space or {choose}"
+        )
+
+
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """``<output_dir>/<name>/``, created (or found, when resuming) with the resolved config."""
     if cfg.resume and isinstance(cfg.resume, str) and cfg.resume not in ("latest",):
@@ -105,12 +150,14 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         directory = checkpoint.parents[2]
         cfg.name = directory.name
         cfg.output_dir = str(directory.parent)
+        check_output_dir(directory)
     elif cfg.resume:
         if not cfg.name:
             raise ConfigError("resume=true needs the run's name (name=<run name>) to find it")
         directory = Path(cfg.output_dir) / cfg.name
         if not directory.is_dir():
             raise ConfigError(f"resume=true but the run folder {str(directory)!r} does not exist")
+        check_output_dir(directory)
     else:
         if not cfg.name:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -122,6 +169,7 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
                 broadcast_object_list(names)
             cfg.name = names[0]
         directory = Path(cfg.output_dir) / cfg.name
+        check_output_dir(directory)  # writable, a folder, free space: before any work
         held = (directory / CONFIG).exists()
         if held and not cfg.overwrite:  # a finished or interrupted run is never reused
             raise ConfigError(
@@ -146,12 +194,29 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         if accelerator.is_main_process:
             clean_partial(directory)
     elif accelerator.is_main_process:
-        directory.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, directory / CONFIG)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, directory / CONFIG)
+        except OSError as err:  # e.g. the folder changed since check_output_dir
+            raise ConfigError(
+                f"config key 'output_dir': cannot write the run folder {str(directory)!r} "
+                f"({err.strerror or err}); make it writable or choose another output_dir="
+            ) from None
     accelerator.wait_for_everyone()
     if not run_finished(directory):  # a finished run is only read back: no empty tracker runs
         start_trackers(cfg, accelerator, directory)
     return directory
+
+
+def forget_unstarted_run(run_dir: Path) -> bool:
+    """Remove ``run_dir`` when nothing was trained in it yet (no file under its checkpoints: only
+    the config, empty logs), so that the same command, once fixed, starts afresh rather than
+    being refused as an existing run. Returns whether it was removed."""
+    checkpoints = Path(run_dir) / layout.CHECKPOINTS
+    if checkpoints.exists() and any(p.is_file() for p in checkpoints.rglob("*")):
+        return False
+    shutil.rmtree(run_dir, ignore_errors=True)
+    return True
 
 
 def run_finished(run_dir: Path) -> bool:

@@ -31,6 +31,7 @@ import unirep.layout as layout
 from unirep.config.schema import Config
 from unirep.data.classification.transforms import build_transform
 from unirep.data.dense.mtan import DenseImageTransform
+from unirep.errors import MissingFileError, StudentError
 from unirep.pipeline.export import load_student as load_network
 from unirep.pipeline.export import student_preprocessing, student_tasks
 from unirep.tasks import Task
@@ -240,9 +241,26 @@ class Student(nn.Module):
 def load_student(folder: str | Path, map_location: str | torch.device = "cpu") -> Student:
     """An exported student (a ``student/`` folder, or the run folder holding it) as a
     :class:`Student` in eval mode on ``map_location``: the weights' sha256 is checked against the
-    manifest and loaded strictly into the architecture it records. Any export format loads."""
-    folder = Path(folder)
+    manifest and loaded strictly into the architecture it records. Any export format loads.
+
+    A folder that is missing, or a student whose manifest or weights are damaged, whose format or
+    architecture this version does not read, or whose manifest's tasks were edited, is a
+    one-line :class:`~unirep.errors.UnirepError` naming the file and what to do."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise MissingFileError(
+            f"student folder {str(folder)!r} does not exist or is not a folder; give an exported "
+            "student (a run folder, or its student/ folder)"
+        )
     if layout.student_dir(folder).is_dir() and not (folder / layout.STUDENT_MANIFEST).is_file():
         folder = layout.student_dir(folder)
-    net, manifest = load_network(folder)
-    return Student(net, manifest, folder).to(map_location).eval()
+    net, manifest = load_network(folder)  # manifest, hash, format, architecture, tasks checked
+    try:
+        student = Student(net, manifest, folder)
+    except (KeyError, TypeError, ValueError) as err:  # a preprocessing record it cannot use
+        raise StudentError(
+            f"student manifest {str(folder / layout.STUDENT_MANIFEST)!r} has a preprocessing "
+            f"record unirep cannot use ({type(err).__name__}: {err}); copy the whole student "
+            "folder again (or rerun its run to export it again)"
+        ) from None
+    return student.to(map_location).eval()

@@ -17,7 +17,7 @@ from torch import nn
 
 from unirep.config.load import cache_dir
 from unirep.config.schema import Config
-from unirep.errors import TeacherMismatchError
+from unirep.errors import MissingFileError, TeacherMismatchError
 from unirep.io import (
     atomic_write_json,
     check_finite_weights,
@@ -87,9 +87,41 @@ def save_teacher(
     return manifest
 
 
+def _remedy(directory: Path) -> str:
+    """What to do about a damaged cached teacher: it is never silently retrained."""
+    return (
+        f"delete the folder {str(directory)!r} so that the next run trains this teacher again "
+        "(or set teachers.retrain=true)"
+    )
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
-    """The teacher manifest, with an error naming the file when absent or unreadable."""
-    return read_json(Path(directory) / MANIFEST, what="teacher manifest")
+    """The teacher manifest, with an error naming the file when absent, not JSON or not a
+    record (:class:`MissingFileError`, :class:`TeacherMismatchError`), saying what to do."""
+    directory = Path(directory)
+    path = directory / MANIFEST
+    try:
+        manifest = read_json(path, what="teacher manifest")
+    except FileNotFoundError as err:
+        raise MissingFileError(f"{err}; {_remedy(directory)}") from None
+    except (ValueError, OSError) as err:  # truncated, not UTF-8, unreadable
+        raise TeacherMismatchError(
+            f"teacher manifest {str(path)!r} is damaged ({_reason(err)}); {_remedy(directory)}"
+        ) from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("architecture"), dict):
+        raise TeacherMismatchError(
+            f"teacher manifest {str(path)!r} is damaged (not a teacher record: no architecture); "
+            f"{_remedy(directory)}"
+        )
+    return manifest
+
+
+def _reason(err: BaseException) -> str:
+    """The short cause of a read error: the JSON decoder's or the OS's, without the path."""
+    cause = err.__cause__ or err
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(cause).splitlines()[0] if str(cause) else type(cause).__name__
 
 
 def _check_state(path: Path, net: nn.Module, state: dict[str, torch.Tensor]) -> None:
@@ -112,6 +144,7 @@ def _check_state(path: Path, net: nn.Module, state: dict[str, torch.Tensor]) -> 
         raise TeacherMismatchError(
             f"teacher weights {str(path)!r} do not match the architecture in its manifest: "
             + "; ".join(problems)
+            + f"; {_remedy(Path(path).parent)}"
         )
 
 
@@ -162,18 +195,24 @@ def _verified_manifest(
         )
     weights = directory / WEIGHTS
     if not weights.is_file():
-        raise FileNotFoundError(f"teacher weights {str(weights)!r} do not exist")
+        raise MissingFileError(
+            f"teacher weights {str(weights)!r} do not exist; {_remedy(directory)}"
+        )
     digest = file_sha256(weights)
     if digest != manifest.get("weights_sha256"):
         raise TeacherMismatchError(
             f"teacher weights {str(weights)!r} have sha256 {digest[:12]}…, but {where!r} records "
-            f"{str(manifest.get('weights_sha256'))[:12]}…: the file was replaced or corrupted"
+            f"{str(manifest.get('weights_sha256'))[:12]}…: the file was replaced or corrupted; "
+            f"{_remedy(directory)}"
         )
     return manifest, weights
 
 
 def _load_strict(weights: Path, net: nn.Module) -> None:
-    state = load_weights(weights)
+    try:
+        state = load_weights(weights)
+    except ValueError as err:  # not safetensors (its hash was recorded so: a damaged save)
+        raise TeacherMismatchError(f"{err}; {_remedy(weights.parent)}") from None
     _check_state(weights, net, state)
     check_finite_weights(state, f"teacher weights {str(weights)!r} cannot be used")
     net.load_state_dict(state, strict=True)
@@ -197,7 +236,13 @@ def load_teacher(
         {"num_classes": task.num_classes, "out_channels": task.out_channels},
         key,
     )
-    net = build_network(manifest["architecture"], {task.name: task})
+    try:
+        net = build_network(manifest["architecture"], {task.name: task})
+    except (KeyError, TypeError, ValueError) as err:  # an architecture this unirep cannot build
+        raise TeacherMismatchError(
+            f"teacher {str(Path(directory) / MANIFEST)!r} records an architecture this unirep "
+            f"cannot build ({manifest['architecture']}: {err}); {_remedy(Path(directory))}"
+        ) from None
     _load_strict(weights, net)
     return Teacher(task.name, freeze(net), manifest)
 
