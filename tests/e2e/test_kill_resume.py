@@ -20,7 +20,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 from tests.conftest import TINY
 
@@ -158,3 +161,44 @@ def test_a_run_killed_anywhere_resumes_to_the_same_bytes(tmp_path: Path) -> None
     assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-2000:]
     after = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("*") if p.is_file()}
     assert after == before
+
+
+def test_a_damaged_checkpoint_or_best_weights_are_never_used_silently(tmp_path: Path) -> None:
+    """A 1-ulp change in the student's newest checkpoint: the resume says it skips it, resumes
+    from the one before and ends with the reference's bytes. A flipped byte in the finished
+    student's best weights before the export: refused in one line, exit 1, nothing exported."""
+    cache = tmp_path / "cache"
+    reference = _launch(cache, tmp_path / "a", None)
+    assert reference.returncode == 0, reference.stderr[-3000:]
+
+    out = tmp_path / "b"
+    killed = _launch(cache, out, "step:student:5")  # checkpoints step_000002 and step_000004
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    newest = out / "run" / "checkpoints" / "student" / "step_000004"
+    weights = load_file(str(newest / "model.safetensors"))
+    name = sorted(weights)[0]
+    value = weights[name].numpy().copy()
+    value.flat[0] = np.nextafter(value.flat[0], np.float32(np.inf), dtype=np.float32)
+    save_file({**weights, name: torch.from_numpy(value)}, str(newest / "model.safetensors"))
+    resumed = _launch(cache, out, None)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"[student] checkpoint {newest} is damaged (model.safetensors does not match" in (
+        resumed.stdout
+    )
+    assert "resuming from step_000002" in resumed.stdout
+    expected, got = _outputs(cache, tmp_path / "a"), _outputs(cache, out)
+    for key, value_ in expected.items():
+        assert got[key] == value_, key
+
+    out = tmp_path / "c"
+    killed = _launch(cache, out, "write:student/model.safetensors")  # the student's export
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    best = out / "run" / "checkpoints" / "student" / "best.safetensors"
+    data = bytearray(best.read_bytes())
+    data[-5] ^= 0x04
+    best.write_bytes(bytes(data))
+    refused = _launch(cache, out, None)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    last = refused.stderr.strip().splitlines()[-1]
+    assert str(best) in last and "overwrite=true" in last
+    assert not (out / "run" / "student" / "model.safetensors").exists()

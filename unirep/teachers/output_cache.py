@@ -25,7 +25,10 @@ The folder ``<teacher_root>/outputs/<stream>-<key[:12]>/`` is keyed by what dete
 preprocessing, the data settings that decide augmentation, ``K``, the draws' seed, the outputs
 stored and their dtype, and the teachers' autocast. It is written once, into ``<folder>.tmp``,
 and renamed into place when complete (all processes write their shard of the samples into the
-same pre-allocated arrays); a finished folder is only ever read.
+same pre-allocated arrays); a finished folder is only ever read. Its manifest, written last and
+sealed with its own sha256, records the format version and each array's sha256, shape and
+dtype; :func:`open_store` verifies them all once, and a damaged folder (a changed value, a
+truncated array, another format) is said in one line and built again.
 
 What it changes: the student sees ``K`` augmentations of each image instead of a fresh one at
 every epoch (FKD's trade-off; the baseline is unaffected), and the soft targets are rounded to
@@ -39,6 +42,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -53,11 +57,11 @@ from unirep.config.load import to_dict
 from unirep.config.schema import Config
 from unirep.data.streams import RunData
 from unirep.errors import DataError, NonFiniteError
-from unirep.io import atomic_write_json, read_json
+from unirep.io import file_sha256, read_json, read_sealed_json, write_sealed_json
 from unirep.layout import OUTPUT_CACHE_MANIFEST
 from unirep.tasks import Task
 
-CACHE_FORMAT = "unirep-teacher-outputs/1"
+CACHE_FORMAT = "unirep-teacher-outputs/2"  # 2: the manifest is sealed and hashes every array
 DTYPES = {"float16": np.float16, "float32": np.float32}  # config.OUTPUT_CACHE_DTYPES
 MANIFEST = OUTPUT_CACHE_MANIFEST
 _MIX = (1_000_003, 7_919, 2**62)
@@ -307,7 +311,7 @@ def build_store(
     del arrays
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        atomic_write_json(
+        write_sealed_json(
             tmp / MANIFEST,
             {
                 "format": CACHE_FORMAT,
@@ -316,9 +320,13 @@ def build_store(
                 "dtype": dtype,
                 "outputs": outputs,
                 "arrays": list(shapes),
+                "shapes": {name: list(shape) for name, (shape, _) in shapes.items()},
+                "dtypes": {name: np.dtype(t).str for name, (_, t) in shapes.items()},
+                "array_sha256": {name: file_sha256(tmp / f"{name}.npy") for name in shapes},
                 **record,
             },
         )
+        shutil.rmtree(folder, ignore_errors=True)  # a damaged one, refused by open_store
         tmp.replace(folder)  # complete: from now on only read
     accelerator.wait_for_everyone()
     return OutputStore(folder)
@@ -375,11 +383,59 @@ def _store_batch(
 
 
 def open_store(folder: Path, key: str) -> OutputStore | None:
-    """The finished cache in ``folder`` when it holds ``key``, else None."""
-    manifest = Path(folder) / MANIFEST
-    if manifest.is_file() and read_json(manifest, what="cache manifest").get("key") == key:
+    """The finished cache in ``folder`` when it holds ``key`` and every array matches what its
+    manifest recorded (:func:`verify_store`); else None, for the caller to build it again (a
+    damaged folder is said in one line; :func:`build_store` replaces it)."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        return None
+    problem = verify_store(folder, key)
+    if problem is None:
         return OutputStore(folder)
+    _say(f"teacher-output cache {folder} is damaged ({problem}): it will be rebuilt")
     return None
+
+
+def verify_store(folder: Path, key: str) -> str | None:
+    """What is wrong with the cache folder ``folder`` (None: nothing): its sealed manifest is of
+    this format and ``key``, and each array has the shape, dtype and sha256 recorded when built.
+    Reads every array once."""
+    folder = Path(folder)
+    try:
+        manifest = read_sealed_json(folder / MANIFEST)
+    except ValueError as err:
+        return str(err)
+    if manifest.get("format") != CACHE_FORMAT:
+        return f"format {manifest.get('format')!r}, this version reads {CACHE_FORMAT!r}"
+    if manifest.get("key") != key:
+        return "its manifest holds another key"
+    try:
+        arrays = list(manifest["arrays"])
+        recorded = {n: (manifest["shapes"][n], manifest["dtypes"][n], manifest["array_sha256"][n])
+                    for n in arrays}  # fmt: skip
+    except (KeyError, TypeError) as err:
+        return f"its manifest lacks {err}"
+    for name, (shape, dtype, digest) in recorded.items():
+        path = folder / f"{name}.npy"
+        if not path.is_file():
+            return f"{name}.npy is missing"
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError) as err:  # a truncated or malformed array
+            return f"{name}.npy cannot be read ({err})"
+        found = (list(array.shape), array.dtype.str)
+        del array
+        if found != (shape, dtype):
+            return f"{name}.npy holds {found[1]} {found[0]}, its manifest says {dtype} {shape}"
+        if file_sha256(path) != digest:
+            return f"{name}.npy does not match the sha256 recorded when it was built"
+    return None
+
+
+def _say(line: str) -> None:
+    """One line, from the first process of the machine only (every process verifies)."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(line, flush=True)
 
 
 _SPEED_ONLY_DATA = ("num_workers", "memory_cache_mib", "eval_batch_size", "batch_size",

@@ -10,6 +10,7 @@ the weighting how they become gradients.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable
@@ -25,14 +26,16 @@ from tqdm.auto import tqdm
 from unirep.batch import Batch, make_batch
 from unirep.config.schema import TrainConfig
 from unirep.data.sampling import MultiDomainStream
-from unirep.errors import NonFiniteError
+from unirep.errors import NonFiniteError, UnirepError
 from unirep.faults import failpoint
-from unirep.io import atomic_write_json, load_weights, read_json, save_weights
+from unirep.io import load_weights, read_sealed_json, save_weights, write_sealed_json
 from unirep.layout import BEST, DONE
 from unirep.optim.optimizers import build_optimizer, build_scheduler
 from unirep.tasks import Task
 from unirep.training.checkpoint import (
-    latest_checkpoint,
+    RETRAIN,
+    check_best,
+    intact_checkpoint,
     load_checkpoint,
     restore_rng,
     save_checkpoint,
@@ -301,9 +304,17 @@ def setup(accelerator: Any, phase: Phase) -> tuple[StepContext, dict[str, Any]]:
         "seconds": 0.0,
         "skipped_steps": 0,
     }
-    resume = phase.resume_from or latest_checkpoint(phase.checkpoint_dir)
+    # every file read back is verified first; a damaged newest checkpoint is skipped, and said
+    resume, verified = phase.resume_from, None
+    if resume is None:
+
+        def say(line: str) -> None:
+            accelerator.print(f"[{phase.name}] {line}")
+
+        resume, verified = intact_checkpoint(phase.checkpoint_dir, say) or (None, None)
     if resume is not None:
-        record = {**record, **load_checkpoint(accelerator, resume, module, optimizers, schedulers)}
+        restored = load_checkpoint(accelerator, resume, module, optimizers, schedulers, verified)
+        record = {**record, **restored}
         if record["best_val"] is None:  # no finite validation score yet (strict JSON has no -inf)
             record["best_val"] = -math.inf
         accelerator.print(f"[{phase.name}] resumed from {resume} at step {record['step']}")
@@ -345,22 +356,43 @@ def _log_means(
     return logged["train/loss"]
 
 
+def _finished(directory: Path, phase: str) -> dict[str, Any]:
+    """A finished phase's record (``done.json``), once it matches the sha256 written with it."""
+    try:
+        done = read_sealed_json(directory / DONE)
+        missing = [f.name for f in dataclasses.fields(FitResult) if f.name not in done]
+        if missing or "best_sha256" not in done:
+            raise ValueError(f"{DONE} lacks {', '.join(missing or ['best_sha256'])}")
+    except ValueError as err:
+        raise UnirepError(
+            f"[{phase}] the phase record in {directory} is damaged ({err}): "
+            + RETRAIN.format(folder=directory)
+        ) from None
+    return done
+
+
+def _reload_finished(accelerator: Any, phase: Phase) -> FitResult:
+    """A finished phase: its best weights reloaded into the student, once they match the sha256
+    its record holds, and its record."""
+    ckpt_dir, student = Path(phase.checkpoint_dir), phase.module.student
+    done = _finished(ckpt_dir, phase.name)
+    student.load_state_dict(load_weights(check_best(ckpt_dir, done["best_sha256"], phase.name)))
+    student.eval()
+    accelerator.print(f"[{phase.name}] already trained; best val {done['best_val']:.4f}")
+    return FitResult(**{f.name: done[f.name] for f in dataclasses.fields(FitResult)})
+
+
 def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -> FitResult:
     """Train ``phase.module`` in place; its student is left holding its best validation weights.
 
     ``evaluator.evaluate(net, split, datasets, tasks) -> {task: {metric: value}}``.
     """
     cfg, ckpt_dir, student = phase.cfg, Path(phase.checkpoint_dir), phase.module.student
-    # A finished phase (resume after a later interruption) only reloads its best weights.
-    if (ckpt_dir / DONE).exists():
-        done = read_json(ckpt_dir / DONE, what="phase record")
-        student.load_state_dict(load_weights(ckpt_dir / BEST))
-        student.eval()
-        accelerator.print(f"[{phase.name}] already trained; best val {done['best_val']:.4f}")
-        return FitResult(**done)
-
+    if (ckpt_dir / DONE).exists():  # resume after a later interruption: only reload
+        return _reload_finished(accelerator, phase)
     ctx, record = setup(accelerator, phase)
     start, best_val, best_step = record["step"], record["best_val"], record["best_step"]
+    best_sha = record.get("best_sha256")  # of best.safetensors as this process last wrote it
     # the CSV log (the report reads it) and the trackers of log_with, as <phase>/<series>
     log = CSVLog(phase.log_dir, phase.name, accelerator.is_main_process, resume_step=start,
                  trackers=TrackerLog(accelerator, phase.name))  # fmt: skip
@@ -392,14 +424,14 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
             if math.isfinite(score) and score > best_val:
                 best_val, best_step = score, done
                 if accelerator.is_main_process:
-                    save_weights(ckpt_dir / BEST, student.state_dict())
+                    best_sha = save_weights(ckpt_dir / BEST, student.state_dict())
             accelerator.wait_for_everyone()
         # Checkpoint for resume (latest `keep_checkpoints`).
         if done % cfg.checkpoint_every == 0 and done < cfg.max_steps:
             seconds = record["seconds"] + time.perf_counter() - t0
             # a best_val of -inf (nothing selected yet) is written as null (strict JSON)
             state = {"best_val": best_val, "best_step": best_step, "seconds": seconds,
-                     "skipped_steps": ctx.skipped}  # fmt: skip
+                     "skipped_steps": ctx.skipped, "best_sha256": best_sha}  # fmt: skip
             save_checkpoint(
                 accelerator, ckpt_dir, done, ctx.module, ctx.optimizers, ctx.schedulers,
                 state, cfg.keep_checkpoints,
@@ -414,10 +446,14 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
             f"[{phase.name}] no validation score was finite in {cfg.max_steps} steps: "
             "nothing to select (lower the learning rate or the loss weights)"
         )
-    student.load_state_dict(load_weights(ckpt_dir / BEST))
+    if accelerator.num_processes > 1:  # the main process wrote the best weights: its hash
+        from accelerate.utils import broadcast_object_list
+
+        best_sha = broadcast_object_list([best_sha])[0]
+    student.load_state_dict(load_weights(check_best(ckpt_dir, best_sha, phase.name)))
     result = FitResult(best_val, best_step, seconds, cfg.max_steps, ctx.skipped)
     if accelerator.is_main_process:
-        atomic_write_json(ckpt_dir / DONE, vars(result))
+        write_sealed_json(ckpt_dir / DONE, {**vars(result), "best_sha256": best_sha})
     accelerator.wait_for_everyone()
     student.eval()
     return result

@@ -10,6 +10,8 @@
   teachers run online on those draws (float32 cache), for dense and classification runs.
 - The cache is keyed by what determines it (another teacher → another folder), written once, then
   only read; a dataset whose augmentation ignores torch's RNG is refused in one line.
+- A damaged cache (a finite change in an array, a truncated array, another format version) is
+  found by its manifest's hashes when opened, said in one line and rebuilt in place.
 - A whole tiny run with the cache finishes, records the cache in ``metrics.json``, and a second
   run with the same teachers finds the cache and trains the same student.
 """
@@ -270,3 +272,58 @@ def test_a_batch_replayed_from_the_cache_equals_the_seeded_samples(
                         assert torch.equal(torch.as_tensor(fast[name][k]), torch.as_tensor(v))
                 else:
                     assert fast[name] == value, name
+
+
+def _change_a_value(folder: Path, name: str) -> None:
+    array = np.load(folder / f"{name}.npy", mmap_mode="r+")
+    array.flat[0] = array.flat[0] + 1  # finite, and off by far more than fp16 rounding
+    array.flush()
+
+
+def _truncate(folder: Path, name: str) -> None:
+    path = folder / f"{name}.npy"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 64])
+
+
+def _other_format(folder: Path, name: str) -> None:
+    from unirep.io import read_sealed_json, write_sealed_json
+
+    manifest = read_sealed_json(folder / "manifest.json")
+    write_sealed_json(folder / "manifest.json", {**manifest, "format": "unirep-teacher-outputs/1"})
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        (_change_a_value, "features.npy does not match the sha256 recorded when it was built"),
+        (_truncate, "features.npy cannot be read"),
+        (_other_format, "format 'unirep-teacher-outputs/1', this version reads"),
+    ],
+)
+def test_a_damaged_cache_is_said_in_one_line_and_rebuilt(
+    damage, reason: str, tiny_cache: Path, tmp_path: Path, capsys
+) -> None:
+    from unirep.io import read_sealed_json
+
+    extra = ["teachers.output_cache.draws=2", f"teachers.root={tmp_path / 'teachers'}"]
+    cfg = tiny_dense_config(tiny_cache, tmp_path, *extra)
+    accelerator, data, teachers, phase = _phase(cfg, tmp_path)
+    _, first = with_output_cache(phase, cfg, accelerator, data, teachers)
+    (stream,) = first
+    folder = Path(first[stream]["folder"])
+    manifest = read_sealed_json(folder / "manifest.json")
+    assert manifest["format"] == "unirep-teacher-outputs/2"
+    assert set(manifest["array_sha256"]) == set(manifest["arrays"])
+    name = next(a for a in manifest["arrays"] if a.endswith("/features"))
+    original = np.load(folder / f"{name}.npy").copy()
+    damage(folder, name)
+    capsys.readouterr()
+    _, again = with_output_cache(phase, cfg, accelerator, data, teachers)
+    (said,) = [line for line in capsys.readouterr().out.splitlines() if " is damaged " in line]
+    assert said.startswith(f"teacher-output cache {folder} is damaged (")
+    assert reason in said and said.endswith("it will be rebuilt")
+    assert again[stream]["built"] and again[stream]["folder"] == str(folder)
+    np.testing.assert_array_equal(np.load(folder / f"{name}.npy"), original)
+    _, third = with_output_cache(phase, cfg, accelerator, data, teachers)  # intact: reused
+    assert not third[stream]["built"]
