@@ -27,6 +27,7 @@ from unirep.pipeline.rundir import (
     forget_unstarted_run,
     make_accelerator,
     prepare_run_dir,
+    release_run_dir,
     run_finished,
     stop_trackers,
 )
@@ -97,8 +98,9 @@ def run_config(cfg: Config) -> RunResult:
                 forget_unstarted_run(run_dir)
             raise
         return RunResult(run_dir, distill(cfg, accelerator, data, run_dir, teacher_seconds))
-    finally:  # the next run in this process starts its own (log_with)
+    finally:  # the next run in this process starts its own (log_with) and may take the folder
         stop_trackers(accelerator)
+        release_run_dir(run_dir)
 
 
 def _config(preset: str | None, overrides: list[str]) -> Config:

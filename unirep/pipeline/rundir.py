@@ -138,6 +138,41 @@ def check_output_dir(directory: Path, min_free_mib: int = MIN_FREE_MIB) -> None:
         )
 
 
+_HELD: dict[Path, Any] = {}
+"""The run-folder locks this process holds (open files), kept until it exits."""
+
+
+def lock_run_dir(directory: Path) -> None:
+    """Hold, for the life of this process, the lock of the run folder ``directory`` (a hidden
+    file beside it, so that ``overwrite=true`` keeps it): a second run with the same name, or a
+    ``resume=true`` while the run still goes on, is refused in one line instead of writing into
+    the same folder."""
+    import fcntl
+
+    directory = Path(directory)
+    if directory in _HELD:
+        return
+    path = directory.parent / f".{directory.name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise ConfigError(
+            f"the run folder {str(directory)!r} is in use by another unirep process; wait for "
+            "it to finish (then resume=true if it stopped), or choose another name="
+        ) from None
+    _HELD[directory] = handle
+
+
+def release_run_dir(directory: Path) -> None:
+    """Give up the lock of :func:`lock_run_dir` (the run in this process is over)."""
+    handle = _HELD.pop(Path(directory), None)
+    if handle is not None:
+        handle.close()
+
+
 def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
     """``<output_dir>/<name>/``, created (or found, when resuming) with the resolved config."""
     if cfg.resume and isinstance(cfg.resume, str) and cfg.resume not in ("latest",):
@@ -151,6 +186,8 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         cfg.name = directory.name
         cfg.output_dir = str(directory.parent)
         check_output_dir(directory)
+        if accelerator.is_main_process:
+            lock_run_dir(directory)
     elif cfg.resume:
         if not cfg.name:
             raise ConfigError("resume=true needs the run's name (name=<run name>) to find it")
@@ -158,6 +195,8 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
         if not directory.is_dir():
             raise ConfigError(f"resume=true but the run folder {str(directory)!r} does not exist")
         check_output_dir(directory)
+        if accelerator.is_main_process:
+            lock_run_dir(directory)
     else:
         if not cfg.name:
             stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -170,6 +209,8 @@ def prepare_run_dir(cfg: Config, accelerator: Accelerator) -> Path:
             cfg.name = names[0]
         directory = Path(cfg.output_dir) / cfg.name
         check_output_dir(directory)  # writable, a folder, free space: before any work
+        if accelerator.is_main_process:
+            lock_run_dir(directory)
         held = (directory / CONFIG).exists()
         if held and not cfg.overwrite:  # a finished or interrupted run is never reused
             raise ConfigError(
