@@ -23,19 +23,23 @@ PROG = "unirep distill"
 
 
 def summary_line(s: dict[str, Any]) -> str:
-    """One line: the student against the baseline and the teachers."""
+    """One line: the student against the baseline and the teachers (accuracies in %), and how
+    clear each difference is where the run measured it (``summary.uncertainty``)."""
+    from unirep.pipeline.report import comparison_sentence
 
-    def fmt(key: str, spec: str) -> str:
-        return "–" if s.get(key) is None else format(s[key], spec)
+    def fmt(key: str, spec: str, scale: float = 1.0) -> str:
+        return "–" if s.get(key) is None else format(scale * s[key], spec)
 
     line = f"student Δm vs teachers {fmt('delta_m_vs_teachers', '+.2f')} %"
     if "baseline_delta_m_vs_teachers" in s:
         line += f" | baseline {fmt('baseline_delta_m_vs_teachers', '+.2f')} %"
     if "mean_accuracy" in s:
-        line += f" | student mean accuracy {fmt('mean_accuracy', '.4f')}"
+        line += f" | student mean accuracy {fmt('mean_accuracy', '.2f', 100.0)} %"
         if "baseline_mean_accuracy" in s:
-            line += f" | baseline {fmt('baseline_mean_accuracy', '.4f')}"
-        line += f" | teachers {fmt('teacher_mean_accuracy', '.4f')}"
+            line += f" | baseline {fmt('baseline_mean_accuracy', '.2f', 100.0)} %"
+        line += f" | teachers {fmt('teacher_mean_accuracy', '.2f', 100.0)} %"
+    for name, record in (s.get("uncertainty") or {}).items():
+        line += f" | {comparison_sentence(name, record)}"
     return line
 
 

@@ -30,8 +30,11 @@ __all__ = [
     "REPORT_FILE",
     "WEIGHTING_FIGURE",
     "aggregate_runs",
+    "comparison_sentence",
     "format_metric",
+    "labels_section",
     "prediction_grid_figure",
+    "uncertainty_section",
     "write_figure",
     "write_report",
 ]
@@ -126,25 +129,205 @@ def _per_task_table(tasks: Mapping[str, Mapping[str, Mapping[str, float]]]) -> s
     return _table(["task", "metric", *ROLES], rows, ["l", "l", "r", "r", "r"])
 
 
+RUN_RELATIVE_SCORE = "Decathlon score, run-relative (each domain's teacher as the reference)"
+OFFICIAL_SCORE = "Decathlon score, official (published ResNet-26 Finetune errors as the reference)"
+
+# Summary rows, in order: (key, label, kind); kind "%" is a fraction shown ×100, "Δ" a Δm in %,
+# "score" a Decathlon score.
+_SUMMARY_ROWS: tuple[tuple[str, str, str], ...] = (
+    ("mean_accuracy", "student mean accuracy (%)", "%"),
+    ("baseline_mean_accuracy", "baseline mean accuracy (%)", "%"),
+    ("teacher_mean_accuracy", "teachers' mean accuracy (%)", "%"),
+    ("delta_m_vs_teachers", "student Δm vs teachers (%)", "Δ"),
+    ("baseline_delta_m_vs_teachers", "baseline Δm vs teachers (%)", "Δ"),
+    ("delta_m_all_metrics_vs_teachers", "student Δm vs teachers, all metrics (%)", "Δ"),
+    ("baseline_delta_m_all_metrics_vs_teachers", "baseline Δm vs teachers, all metrics (%)", "Δ"),
+    ("delta_m_vs_baseline", "student Δm vs baseline (%)", "Δ"),
+    ("delta_m_vs_full_label_teachers", "student Δm vs full-label teachers (%)", "Δ"),
+    ("baseline_delta_m_vs_full_label_teachers", "baseline Δm vs full-label teachers (%)", "Δ"),
+    ("decathlon_score", f"student {RUN_RELATIVE_SCORE}", "score"),
+    ("baseline_decathlon_score", f"baseline {RUN_RELATIVE_SCORE}", "score"),
+)
+
+_ROLE_NAMES = {"teacher": "teachers", "full_label_teacher": "full-label teachers"}
+
+_PARAMETER_NAMES = {"adapters": "alignment adapters", "teachers_total": "all teachers"}
+
+# Scalar settings, by label (their values are names or counts, not measurements).
+_SETTING_NAMES = {"weighting": "task weighting", "cross_task": "cross-task module"}
+
+_SUMMARY_OWN_SECTIONS = {"uncertainty", "partial"}
+
+
+def _label(key: str) -> str:
+    """A summary key as words (``phase_seconds`` → ``phase seconds``)."""
+    return key.replace("_", " ")
+
+
 def _summary_table(summary: Mapping[str, Any]) -> str:
+    """Every scalar of the summary with its name in words and its unit: fractions as %, Δm in %,
+    Decathlon scores named by their reference, counts, times."""
     rows: list[list[str]] = []
-    if summary.get("delta_m_vs_teachers") is not None:
-        rows.append(["Δm vs teachers (%)", f"{summary['delta_m_vs_teachers']:+.2f}"])
-    if summary.get("decathlon_score") is not None:
-        rows.append(["decathlon score", f"{summary['decathlon_score']:.1f}"])
+    for key, label, kind in _SUMMARY_ROWS:
+        value = summary.get(key)
+        if value is None:
+            continue
+        if kind == "%":
+            rows.append([label, f"{100.0 * value:.2f}"])
+        elif kind == "Δ":
+            rows.append([label, f"{value:+.2f}"])
+        else:
+            rows.append([label, f"{value:.1f}"])
+    for role, score in (summary.get("official_decathlon_score") or {}).items():
+        if score is not None:
+            rows.append([f"{_ROLE_NAMES.get(role, role)} {OFFICIAL_SCORE}", f"{score:.1f}"])
     for who, n in (summary.get("params") or {}).items():
-        rows.append([f"parameters ({who})", _MISSING if n is None else _format_count(n)])
+        name = _PARAMETER_NAMES.get(who, _label(who))
+        rows.append([f"parameters ({name})", _MISSING if n is None else _format_count(n)])
+    if summary.get("backbone_multiplier") is not None:
+        rows.append(["student backbone size (teacher backbones)",
+                     f"{summary['backbone_multiplier']:.2f} ×"])  # fmt: skip
     if summary.get("train_seconds") is not None:
         rows.append(["training time", _format_seconds(float(summary["train_seconds"]))])
     if summary.get("num_processes") is not None:
         rows.append(["processes", str(summary["num_processes"])])
-    known = {"delta_m_vs_teachers", "decathlon_score", "params", "train_seconds", "num_processes"}
+    known = {k for k, _, _ in _SUMMARY_ROWS} | {
+        "official_decathlon_score", "params", "backbone_multiplier", "train_seconds",
+        "num_processes",
+    }  # fmt: skip
     for key, value in summary.items():
         if key in known or value is None or isinstance(value, Mapping | list):
             continue
         text = f"{value:.4g}" if isinstance(value, float) else str(value)
-        rows.append([key, text])
+        rows.append([_SETTING_NAMES.get(key, _label(key)), text])
     return _table(["quantity", "value"], rows, ["l", "r"])
+
+
+def _comparison_names(name: str) -> tuple[str, str]:
+    """``student_vs_teachers`` → (``student``, ``teachers``)."""
+    model, _, reference = name.partition("_vs_")
+    return _label(model), _label(reference)
+
+
+def _interval_text(ci: Sequence[float], digits: int = 2) -> str:
+    return f"95 % CI {ci[0]:+.{digits}f} … {ci[1]:+.{digits}f}"
+
+
+def comparison_sentence(name: str, record: Mapping[str, Any]) -> str:
+    """One comparison of ``summary.uncertainty`` as a sentence: ``student − baseline: +0.07
+    percentage points of mean accuracy (95 % CI -0.90 … +1.00): no clear difference``."""
+    model, reference = _comparison_names(name)
+    diff, ci, verdict = record["difference"], record["ci95"], record["verdict"]
+    if record.get("unit") == "%":  # Δm of the model with the reference as its reference
+        return (
+            f"{model} vs {reference}: {record.get('quantity', 'Δm')} {diff:+.2f} % "
+            f"({_interval_text(ci)}): {verdict}"
+        )
+    return (
+        f"{model} − {reference}: {diff:+.2f} {record.get('unit', '')} of "
+        f"{record.get('quantity', 'the headline')} ({_interval_text(ci)}): {verdict}"
+    )
+
+
+def _per_task_uncertainty(uncertainty: Mapping[str, Any]) -> str:
+    """Table: each task's difference per comparison, its interval, McNemar's p (accuracy)."""
+    rows = []
+    mcnemar = False
+    for name, record in uncertainty.items():
+        model, reference = _comparison_names(name)
+        for task, entry in (record.get("per_task") or {}).items():
+            if entry.get("difference") is None or entry.get("ci95") is None:
+                continue
+            digits = 2 if entry.get("unit") in ("percentage points", "degrees") else 4
+            unit = "points" if entry.get("unit") == "percentage points" else entry.get("unit")
+            p = entry.get("mcnemar_p")
+            mcnemar = mcnemar or p is not None
+            rows.append([
+                task, f"{model} − {reference}", f"{entry['metric']} ({unit})",
+                f"{entry['difference']:+.{digits}f}",
+                f"{entry['ci95'][0]:+.{digits}f} … {entry['ci95'][1]:+.{digits}f}",
+                _MISSING if p is None else f"{p:.3g}", entry.get("verdict") or _MISSING,
+            ])  # fmt: skip
+    if not rows:
+        return ""
+    header = ["task", "comparison", "metric", "difference", "95 % CI", "McNemar p", "verdict"]
+    if not mcnemar:
+        header.pop(5)
+        rows = [row[:5] + row[6:] for row in rows]
+    return _table(header, rows, ["l", "l", "l"] + ["r"] * (len(header) - 3))
+
+
+def uncertainty_section(summary: Mapping[str, Any], split: str) -> str:
+    """Markdown: how clear the student's differences are (``summary.uncertainty``), or a line
+    saying it was not measured where the run compares models without per-image scores."""
+    uncertainty = summary.get("uncertainty") or {}
+    if not uncertainty:
+        compared = any(
+            summary.get(k) is not None
+            for k in ("delta_m_vs_teachers", "delta_m_vs_baseline", "baseline_mean_accuracy")
+        )
+        if not compared:
+            return ""
+        return (
+            "How clear these differences are was not measured: the evaluations of this run "
+            "kept no per-image scores."
+        )
+    lines = ["## How clear the differences are", ""]
+    lines += [f"- {comparison_sentence(n, r)}." for n, r in uncertainty.items()]
+    first = next(iter(uncertainty.values()))
+    resamples, seed = first.get("resamples", "?"), first.get("seed", "?")
+    images = first.get("images")
+    counted = f"the {images:,} {split} images" if isinstance(images, int) else f"the {split} images"
+    per_stream = " (each input stream on its own)" if "stream" in first.get("method", "") else ""
+    note = (
+        f"Each interval is a paired bootstrap over {counted} ({resamples} resamples, seed "
+        f"{seed}): the images are drawn again with replacement{per_stream}, both models are "
+        "scored on the same draw exactly as on the whole split, and the 2.5 and 97.5 "
+        "percentiles of the difference bound the interval. An interval that holds 0 is "
+        '"no clear difference": this test set cannot tell the two apart.'
+    )
+    table = _per_task_uncertainty(uncertainty)
+    if table:
+        lines += ["", table]
+        if "McNemar p" in table:
+            note += (
+                " McNemar p: the exact test on the images only one of the two models gets "
+                "right, per task and not corrected for testing several tasks."
+            )
+    return "\n".join([*lines, "", note])
+
+
+def labels_section(summary: Mapping[str, Any]) -> str:
+    """Markdown: which training labels a partially labelled run had (``summary.partial``)."""
+    part = summary.get("partial")
+    if not part:
+        return ""
+    distill = part.get("distillation")
+    text = (
+        f"Protocol `{part.get('protocol')}`, method `{part.get('method')}`"
+        + ("" if distill is None else f", distillation {'on' if distill else 'off'}")
+        + "."
+    )
+    labels = part.get("labels") or {}
+    n = labels.get("num_images")
+    if not labels or not n:
+        return "## Training labels\n\n" + text + " Every training image is labelled for every task."
+    rows = [
+        [task, f"{count:,}", f"{100.0 * count / n:.1f}"]
+        for task, count in (labels.get("labels_per_task") or {}).items()
+    ]
+    unlabelled = labels.get("unlabelled_images")
+    text += (
+        f" Of the {n:,} training images, each task was labelled on those below"
+        + ("" if unlabelled is None else f" ({unlabelled:,} images have no label at all)")
+        + "; the split is saved in `label_split.json`. Validation and test keep every label."
+    )
+    return (
+        "## Training labels\n\n"
+        + text
+        + "\n\n"
+        + _table(["task", "labelled images", "labelled (%)"], rows, ["l", "r", "r"])
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -447,7 +630,10 @@ def write_report(
         "(↑ higher is better, ↓ lower is better). "
         f"Missing entries ({_MISSING}) were not trained or not measured in this run.",
         "## Summary\n\n" + _summary_table(summary),
+        uncertainty_section(summary, split),
+        labels_section(summary),
     ]
+    sections = [section for section in sections if section]
     if tasks:
         sections.append("## Per-task metrics\n\n" + _per_task_table(tasks))
         figure = _per_task_figure(tasks)
@@ -483,8 +669,10 @@ def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
     """A markdown table of mean ± std over runs (e.g. seeds) of the headline figures.
 
     Rows: each task's main metric per role (the first of :data:`MAIN_METRIC_ORDER` it has), then
-    whichever of the summary's mean accuracy, Δm vs teachers (main and all metrics) and decathlon
-    score the runs report, for student and baseline.
+    whichever of the summary's mean accuracy, Δm vs teachers (main and all metrics), Δm vs the
+    baseline and the Decathlon scores (run-relative, official) the runs report, for student and
+    baseline. Below the table, the student's differences from the baseline and the teachers over
+    the runs: mean ± std, the t interval of the mean and a verdict (the spread over seeds).
     """
     import statistics
 
@@ -515,7 +703,8 @@ def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
         ("mean accuracy (%)", "mean_accuracy", 100.0),
         ("Δm vs teachers (%)", "delta_m_vs_teachers", 1.0),
         ("Δm vs teachers, all metrics (%)", "delta_m_all_metrics_vs_teachers", 1.0),
-        ("decathlon score", "decathlon_score", 1.0),
+        ("Δm vs baseline (%)", "delta_m_vs_baseline", 1.0),
+        (RUN_RELATIVE_SCORE, "decathlon_score", 1.0),
     ):
         student = [m["summary"][key] * scale for m in metrics if m["summary"].get(key) is not None]
         baseline = [
@@ -530,5 +719,76 @@ def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
         ]
         if student or baseline or teacher:  # not every run has accuracy or a decathlon score
             rows.append(["**summary**", label, stat(teacher), stat(baseline), stat(student)])
+    official = [
+        stat([m["summary"]["official_decathlon_score"][role] for m in metrics
+              if (m["summary"].get("official_decathlon_score") or {}).get(role) is not None])
+        for role in roles
+    ]  # fmt: skip
+    if any(cell != "–" for cell in official):
+        rows.append(["**summary**", OFFICIAL_SCORE, *official])
     header = ["task", "metric", "teacher", "baseline", "student"]
-    return f"{len(metrics)} runs, mean ± std\n\n" + _table(header, rows, ["l", "l", "r", "r", "r"])
+    text = (
+        f"{len(metrics)} runs, mean ± std: each cell is the mean over the runs ± their sample "
+        "standard deviation (the spread over seeds)\n\n"
+        + _table(header, rows, ["l", "l", "r", "r", "r"])
+    )
+    spread = _spread_of_differences(metrics)
+    return text + ("\n\n" + spread if spread else "")
+
+
+def _run_difference(summary: Mapping[str, Any], name: str) -> tuple[float, str, str | None] | None:
+    """One run's ``name`` comparison: (difference, unit, verdict of its own bootstrap or None),
+    from ``summary.uncertainty`` or else from the summary's means (points) or Δm (%)."""
+    record = (summary.get("uncertainty") or {}).get(name)
+    if record is not None:
+        return record["difference"], record["unit"], record.get("verdict")
+    reference = {"student_vs_baseline": "baseline", "student_vs_teachers": "teacher"}[name]
+    mine, theirs = summary.get("mean_accuracy"), summary.get(f"{reference}_mean_accuracy")
+    if mine is not None and theirs is not None:
+        return 100.0 * (mine - theirs), "percentage points", None
+    key = "delta_m_vs_baseline" if reference == "baseline" else "delta_m_vs_teachers"
+    if summary.get(key) is not None:
+        return float(summary[key]), "%", None
+    return None
+
+
+def _spread_of_differences(metrics: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown lines: each comparison's difference over the runs (mean ± std, the t interval of
+    the mean, the runs the student is ahead in, the runs whose own bootstrap was clear)."""
+    from unirep.metrics.uncertainty import NO_CLEAR_DIFFERENCE, mean_interval, verdict
+
+    lines = []
+    for name in ("student_vs_baseline", "student_vs_teachers"):
+        found = [d for m in metrics if (d := _run_difference(m.get("summary", {}), name))]
+        if not found or len({unit for _, unit, _ in found}) != 1:
+            continue
+        values = [d for d, _, _ in found]
+        unit = found[0][1]
+        stats = mean_interval(values)
+        if stats is None:
+            continue
+        model, reference = _comparison_names(name)
+        what = f"{model} vs {reference}: Δm" if unit == "%" else f"{model} − {reference}:"
+        suffix = " %" if unit == "%" else f" {unit} of mean accuracy"
+        if stats["std"] is None:
+            lines.append(f"- {what} {stats['mean']:+.2f}{suffix} in the one run: no spread.")
+            continue
+        ahead = sum(v > 0 for v in values)
+        line = (
+            f"- {what} {stats['mean']:+.2f} ± {stats['std']:.2f}{suffix} over {stats['runs']} "
+            f"runs ({_interval_text(stats['ci95'])} of the mean; {model} ahead in {ahead} of "
+            f"{len(values)}): {verdict(stats['ci95'])}."
+        )
+        verdicts = [v for _, _, v in found if v is not None]
+        if verdicts:
+            clear = sum(v != NO_CLEAR_DIFFERENCE for v in verdicts)
+            line += f" Each run's own bootstrap: a clear difference in {clear} of {len(verdicts)}."
+        lines.append(line)
+    if not lines:
+        return ""
+    note = (
+        "The spread over runs: mean ± sample standard deviation of each run's difference, and "
+        "the 95 % interval of their mean from Student's t with runs − 1 degrees of freedom; an "
+        "interval that holds 0 is no clear difference."
+    )
+    return "\n".join(["Differences over the runs:", "", *lines, "", note])

@@ -1,7 +1,8 @@
 """What a stage-two run writes as results: the content of ``metrics.json`` and ``results.json``.
 
 :func:`build_metrics` makes the run-directory contract's ``metrics.json`` (per-task metrics by
-role, Δm and the Decathlon scores, parameter counts, the run's settings);
+role, Δm and the Decathlon scores, how clear the student's differences are
+(:func:`uncertainty_records`), parameter counts, the run's settings);
 :func:`distill_metrics` adds what only a training run knows (the phases' seconds and selection,
 the teacher-output cache, Δm against the baseline and full-label teachers, the label split).
 :func:`submission_entries` makes the Visual Decathlon submission (``results.json``). Nothing here
@@ -17,15 +18,22 @@ import torch
 from unirep.config.schema import Config
 from unirep.data.streams import RunData
 from unirep.metrics.classification import decathlon_score, delta_m, official_decathlon_score
+from unirep.metrics.uncertainty import compare
 from unirep.models.build import count_parameters
 from unirep.tasks import Task, main_metrics
 from unirep.teachers.store import Teacher
-from unirep.training.evaluator import Results, mean_metric
+from unirep.training.evaluator import Results, mean_metric, per_image_records, without_per_image
 from unirep.training.trainable import TrainableModule
 from unirep.training.trainer import FitResult
 
 FULL_LABEL = "full_label_teacher"
 """The role of the teachers trained on every label, beside a partially labelled run's own."""
+
+COMPARISONS: dict[str, tuple[str, str]] = {
+    "student_vs_baseline": ("student", "baseline"),
+    "student_vs_teachers": ("student", "teacher"),
+}
+"""The differences ``summary.uncertainty`` measures: ``{name: (model, reference)}``."""
 
 
 def _delta(tasks: dict[str, Task], results: Results, reference: Results, every: bool) -> Any:
@@ -65,8 +73,12 @@ def build_metrics(
     ``results[role][task][metric]`` for roles ``student``, ``teacher``, ``baseline`` (any but
     ``student`` may be missing). Δm uses each task's main metric against the teachers of the
     same run; where every task is scored by accuracy, the mean accuracy and the Visual Decathlon
-    score (E_max = 2 × the teacher's error) are added.
+    score (E_max = 2 × the teacher's error) are added. Where the evaluations hold per-image sums
+    (``evaluate(..., per_image=True)``), ``summary.uncertainty`` says how clear the student's
+    differences are (:func:`uncertainty_records`); the sums themselves are not written.
     """
+    records = {role: per_image_records(r) for role, r in results.items()}
+    results = {role: without_per_image(r) for role, r in results.items()}
     roles = [r for r in ("student", "teacher", "baseline", FULL_LABEL) if r in results]
     per_task = {t: {role: results[role][t] for role in roles} for t in results["student"]}
     by_accuracy = all(t.main_metric == "accuracy" for t in tasks.values())
@@ -94,6 +106,11 @@ def build_metrics(
                 summary.setdefault("official_decathlon_score", {})[role] = official
         if teacher:
             summary["teacher_mean_accuracy"] = mean_metric(teacher, "accuracy")
+    uncertainty = uncertainty_records(
+        {t: tasks[t] for t in per_task if t in tasks}, records, by_accuracy
+    )
+    if uncertainty:
+        summary["uncertainty"] = uncertainty
     summary["delta_m_metrics"] = [f"{t}/{task.main_metric}" for t, task in tasks.items()]
     summary["params"] = {k: v for k, v in params.items() if k != "backbone_multiplier"}
     if "backbone_multiplier" in params:
@@ -103,6 +120,25 @@ def build_metrics(
         summary["cross_task"] = cfg.dense.cross_task.name
     summary["num_processes"] = num_processes
     return {"preset": cfg.preset, "split": cfg.split, "tasks": per_task, "summary": summary}
+
+
+def uncertainty_records(
+    tasks: dict[str, Task], records: dict[str, dict[str, Any]], by_accuracy: bool
+) -> dict[str, Any]:
+    """``{comparison: record}`` of :data:`COMPARISONS` whose two models both have per-image sums
+    for every task (:func:`unirep.metrics.uncertainty.compare`): the difference of the run's
+    headline (mean accuracy in percentage points where every task is scored by accuracy, else
+    Δm in % against the reference) with its paired-bootstrap 95 % interval and verdict, and per
+    task (McNemar's exact test for accuracy)."""
+    streams = {t: task.stream for t, task in tasks.items()}
+    headline = "mean_accuracy" if by_accuracy else "delta_m"
+    out: dict[str, Any] = {}
+    for name, (model, reference) in COMPARISONS.items():
+        if records.get(model) and records.get(reference):
+            found = compare(records[model], records[reference], streams, headline)
+            if found is not None:
+                out[name] = found
+    return out
 
 
 def _decathlon_score(results: Results, teacher: Results) -> float | None:
@@ -136,6 +172,7 @@ def distill_metrics(
     cache's settings (``cache_summary``, when the cache is on) and the references beside the
     teachers (:func:`reference_records`)."""
     metrics = build_metrics(cfg, tasks, num_processes, results, params)
+    results = {role: without_per_image(r) for role, r in results.items()}
     metrics["summary"].update(fit_records(fits, teacher_seconds, cfg.selection_metric))
     metrics["summary"].update(data_records(data))
     if cache_summary is not None:

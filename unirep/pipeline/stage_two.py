@@ -154,7 +154,7 @@ def evaluate_teachers(
     """Each teacher on its own task's ``split``."""
     sets = data.datasets(split)
     return {
-        name: evaluator.evaluate(t.net, split, sets, {name: tasks[name]})[name]
+        name: evaluator.evaluate(t.net, split, sets, {name: tasks[name]}, per_image=True)[name]
         for name, t in teachers.items()
     }
 
@@ -381,11 +381,13 @@ def evaluate_phase(
     ``trained`` (they make the submission), the baseline's evaluation is stored once."""
     net, split, tasks = phase.module.student, run.cfg.split, run.tasks
     if phase.name == "student":
-        return run.evaluator.evaluate(net, split, split_sets, tasks, keep=trained.predictions)
+        return run.evaluator.evaluate(
+            net, split, split_sets, tasks, keep=trained.predictions, per_image=True
+        )
     return stored(
         layout.evaluation_file(phase.checkpoint_dir, split),
         run.accelerator,
-        lambda: run.evaluator.evaluate(net, split, split_sets, tasks),
+        lambda: run.evaluator.evaluate(net, split, split_sets, tasks, per_image=True),
     )
 
 
@@ -473,7 +475,7 @@ def evaluate_student(
     sets = data.datasets(cfg.split)
     predictions: Predictions = {}
     results: dict[str, Results] = {
-        "student": evaluator.evaluate(net, cfg.split, sets, tasks, keep=predictions)
+        "student": evaluator.evaluate(net, cfg.split, sets, tasks, keep=predictions, per_image=True)
     }
     teachers = teachers_of_student(
         accelerator, manifest, lambda: recorded_teachers(cfg, data, tasks, manifest)

@@ -5,6 +5,12 @@ predictions, targets and sample ids are gathered with ``gather_for_metrics`` (wh
 samples the sampler repeated to even out the shards), and every process updates the same
 whole-split meters (one per task, from its :class:`~unirep.tasks.Task`). The result is identical
 in every process and to a one-process evaluation.
+
+Asked for them (``per_image=True``), each task's results also hold, under
+:data:`~unirep.metrics.uncertainty.PER_IMAGE`, the per-image sums its main metric is a function
+of (:func:`~unirep.metrics.uncertainty.image_sums`, with the images' ids): what the paired
+bootstrap of :mod:`unirep.metrics.uncertainty` resamples to say how clear a difference is. They
+are plain JSON, so a stored evaluation keeps them.
 """
 
 from __future__ import annotations
@@ -19,10 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from unirep.batch import sample_ids
 from unirep.metrics.classification import delta_m
+from unirep.metrics.uncertainty import PER_IMAGE, image_sums, per_image_record
 from unirep.tasks import Task, main_metrics
 
-Results = dict[str, dict[str, float | None]]
-"""``{task: {metric: value}}`` (None: not measured, e.g. an unlabelled test split)."""
+Results = dict[str, dict[str, Any]]
+"""``{task: {metric: value}}`` (None: not measured, e.g. an unlabelled test split); with
+``per_image=True`` also ``{PER_IMAGE: {"metric", "ids", "sums"}}`` per task."""
 
 
 class Evaluator:
@@ -55,6 +63,7 @@ class Evaluator:
         datasets: dict[str, Dataset],
         tasks: dict[str, Task],
         keep: dict[str, tuple[Tensor, Tensor, Tensor]] | None = None,
+        per_image: bool = False,
     ) -> Results:
         """``{task: {metric: value}}`` over the whole ``split`` for the tasks ``net`` predicts.
 
@@ -63,6 +72,9 @@ class Evaluator:
             datasets: ``{stream: dataset}`` of the split.
             tasks: the tasks to measure (those of ``net`` whose stream is in ``datasets``).
             keep: filled with ``{task: (predictions, targets, ids)}`` over the split.
+            per_image: add each task's per-image sums of its main metric under
+                :data:`~unirep.metrics.uncertainty.PER_IMAGE` (tasks whose main metric has
+                none are left without).
         """
         was_training = net.training
         net.eval()
@@ -73,6 +85,7 @@ class Evaluator:
                 continue
             meters = {n: t.meter() for n, t in mine.items()}
             kept: dict[str, list[tuple[Tensor, Tensor, Tensor]]] = {n: [] for n in mine}
+            sums: dict[str, list[tuple[Tensor, Tensor]]] = {n: [] for n in mine}
             for batch in self.loader(split, stream, dataset):
                 with self.accelerator.autocast():
                     outputs = net({stream: batch["image"]})
@@ -81,14 +94,21 @@ class Evaluator:
                 preds, targets, ids = self.accelerator.gather_for_metrics(
                     (preds, targets, sample_ids(batch))
                 )
-                for n in mine:
+                for n, task in mine.items():
                     meters[n].update(preds[n], targets[n])
                     if keep is not None:
                         kept[n].append((preds[n].cpu(), targets[n].cpu(), ids.cpu()))
+                    if per_image:
+                        found = image_sums(task.main_metric, preds[n], targets[n], task.num_classes)
+                        if found is not None:
+                            sums[n].append((ids.cpu(), found.cpu()))
             for n, meter in meters.items():
                 results[n] = meter.compute()
                 if keep is not None and kept[n]:
                     keep[n] = tuple(torch.cat(parts) for parts in zip(*kept[n], strict=True))  # type: ignore[assignment]
+                if sums[n]:
+                    image_ids, values = (torch.cat(p) for p in zip(*sums[n], strict=True))
+                    results[n][PER_IMAGE] = per_image_record(mine[n].main_metric, image_ids, values)
         net.train(was_training)
         return results
 
@@ -107,6 +127,16 @@ class Evaluator:
             for n, t in tasks.items()
             if n in outputs
         }
+
+
+def without_per_image(results: Results) -> Results:
+    """``results`` without the per-image sums of ``evaluate(..., per_image=True)``: metrics only."""
+    return {t: {m: v for m, v in r.items() if m != PER_IMAGE} for t, r in results.items()}
+
+
+def per_image_records(results: Results) -> dict[str, dict[str, Any]]:
+    """``{task: per-image record}`` of the tasks of ``results`` that hold one."""
+    return {t: r[PER_IMAGE] for t, r in results.items() if isinstance(r.get(PER_IMAGE), dict)}
 
 
 def mean_metric(results: Results, metric: str) -> float | None:

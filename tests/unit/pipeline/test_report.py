@@ -72,10 +72,11 @@ def test_report_tables_and_figures(tmp_path: Path) -> None:
     assert "| svhn | accuracy (%) ↑ | 90.00 | 85.00 | 91.23 |" in text
     assert "| reg | abs_err ↓ | 0.6000 | – | 0.5123 |" in text
     # summary
-    assert "| Δm vs teachers (%) | +1.23 |" in text
-    assert "| decathlon score | 2612.4 |" in text
+    assert "| student Δm vs teachers (%) | +1.23 |" in text
+    run_relative = "Decathlon score, run-relative (each domain's teacher as the reference)"
+    assert f"| student {run_relative} | 2612.4 |" in text
     assert "| parameters (student) | 6,000,000 (6.00 M) |" in text
-    assert "| parameters (teachers_total) | 60,000,000 (60.00 M) |" in text
+    assert "| parameters (all teachers) | 60,000,000 (60.00 M) |" in text
     assert "| training time | 75.0 s (1.2 min) |" in text
     assert "| processes | 2 |" in text
     # figures embedded and valid
@@ -147,6 +148,7 @@ def test_sparse_metrics_do_not_break_the_report(tmp_path: Path) -> None:
     text = write_report(tmp_path, metrics, {"student": {"train/loss": []}}).read_text("utf-8")
     assert "Δm" not in text
     assert "| note | smoke |" in text
+    assert "How clear" not in text  # nothing compared, nothing to qualify
     assert not (tmp_path / PER_TASK_FIGURE).exists()
     assert not (tmp_path / CURVES_FIGURE).exists()
 
@@ -173,9 +175,181 @@ def test_aggregate_runs_mean_and_std() -> None:
         }
 
     table = aggregate_runs([run(0.6, 0.5), run(0.8, 0.7)])
-    assert "2 runs" in table
+    assert "2 runs" in table and "sample standard deviation" in table
     assert "| a | accuracy (%) ↑ | 50.00 ± 0.00 | 60.00 ± 14.14 | 70.00 ± 14.14 |" in table
     assert "| **summary** | Δm vs teachers (%) | – | 0.00 ± 0.00 | 10.00 ± 0.00 |" in table
+    # the student's differences over the runs: +10 points both times (no spread), +20 and 0
+    assert "- student − baseline: +10.00 ± 0.00 percentage points of mean accuracy over 2 runs" in (
+        table
+    )
+    assert "student ahead in 2 of 2): clearly better." in table
+    spread = aggregate_runs([run(0.7, 0.5), run(0.5, 0.5)])
+    half = 12.706 * 14.142135623730951 / 2**0.5  # t(0.975, 1) · std / √n
+    assert (
+        f"- student − teachers: +10.00 ± 14.14 percentage points of mean accuracy over 2 runs "
+        f"(95 % CI {10 - half:+.2f} … {10 + half:+.2f} of the mean; student ahead in 1 of 2): "
+        "no clear difference."
+    ) in spread
+
+
+def test_aggregate_runs_with_their_own_bootstrap_and_one_run() -> None:
+    from unirep.pipeline.report import aggregate_runs
+
+    def run(difference: float, verdict: str) -> dict:
+        record = {"difference": difference, "ci95": [difference - 1, difference + 1],
+                  "unit": "%", "verdict": verdict, "quantity": "Δm"}  # fmt: skip
+        return {
+            "tasks": {"a": {"student": {"miou": 0.5}}},
+            "summary": {"delta_m_vs_baseline": difference,
+                        "uncertainty": {"student_vs_baseline": record}},
+        }  # fmt: skip
+
+    table = aggregate_runs([run(2.0, "clearly better"), run(0.5, "no clear difference")])
+    assert "- student vs baseline: Δm +1.25 ± 1.06 % over 2 runs" in table
+    assert "Each run's own bootstrap: a clear difference in 1 of 2." in table
+    assert "| **summary** | Δm vs baseline (%) | – | – | 1.25 ± 1.06 |" in table
+    one = aggregate_runs([run(2.0, "clearly better")])
+    assert "- student vs baseline: Δm +2.00 % in the one run: no spread." in one
+
+
+# --------------------------------------------------------------------------------------------
+# Units, uncertainty and labels in the summary
+# --------------------------------------------------------------------------------------------
+
+
+def _uncertain(difference: float, ci: list[float], verdict: str) -> dict[str, Any]:
+    return {
+        "quantity": "mean accuracy",
+        "difference": difference,
+        "ci95": ci,
+        "unit": "percentage points",
+        "verdict": verdict,
+        "resamples": 1000,
+        "seed": 0,
+        "images": 2500,
+        "per_task": {
+            "svhn": {"metric": "accuracy", "difference": difference, "ci95": ci,
+                     "unit": "percentage points", "verdict": verdict, "images": 2500,
+                     "mcnemar_p": 0.8312, "discordant": [40, 38]},
+        },
+    }  # fmt: skip
+
+
+def test_a_tie_reads_as_no_clear_difference(tmp_path: Path) -> None:
+    metrics = _metrics()
+    metrics["summary"].update(
+        mean_accuracy=0.8563,
+        baseline_mean_accuracy=0.8556,
+        teacher_mean_accuracy=0.8555,
+        uncertainty={
+            "student_vs_baseline": _uncertain(0.07, [-0.9, 1.0], "no clear difference"),
+            "student_vs_teachers": _uncertain(1.5, [0.4, 2.6], "clearly better"),
+        },
+    )
+    text = write_report(tmp_path, metrics, {}).read_text("utf-8")
+    assert "## How clear the differences are" in text
+    assert (
+        "- student − baseline: +0.07 percentage points of mean accuracy (95 % CI -0.90 … +1.00): "
+        "no clear difference." in text
+    )
+    assert (
+        "- student − teachers: +1.50 percentage points of mean accuracy (95 % CI +0.40 … "
+        "+2.60): clearly better." in text
+    )
+    assert "| svhn | student − baseline | accuracy (points) | +0.07 | -0.90 … +1.00 | 0.831 | " in (
+        text
+    )
+    assert "paired bootstrap over the 2,500 test images (1000 resamples, seed 0)" in text
+    # one unit per quantity: percentages ×100 under a % label, never a raw fraction or key
+    assert "| student mean accuracy (%) | 85.63 |" in text
+    assert "| baseline mean accuracy (%) | 85.56 |" in text
+    assert "| teachers' mean accuracy (%) | 85.55 |" in text
+    assert "0.8563" not in text and "mean_accuracy" not in text
+    # the uncertainty sits right under the summary, before the per-task table
+    assert text.index("## Summary") < text.index("## How clear") < text.index("## Per-task")
+
+
+def test_the_summary_names_every_quantity_in_words() -> None:
+    from unirep.pipeline.report import _summary_table
+
+    summary = {
+        "mean_accuracy": 0.5, "teacher_mean_accuracy": 0.25, "delta_m_vs_baseline": -1.5,
+        "delta_m_all_metrics_vs_teachers": 2.0, "decathlon_score": 300.0,
+        "official_decathlon_score": {"student": 2500.0, "teacher": 2400.0},
+        "params": {"student": 10, "adapters": 2, "teachers_total": 30},
+        "backbone_multiplier": 2.125, "weighting": "sum", "cross_task": None,
+        "num_processes": 1, "train_seconds": 3.0, "delta_m_metrics": ["a/accuracy"],
+        "selection": {"student": {}}, "some_new_number": 0.123456,
+    }  # fmt: skip
+    table = _summary_table(summary)
+    official = "Decathlon score, official (published ResNet-26 Finetune errors as the reference)"
+    for row in (
+        "| student mean accuracy (%) | 50.00 |",
+        "| teachers' mean accuracy (%) | 25.00 |",
+        "| student Δm vs baseline (%) | -1.50 |",
+        "| student Δm vs teachers, all metrics (%) | +2.00 |",
+        "| student Decathlon score, run-relative (each domain's teacher as the reference) "
+        "| 300.0 |",
+        f"| student {official} | 2500.0 |",
+        f"| teachers {official} | 2400.0 |",
+        "| parameters (alignment adapters) | 2 |",
+        "| student backbone size (teacher backbones) | 2.12 × |",
+        "| task weighting | sum |",
+        "| some new number | 0.1235 |",
+    ):
+        assert row in table, row
+    cells = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[2:]]
+    assert not [c for c in cells if "_" in c], cells  # no raw key names
+
+
+def test_a_partial_label_run_says_which_labels_it_had(tmp_path: Path) -> None:
+    metrics = _metrics()
+    metrics["summary"]["partial"] = {
+        "protocol": "one-label",
+        "method": "mtpsl",
+        "distillation": True,
+        "labels": {
+            "num_images": 795,
+            "labels_per_task": {"x": 265, "y": 265, "z": 265},
+            "fraction_per_task": {"x": 0.3333, "y": 0.3333, "z": 0.3333},
+            "labels_per_image": {"0": 0, "1": 795, "2": 0, "3": 0},
+            "unlabelled_images": 0,
+        },
+    }
+    text = write_report(tmp_path, metrics, {}).read_text("utf-8")
+    assert "## Training labels" in text
+    assert "Protocol `one-label`, method `mtpsl`, distillation on." in text
+    assert (
+        "Of the 795 training images, each task was labelled on those below (0 images have no "
+        "label at all); the split is saved in `label_split.json`." in text
+    )
+    assert "| x | 265 | 33.3 |" in text
+    metrics["summary"]["partial"] = {"protocol": "full", "method": "jtr", "labels": {}}
+    text = write_report(tmp_path, metrics, {}).read_text("utf-8")
+    assert "Protocol `full`, method `jtr`. Every training image is labelled for every task." in (
+        text
+    )
+
+
+def test_the_summary_line_has_one_unit_and_the_verdicts() -> None:
+    from unirep.cli.distill import summary_line
+
+    summary = {
+        "delta_m_vs_teachers": 0.09,
+        "baseline_delta_m_vs_teachers": 0.01,
+        "mean_accuracy": 0.8563,
+        "baseline_mean_accuracy": 0.8556,
+        "teacher_mean_accuracy": 0.8555,
+        "uncertainty": {
+            "student_vs_baseline": _uncertain(0.07, [-0.9, 1.0], "no clear difference")
+        },
+    }
+    line = summary_line(summary)
+    assert "student mean accuracy 85.63 % | baseline 85.56 % | teachers 85.55 %" in line
+    assert line.endswith(
+        "student − baseline: +0.07 percentage points of mean accuracy (95 % CI -0.90 … +1.00): "
+        "no clear difference"
+    )
 
 
 # --------------------------------------------------------------------------------------------
