@@ -3,6 +3,8 @@ user types (a one-class domain, a Hugging Face label only validation has, 16-bit
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import subprocess
 import sys
@@ -33,7 +35,9 @@ def _hf_folder(folder: Path, train: list[str], val: list[str]) -> Path:
     return folder
 
 
-def _distill(tmp_path: Path, hf_path: Path) -> subprocess.CompletedProcess:
+def _distill(
+    tmp_path: Path, hf_path: Path, script: str = "distill.py", *extra: str
+) -> subprocess.CompletedProcess:
     domain = f"{{pets: {{path: {hf_path}, image_column: img, label_column: kind}}}}"
     args = [
         "data.source=hf", "classification.domains=[]", f"classification.hf_domains={domain}",
@@ -43,7 +47,7 @@ def _distill(tmp_path: Path, hf_path: Path) -> subprocess.CompletedProcess:
     ]  # fmt: skip
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1"}
     return subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "distill.py"), *args],
+        [sys.executable, str(ROOT / "scripts" / script), *args, *extra],
         capture_output=True, text=True, timeout=300, env=env,
     )  # fmt: skip
 
@@ -85,3 +89,34 @@ def test_16_bit_images_keep_their_grey_levels(tmp_path: Path) -> None:
     Image.fromarray((levels // 257).astype(np.uint8)).save(eight)
     with Image.open(eight) as img:  # 8-bit images are unchanged
         assert np.array_equal(np.asarray(to_rgb(img))[..., 1], (levels // 257).astype(np.uint8))
+
+
+def test_16_bit_images_train_with_their_grey_levels(tmp_path: Path) -> None:
+    """A domain of 16-bit greyscale PNGs through the script: the normalisation statistics the
+    run computes from its images are those of the scaled grey levels (about 0.3), not of
+    white images (1.0), which PIL's own conversion would give."""
+    rng = np.random.default_rng(0)
+
+    def split(labels: list[str]) -> datasets.Dataset:
+        levels = {"dark": 10000, "light": 30000}
+        images = [
+            Image.fromarray((levels[k] + rng.integers(0, 500, (20, 20))).astype(np.uint16))
+            for k in labels
+        ]
+        return datasets.Dataset.from_dict({"img": images, "kind": labels}).cast_column(
+            "img", datasets.Image()
+        )
+
+    labels = ["dark", "light"] * 4
+    folder = tmp_path / "pets"
+    datasets.DatasetDict({"train": split(labels), "validation": split(labels),
+                          "test": split(labels)}).save_to_disk(str(folder))  # fmt: skip
+    with Image.open(io.BytesIO(datasets.load_from_disk(str(folder))["train"].with_format(
+        "arrow")["img"][0].as_py()["bytes"])) as img:  # fmt: skip
+        assert img.mode.startswith("I")  # stored as 16-bit
+    steps = [f"teachers.train.{k}=1" for k in ("max_steps", "eval_every", "checkpoint_every")]
+    result = _distill(tmp_path, folder, "train_teachers.py", *steps)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (stats,) = (tmp_path / "cache" / "stats").glob("pets-*.json")
+    mean = json.loads(stats.read_text())["mean"]
+    assert all(0.2 < m < 0.45 for m in mean), mean
