@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+
+if os.environ.get("PYTEST_XDIST_WORKER"):  # two workers share two cores: one thread each
+    torch.set_num_threads(1)
 
 from unirep.config.schema import Config
 from unirep.pipeline.validate import load_config

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,6 +17,14 @@ import pytest
 from tests.conftest import TINY
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 # every launcher setting given, so that accelerate has no defaults warning to print
 LAUNCH = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
 
@@ -33,7 +42,7 @@ LAUNCH = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", 
 def test_a_launched_error_is_one_line(
     tmp_path: Path, processes: int, args: list[str], needle: str
 ) -> None:
-    several = ["--multi_gpu"] if processes > 1 else []
+    several = ["--multi_gpu", "--main_process_port", str(_free_port())] if processes > 1 else []
     command = [
         sys.executable, "-m", "accelerate.commands.launch", *several, "--num_processes",
         str(processes), *LAUNCH, str(ROOT / "scripts" / "distill.py"), *args,
