@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -68,10 +69,12 @@ def test_ctrl_c_is_one_line(tiny_cache: Path, tmp_path: Path) -> None:
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     assert process.stdout is not None
-    deadline = time.monotonic() + 240
+    watchdog = threading.Timer(300, process.kill)  # never left running if no line comes
+    watchdog.start()
     for line in process.stdout:  # the run has started once it names its folder
-        if line.startswith("run directory:") or time.monotonic() > deadline:
+        if line.startswith("run directory:"):
             break
+    watchdog.cancel()
     time.sleep(1)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -94,6 +97,8 @@ def test_a_run_folder_in_use_is_refused(tiny_cache: Path, tmp_path: Path) -> Non
         base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     assert first.stdout is not None
+    watchdog = threading.Timer(300, first.kill)  # never left running if no line comes
+    watchdog.start()
     try:
         for line in first.stdout:
             if line.startswith("run directory:"):
@@ -107,5 +112,9 @@ def test_a_run_folder_in_use_is_refused(tiny_cache: Path, tmp_path: Path) -> Non
             assert len(lines) == 1 and "is in use by another unirep process" in lines[0], lines
         assert first.poll() is None  # still running
     finally:
+        watchdog.cancel()
         first.send_signal(signal.SIGINT)
-        first.communicate(timeout=120)
+        try:
+            first.communicate(timeout=120)
+        finally:
+            first.kill()

@@ -55,6 +55,8 @@ def main(
 
     ``command`` puts a subcommand in front of ``argv`` and ``prog`` names the program in
     messages: ``scripts/distill.py`` is ``main(command="distill", prog="distill.py")``."""
+    if hasattr(sys.stdout, "reconfigure"):  # progress lines reach a pipe or a log file at once
+        sys.stdout.reconfigure(line_buffering=True)
     args = list(sys.argv[1:] if argv is None else argv)
     if command is not None:
         args = [command, *args]
