@@ -153,6 +153,7 @@ def exit_with(message: str, code: int = 1) -> NoReturn:
     if int(os.environ.get("RANK", "0")) != 0:
         time.sleep(2)  # rank 0 says it, and stops this process, if it fails too
     print(message, file=sys.stderr, flush=True)
+    time.sleep(1)  # the launcher copies this line to its own stderr before it is stopped
     for sibling in launcher.children():
         if sibling.pid != os.getpid():
             sibling.terminate()
