@@ -288,11 +288,12 @@ def _minimal(
             batch = make_batch(next(stream), phase.tasks).to(device)
             t1 = clock()
             teacher_out = batch.teacher or None  # the teacher-output cache's, when it is on
+            t2 = t1  # no teachers run: exactly 0 s
             if teachers and teacher_out is None:
                 with torch.no_grad(), autocast:
                     teacher_out = teacher_outputs(teachers, phase.tasks, batch)
                 _sync(device)
-            t2 = clock()
+                t2 = clock()
             with autocast:
                 loss = module(batch, teacher_out, step, train.max_steps).total() / accum
             (scaler.scale(loss) if scaler else loss).backward()

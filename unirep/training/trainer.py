@@ -150,10 +150,12 @@ def train_step(
         if cfg.channels_last:
             batch = _channels_last(batch)
         t1 = clock()
-        teacher_out = ctx.teachers(batch) if ctx.teachers else None
-        if timings is not None and teacher_out is not None:
-            _sync(acc.device)
-        t2 = clock()
+        teacher_out, t2 = None, t1  # no teachers run: exactly 0 s
+        if ctx.teachers:
+            teacher_out = ctx.teachers(batch)
+            if timings is not None:
+                _sync(acc.device)
+            t2 = clock()
         for g, group in enumerate(groups):
             last = micro == accum - 1 and g == len(groups) - 1
             terms = _update(ctx, shared, batch, teacher_out, step, group, g == 0,

@@ -61,11 +61,12 @@ def _finite_positive(value: float) -> bool:
     return math.isfinite(value) and value > 0
 
 
-def _check(result: dict[str, Any], teachers: bool, real: bool) -> None:
+def _check(result: dict[str, Any], teachers: bool | None, real: bool) -> None:
+    """``teachers``: True if they run, False if none does, None for the cache (read, not run)."""
     s = result["seconds"]
     parts = ["data", "step", "total"] + (["teachers"] if teachers else [])
     assert all(_finite_positive(s[k]) for k in parts), s
-    assert teachers or s["teachers"] < 1e-3  # two clock reads, nothing between
+    assert teachers is not False or s["teachers"] == 0.0  # none ran: not even a clock read
     assert s["total"] == pytest.approx(s["data"] + s["teachers"] + s["step"] + s["other"])
     assert _finite_positive(result["steps_per_second"])
     assert result["images_per_second"] == pytest.approx(
@@ -111,7 +112,8 @@ def test_minimal_loop_never_calls_the_trainer(
 def _check_benchmark(results: dict[str, Any]) -> None:
     for mode, loops in results["results"].items():
         for loop, result in loops.items():
-            _check(result, teachers=mode == "student", real=loop == "real")
+            teachers = {"student": True, "baseline": False}.get(mode)  # None: the cache
+            _check(result, teachers=teachers, real=loop == "real")
             assert mode == "student+cache" or not result["cache"]
     assert list(results["results"]) == ["baseline", "student", "student+cache"]
     for mode in results["results"]:
@@ -130,7 +132,9 @@ def _check_benchmark(results: dict[str, Any]) -> None:
         assert sum(row["phase_split"].values()) == pytest.approx(1.0)
         assert _finite_positive(row["ratio_to_reference_loop"])
     assert rows["baseline"]["ratio_to_task_only"] == 1.0
-    assert rows["student+cache"]["phase_split"]["teachers"] < 1e-3
+    # no teacher in the baseline; the cached student only reads their outputs (no time bound:
+    # the machine may be loaded)
+    assert rows["baseline"]["phase_split"]["teachers"] == 0.0
     assert all(e["bytes_per_sample"] > 0 for e in rows["student+cache"]["cache"].values())
     table = format_report(results)
     assert "| student | real |" in table and "| baseline | minimal |" in table
