@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unirep.errors import NonFiniteError
+from unirep.errors import MissingFileError, NonFiniteError
 from unirep.faults import failpoint
 
 if TYPE_CHECKING:  # torch loads with the first weights read or written, not with unirep.io
@@ -66,6 +66,32 @@ def read_json(path: Path, what: str = "file") -> Any:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{what} {str(path)!r} is not valid JSON: {err}") from err
+
+
+def read_error_reason(err: BaseException) -> str:
+    """The short cause of a read error: the JSON decoder's or the OS's, without the path."""
+    cause = err.__cause__ or err
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror
+    return str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+
+
+def read_record(path: Path, what: str, remedy: str, error: type[Exception]) -> dict[str, Any]:
+    """The JSON object (a record) at ``path``, or one line that names ``what`` and the file and
+    ends with ``remedy``: :class:`MissingFileError` when it is absent, ``error`` when it is
+    unreadable, not JSON or not an object."""
+    path = Path(path)
+    try:
+        record = read_json(path, what=what)
+    except FileNotFoundError as err:
+        raise MissingFileError(f"{err}; {remedy}") from None
+    except (ValueError, OSError) as err:  # truncated, not UTF-8, unreadable
+        raise error(
+            f"{what} {str(path)!r} cannot be read ({read_error_reason(err)}); {remedy}"
+        ) from None
+    if not isinstance(record, dict):
+        raise error(f"{what} {str(path)!r} is not a record; {remedy}")
+    return record
 
 
 SEAL = "sha256"  # the key of a sealed record's own digest (:func:`write_sealed_json`)

@@ -52,7 +52,7 @@ from unirep.io import (
     atomic_write_text,
     file_sha256,
     load_weights,
-    read_json,
+    read_record,
     save_weights,
 )
 from unirep.layout import BACKBONE as BACKBONE_DIR
@@ -294,18 +294,7 @@ def _student_manifest(directory: Path) -> dict[str, Any]:
     """The manifest of the student in ``directory``, checked to be one this version reads: a
     :class:`MissingFileError` or :class:`StudentError` names the file and what to do."""
     path = directory / STUDENT_MANIFEST
-    try:
-        manifest = read_json(path, what="student manifest")
-    except FileNotFoundError as err:
-        raise MissingFileError(f"{err}; {_RECOPY}") from None
-    except (ValueError, OSError) as err:  # truncated, not UTF-8, unreadable
-        cause = err.__cause__ or err
-        why = cause.strerror if isinstance(cause, OSError) and cause.strerror else cause
-        raise StudentError(
-            f"student manifest {str(path)!r} cannot be read ({why}); {_RECOPY}"
-        ) from None
-    if not isinstance(manifest, dict):
-        raise StudentError(f"student manifest {str(path)!r} is not a record; {_RECOPY}")
+    manifest = read_record(path, "student manifest", _RECOPY, StudentError)
     version = manifest.get("unirep_version", "an unknown version")
     if manifest.get("format") not in STUDENT_FORMATS:
         raise StudentError(

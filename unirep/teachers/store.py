@@ -23,7 +23,7 @@ from unirep.io import (
     check_finite_weights,
     file_sha256,
     load_weights,
-    read_json,
+    read_record,
     save_weights,
 )
 from unirep.layout import TEACHER_MANIFEST, WEIGHTS
@@ -100,28 +100,13 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     record (:class:`MissingFileError`, :class:`TeacherMismatchError`), saying what to do."""
     directory = Path(directory)
     path = directory / MANIFEST
-    try:
-        manifest = read_json(path, what="teacher manifest")
-    except FileNotFoundError as err:
-        raise MissingFileError(f"{err}; {_remedy(directory)}") from None
-    except (ValueError, OSError) as err:  # truncated, not UTF-8, unreadable
-        raise TeacherMismatchError(
-            f"teacher manifest {str(path)!r} is damaged ({_reason(err)}); {_remedy(directory)}"
-        ) from None
-    if not isinstance(manifest, dict) or not isinstance(manifest.get("architecture"), dict):
+    manifest = read_record(path, "teacher manifest", _remedy(directory), TeacherMismatchError)
+    if not isinstance(manifest.get("architecture"), dict):
         raise TeacherMismatchError(
             f"teacher manifest {str(path)!r} is damaged (not a teacher record: no architecture); "
             f"{_remedy(directory)}"
         )
     return manifest
-
-
-def _reason(err: BaseException) -> str:
-    """The short cause of a read error: the JSON decoder's or the OS's, without the path."""
-    cause = err.__cause__ or err
-    if isinstance(cause, OSError) and cause.strerror:
-        return cause.strerror
-    return str(cause).splitlines()[0] if str(cause) else type(cause).__name__
 
 
 def _check_state(path: Path, net: nn.Module, state: dict[str, torch.Tensor]) -> None:
