@@ -594,6 +594,64 @@ def prediction_grid_figure(
     return _figure_png(fig)
 
 
+_REFERENCE_WORDS = {
+    "student_vs_baseline": "the baseline (the same network and budget without distillation)",
+    "student_vs_teachers": "the teachers",
+}
+
+
+def _amount(difference: float, unit: str, spread: str = "") -> str:
+    return f"{difference:+.2f}{spread} " + ("%" if unit == "%" else "points")
+
+
+def verdict_sentence(summary: Mapping[str, Any]) -> str:
+    """One plain sentence: did distillation help this run, and by how much against each
+    reference (``summary.uncertainty``'s bootstrap verdicts, or the bare differences)."""
+    parts, helped = [], []
+    for name, words in _REFERENCE_WORDS.items():
+        found = _run_difference(summary, name)
+        if found is None:
+            continue
+        diff, unit, verdict = found
+        quantity = "Δm" if unit == "%" else "mean accuracy"
+        clear = "" if verdict is None else f" ({verdict} at 95 %)"
+        parts.append(f"against {words}, {_amount(diff, unit)} of {quantity}{clear}")
+        helped.append(verdict == "clearly better" if verdict else diff > 0)
+    if not parts:
+        return ""
+    answer = "Yes" if helped and all(helped) else "Partly" if any(helped) else "No"
+    return f"**Did distillation help?** {answer}. The student is, " + "; ".join(parts) + "."
+
+
+def verdict_over_runs(metrics: Sequence[Mapping[str, Any]]) -> str:
+    """The same sentence over several runs (seeds): each difference's mean ± std and the runs
+    the student is ahead in."""
+    import statistics
+
+    parts, helped = [], []
+    for name, words in _REFERENCE_WORDS.items():
+        found = [d for m in metrics if (d := _run_difference(m.get("summary", {}), name))]
+        if not found or len({unit for _, unit, _ in found}) != 1:
+            continue
+        values = [d for d, _, _ in found]
+        unit = found[0][1]
+        spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
+        ahead = sum(v > 0 for v in values)
+        quantity = "Δm" if unit == "%" else "mean accuracy"
+        parts.append(
+            f"against {words}, {_amount(statistics.fmean(values), unit, spread)} of {quantity} "
+            f"(ahead in {ahead} of {len(values)} runs)"
+        )
+        helped.append(ahead == len(values))
+    if not parts:
+        return ""
+    answer = "Yes" if all(helped) else "Partly" if any(helped) else "No"
+    return (
+        f"**Did distillation help?** {answer}. Over {len(metrics)} runs (mean ± std), the "
+        "student is, " + "; ".join(parts) + "."
+    )
+
+
 def write_report(
     run_dir: Path,
     metrics: dict[str, Any],
@@ -626,6 +684,7 @@ def write_report(
 
     sections = [
         f"# unirep report: {preset} ({split} split)",
+        verdict_sentence(summary),
         "Accuracy-like metrics are percentages; errors and angles are in their own units "
         "(↑ higher is better, ↓ lower is better). "
         f"Missing entries ({_MISSING}) were not trained or not measured in this run.",
@@ -727,8 +786,10 @@ def aggregate_runs(metrics: list[Mapping[str, Any]]) -> str:
     if any(cell != "–" for cell in official):
         rows.append(["**summary**", OFFICIAL_SCORE, *official])
     header = ["task", "metric", "teacher", "baseline", "student"]
+    headline = verdict_over_runs(metrics)
     text = (
-        f"{len(metrics)} runs, mean ± std: each cell is the mean over the runs ± their sample "
+        (headline + "\n\n" if headline else "")
+        + f"{len(metrics)} runs, mean ± std: each cell is the mean over the runs ± their sample "
         "standard deviation (the spread over seeds)\n\n"
         + _table(header, rows, ["l", "l", "r", "r", "r"])
     )

@@ -269,6 +269,47 @@ def test_a_tie_reads_as_no_clear_difference(tmp_path: Path) -> None:
     assert text.index("## Summary") < text.index("## How clear") < text.index("## Per-task")
 
 
+def test_the_report_opens_with_whether_distillation_helped(tmp_path: Path) -> None:
+    from unirep.pipeline.report import verdict_over_runs, verdict_sentence
+
+    summary = {
+        "uncertainty": {
+            "student_vs_baseline": _uncertain(1.8, [0.9, 2.7], "clearly better"),
+            "student_vs_teachers": _uncertain(0.3, [-0.6, 1.2], "no clear difference"),
+        }
+    }
+    sentence = verdict_sentence(summary)
+    assert sentence.startswith(
+        "**Did distillation help?** Partly. The student is, against the baseline (the same "
+        "network and budget without distillation), +1.80 points of mean accuracy (clearly better "
+        "at 95 %); "
+    )
+    assert sentence.endswith("against the teachers, +0.30 points of mean accuracy (no clear "
+                             "difference at 95 %).")  # fmt: skip
+    summary["uncertainty"]["student_vs_teachers"] = _uncertain(1.1, [0.2, 2.0], "clearly better")
+    assert verdict_sentence(summary).startswith("**Did distillation help?** Yes.")
+    # without a bootstrap: from the means (points) or the Δm (%); a loss reads "No"
+    dense = {"delta_m_vs_teachers": -1.5, "delta_m_vs_baseline": -0.5}
+    assert verdict_sentence(dense) == (
+        "**Did distillation help?** No. The student is, against the baseline (the same network "
+        "and budget without distillation), -0.50 % of Δm; against the teachers, -1.50 % of Δm."
+    )
+    assert verdict_sentence({}) == ""
+    # over seeds: the spread, and how many runs the student is ahead in
+    runs = [{"summary": {"delta_m_vs_teachers": d, "delta_m_vs_baseline": d + 3}}
+            for d in (4.0, 2.0, -1.0)]  # fmt: skip
+    over = verdict_over_runs(runs)
+    assert over.startswith("**Did distillation help?** Partly. Over 3 runs (mean ± std)")
+    assert "against the baseline (the same network and budget without distillation), +4.67 ± " \
+        "2.52 % of Δm (ahead in 3 of 3 runs)" in over  # fmt: skip
+    assert "against the teachers, +1.67 ± 2.52 % of Δm (ahead in 2 of 3 runs)." in over
+    # first thing under the title, in the report and in the aggregate
+    metrics = _metrics()
+    metrics["summary"].update(summary)
+    text = write_report(tmp_path, metrics, {}).read_text("utf-8")
+    assert text.splitlines()[2].startswith("**Did distillation help?** Yes.")
+
+
 def test_the_summary_names_every_quantity_in_words() -> None:
     from unirep.pipeline.report import _summary_table
 
