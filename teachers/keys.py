@@ -78,6 +78,11 @@ KEPT_IN_KEYS = {"selection_metric": "accuracy"}
 only value then, so the teachers cached by 0.3 keep their keys (and are not retrained)."""
 
 
+ADDED_SINCE_0_4 = {"mixup": 0.0}
+"""Recipe entries added after 0.4 and their defaults: left out of the hashed content while at the
+default (a recipe that does not use them is the same recipe as before), in it otherwise."""
+
+
 def teacher_key(cfg: Config, data: RunData, task: str, world_size: int = 1) -> str:
     """What determines a teacher's weights, hashed: the architecture, the task (kind, classes,
     loss), the training data's fingerprint, its preprocessing and global batch size (per process
@@ -98,6 +103,7 @@ def teacher_key(cfg: Config, data: RunData, task: str, world_size: int = 1) -> s
                 k: v
                 for k, v in to_dict(teacher_recipe(cfg, task)).items()
                 if k not in MEASUREMENT_ONLY
+                and not (k in ADDED_SINCE_0_4 and v == ADDED_SINCE_0_4[k])
             },
             **KEPT_IN_KEYS,
         },

@@ -8,9 +8,11 @@ split) and ``"aug"`` (the augmentation parameters drawn for it), see :mod:`unire
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -33,6 +35,8 @@ class Batch:
         teacher: ``{task: {"features", "pred": tensor [B_s, ...]}}`` the teachers' outputs read
             from the teacher-output cache (:mod:`unirep.teachers.output_cache`), float32; empty when
             the teachers run online.
+        mix: ``{stream: (perm int64 [B_s], λ)}`` when the stream's inputs were mixed
+            (:func:`mix_batch`): sample ``i`` is ``λ·x_i + (1 − λ)·x_perm[i]``; empty: unmixed.
     """
 
     inputs: dict[str, Tensor]
@@ -41,6 +45,7 @@ class Batch:
     ids: dict[str, Tensor] = field(default_factory=dict)
     aug: dict[str, dict[str, Tensor]] = field(default_factory=dict)
     teacher: dict[str, dict[str, Tensor]] = field(default_factory=dict)
+    mix: dict[str, tuple[Tensor, float]] = field(default_factory=dict)
 
     def to(self, device: torch.device) -> Batch:
         """The batch on ``device`` (non-blocking copies)."""
@@ -55,6 +60,7 @@ class Batch:
             ids={s: move(x) for s, x in self.ids.items()},
             aug={s: {k: move(v) for k, v in a.items()} for s, a in self.aug.items()},
             teacher={t: {k: move(v) for k, v in o.items()} for t, o in self.teacher.items()},
+            mix={s: (move(perm), lam) for s, (perm, lam) in self.mix.items()},
         )
 
 
@@ -95,3 +101,27 @@ def make_batch(raw: dict[str, dict[str, Any]], tasks: dict[str, Task]) -> Batch:
     }
     return Batch(inputs=inputs, targets=targets, label_mask=mask, ids=ids, aug=aug,
                  teacher=teacher)  # fmt: skip
+
+
+def mix_batch(batch: Batch, alpha: float, draw: Sequence[int]) -> Batch:
+    """Mixup (Zhang et al., ICLR 2018) within each stream: ``x_i ← λ·x_i + (1 − λ)·x_perm[i]``
+    with one ``λ ~ Beta(α, α)`` and one permutation per stream, recorded in :attr:`Batch.mix` so
+    that the task loss mixes the labels the same way (:func:`unirep.objective.mixed_loss`).
+
+    The draw is a pure function of ``draw`` (e.g. seed, step, micro-batch, process), never of a
+    global random state, so a resumed run mixes the same pairs. The teachers run on the mixed
+    images, which makes distillation *consistent* (Beyer et al., "Knowledge distillation: A good
+    teacher is patient and consistent", CVPR 2022): the soft targets are the teachers' on the
+    very images the student sees. Inputs ``[B_s, 3, H, W]``; a stream of one sample is unmixed.
+    """
+    rng = np.random.default_rng([int(v) for v in draw])
+    inputs, mix = dict(batch.inputs), {}
+    for stream in sorted(batch.inputs):
+        x = batch.inputs[stream]
+        if x.shape[0] < 2:
+            continue
+        lam = float(rng.beta(alpha, alpha))
+        perm = torch.as_tensor(rng.permutation(x.shape[0]), dtype=torch.int64, device=x.device)
+        inputs[stream] = lam * x + (1.0 - lam) * x[perm]
+        mix[stream] = (perm, lam)
+    return replace(batch, inputs=inputs, mix=mix)

@@ -71,6 +71,18 @@ def masked_loss(loss_fn: nn.Module, pred: Tensor, target: Tensor, mask: Tensor) 
     return loss_fn(pred[mask], target[mask])
 
 
+def mixed_loss(
+    loss_fn: nn.Module, pred: Tensor, target: Tensor, mask: Tensor, mix: tuple[Tensor, float] | None
+) -> Tensor:
+    """:func:`masked_loss`, with mixup's labels when the task's stream was mixed
+    (:func:`unirep.batch.mix_batch`): ``λ·ℓ(ŷ, y) + (1 − λ)·ℓ(ŷ, y[perm])``."""
+    loss = masked_loss(loss_fn, pred, target, mask)
+    if mix is None:
+        return loss
+    perm, lam = mix
+    return lam * loss + (1.0 - lam) * masked_loss(loss_fn, pred, target[perm], mask[perm])
+
+
 class Objective(nn.Module):
     """Supervised losses of every task, plus URL distillation when ``distill`` is given.
 
@@ -141,9 +153,10 @@ class Objective(nn.Module):
         for name, out in outputs.items():
             if name not in self.task_losses or name not in batch.targets:
                 continue
-            loss = masked_loss(
-                self.task_losses[name], out["pred"], batch.targets[name], batch.label_mask[name]
-            )
+            loss = mixed_loss(
+                self.task_losses[name], out["pred"], batch.targets[name], batch.label_mask[name],
+                batch.mix.get(self.tasks[name].stream),
+            )  # fmt: skip
             bundle.supervised[name] = self.tasks[name].weight * loss
             bundle.logs[f"task/{name}"] = loss.detach()
         for name, term in self.joint.items():

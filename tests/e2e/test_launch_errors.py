@@ -57,13 +57,18 @@ def test_a_launched_error_is_one_line(
     assert not (tmp_path / "runs").exists()
 
 
-@pytest.mark.slow
-def test_ctrl_c_is_one_line(tiny_cache: Path, tmp_path: Path) -> None:
-    command = [
+def _long_run(tiny_cache: Path, tmp_path: Path, name: str) -> list[str]:
+    """A distill command that runs far longer than any test waits (progress off)."""
+    return [
         sys.executable, str(ROOT / "scripts" / "distill.py"), *TINY, "train.max_steps=100000",
-        f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path / 'runs'}", "name=stopped",
+        f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path / 'runs'}", f"name={name}",
         "progress=false",
     ]  # fmt: skip
+
+
+def _start(command: list[str]) -> subprocess.Popen[str]:
+    """Start ``command`` on one thread and return once it has named its run folder (the run has
+    started); killed if no such line comes within 5 minutes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
@@ -71,10 +76,18 @@ def test_ctrl_c_is_one_line(tiny_cache: Path, tmp_path: Path) -> None:
     assert process.stdout is not None
     watchdog = threading.Timer(300, process.kill)  # never left running if no line comes
     watchdog.start()
-    for line in process.stdout:  # the run has started once it names its folder
-        if line.startswith("run directory:"):
-            break
-    watchdog.cancel()
+    try:
+        for line in process.stdout:
+            if line.startswith("run directory:"):
+                break
+    finally:
+        watchdog.cancel()
+    return process
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line(tiny_cache: Path, tmp_path: Path) -> None:
+    process = _start(_long_run(tiny_cache, tmp_path, "stopped"))
     time.sleep(1)
     process.send_signal(signal.SIGINT)
     _, stderr = process.communicate(timeout=120)
@@ -87,22 +100,10 @@ def test_ctrl_c_is_one_line(tiny_cache: Path, tmp_path: Path) -> None:
 def test_a_run_folder_in_use_is_refused(tiny_cache: Path, tmp_path: Path) -> None:
     """A second run with the same name, or resume=true while the run goes on, is refused in one
     line (the folder's lock), and the first run is left alone."""
-    base = [
-        sys.executable, str(ROOT / "scripts" / "distill.py"), *TINY, "train.max_steps=100000",
-        f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path / 'runs'}", "name=busy",
-        "progress=false",
-    ]  # fmt: skip
+    base = _long_run(tiny_cache, tmp_path, "busy")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    first = subprocess.Popen(
-        base, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
-    assert first.stdout is not None
-    watchdog = threading.Timer(300, first.kill)  # never left running if no line comes
-    watchdog.start()
+    first = _start(base)
     try:
-        for line in first.stdout:
-            if line.startswith("run directory:"):
-                break
         for extra in ([], ["resume=true"], ["overwrite=true"]):
             second = subprocess.run(
                 [*base, *extra], capture_output=True, text=True, timeout=300, env=env
@@ -112,7 +113,6 @@ def test_a_run_folder_in_use_is_refused(tiny_cache: Path, tmp_path: Path) -> Non
             assert len(lines) == 1 and "is in use by another unirep process" in lines[0], lines
         assert first.poll() is None  # still running
     finally:
-        watchdog.cancel()
         first.send_signal(signal.SIGINT)
         try:
             first.communicate(timeout=120)

@@ -109,6 +109,11 @@ class TrainConfig:
     log_every: AtLeastOne = 10
     # a NaN/inf loss or gradient: "stop" the run, or "skip" the step
     on_nonfinite: Literal["stop", "skip"] = "stop"
+    # mixup's α (Zhang et al., ICLR 2018), classification only: each stream's batch is mixed
+    # with a permutation of itself, λ ~ Beta(α, α) drawn from (seed, step, micro-batch,
+    # process); the labels are mixed in the task loss and the teachers see the mixed images
+    # (consistent function matching, Beyer et al., CVPR 2022); 0: off (unirep.batch.mix_batch)
+    mixup: Annotated[float, Range(ge=0, text="mixup's alpha, a number >= 0 (0: off)")] = 0.0
     # every N optimizer steps: per-task gradient cosines and per-layer task dominance of the
     # shared parameters (T extra backward passes on those steps); 0: off
     diagnostics_every: Annotated[int, Range(ge=0, text="an integer >= 0 (0: off)")] = 0

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from unirep.batch import Batch, make_batch
+from unirep.batch import Batch, make_batch, mix_batch
 from unirep.config.schema import TrainConfig
 from unirep.data.sampling import MultiDomainStream
 from unirep.errors import NonFiniteError, UnirepError
@@ -99,6 +99,7 @@ class StepContext:
     phase: str = "phase"
     groups: dict[str, list[nn.Parameter]] = field(default_factory=dict)  # named for NaN reports
     skipped: int = 0  # steps skipped for a non-finite value so far
+    seed: int = 0  # the phase's seed (mixup's draws)
 
     @property
     def unwrapped(self) -> TrainableModule:
@@ -147,6 +148,8 @@ def train_step(
     for micro in range(accum):
         t0 = clock()
         batch = make_batch(next(ctx.stream), ctx.tasks).to(acc.device)
+        if cfg.mixup > 0:  # before the teachers: they see the mixed images
+            batch = mix_batch(batch, cfg.mixup, (ctx.seed, step, micro, acc.process_index))
         if cfg.channels_last:
             batch = _channels_last(batch)
         t1 = clock()
@@ -336,6 +339,7 @@ def setup(accelerator: Any, phase: Phase) -> tuple[StepContext, dict[str, Any]]:
     ctx = StepContext(
         accelerator, module, optimizers, schedulers, stream, phase.tasks, teachers, cfg,
         phase=phase.name, groups=phase.module.named_groups(), skipped=record["skipped_steps"],
+        seed=phase.seed,
     )  # fmt: skip
     return ctx, record
 

@@ -1,6 +1,7 @@
 """The config rules the training loop owns: the device against mixed precision and the
-teachers' autocast, ``compile`` only where torch.compile works, the trackers of ``log_with``
-installed, and a run folder that is either resumed or overwritten, not both."""
+teachers' autocast, ``compile`` only where torch.compile works, mixup only where it applies, the
+trackers of ``log_with`` installed, and a run folder that is either resumed or overwritten, not
+both."""
 
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ def check_config(cfg: Config) -> None:
             f"({reason}); valid on CPU: bf16 or no"
         )
     teacher_autocast_dtype(cfg.teachers.autocast, device)
+    check_mixup(cfg)
     keys = [f"{prefix}.compile" for prefix, recipe in cfg.recipes().items() if recipe.compile]
     if keys:
         problem = compile_problem(device.type)
@@ -43,6 +45,25 @@ def check_config(cfg: Config) -> None:
             raise ConfigError(
                 f"config key {keys[0]!r}: torch.compile does not work on this {device.type} "
                 f"machine ({problem}); set {keys[0]}=false"
+            )
+
+
+def check_mixup(cfg: Config) -> None:
+    """Mixup mixes class labels: classification only, and the teachers must see the mixed images
+    (online), not read their outputs on unmixed ones from the output cache."""
+    for prefix, recipe in cfg.recipes().items():
+        if recipe.mixup <= 0:
+            continue
+        if cfg.dense is not None:
+            raise ConfigError(
+                f"config key '{prefix}.mixup': mixup mixes class labels, for classification runs "
+                f"only; set {prefix}.mixup=0 for a dense run"
+            )
+        if prefix == "train" and cfg.distill.enabled and cfg.teachers.output_cache.draws > 0:
+            raise ConfigError(
+                f"config key '{prefix}.mixup': the teachers must see the mixed images, but "
+                "teachers.output_cache.draws > 0 reads their outputs on unmixed ones; set "
+                "teachers.output_cache.draws=0 or train.mixup=0"
             )
 
 
