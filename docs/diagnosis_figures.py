@@ -70,19 +70,23 @@ def curves(run: Path, out: Path) -> None:
     fig.savefig(out, dpi=80)
 
 
-def _gaps(run: Path) -> tuple[float, float]:
-    s = json.loads((run / "metrics.json").read_text())["summary"]
+def _gaps(spec: str) -> tuple[float, float]:
+    """(student − baseline, student − teachers) of ``RUN``, or ``RUN@BASE`` for a student-only
+    run (``baseline=false``) whose baseline is the one of run ``BASE``."""
+    run, _, base = spec.partition("@")
+    s = json.loads((Path(run) / "metrics.json").read_text())["summary"]
+    b = json.loads((Path(base or run) / "metrics.json").read_text())["summary"]
     if s.get("mean_accuracy") is not None:
-        return (100 * (s["mean_accuracy"] - s["baseline_mean_accuracy"]),
+        return (100 * (s["mean_accuracy"] - b["baseline_mean_accuracy"]),
                 100 * (s["mean_accuracy"] - s["teacher_mean_accuracy"]))  # fmt: skip
-    return s["delta_m_vs_teachers"] - s["baseline_delta_m_vs_teachers"], s["delta_m_vs_teachers"]
+    return s["delta_m_vs_teachers"] - b["baseline_delta_m_vs_teachers"], s["delta_m_vs_teachers"]
 
 
 def tradeoff(out: Path, specs: list[str]) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for spec in specs:
         label, minutes, runs = spec.split("=", 2)
-        gaps = [_gaps(Path(r)) for r in runs.split(",")]
+        gaps = [_gaps(r) for r in runs.split(",")]
         for ax, values in zip(axes, zip(*gaps, strict=True), strict=True):
             x = float(minutes)
             ax.scatter([x] * len(values), values, s=12, alpha=0.5)
@@ -91,7 +95,8 @@ def tradeoff(out: Path, specs: list[str]) -> None:
                         textcoords="offset points")  # fmt: skip
     for ax, title in zip(axes, ("student − baseline", "student − teachers"), strict=True):
         ax.axhline(0, color="grey", lw=0.8)
-        ax.set_title(title)
+        ax.margins(x=0.3)
+        ax.set_title(f"{title} (points; a dot per run, black: the mean)")
         ax.set_xlabel("minutes from an empty cache (2 cores, one thread per run)")
     fig.tight_layout()
     fig.savefig(out, dpi=80)
