@@ -4,6 +4,7 @@ and a real student step: the teachers see the mixed images."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -127,3 +128,30 @@ def test_a_student_step_with_mixup_shows_the_teachers_the_mixed_images(
     perm, lam = mix_batch(batch, 0.4, (cfg.seed, 0, 0, 0)).mix[next(iter(batch.mix))]
     stream = next(iter(batch.mix))
     assert torch.equal(batch.mix[stream][0], perm) and batch.mix[stream][1] == lam
+
+
+def test_teacher_keys_do_not_change_without_mixup(
+    tiny_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A recipe without mixup hashes as 0.4 did (no ``mixup`` entry: cached teachers are found
+    again); a recipe with mixup is another teacher."""
+    import unirep.stage_one.keys as keys
+
+    from unirep.pipeline.rundir import make_accelerator
+    from unirep.pipeline.stage_two import resolve_data
+
+    cfg = tiny_config(tiny_cache, tmp_path, "cpu=true")
+    data = resolve_data(cfg, make_accelerator(cfg))
+    task = next(iter(data.tasks()))
+    key = keys.teacher_key(cfg, data, task)
+    mixed = tiny_config(tiny_cache, tmp_path, "cpu=true", "teachers.train.mixup=0.2",
+                        "classification.finetune_train.mixup=0.2")  # fmt: skip
+    assert keys.teacher_key(mixed, data, task) != key
+    to_dict = keys.to_dict
+
+    def without_mixup(value: Any) -> Any:  # what 0.4, which had no such key, hashed
+        out = to_dict(value)
+        return {k: v for k, v in out.items() if k != "mixup"} if isinstance(out, dict) else out
+
+    monkeypatch.setattr(keys, "to_dict", without_mixup)
+    assert keys.teacher_key(cfg, data, task) == key
