@@ -90,7 +90,7 @@ def test_ctrl_c_is_one_line(tiny_cache: Path, tmp_path: Path) -> None:
     process = _start(_long_run(tiny_cache, tmp_path, "stopped"))
     time.sleep(1)
     process.send_signal(signal.SIGINT)
-    _, stderr = process.communicate(timeout=120)
+    _, stderr = process.communicate(timeout=300)
     assert process.returncode == 130
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "interrupted; continue with resume=true" in lines[0], stderr
@@ -115,6 +115,6 @@ def test_a_run_folder_in_use_is_refused(tiny_cache: Path, tmp_path: Path) -> Non
     finally:
         first.send_signal(signal.SIGINT)
         try:
-            first.communicate(timeout=120)
+            first.communicate(timeout=300)
         finally:
             first.kill()
