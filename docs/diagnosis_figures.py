@@ -11,11 +11,9 @@ python docs/diagnosis_figures.py tradeoff OUT.png LABEL=MINUTES=RUN[,RUN...] ...
 
 from __future__ import annotations
 
-import csv
 import json
 import statistics
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import matplotlib
@@ -23,24 +21,16 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-
-def _series(path: Path) -> dict[str, list[tuple[int, float]]]:
-    out: dict[str, list[tuple[int, float]]] = defaultdict(list)
-    with path.open() as f:
-        for row in csv.DictReader(f):
-            out[row["series"]].append((int(row["step"]), float(row["value"])))
-    return out
+from unirep.training.tracking import read_curves
 
 
 def curves(run: Path, out: Path) -> None:
     config = (run / "config.yaml").read_text()
     batch = int(config.split("batch_size:", 1)[1].split()[0])
-    logs = run / "logs"
-    phases = {"baseline": _series(logs / "baseline.csv"), "student": _series(logs / "student.csv")}
+    logs = read_curves(run / "logs")  # {phase: {series: points}}, phases named by file
+    phases = {"baseline": logs["baseline"], "student": logs["student"]}
     tasks = sorted(k.split("/", 2)[2] for k in phases["student"] if k.startswith("train/task/"))
-    teachers = {
-        t: _series(logs / f"teacher-{t}.csv") for t in tasks if (logs / f"teacher-{t}.csv").exists()
-    }
+    teachers = {t: logs[f"teacher-{t}"] for t in tasks if f"teacher-{t}" in logs}
     cols = 4
     rows = (len(tasks) + 1 + cols - 1) // cols
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False)

@@ -630,11 +630,10 @@ def verdict_over_runs(metrics: Sequence[Mapping[str, Any]]) -> str:
 
     parts, helped = [], []
     for name, words in _REFERENCE_WORDS.items():
-        found = [d for m in metrics if (d := _run_difference(m.get("summary", {}), name))]
-        if not found or len({unit for _, unit, _ in found}) != 1:
+        over = _differences_over_runs(metrics, name)
+        if over is None:
             continue
-        values = [d for d, _, _ in found]
-        unit = found[0][1]
+        values, unit, _ = over
         spread = f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else ""
         ahead = sum(v > 0 for v in values)
         quantity = "Δm" if unit == "%" else "mean accuracy"
@@ -813,6 +812,17 @@ def _run_difference(summary: Mapping[str, Any], name: str) -> tuple[float, str, 
     return None
 
 
+def _differences_over_runs(
+    metrics: Sequence[Mapping[str, Any]], name: str
+) -> tuple[list[float], str, list[str]] | None:
+    """The ``name`` comparison in every run that has it: (differences, their one unit, the runs'
+    own bootstrap verdicts); None when no run has it or the units differ."""
+    found = [d for m in metrics if (d := _run_difference(m.get("summary", {}), name))]
+    if not found or len({unit for _, unit, _ in found}) != 1:
+        return None
+    return [d for d, _, _ in found], found[0][1], [v for _, _, v in found if v is not None]
+
+
 def _spread_of_differences(metrics: Sequence[Mapping[str, Any]]) -> str:
     """Markdown lines: each comparison's difference over the runs (mean ± std, the t interval of
     the mean, the runs the student is ahead in, the runs whose own bootstrap was clear)."""
@@ -820,11 +830,10 @@ def _spread_of_differences(metrics: Sequence[Mapping[str, Any]]) -> str:
 
     lines = []
     for name in ("student_vs_baseline", "student_vs_teachers"):
-        found = [d for m in metrics if (d := _run_difference(m.get("summary", {}), name))]
-        if not found or len({unit for _, unit, _ in found}) != 1:
+        over = _differences_over_runs(metrics, name)
+        if over is None:
             continue
-        values = [d for d, _, _ in found]
-        unit = found[0][1]
+        values, unit, verdicts = over
         stats = mean_interval(values)
         if stats is None:
             continue
@@ -840,7 +849,6 @@ def _spread_of_differences(metrics: Sequence[Mapping[str, Any]]) -> str:
             f"runs ({_interval_text(stats['ci95'])} of the mean; {model} ahead in {ahead} of "
             f"{len(values)}): {verdict(stats['ci95'])}."
         )
-        verdicts = [v for _, _, v in found if v is not None]
         if verdicts:
             clear = sum(v != NO_CLEAR_DIFFERENCE for v in verdicts)
             line += f" Each run's own bootstrap: a clear difference in {clear} of {len(verdicts)}."
