@@ -140,7 +140,8 @@ def _truncate(path: Path) -> None:
 
 
 TEACHER_DAMAGE: dict[str, tuple[Callable[[Path], None], str, str]] = {
-    "truncated manifest": (lambda d: _truncate(d / "teacher.json"), "teacher.json", "cannot be read"),
+    "truncated manifest": (lambda d: _truncate(d / "teacher.json"), "teacher.json",
+                           "cannot be read"),
     "deleted weights": (lambda d: (d / "model.safetensors").unlink(), "model.safetensors",
                         "do not exist"),
     "replaced weights": (lambda d: _truncate(d / "model.safetensors"), "model.safetensors",

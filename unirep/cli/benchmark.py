@@ -1,7 +1,7 @@
 """Time the real training step against a minimal loop; split a phase into its parts.
 
     python scripts/benchmark.py [--steps N] [--warmup N] [--json PATH] [--run-dir DIR]
-        [--untrained-teachers] [--joint-scaling | --term-costs | --options |
+        [--untrained-teachers] [--joint-scaling | --term-costs | --options | --sharing |
         --weightings[=NAMES] [--with-distill]] [--config PRESET_OR_PATH] [key=value ...]
     unirep benchmark ...                                          (the installed equivalent)
 
@@ -22,7 +22,9 @@ student's real step with distillation alone, then + each cross-task / contrastiv
 ablation (``scripts/compare.py --variants xtask``) and + all of them, ``--options`` only times
 the student's real step with each speed option on against all off
 (``unirep.experiments.benchmark.OPTION_VARIANTS``: channels_last, compile, bf16, batched teachers,
-teachers in bf16), on CUDA when present, ``--weightings`` only times the student's real step under
+teachers in bf16), on CUDA when present, ``--sharing`` only times the distilled student's real
+step with each student architecture of ``scripts/compare.py --variants sharing`` (SMTL's gates)
+against the shared-encoder student, ``--weightings`` only times the student's real step under
 each task-balancing method (``unirep.weighting``; NAMES: comma-separated registry names, ``imtl``
 for its three modes or ``imtl-l`` / ``-g`` / ``-h``; default
 ``unirep.experiments.benchmark.WEIGHTING_METHODS``), the methods alternated step by step in one
@@ -66,7 +68,7 @@ from unirep.experiments.benchmark import (
     weighting_configs,
     weighting_costs,
 )
-from unirep.experiments.compare import XTASK_VARIANTS
+from unirep.experiments.compare import SHARING_VARIANTS, XTASK_VARIANTS
 from unirep.pipeline.rundir import make_accelerator
 from unirep.pipeline.stage_two import resolve_data
 from unirep.stage_one.train import ensure_teachers
@@ -85,6 +87,7 @@ def split_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--joint-scaling", action="store_true")
     parser.add_argument("--term-costs", action="store_true")
     parser.add_argument("--options", action="store_true")
+    parser.add_argument("--sharing", action="store_true")
     parser.add_argument("--weightings", nargs="?", const="", metavar="NAMES")
     parser.add_argument("--with-distill", action="store_true")
     flags, rest = parser.parse_known_args(argv)
@@ -223,6 +226,11 @@ def main(prog: str = PROG) -> None:
     cfg = parse_args(rest, prog=prog)
     if flags.term_costs:
         _term_costs(cfg, rest, flags)
+        return
+    if flags.sharing:  # each student architecture against the shared encoder
+        variants = {n: o for n, o in SHARING_VARIANTS.items() if not n.endswith("-plain")}
+        rows, source = _side_by_side(cfg, rest, flags, variants)
+        _report_rows(rows, format_term_costs(rows), source, flags)
         return
     if flags.options:  # each speed option on vs off (on CUDA when present)
         rows, source = _side_by_side(cfg, rest, flags, OPTION_VARIANTS)

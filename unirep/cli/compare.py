@@ -1,7 +1,7 @@
 """Variants × seeds on one preset, then one table (mean ± std over seeds) and a plot.
 
     accelerate launch scripts/compare.py --config mini-scenes-onelabel --seeds 0,1,2 \
-        [--variants "supervised distill mtpsl jtr distill+best-of:mtpsl,jtr" | xtask] \
+        [--variants "supervised distill mtpsl jtr distill+best-of:mtpsl,jtr" | xtask | sharing] \
         [--name NAME] \
         [--reference supervised] [--jobs 2] [key=value ...]
     unirep compare ...                                            (the installed equivalent)
@@ -18,7 +18,11 @@ terms that beat distillation alone on validation, together), the task-balancing 
 (``--variants balance``: ``sum``, ``uncertainty``, ``dwa``, ``famo``, ``mgda_ub``, ``pcgrad``,
 ``cagrad``, ``nash_mtl``, ``adatask``, ``distill``, ``distill+best-of:...`` and ``front``, a sweep
 of static task weights drawn as the scalarisation front every method is plotted against, in
-``front.png``), or ``name=key=value;key=value``.
+``front.png``), the student architectures' (``--variants sharing``: ``shared``, the
+shared-encoder student and reference, ``shared-plain``, ``smtl``, ``smtl-plain``,
+``smtl-private``, ``smtl-sigmoid``, ``smtl-lite``, ``smtl-lite-plain`` and ``smtl-after``;
+``-plain``: without distillation; the table adds the exported student's parameters, its
+milliseconds per image and the student phase's seconds), or ``name=key=value;key=value``.
 The table and plot go to ``<output_dir>/<name>/comparison.{md,json,png}`` (default name
 ``compare-<preset>``, or ``compare-xtask-<preset>`` for ``--variants xtask``), with what this
 invocation cost.

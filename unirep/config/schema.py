@@ -369,6 +369,10 @@ class DenseConfig:
     encoder: Spec = field(default_factory=lambda: Spec("segnet"))  # segnet or timm
     decoder_channels: AtLeastOne = 64
     cross_task: Spec | None = None  # attention modules: mtan or densemtl
+    # the student's architecture when it decides what the tasks share (unirep.models.sharing):
+    # smtl (kwargs gate: softmax | sigmoid | lite, tau, after_decoders, distill_from); null: one
+    # shared encoder
+    sharing: Spec | None = None
     partial: PartialConfig = field(default_factory=PartialConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
 

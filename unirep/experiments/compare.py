@@ -81,7 +81,29 @@ scalarisation front every method is plotted against, Xin et al. and Kurin et al.
 expanded from the run's tasks by :func:`front_variants`. The optimizer settings are the preset's
 for every method (AdaTask: its Adam rule at the same learning rate, as its paper)."""
 
-VARIANT_SETS = {"partial": PARTIAL_VARIANTS, "xtask": XTASK_VARIANTS, "balance": BALANCE_VARIANTS}
+_SMTL = "dense.sharing={name: smtl, kwargs: {%s}}"
+SHARING_VARIANTS: dict[str, list[str]] = {
+    "shared": ["dense.sharing=null"],
+    "shared-plain": ["dense.sharing=null", _NO_DISTILL],
+    "smtl": [_SMTL % "gate: softmax"],
+    "smtl-plain": [_SMTL % "gate: softmax", _NO_DISTILL],
+    "smtl-private": [_SMTL % "gate: softmax, distill_from: private"],
+    "smtl-sigmoid": [_SMTL % "gate: sigmoid"],
+    "smtl-lite": [_SMTL % "gate: lite"],
+    "smtl-lite-plain": [_SMTL % "gate: lite", _NO_DISTILL],
+    "smtl-after": [_SMTL % "gate: softmax, after_decoders: true"],
+}
+"""What the tasks share (on ``mini-scenes`` or ``mini-scenes-smtl``): the shared-encoder student
+(the reference) and SMTL's gates, each distilled and, for the shared encoder, the softmax gate
+and the Lite gate, without distillation (``-plain``); ``smtl-private`` aligns each teacher with
+its task's private encoder instead of the gated feature."""
+
+VARIANT_SETS = {
+    "partial": PARTIAL_VARIANTS,
+    "xtask": XTASK_VARIANTS,
+    "balance": BALANCE_VARIANTS,
+    "sharing": SHARING_VARIANTS,
+}
 """Named variant lists for ``--variants`` (e.g. ``--variants xtask``)."""
 
 RULES = ("best-of", "combine")
@@ -100,7 +122,7 @@ def parse_variants(specs: list[str]) -> list[Variant]:
     with distillation switched on by the prefix) or ``combine:a,b,...`` (the overrides of every
     candidate whose mean validation score beats the reference variant's, together; the best one
     alone when none does)."""
-    known = {**PARTIAL_VARIANTS, **XTASK_VARIANTS, **BALANCE_VARIANTS}
+    known = {**PARTIAL_VARIANTS, **XTASK_VARIANTS, **BALANCE_VARIANTS, **SHARING_VARIANTS}
     variants: list[Variant] = []
     for spec in specs:
         if spec in VARIANT_SETS:
@@ -259,6 +281,23 @@ def _stat(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
+_COST_COLUMNS = {
+    "params": ("params", "student"),
+    "milliseconds_per_image": ("inference", "student", "milliseconds_per_image"),
+    "student_seconds": ("phase_seconds", "student"),
+}
+"""The cost columns of a comparison: the exported student's parameters, its inference time per
+image and the student phase's wall-clock (its steps and validations), from ``metrics.json``."""
+
+
+def _dig(record: dict[str, Any], path: tuple[str, ...]) -> Any:
+    for key in path:
+        if not isinstance(record, dict):
+            return None
+        record = record.get(key)  # type: ignore[assignment]
+    return record
+
+
 def summarise(
     results: dict[str, list[dict[str, Any]]], reference: str | None
 ) -> dict[str, dict[str, Any]]:
@@ -275,6 +314,10 @@ def summarise(
         teachers = [r["summary"].get("delta_m_vs_teachers") for r in runs]
         if all(v is not None for v in teachers):
             row["delta_m_vs_teachers"] = list(_stat(teachers))
+        for column, path in _COST_COLUMNS.items():
+            values = [_dig(r["summary"], path) for r in runs]
+            if all(isinstance(v, int | float) for v in values):
+                row[column] = list(_stat([float(v) for v in values]))  # type: ignore[arg-type]
         if reference is not None and reference in results:
             deltas = [
                 _main_deltas(run, ref) for run, ref in zip(runs, results[reference], strict=True)
@@ -306,7 +349,13 @@ def markdown(
                 continue
             mean, std = row[c]
             metric = c.split("/")[-1]
-            if c.startswith("delta_m"):
+            if c == "params":
+                cells.append(f"{mean / 1e3:,.0f} k")
+            elif c == "milliseconds_per_image":
+                cells.append(f"{mean:.2f} ± {std:.2f}")
+            elif c == "student_seconds":
+                cells.append(f"{mean:.0f}")
+            elif c.startswith("delta_m"):
                 cells.append(f"{mean:+.2f} ± {std:.2f}")
             else:
                 cells.append(f"{format_metric(metric, mean)} ± {format_metric(metric, std)}")
@@ -321,7 +370,14 @@ def _label(column: str) -> str:
         return "Δm vs teachers (%)"
     if column.startswith("delta_m_vs_"):
         return f"Δm vs {column.removeprefix('delta_m_vs_')} (%)"
-    return column
+    return _COST_LABELS.get(column, column)
+
+
+_COST_LABELS = {
+    "params": "params (exported)",
+    "milliseconds_per_image": "ms / image",
+    "student_seconds": "student phase (s)",
+}
 
 
 def figure(table: dict[str, dict[str, Any]], reference: str | None) -> bytes | None:

@@ -3,18 +3,22 @@
 An architecture record is the plain dict kept in teacher and student manifests: a multi-domain
 classification network is ``{"backbone", "backbone_kwargs"[, "residual_adapters"]}``, a dense
 multi-task network ``{"encoder", "encoder_kwargs", "decoder_channels"[, "cross_task",
-"cross_task_kwargs"]}``. Teachers use the record without the student-only entries.
+"cross_task_kwargs"][, "sharing", "sharing_kwargs"]}`` (``sharing``: a student architecture of
+:data:`~unirep.models.sharing.SHARING`, e.g. SMTL). Teachers use the record without the
+student-only entries.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 from torch import Tensor, nn
 
 from unirep.config.schema import Config
-from unirep.models.dense import build_dense_from_architecture
+from unirep.models.dense import build_dense_encoder, build_dense_from_architecture
 from unirep.models.network import build_network as build_multi_domain
+from unirep.models.sharing import SHARING
 from unirep.tasks import Task
 
 
@@ -30,6 +34,9 @@ def architecture(cfg: Config, student: bool = False) -> dict[str, Any]:
             cross = cfg.dense.cross_task
             arch["cross_task"] = cross.name if cross else None
             arch["cross_task_kwargs"] = dict(cross.kwargs) if cross else {}
+            if cfg.dense.sharing is not None:  # the Lite gate's Gumbel draws follow the run seed
+                arch["sharing"] = cfg.dense.sharing.name
+                arch["sharing_kwargs"] = {"seed": cfg.seed, **cfg.dense.sharing.kwargs}
         return arch
     spec = cfg.classification
     assert spec is not None
@@ -55,9 +62,7 @@ def build_network(
         if trunk_state is not None:
             raise ValueError("dense networks are not initialised from a teacher's trunk")
         unit = [n for n, t in tasks.items() if t.kind.unit_vector]
-        return build_dense_from_architecture(
-            arch, {n: t.out_channels for n, t in tasks.items()}, unit_vector=unit
-        )
+        return build_dense(arch, {n: t.out_channels for n, t in tasks.items()}, unit)
     return build_multi_domain(
         arch["backbone"],
         dict(arch.get("backbone_kwargs", {})),
@@ -65,6 +70,34 @@ def build_network(
         residual_adapters=bool(arch.get("residual_adapters", False)),
         backbone_state=trunk_state,
     )
+
+
+def build_dense(
+    arch: dict[str, Any], channels: dict[str, int], unit_vector: list[str]
+) -> nn.Module:
+    """The dense network of ``arch`` with ``{task: output channels}``: the shared-encoder
+    :class:`~unirep.models.dense.DenseMultiTaskNet`, or the :data:`~unirep.models.sharing.SHARING`
+    entry ``arch["sharing"]`` names (built with ``arch["sharing_kwargs"]``)."""
+    sharing = arch.get("sharing")
+    if not sharing:
+        return build_dense_from_architecture(arch, channels, unit_vector=unit_vector)
+    if arch.get("cross_task"):
+        raise ValueError(f"a {sharing!r} student has no cross-task module")
+    return SHARING.build(
+        sharing,
+        encoder=partial(build_dense_encoder, arch["encoder"], **arch.get("encoder_kwargs", {})),
+        tasks=channels,
+        decoder_channels=arch["decoder_channels"],
+        unit_vector=unit_vector,
+        **dict(arch.get("sharing_kwargs") or {}),
+    )
+
+
+def exported(net: nn.Module, arch: dict[str, Any]) -> tuple[dict[str, Any], nn.Module]:
+    """(architecture record, network) a trained student is exported as: the network itself, or
+    what its ``exported`` method makes of it (SMTL-Lite drops the encoders no task picked)."""
+    make = getattr(net, "exported", None)
+    return make(arch) if make is not None else (arch, net)
 
 
 def count_parameters(module: nn.Module) -> int:

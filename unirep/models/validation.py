@@ -3,13 +3,14 @@ cross-task attention modules, each named in its registry with arguments its buil
 
 from __future__ import annotations
 
-from unirep.config.binder import bind_spec
+from unirep.config.binder import bind_spec, trial
 from unirep.config.schema import Config
 from unirep.errors import ConfigError
 from unirep.models.adapters import ADAPTERS
 from unirep.models.backbones import is_backbone
 from unirep.models.cross_task import CROSS_TASK
 from unirep.models.dense import DENSE_ENCODERS
+from unirep.models.sharing import SHARING, check_smtl_arguments
 
 
 def check_config(cfg: Config) -> None:
@@ -29,3 +30,14 @@ def check_config(cfg: Config) -> None:
     bind_spec(DENSE_ENCODERS, dense.encoder, "dense.encoder")
     if dense.cross_task is not None:
         bind_spec(CROSS_TASK, dense.cross_task, "dense.cross_task", ("tasks", "channels"))
+    if dense.sharing is not None:
+        supplied = ("encoder", "tasks", "decoder_channels", "unit_vector")
+        bind_spec(SHARING, dense.sharing, "dense.sharing", supplied)
+        if dense.sharing.name == "smtl":
+            kwargs = dense.sharing.kwargs
+            trial("dense.sharing.kwargs", lambda: check_smtl_arguments(**kwargs))
+        if dense.cross_task is not None:
+            raise ConfigError(
+                f"config keys 'dense.sharing' ({dense.sharing.name}) and 'dense.cross_task' "
+                f"({dense.cross_task.name}) cannot be combined; set one of them to null"
+            )

@@ -207,10 +207,23 @@ def _title(manifest: dict[str, Any], cfg: Config) -> list[str]:
     """The card's title and what the student is: its trunk, heads, version and teachers."""
     arch = manifest["architecture"]
     trunk = arch.get("backbone") or arch.get("encoder")
+    network = f"One shared {trunk} network with {len(manifest['tasks'])} task heads"
+    if arch.get("sharing") == "smtl":  # Guo, Ye & Zhang, arXiv 2111.10601
+        picked = (arch.get("sharing_kwargs") or {}).get("selected")
+        network = (
+            f"An SMTL network (Safe Multi-Task Learning: a public {trunk} encoder, a private one "
+            f"per task and a learned gate between them) with {len(manifest['tasks'])} task heads"
+            + (
+                f", exported as the Lite network of the encoders its tasks picked "
+                f"({', '.join(f'{t}: {p}' for t, p in picked.items())})"
+                if picked
+                else ""
+            )
+        )
     return [
         f"# unirep student: {cfg.preset} / {cfg.name}",
         "",
-        f"One shared {trunk} network with {len(manifest['tasks'])} task heads, distilled by unirep "
+        f"{network}, distilled by unirep "
         f"{manifest['unirep_version']} from {len(manifest['teachers'])} single-task teachers "
         "(Universal Representations, Li, Liu & Bilen, IJCV 2023).",
     ]

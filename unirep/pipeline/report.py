@@ -330,6 +330,58 @@ def labels_section(summary: Mapping[str, Any]) -> str:
     )
 
 
+def sharing_section(summary: Mapping[str, Any]) -> str:
+    """Markdown: what the student's tasks share (``summary.sharing``: SMTL's gate per task and,
+    for the Lite gate, the encoder each task picked) and what the exported student costs to run
+    (``summary.inference``)."""
+    blocks = []
+    sharing = summary.get("sharing")
+    if sharing:
+        chosen = sharing.get("chosen") or {}
+        rows = [
+            [task, f"{w[0]:.3f}", f"{w[1]:.3f}", chosen.get(task, "both")]
+            for task, w in (sharing.get("weights") or {}).items()
+        ]
+        variant = "gates after the decoders" if sharing.get("after_decoders") else "gated encoders"
+        text = (
+            f"`{sharing.get('name')}`, {sharing.get('gate')} gate, {variant}; distillation aligns "
+            f"the teachers with the {sharing.get('distill_from')} feature. α is each task's weight "
+            "on the public (shared) encoder and on its private one, as evaluation uses them."
+        )
+        if chosen:
+            dropped = [t for t, c in chosen.items() if c == "public"]
+            text += (
+                " The export keeps only the encoders some task picked: "
+                + (f"the private encoders of {', '.join(dropped)} are dropped" if dropped
+                   else "every private encoder")
+                + ("" if any(c == "public" for c in chosen.values())
+                   else " and the public encoder is dropped")
+                + "."
+            )  # fmt: skip
+        blocks.append(
+            "## What the tasks share\n\n"
+            + text
+            + "\n\n"
+            + _table(["task", "α public", "α private", "encoder"], rows, ["l", "r", "r", "l"])
+        )
+    cost = (summary.get("inference") or {}).get("student")
+    if cost:
+        rows = [
+            ["parameters", _format_count(cost["params"])],
+            ["weights (MiB)", f"{cost['weight_bytes'] / 2**20:.2f}"],
+            ["MACs per image", _format_count(cost["macs_per_image"])],
+            [f"ms per image ({cost.get('device')}, {cost.get('threads')} thread(s))",
+             f"{cost['milliseconds_per_image']:.3f}"],
+        ]  # fmt: skip
+        shape = "×".join(str(d) for d in cost.get("input", []))
+        blocks.append(
+            f"## Inference cost\n\nThe exported student on one {shape} image (MACs counted by "
+            "torch's FlopCounterMode; time: the median of 5 batches of 8 on this machine).\n\n"
+            + _table(["quantity", "value"], rows, ["l", "r"])
+        )
+    return "\n\n".join(blocks)
+
+
 # --------------------------------------------------------------------------------------------
 # Figures
 # --------------------------------------------------------------------------------------------
@@ -690,6 +742,7 @@ def write_report(
         "## Summary\n\n" + _summary_table(summary),
         uncertainty_section(summary, split),
         labels_section(summary),
+        sharing_section(summary),
     ]
     sections = [section for section in sections if section]
     if tasks:

@@ -209,7 +209,7 @@ def parameter_counts(
     }
     if module is not None:
         counts["adapters"] = count_parameters(module.aligners)
-    if teachers:
+    if teachers and getattr(student, "trunk", None) is not None:
         one = count_parameters(next(iter(teachers.values())).net.trunk)
         counts["backbone_multiplier"] = count_parameters(student.trunk) / one  # type: ignore[arg-type]
     return counts

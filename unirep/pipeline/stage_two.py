@@ -31,7 +31,8 @@ from unirep.data.streams import RunData, build_run_data
 from unirep.data.validation import check_against_data
 from unirep.errors import ConfigError
 from unirep.io import atomic_write_json, read_json
-from unirep.models.build import architecture, build_network
+from unirep.metrics.cost import inference_cost, input_shape
+from unirep.models.build import architecture, build_network, count_parameters, exported
 from unirep.objective import Objective, build_cross_task_terms, build_joint_terms
 from unirep.pipeline.export import (
     STUDENT_MANIFEST,
@@ -409,17 +410,29 @@ def run_metrics(
     """The run's ``metrics.json`` (:func:`unirep.pipeline.results.distill_metrics`), with the
     parameter counts of the student, its adapters and the teachers."""
     student, module = trained.nets["student"], trained.modules["student"]
-    return distill_metrics(
+    _, net = exported(student, architecture(run.cfg, student=True))
+    params = parameter_counts(net, run.teachers, module)
+    if net is not student:  # e.g. SMTL-Lite without the encoders no task picked
+        params["student_trained"] = count_parameters(student)
+    metrics = distill_metrics(
         run.cfg,
         run.data,
         run.tasks,
         run.accelerator.num_processes,
         results,
-        parameter_counts(student, run.teachers, module),
+        params,
         trained.fits,
         teacher_seconds,
         trained.cache_summary,
     )
+    stream = run.data.streams()[0]
+    shape = input_shape(run.data.preprocessing(stream))
+    if shape is not None:
+        metrics["summary"]["inference"] = {"student": inference_cost(net, stream, shape)}
+    record = getattr(student, "sharing_record", None)
+    if record is not None:
+        metrics["summary"]["sharing"] = record()
+    return metrics
 
 
 def export_run(run: StageTwo, trained: Trained, metrics: dict[str, Any]) -> None:
@@ -427,11 +440,12 @@ def export_run(run: StageTwo, trained: Trained, metrics: dict[str, Any]) -> None
     and its model card (which holds ``metrics`` and the command that reproduces the run)."""
     cfg, data, run_dir, best = run.cfg, run.data, run.run_dir, trained.fits["student"]
     command = reproduce_command(cfg, str(run_dir / layout.CONFIG))
+    arch, net = exported(trained.nets["student"], architecture(cfg, student=True))
     export_student(
         layout.student_dir(run_dir),
-        trained.nets["student"],
+        net,
         preset=cfg.preset,
-        architecture=architecture(cfg, student=True),
+        architecture=arch,
         tasks=run.tasks,
         preprocessing={s: data.preprocessing(s) for s in data.streams()},
         teachers=run.teachers,

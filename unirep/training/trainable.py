@@ -82,6 +82,9 @@ class TrainableModule(nn.Module):
         aligned = {t: self.aligners[t](outputs[t]) for t in self.aligners if t in outputs}
         bundle = self.objective(outputs, aligned, batch, teacher_outputs, step, total_steps)
         bundle.shared = [t for t in captured if isinstance(t, Tensor)]
+        gates = getattr(self.student, "gate_log", None)  # a student that learns its sharing
+        if gates is not None:
+            bundle.logs = {**bundle.logs, **gates()}
         if tasks is not None:  # only these tasks' terms leave forward: DDP sees the rest unused
             total = bundle.total().detach()
             bundle = bundle.only(tasks, joint)

@@ -1,0 +1,379 @@
+"""Student architectures that decide what the tasks share: ``dense.sharing`` chooses one.
+
+The default dense student (:class:`~unirep.models.dense.DenseMultiTaskNet`) shares one encoder
+between all tasks. An entry of :data:`SHARING` replaces it with a network that learns, per task,
+how much to share. Each entry is built from the same encoder, decoder and head pieces, so a
+teacher (one task, no sharing) and the student keep one format, and the exported student is
+rebuilt from its manifest's architecture record like any other.
+
+- ``"smtl"``: :class:`SMTLNet`, Safe Multi-Task Learning (Guo, Ye & Zhang, arXiv 2111.10601;
+  reference code ``Pengxin-Guo/SMTL``, ``nyu/backbone.py``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from unirep.models.dense import (
+    DenseAligner,
+    DenseHead,
+    DenseMultiTaskNet,
+    PyramidDecoder,
+    _align_conv,
+)
+from unirep.registry import Registry
+
+SHARING: Registry[nn.Module] = Registry("student sharing")
+
+GATES = ("softmax", "sigmoid", "lite")
+"""SMTL's gates: ``softmax`` (v1, α¹ + α² = 1), ``sigmoid`` (v2, each α in [0, 1]) and ``lite``
+(v3, a hard Gumbel-softmax that picks one encoder per task)."""
+DISTILL_FROM = ("mixed", "private")
+PATHS = ("public", "private")
+_SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, draw) over the generator's seeds
+
+
+def check_smtl_arguments(
+    gate: str = "softmax",
+    tau: float = 0.1,
+    after_decoders: bool = False,
+    distill_from: str = "mixed",
+    selected: dict[str, str] | None = None,
+    seed: int = 0,
+) -> None:
+    """Raise ``ValueError`` naming the argument for an SMTL setting that cannot be built."""
+    if gate not in GATES:
+        raise ValueError(f"gate must be one of {', '.join(GATES)}, got {gate!r}")
+    if not tau > 0:
+        raise ValueError(f"tau (the Lite gate's Gumbel temperature) must be > 0, got {tau}")
+    if distill_from not in DISTILL_FROM:
+        raise ValueError(
+            f"distill_from must be one of {', '.join(DISTILL_FROM)}, got {distill_from!r}"
+        )
+    if selected is not None:
+        if gate != "lite":
+            raise ValueError("selected (a fixed choice per task) is only for the lite gate")
+        bad = {t: p for t, p in selected.items() if p not in PATHS}
+        if bad:
+            raise ValueError(f"selected maps tasks to {' or '.join(PATHS)}, got {bad}")
+    if not 0 <= int(seed) < 2**63:
+        raise ValueError(f"seed must be in [0, 2**63), got {seed}")
+
+
+@SHARING.register("smtl")
+class SMTLNet(DenseMultiTaskNet):
+    """Safe Multi-Task Learning: a public encoder, and per task a private encoder and a gate.
+
+    For images ``[B, 3, H, W]``, the public encoder ``E_s`` and each task's private encoder
+    ``E_t`` give stage features ``[B, C_i, H_i, W_i]``. Task ``t`` reads, at every stage,
+    ``h_t = α_t¹ · E_s(x) + α_t² · E_t(x)`` through its own decoder and head (Guo, Ye & Zhang,
+    arXiv 2111.10601, eq. 1); with ``after_decoders`` (the reference's ``SMTLmodel_new``) each
+    path has its own decoder and head and the gate mixes their outputs:
+    ``out_t = α_t¹ · D_t^s(E_s(x)) + α_t² · D_t^p(E_t(x))``.
+
+    Gates (the reference's three versions, one learnable pair per task, ``a_t = 0`` at start):
+
+    - ``softmax``: ``α_t = softmax(a_t)`` (0.5 / 0.5 at start);
+    - ``sigmoid``: ``α_t = sigmoid(a_t)``, each coordinate in [0, 1] on its own;
+    - ``lite``: one logit ``a_t`` per task; in training a hard Gumbel-softmax with the
+      straight-through gradient on ``[1 − σ(a_t), σ(a_t)]`` at temperature ``tau`` (0.1 in the
+      reference); in evaluation ``σ(a_t) ≥ 0.5`` picks the private encoder, otherwise the public
+      one, and only the picked encoder runs. :meth:`exported` then drops every encoder no task
+      picks (the storage saving of SMTL-Lite). The Gumbel noise is drawn from ``seed`` and a
+      draw counter kept as a buffer, so a resumed run draws the same noise and every process of
+      a distributed run draws the same (DDP broadcasts the buffer).
+
+    ``selected`` (``{task: "public" | "private"}``) fixes the Lite choice: the network then holds
+    only the picked encoders, decoders and heads, no gates: what :meth:`exported` returns.
+
+    Distillation: the ``"bottleneck"`` a task's alignment adapter reads is the gated last-stage
+    feature (``distill_from="mixed"``) or the task's private encoder's own
+    (``distill_from="private"``: the teacher's knowledge goes to the private encoder). The public
+    encoder is :attr:`trunk`, the part every task's loss reaches (what gradient weightings and
+    :meth:`representation` use).
+
+    Forward: as :class:`~unirep.models.dense.DenseMultiTaskNet` (``{task: {"pred", "features",
+    "bottleneck"}}``); :meth:`gate_weights` gives the (α¹, α²) of every task.
+    """
+
+    def __init__(
+        self,
+        encoder: Callable[[], nn.Module],
+        tasks: dict[str, int],
+        decoder_channels: int = 64,
+        unit_vector: Iterable[str] = (),
+        gate: str = "softmax",
+        tau: float = 0.1,
+        after_decoders: bool = False,
+        distill_from: str = "mixed",
+        selected: dict[str, str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_smtl_arguments(gate, tau, after_decoders, distill_from, selected, seed)
+        if selected is not None and set(selected) != set(tasks):
+            raise ValueError(f"selected names tasks {sorted(selected)}, the network {list(tasks)}")
+        super().__init__(encoder(), tasks, decoder_channels, unit_vector=unit_vector)
+        self.gate = gate
+        self.tau = float(tau)
+        self.after_decoders = bool(after_decoders)
+        self.distill_from = distill_from
+        self.selected = dict(selected) if selected is not None else None
+        self.seed = int(seed)
+        self._encoder = encoder
+        names = list(tasks)
+        uses = self.selected or {t: "both" for t in names}
+        private = [t for t in names if uses[t] != "public"]
+        self.private = nn.ModuleDict({t: encoder() for t in private})
+        channels = list(self.channels)
+        if self.after_decoders:
+            self.private_decoders = nn.ModuleDict(
+                {t: PyramidDecoder(channels, decoder_channels) for t in private}
+            )
+            self.private_heads = nn.ModuleDict(
+                {t: DenseHead(decoder_channels, tasks[t]) for t in private}
+            )
+            public_path = [t for t in names if uses[t] != "private"]
+            for t in set(names) - set(public_path):  # their public path is never used
+                del self.decoders[t], self.heads[t]
+        if self.selected is None:
+            width = 1 if gate == "lite" else 2
+            self.gate_logits = nn.Parameter(torch.zeros(len(names), width))
+            self.register_buffer("gate_draws", torch.zeros((), dtype=torch.long))
+        if all(p == "private" for p in uses.values()):
+            self.encoder = None  # type: ignore[assignment]  # no task reads the public encoder
+        self._names = names
+
+    # ----------------------------------------------------------------------------------------
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self._names)
+
+    @property
+    def channels(self) -> list[int]:
+        """The stage widths ``C_i`` of every encoder (public and private ones are alike)."""
+        enc = self.encoder if self.encoder is not None else next(iter(self.private.values()))
+        return list(enc.channels)  # type: ignore[arg-type]
+
+    def gate_weights(self) -> Tensor:
+        """``[T, 2]``: per task (in :attr:`tasks` order) the weights (α¹ public, α² private).
+
+        A fixed network gives its one-hot choice; the Lite gate in evaluation gives the
+        deterministic choice ``σ(a) ≥ 0.5``, in training a fresh hard Gumbel draw (the draw
+        counter advances)."""
+        if self.selected is not None:
+            rows = [
+                [0.0, 1.0] if self.selected[t] == "private" else [1.0, 0.0] for t in self._names
+            ]
+            return torch.tensor(rows)
+        a = self.gate_logits
+        if self.gate == "softmax":
+            return torch.softmax(a, dim=1)
+        if self.gate == "sigmoid":
+            return torch.sigmoid(a)
+        p = torch.sigmoid(a[:, 0])
+        probs = torch.stack([1 - p, p], dim=1)
+        if not self.training:
+            pick = (p >= 0.5).to(a.dtype)
+            return torch.stack([1 - pick, pick], dim=1)
+        generator = torch.Generator().manual_seed(
+            (self.seed * _SEED_MIX + int(self.gate_draws)) % 2**63
+        )
+        self.gate_draws += 1
+        uniform = torch.rand(probs.shape, generator=generator, dtype=probs.dtype)
+        gumbel = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
+        soft = torch.softmax((probs + gumbel.to(probs.device)) / self.tau, dim=1)
+        hard = F.one_hot(soft.argmax(dim=1), 2).to(soft.dtype)
+        return hard - soft.detach() + soft  # the hard choice, with the soft gradient
+
+    def chosen(self) -> dict[str, str]:
+        """``{task: "public" | "private"}``: the Lite gate's evaluation choice (``σ(a) ≥ 0.5``
+        picks the private encoder), or the fixed one."""
+        if self.selected is not None:
+            return dict(self.selected)
+        if self.gate != "lite":
+            raise ValueError(f"only the lite gate picks one encoder per task, not {self.gate!r}")
+        picks = torch.sigmoid(self.gate_logits[:, 0].detach()) >= 0.5
+        return {
+            t: "private" if bool(p) else "public" for t, p in zip(self._names, picks, strict=True)
+        }
+
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments this network was built with (its architecture record's
+        ``sharing_kwargs``)."""
+        record: dict[str, Any] = {
+            "gate": self.gate,
+            "tau": self.tau,
+            "after_decoders": self.after_decoders,
+            "distill_from": self.distill_from,
+            "seed": self.seed,
+        }
+        if self.selected is not None:
+            record["selected"] = dict(self.selected)
+        return record
+
+    def gate_log(self) -> dict[str, Tensor]:
+        """``{"gate/<task>": α²}``, each task's weight on its private encoder as evaluation
+        uses it (for the Lite gate: the probability σ(a) of picking it), for the training log;
+        empty for a fixed network."""
+        if self.selected is not None:
+            return {}
+        a = self.gate_logits.detach()
+        if self.gate == "softmax":
+            private = torch.softmax(a, dim=1)[:, 1]
+        else:
+            private = torch.sigmoid(a[:, -1])
+        return {f"gate/{t}": private[i] for i, t in enumerate(self._names)}
+
+    def sharing_record(self) -> dict[str, Any]:
+        """What ``metrics.json`` says of the sharing: the gate, its (α¹ public, α² private) per
+        task as evaluation uses them and, for the Lite gate, the encoder each task picked."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            weights = self.gate_weights()
+        self.train(was_training)
+        record: dict[str, Any] = {
+            "name": "smtl",
+            "gate": self.gate,
+            "after_decoders": self.after_decoders,
+            "distill_from": self.distill_from,
+            "weights": {t: [float(w) for w in weights[i]] for i, t in enumerate(self._names)},
+        }
+        if self.gate == "lite":
+            record["chosen"] = self.chosen()
+        return record
+
+    def forward(self, inputs: dict[str, Tensor] | Tensor) -> dict[str, dict[str, Tensor]]:
+        if isinstance(inputs, dict):
+            if len(inputs) != 1:
+                raise ValueError(f"a dense network reads one image stream, got {list(inputs)}")
+            (images,) = inputs.values()
+        else:
+            images = inputs
+        weights = self.gate_weights().to(images.device)
+        hard = self.selected is not None or (self.gate == "lite" and not self.training)
+        uses = {
+            t: (not hard or bool(weights[i, 0] > 0), not hard or bool(weights[i, 1] > 0))
+            for i, t in enumerate(self._names)
+        }  # (reads public, reads private): a hard choice runs only the picked path
+        public = self.encoder(images) if any(u[0] for u in uses.values()) else None
+        out: dict[str, dict[str, Tensor]] = {}
+        for i, task in enumerate(self._names):
+            a_public, a_private = weights[i, 0], weights[i, 1]
+            private = self.private[task](images) if uses[task][1] else None
+            shared = public if uses[task][0] else None
+            if self.after_decoders:
+                feat, pred = self._after_decoders(task, shared, private, a_public, a_private)
+            else:
+                stages = _mix(shared, private, a_public, a_private)
+                feat = self.decoders[task](stages)
+                pred = self.heads[task](feat)
+            pred = F.interpolate(pred, size=images.shape[-2:], mode="bilinear", align_corners=False)
+            if task in self.unit_vector:
+                pred = F.normalize(pred, p=2, dim=1)
+            if self.distill_from == "private" and private is not None:
+                bottleneck = private[-1]
+            else:
+                bottleneck = _mix(
+                    None if shared is None else shared[-1:],
+                    None if private is None else private[-1:],
+                    a_public,
+                    a_private,
+                )[0]
+            out[task] = {"pred": pred, "features": feat, "bottleneck": bottleneck}
+        return out
+
+    def _after_decoders(
+        self,
+        task: str,
+        public: list[Tensor] | None,
+        private: list[Tensor] | None,
+        a_public: Tensor,
+        a_private: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """(mixed decoder features ``[B, D, H_0, W_0]``, mixed head output ``[B, K, H_0, W_0]``)
+        of the "gates after decoders" variant; a path not run contributes nothing."""
+        feats, preds = [], []
+        if public is not None:
+            f = self.decoders[task](public)
+            feats.append(a_public * f)
+            preds.append(a_public * self.heads[task](f))
+        if private is not None:
+            f = self.private_decoders[task](private)
+            feats.append(a_private * f)
+            preds.append(a_private * self.private_heads[task](f))
+        return sum(feats[1:], feats[0]), sum(preds[1:], preds[0])
+
+    def representation(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The public encoder's last stage ``{stream: [B, C_last, H_last, W_last]}`` (what every
+        task shares); a Lite network whose tasks all picked their private encoder has none."""
+        if self.encoder is None:
+            raise ValueError(
+                "this SMTL-Lite student has no public encoder (every task picked its private "
+                "one), so it has no shared representation"
+            )
+        return super().representation(inputs)
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        """The public encoder's trainable parameters: what every task's loss reaches."""
+        if self.encoder is None:
+            return []
+        return super().shared_parameters()
+
+    def build_aligners(
+        self, teacher_dims: dict[str, int], adapter: str = "linear", **kwargs: Any
+    ) -> nn.ModuleDict:
+        """As :meth:`DenseMultiTaskNet.build_aligners`, from the stage widths of the encoders."""
+        if adapter != "linear" or kwargs:
+            raise ValueError(f"dense alignment adapters are linear 1x1 convs, got {adapter!r}")
+        unknown = set(teacher_dims) - set(self.tasks)
+        if unknown:
+            raise KeyError(
+                f"alignment adapters for unknown task(s) {sorted(unknown)}; tasks: {self.tasks}"
+            )
+        last = self.channels[-1]
+        bottleneck = {t: _align_conv(last, d) for t, d in teacher_dims.items()}
+        features = {t: _align_conv(self.decoder_channels, d) for t, d in teacher_dims.items()}
+        return nn.ModuleDict({t: DenseAligner(bottleneck[t], features[t]) for t in teacher_dims})
+
+    def exported(self, architecture: dict[str, Any]) -> tuple[dict[str, Any], nn.Module]:
+        """(architecture record, network) to export. A Lite network becomes the fixed network of
+        its evaluation choice (:meth:`chosen`): encoders, decoders and heads no task picks are
+        dropped, the gates too, and the record holds ``selected``; its predictions equal this
+        network's in evaluation. Other gates export as they are."""
+        if self.gate != "lite" or self.selected is not None:
+            return architecture, self
+        record = dict(architecture)
+        record["sharing_kwargs"] = {
+            **architecture.get("sharing_kwargs", {}),
+            **self.settings(),
+            "selected": self.chosen(),
+        }
+        fixed = SMTLNet(
+            self._encoder,
+            self.task_channels,
+            self.decoder_channels,
+            self.unit_vector,
+            **record["sharing_kwargs"],
+        )
+        state = self.state_dict()
+        fixed.load_state_dict({k: state[k] for k in fixed.state_dict()}, strict=True)
+        return record, fixed.train(self.training)
+
+
+def _mix(
+    public: list[Tensor] | None, private: list[Tensor] | None, a_public: Tensor, a_private: Tensor
+) -> list[Tensor]:
+    """``[α¹ · p + α² · q]`` stage by stage; a path that was not run contributes nothing."""
+    if public is None:
+        assert private is not None
+        return [a_private * q for q in private]
+    if private is None:
+        return [a_public * p for p in public]
+    return [a_public * p + a_private * q for p, q in zip(public, private, strict=True)]
