@@ -367,6 +367,8 @@ class DenseConfig:
     val_fraction: Annotated[float, Range(gt=0, lt=1, text="in (0, 1)")] = 0.1
     test_folder: str = "val"  # MTAN's "val" folder is the standard test set
     encoder: Spec = field(default_factory=lambda: Spec("segnet"))  # segnet or timm
+    # the student's (and baseline's) own encoder, e.g. a wider one; null: the teachers' encoder
+    student_encoder: Spec | None = None
     decoder_channels: AtLeastOne = 64
     cross_task: Spec | None = None  # attention modules: mtan or densemtl
     # the student's architecture when it decides what the tasks share (unirep.models.sharing):

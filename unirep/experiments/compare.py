@@ -82,9 +82,12 @@ expanded from the run's tasks by :func:`front_variants`. The optimizer settings 
 for every method (AdaTask: its Adam rule at the same learning rate, as its paper)."""
 
 _SMTL = "dense.sharing={name: smtl, kwargs: {%s}}"
+_WIDE = "dense.student_encoder={name: segnet, kwargs: {width_mult: 0.5}}"
 SHARING_VARIANTS: dict[str, list[str]] = {
     "shared": ["dense.sharing=null"],
     "shared-plain": ["dense.sharing=null", _NO_DISTILL],
+    "shared-wide": ["dense.sharing=null", _WIDE],
+    "shared-wide-plain": ["dense.sharing=null", _WIDE, _NO_DISTILL],
     "smtl": [_SMTL % "gate: softmax"],
     "smtl-plain": [_SMTL % "gate: softmax", _NO_DISTILL],
     "smtl-private": [_SMTL % "gate: softmax, distill_from: private"],
@@ -96,7 +99,9 @@ SHARING_VARIANTS: dict[str, list[str]] = {
 """What the tasks share (on ``mini-scenes`` or ``mini-scenes-smtl``): the shared-encoder student
 (the reference) and SMTL's gates, each distilled and, for the shared encoder, the softmax gate
 and the Lite gate, without distillation (``-plain``); ``smtl-private`` aligns each teacher with
-its task's private encoder instead of the gated feature."""
+its task's private encoder instead of the gated feature; ``shared-wide`` is the shared-encoder
+student with a SegNet twice as wide (×0.5 instead of the preset's ×0.25: about the parameters
+of SMTL's four encoders), the control for SMTL's extra capacity."""
 
 VARIANT_SETS = {
     "partial": PARTIAL_VARIANTS,

@@ -25,9 +25,10 @@ from unirep.tasks import Task
 def architecture(cfg: Config, student: bool = False) -> dict[str, Any]:
     """The record of the run's teacher (``student=False``) or student network."""
     if cfg.dense is not None:
+        encoder = (student and cfg.dense.student_encoder) or cfg.dense.encoder
         arch: dict[str, Any] = {
-            "encoder": cfg.dense.encoder.name,
-            "encoder_kwargs": dict(cfg.dense.encoder.kwargs),
+            "encoder": encoder.name,
+            "encoder_kwargs": dict(encoder.kwargs),
             "decoder_channels": cfg.dense.decoder_channels,
         }
         if student:

@@ -28,6 +28,8 @@ def check_config(cfg: Config) -> None:
     dense = cfg.dense
     assert dense is not None
     bind_spec(DENSE_ENCODERS, dense.encoder, "dense.encoder")
+    if dense.student_encoder is not None:
+        bind_spec(DENSE_ENCODERS, dense.student_encoder, "dense.student_encoder")
     if dense.cross_task is not None:
         bind_spec(CROSS_TASK, dense.cross_task, "dense.cross_task", ("tasks", "channels"))
     if dense.sharing is not None:
