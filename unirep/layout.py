@@ -30,6 +30,7 @@ PER_TASK_FIGURE = "per_task_metrics.png"
 WEIGHTING_FIGURE = "weighting.png"
 GRID_FIGURE = "qualitative.png"
 LABEL_SPLIT = "label_split.json"  # which training image is labelled for which task
+FUSION = "fusion"  # progressive decoder fusion: <role>-stage<k>.json, the grouping after stage k
 COMPARISON = "comparison.md"  # ``unirep compare``'s table, in its own folder
 LOGS = "logs"
 CHECKPOINTS = "checkpoints"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,18 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 LITE = "dense.sharing.kwargs={gate: lite}"
+
+
+def _launch(args: list[str], port: int) -> subprocess.CompletedProcess[str]:
+    """``scripts/distill.py args`` on 2 CPU processes (one thread each)."""
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        str(ROOT / "scripts" / "distill.py"), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
 
 
 def _run(cfg: Config) -> tuple[Path, dict]:
@@ -114,14 +127,7 @@ def test_an_interrupted_smtl_phase_resumes_bit_exactly(
 def test_two_processes_train_an_smtl_lite_student(tiny_cache: Path, tmp_path: Path) -> None:
     args = [*TINY_DENSE, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}", "name=ddp",
             "--config", "mini-scenes-smtl", LITE, "baseline=false"]  # fmt: skip
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29561",
-        str(ROOT / "scripts" / "distill.py"), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    result = _launch(args, 29561)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["summary"]["num_processes"] == 2
@@ -151,3 +157,77 @@ def test_the_benchmark_times_each_architecture_against_the_shared_encoder(
     assert list(rows) == names and rows["shared"]["ratio_step"] == pytest.approx(1.0)
     assert all(r["ratio_step"] > 0 for r in rows.values())
     assert all(f"| {n} |" in format_term_costs(rows) for n in names)
+
+
+# --------------------------------------------------------------------------------------------
+# Progressive decoder fusion
+
+PDF_DATA = "data.generator={seed: 0, height: 32, width: 48, scale: 0.1}"  # 6 validation images
+
+
+def _pdf_config(cache: Path, out: Path, *extra: str) -> Config:
+    return tiny_dense_config(cache, out, PDF_DATA, *extra, preset="mini-scenes-pdf")
+
+
+@pytest.fixture(scope="module")
+def pdf_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("pdf-runs")
+    return _run(_pdf_config(tiny_cache, out, "name=pdf"))
+
+
+def test_a_pdf_run_fuses_block_by_block_and_exports_the_last_stage(
+    pdf_run: tuple[Path, dict],
+) -> None:
+    run_dir, metrics = pdf_run
+    sharing = metrics["summary"]["sharing"]
+    stages = sharing["stages"]
+    # three tasks: the reference's rule always fuses some tasks, so both blocks get fused
+    assert [s["block"] for s in stages] == [0, 1] and len(sharing["fusion"]) == 2
+    for k, stage in enumerate(stages):
+        stored = json.loads((run_dir / "fusion" / f"student-stage{k}.json").read_text())
+        assert stored == stage and stage["images"] == 6
+        assert sorted(t for g in stage["groups"] for t in g) == ["depth", "normal", "semantic"]
+        assert stage["groups"] == sharing["fusion"][k]
+    for role in ("baseline", "student"):
+        folders = sorted(p.name for p in (run_dir / "checkpoints").glob(f"{role}-stage*"))
+        assert folders == [f"{role}-stage{k}" for k in range(3)]
+    net, manifest = load_student(run_dir / "student")
+    assert manifest["architecture"]["sharing_kwargs"]["fusion"] == sharing["fusion"]
+    assert metrics["summary"]["params"]["student"] == count_parameters(net)
+    report = (run_dir / "report.md").read_text()
+    assert "Progressive decoder fusion" in report and "stage 1, block 1" in report
+
+
+def test_a_pdf_run_resumes_between_stages_to_the_same_numbers(
+    pdf_run: tuple[Path, dict], tiny_cache: Path, tmp_path: Path
+) -> None:
+    """Its stages finished and their groupings stored, a run whose evaluation and export were
+    lost trains nothing again and reaches the same metrics."""
+    run_dir, metrics = pdf_run
+    copy = tmp_path / "pdf"
+    shutil.copytree(run_dir, copy)
+    for name in ("metrics.json", "report.md"):
+        (copy / name).unlink()
+    shutil.rmtree(copy / "student")
+    (copy / "fusion" / "student-stage1.json").unlink()  # measured again, the same
+    again = _run(_pdf_config(tiny_cache, tmp_path, "name=pdf", "resume=true"))[1]
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if "seconds" not in k}
+        return value
+
+    assert strip(again) == strip(metrics)
+
+
+@pytest.mark.distributed
+def test_two_processes_fuse_progressively(tiny_cache: Path, tmp_path: Path) -> None:
+    args = [*TINY_DENSE, PDF_DATA, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}",
+            "name=ddp", "--config", "mini-scenes-pdf", "baseline=false",
+            "dense.sharing.kwargs={max_blocks: 1}"]  # fmt: skip
+    result = _launch(args, 29563)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["summary"]["num_processes"] == 2
+    (stage,) = metrics["summary"]["sharing"]["stages"]
+    assert stage["images"] == 6  # every validation image, gathered from both processes once

@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 GENERATORS = {"synthetic-decathlon": ensure_mini_decathlon, "mini-scenes": ensure_mini_scenes}
 """Generated data sources and the function whose arguments ``data.generator`` holds."""
 
+PDF_MIN_IMAGES = 4
+"""The fewest validation images debiased CKA (progressive decoder fusion) can compare on."""
+
 
 def dense_kinds() -> list[str]:
     """The task kinds a dense run can have: those predicted per pixel."""
@@ -258,4 +261,13 @@ def check_against_data(cfg: Config, data: RunData, world_size: int = 1) -> None:
                     f"{labelled} training images labelled for it (dense.partial.protocol="
                     f"{cfg.dense.partial.protocol}), fewer than a batch of {batch * world_size}; "
                     f"valid: at most {labelled // world_size}"
+                )
+    if cfg.dense is not None and cfg.dense.sharing is not None and cfg.dense.sharing.name == "pdf":
+        for stream, dataset in data.datasets("val").items():  # the CKA reads validation images
+            if len(dataset) < PDF_MIN_IMAGES:  # type: ignore[arg-type]
+                raise ConfigError(
+                    f"config key 'dense.sharing': progressive decoder fusion compares the tasks "
+                    f"on validation images, and {stream!r} has {len(dataset)}; valid: a "  # type: ignore[arg-type]
+                    f"validation split of at least {PDF_MIN_IMAGES} images (dense.val_folder, "
+                    "dense.val_fraction)"
                 )

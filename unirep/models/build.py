@@ -35,9 +35,12 @@ def architecture(cfg: Config, student: bool = False) -> dict[str, Any]:
             cross = cfg.dense.cross_task
             arch["cross_task"] = cross.name if cross else None
             arch["cross_task_kwargs"] = dict(cross.kwargs) if cross else {}
-            if cfg.dense.sharing is not None:  # the Lite gate's Gumbel draws follow the run seed
-                arch["sharing"] = cfg.dense.sharing.name
-                arch["sharing_kwargs"] = {"seed": cfg.seed, **cfg.dense.sharing.kwargs}
+            sharing = cfg.dense.sharing
+            if sharing is not None:
+                arch["sharing"] = sharing.name
+                arch["sharing_kwargs"] = dict(sharing.kwargs)
+                if sharing.name == "smtl":  # the Lite gate's Gumbel draws follow the run seed
+                    arch["sharing_kwargs"] = {"seed": cfg.seed, **sharing.kwargs}
         return arch
     spec = cfg.classification
     assert spec is not None

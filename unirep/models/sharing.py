@@ -8,6 +8,10 @@ rebuilt from its manifest's architecture record like any other.
 
 - ``"smtl"``: :class:`SMTLNet`, Safe Multi-Task Learning (Guo, Ye & Zhang, arXiv 2111.10601;
   reference code ``Pengxin-Guo/SMTL``, ``nyu/backbone.py``).
+- ``"pdf"``: :class:`~unirep.models.fusion.ProgressiveDecoderNet`, progressive decoder fusion
+  (Gurulingan, Arani & Zonooz, CoLLAs 2022): the decoders' first blocks shared by the tasks
+  whose representations there are alike, decided stage by stage
+  (:mod:`unirep.pipeline.progressive`).
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from unirep.models.dense import (
     PyramidDecoder,
     _align_conv,
 )
+from unirep.models.fusion import ProgressiveDecoderNet
 from unirep.registry import Registry
 
 SHARING: Registry[nn.Module] = Registry("student sharing")
+SHARING.register("pdf")(ProgressiveDecoderNet)
 
 GATES = ("softmax", "sigmoid", "lite")
 """SMTL's gates: ``softmax`` (v1, α¹ + α² = 1), ``sigmoid`` (v2, each α in [0, 1]) and ``lite``

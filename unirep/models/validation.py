@@ -10,6 +10,7 @@ from unirep.models.adapters import ADAPTERS
 from unirep.models.backbones import is_backbone
 from unirep.models.cross_task import CROSS_TASK
 from unirep.models.dense import DENSE_ENCODERS
+from unirep.models.fusion import check_pdf_arguments
 from unirep.models.sharing import SHARING, check_smtl_arguments
 
 
@@ -35,9 +36,11 @@ def check_config(cfg: Config) -> None:
     if dense.sharing is not None:
         supplied = ("encoder", "tasks", "decoder_channels", "unit_vector")
         bind_spec(SHARING, dense.sharing, "dense.sharing", supplied)
+        kwargs = dense.sharing.kwargs
         if dense.sharing.name == "smtl":
-            kwargs = dense.sharing.kwargs
             trial("dense.sharing.kwargs", lambda: check_smtl_arguments(**kwargs))
+        if dense.sharing.name == "pdf":
+            trial("dense.sharing.kwargs", lambda: check_pdf_arguments(**kwargs))
         if dense.cross_task is not None:
             raise ConfigError(
                 f"config keys 'dense.sharing' ({dense.sharing.name}) and 'dense.cross_task' "

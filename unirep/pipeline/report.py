@@ -330,13 +330,56 @@ def labels_section(summary: Mapping[str, Any]) -> str:
     )
 
 
+def _fusion_section(sharing: Mapping[str, Any]) -> str:
+    """Markdown: progressive decoder fusion's decision at each stage (the CKA of every pair of
+    tasks after the block, the groups chosen) and the decoder the student ended with."""
+    lines = [
+        "## What the tasks share",
+        "",
+        "Progressive decoder fusion (PDF): the decoder's blocks (one per encoder stage, then the "
+        f"closing conv; {sharing.get('blocks')} in all) start separate per task; after each "
+        "stage, the tasks are compared by debiased linear CKA of their maps after the next "
+        "block (validation images, mean-pooled over space) and the groups chosen share that "
+        "block in the next stage.",
+    ]
+    for k, stage in enumerate(sharing.get("stages") or []):
+        sim = stage.get("similarity") or {}
+        names = list(sim)
+        pairs = [f"{a}–{b} {sim[a][b]:.3f}" for i, a in enumerate(names) for b in names[i + 1 :]]
+        groups = " · ".join("+".join(g) for g in stage.get("groups", []))
+        how = (
+            "reaches the threshold"
+            if stage.get("cleared")
+            else "no grouping reaches the threshold: "
+            + ("the reference's fallback fuses the closest tasks" if stage.get("fallback") ==
+               "reference" else "every task keeps its own block")
+        )  # fmt: skip
+        lines += [
+            "",
+            f"- stage {k}, block {stage.get('block')} ({stage.get('images')} images, threshold "
+            f"{stage.get('min_similarity')}): CKA {', '.join(pairs)}; groups {groups} ({how}).",
+        ]
+    fused = sharing.get("fusion") or []
+    final = (
+        "; ".join(
+            f"block {j}: " + " · ".join("+".join(g) for g in part) for j, part in enumerate(fused)
+        )
+        if fused
+        else "no block is fused (every task has its own decoder)"
+    )
+    lines += ["", f"The student's decoder: {final}; later blocks per task."]
+    return "\n".join(lines)
+
+
 def sharing_section(summary: Mapping[str, Any]) -> str:
     """Markdown: what the student's tasks share (``summary.sharing``: SMTL's gate per task and,
     for the Lite gate, the encoder each task picked) and what the exported student costs to run
     (``summary.inference``)."""
     blocks = []
     sharing = summary.get("sharing")
-    if sharing:
+    if sharing and sharing.get("name") == "pdf":
+        blocks.append(_fusion_section(sharing))
+    elif sharing:
         chosen = sharing.get("chosen") or {}
         rows = [
             [task, f"{w[0]:.3f}", f"{w[1]:.3f}", chosen.get(task, "both")]

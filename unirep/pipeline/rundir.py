@@ -27,7 +27,7 @@ import unirep.layout as layout
 from unirep.config.load import flatten, save_config, to_dict
 from unirep.config.schema import Config
 from unirep.errors import ConfigError
-from unirep.io import clean_partial
+from unirep.io import atomic_write_json, clean_partial, read_json
 from unirep.training.tracking import PROJECT, tracker_names
 from unirep.weighting import WEIGHTINGS
 
@@ -333,3 +333,16 @@ def resume_point(cfg: Config, checkpoint_dir: Path) -> Path | None:
         if path.parent.resolve() == Path(checkpoint_dir).resolve():
             return path
     return None
+
+
+def stored(path: Path, accelerator: Accelerator, compute: Any) -> Any:
+    """``compute()`` once: its JSON result is kept at ``path`` and read back on resume, so a
+    finished evaluation (or measurement) is never recomputed (every process reads the same
+    file)."""
+    if path.is_file():
+        return read_json(path, what="stored evaluation")
+    value = compute()
+    if accelerator.is_main_process:
+        atomic_write_json(path, value)
+    accelerator.wait_for_everyone()
+    return value

@@ -30,7 +30,7 @@ from unirep.config.schema import Config, Spec
 from unirep.data.streams import RunData, build_run_data
 from unirep.data.validation import check_against_data
 from unirep.errors import ConfigError
-from unirep.io import atomic_write_json, read_json
+from unirep.io import atomic_write_json
 from unirep.metrics.cost import inference_cost, input_shape
 from unirep.models.build import architecture, build_network, count_parameters, exported
 from unirep.objective import Objective, build_cross_task_terms, build_joint_terms
@@ -42,6 +42,7 @@ from unirep.pipeline.export import (
     student_tasks,
 )
 from unirep.pipeline.model_card import model_card, reproduce_command
+from unirep.pipeline.progressive import fuse_progressively
 from unirep.pipeline.report_sections import GRID_FIGURE as GRID_FIGURE
 from unirep.pipeline.report_sections import GRID_SAMPLES as GRID_SAMPLES
 from unirep.pipeline.report_sections import delta_m_notes as delta_m_notes
@@ -60,7 +61,7 @@ from unirep.pipeline.results import (
 )
 from unirep.pipeline.results import fit_records as fit_records
 from unirep.pipeline.results import reference_records as reference_records
-from unirep.pipeline.rundir import resume_point
+from unirep.pipeline.rundir import resume_point, stored
 from unirep.stage_one.keys import teacher_key, teacher_path
 from unirep.tasks import Task
 from unirep.teachers.output_cache import output_cache_summary
@@ -179,9 +180,14 @@ def student_phase(
     teachers: dict[str, Teacher],
     teacher_val: Results | None,
     distill: bool,
+    name: str | None = None,
+    arch: dict[str, Any] | None = None,
 ) -> tuple[Phase, dict[str, Any]]:
     """The baseline (``distill=False``) or the distilled student, ready for :func:`fit`, and
-    the teacher-output cache's record (``{}`` when it is off)."""
+    the teacher-output cache's record (``{}`` when it is off). ``name`` names the phase (its
+    checkpoints and log; default ``role``), ``arch`` the network (default: the config's
+    student, :func:`~unirep.models.build.architecture`)."""
+    name = name or role
     set_seed(cfg.seed)  # baseline and student share their initialisation and data order
     trunk_state = None
     source = cfg.classification.init_from_teacher if cfg.classification else None
@@ -192,7 +198,7 @@ def student_phase(
                 f"this run ({', '.join(teachers)})"
             )
         trunk_state = teachers[source].net.trunk.state_dict()
-    net = build_network(architecture(cfg, student=True), tasks, trunk_state)
+    net = build_network(arch or architecture(cfg, student=True), tasks, trunk_state)
     distill = distill and cfg.distill.enabled
     aligners = None
     if distill:
@@ -207,11 +213,11 @@ def student_phase(
     objective = Objective(tasks, cfg.distill if distill else None, joint)
     module = TrainableModule(net, objective, weighting, aligners, cfg.train.diagnostics_every)
     score, score_name = selection(cfg, tasks, teacher_val)
-    checkpoint_dir = layout.checkpoint_dir(run_dir, role)
+    checkpoint_dir = layout.checkpoint_dir(run_dir, name)
     provision = provide_teachers(cfg, accelerator, data, teachers if distill else {}, tasks,
                                  data.datasets("train", train=True), cfg.seed, role)  # fmt: skip
     phase = Phase(
-        name=role,
+        name=name,
         module=module,
         tasks=tasks,
         train_sets=provision.train_sets,
@@ -260,18 +266,8 @@ class Trained:
     modules: dict[str, TrainableModule] = field(default_factory=dict)
     predictions: Predictions = field(default_factory=dict)
     cache_summary: dict[str, Any] | None = None  # teachers.output_cache
-
-
-def stored(path: Path, accelerator: Accelerator, compute: Any) -> Any:
-    """``compute()`` once: its JSON result is kept at ``path`` and read back on resume, so a
-    finished evaluation is never recomputed (every process reads the same file)."""
-    if path.is_file():
-        return read_json(path, what="stored evaluation")
-    value = compute()
-    if accelerator.is_main_process:
-        atomic_write_json(path, value)
-    accelerator.wait_for_everyone()
-    return value
+    archs: dict[str, dict[str, Any]] = field(default_factory=dict)  # each role's network record
+    stages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # PDF's groupings
 
 
 def distill(
@@ -355,7 +351,25 @@ def phase_roles(cfg: Config) -> tuple[str, ...]:
 
 def train_phase(run: StageTwo, trained: Trained, role: str, teacher_val: Results | None) -> Phase:
     """Fit the baseline (``role="baseline"``, no distillation) or the distilled student and
-    record its fit, network, module and teacher-output cache in ``trained``."""
+    record its fit, network, architecture, module and teacher-output cache in ``trained``. A
+    progressive-fusion student (``dense.sharing.name=pdf``) trains stage after stage
+    (:func:`unirep.pipeline.progressive.fuse_progressively`); its last stage is the role's."""
+    arch = architecture(run.cfg, student=True)
+    if arch.get("sharing") == "pdf":
+        return fuse_progressively(run, trained, role, teacher_val, arch, fit_network)
+    return fit_network(run, trained, role, teacher_val, arch, role)
+
+
+def fit_network(
+    run: StageTwo,
+    trained: Trained,
+    role: str,
+    teacher_val: Results | None,
+    arch: dict[str, Any],
+    name: str,
+) -> Phase:
+    """Fit the network ``arch`` as ``role`` in the phase ``name`` (its checkpoints and log) and
+    record it in ``trained`` under ``role``."""
     phase, cache = student_phase(
         run.cfg,
         run.accelerator,
@@ -366,12 +380,15 @@ def train_phase(run: StageTwo, trained: Trained, role: str, teacher_val: Results
         run.teachers,
         teacher_val,
         role == "student",
+        name=name,
+        arch=arch,
     )
     if cache:
         trained.cache_summary = output_cache_summary(run.cfg, cache)
     trained.fits[role] = fit(run.accelerator, phase, run.evaluator, progress=run.cfg.progress)
     trained.nets[role] = phase.module.student
     trained.modules[role] = phase.module
+    trained.archs[role] = arch
     return phase
 
 
@@ -381,7 +398,7 @@ def evaluate_phase(
     """A trained phase's network on the reported split: the student's predictions are kept in
     ``trained`` (they make the submission), the baseline's evaluation is stored once."""
     net, split, tasks = phase.module.student, run.cfg.split, run.tasks
-    if phase.name == "student":
+    if trained.nets.get("student") is net:
         return run.evaluator.evaluate(
             net, split, split_sets, tasks, keep=trained.predictions, per_image=True
         )
@@ -410,7 +427,7 @@ def run_metrics(
     """The run's ``metrics.json`` (:func:`unirep.pipeline.results.distill_metrics`), with the
     parameter counts of the student, its adapters and the teachers."""
     student, module = trained.nets["student"], trained.modules["student"]
-    _, net = exported(student, architecture(run.cfg, student=True))
+    _, net = exported(student, trained.archs["student"])
     params = parameter_counts(net, run.teachers, module)
     if net is not student:  # e.g. SMTL-Lite without the encoders no task picked
         params["student_trained"] = count_parameters(student)
@@ -432,6 +449,8 @@ def run_metrics(
     record = getattr(student, "sharing_record", None)
     if record is not None:
         metrics["summary"]["sharing"] = record()
+        if "student" in trained.stages:  # progressive fusion: what each stage measured
+            metrics["summary"]["sharing"]["stages"] = trained.stages["student"]
     return metrics
 
 
@@ -440,7 +459,7 @@ def export_run(run: StageTwo, trained: Trained, metrics: dict[str, Any]) -> None
     and its model card (which holds ``metrics`` and the command that reproduces the run)."""
     cfg, data, run_dir, best = run.cfg, run.data, run.run_dir, trained.fits["student"]
     command = reproduce_command(cfg, str(run_dir / layout.CONFIG))
-    arch, net = exported(trained.nets["student"], architecture(cfg, student=True))
+    arch, net = exported(trained.nets["student"], trained.archs["student"])
     export_student(
         layout.student_dir(run_dir),
         net,
