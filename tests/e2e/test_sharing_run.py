@@ -231,3 +231,54 @@ def test_two_processes_fuse_progressively(tiny_cache: Path, tmp_path: Path) -> N
     assert metrics["summary"]["num_processes"] == 2
     (stage,) = metrics["summary"]["sharing"]["stages"]
     assert stage["images"] == 6  # every validation image, gathered from both processes once
+
+
+# --------------------------------------------------------------------------------------------
+# AutoMTL
+
+
+@pytest.fixture(scope="module")
+def automtl_run(tiny_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("automtl-runs")
+    return _run(tiny_dense_config(tiny_cache, out, "name=auto", preset="mini-scenes-automtl"))
+
+
+def test_an_automtl_run_searches_then_retrains_what_it_chose(
+    automtl_run: tuple[Path, dict],
+) -> None:
+    run_dir, metrics = automtl_run
+    for role in ("baseline", "student"):
+        assert (run_dir / "checkpoints" / f"{role}-search" / "done.json").is_file()
+        assert (run_dir / "checkpoints" / role / "done.json").is_file()
+    search = json.loads((run_dir / "branching" / "student.json").read_text())
+    sharing = metrics["summary"]["sharing"]
+    assert sharing["name"] == "automtl" and sharing["choices"] == search["choices"]
+    assert sharing["stages"] == [search] and len(search["layers"]) == 13
+    log = (run_dir / "logs" / "student-search.csv").read_text()
+    assert "train/sharing_cost," in log and "train/policy/depth/specific," in log
+    assert "sharing_cost" not in (run_dir / "logs" / "student.csv").read_text()  # fixed: none
+    net, manifest = load_student(run_dir / "student")
+    assert manifest["architecture"]["sharing_kwargs"]["choices"] == search["choices"]
+    assert metrics["summary"]["params"]["student"] == count_parameters(net)
+    assert count_parameters(net) < search["supernet_params"]
+    assert manifest["timm_backbone"]["folder"] is None  # per-task branches: no one backbone
+    assert (run_dir / "branching.png").stat().st_size > 0
+    assert (
+        "![Which task shares which convolution](branching.png)"
+        in (run_dir / "report.md").read_text()
+    )
+
+
+@pytest.mark.distributed
+def test_two_processes_search_and_retrain(tiny_cache: Path, tmp_path: Path) -> None:
+    args = [*TINY_DENSE, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}", "name=ddp",
+            "--config", "mini-scenes-automtl", "baseline=false"]  # fmt: skip
+    result = _launch(args, 29565)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["summary"]["num_processes"] == 2
+    _, manifest = load_student(tmp_path / "ddp" / "student")
+    assert (
+        manifest["architecture"]["sharing_kwargs"]["choices"]
+        == (metrics["summary"]["sharing"]["choices"])
+    )

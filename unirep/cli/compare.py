@@ -21,7 +21,8 @@ of static task weights drawn as the scalarisation front every method is plotted 
 ``front.png``), the student architectures' (``--variants sharing``: ``shared``, the
 shared-encoder student and reference, ``shared-plain``, ``smtl``, ``smtl-plain``,
 ``smtl-private``, ``smtl-sigmoid``, ``smtl-lite``, ``smtl-lite-plain``, ``smtl-after``,
-``shared-wide``, ``shared-wide-plain``, ``pdf`` and ``pdf-plain``;
+``shared-wide``, ``shared-wide-plain``, ``pdf``, ``pdf-plain``, ``automtl`` and
+``automtl-plain``;
 ``-plain``: without distillation; the table adds the exported student's parameters, its
 milliseconds per image and the student phase's seconds), or ``name=key=value;key=value``.
 The table and plot go to ``<output_dir>/<name>/comparison.{md,json,png}`` (default name

@@ -84,6 +84,7 @@ for every method (AdaTask: its Adam rule at the same learning rate, as its paper
 _SMTL = "dense.sharing={name: smtl, kwargs: {%s}}"
 _WIDE = "dense.student_encoder={name: segnet, kwargs: {width_mult: 0.5}}"
 _PDF = "dense.sharing={name: pdf, kwargs: {min_similarity: 0.95, max_blocks: 2}}"
+_AUTOMTL = "dense.sharing={name: automtl, kwargs: {tau: 1.0, penalty: 0.05, policy_lr: 0.01}}"
 SHARING_VARIANTS: dict[str, list[str]] = {
     "shared": ["dense.sharing=null"],
     "shared-plain": ["dense.sharing=null", _NO_DISTILL],
@@ -98,6 +99,8 @@ SHARING_VARIANTS: dict[str, list[str]] = {
     "smtl-after": [_SMTL % "gate: softmax, after_decoders: true"],
     "pdf": [_PDF],
     "pdf-plain": [_PDF, _NO_DISTILL],
+    "automtl": [_AUTOMTL],
+    "automtl-plain": [_AUTOMTL, _NO_DISTILL],
 }
 """What the tasks share (on ``mini-scenes`` or ``mini-scenes-smtl``): the shared-encoder student
 (the reference) and SMTL's gates, each distilled and, for the shared encoder, the softmax gate
@@ -105,7 +108,9 @@ and the Lite gate, without distillation (``-plain``); ``smtl-private`` aligns ea
 its task's private encoder instead of the gated feature; ``shared-wide`` is the shared-encoder
 student with a SegNet twice as wide (×0.5 instead of the preset's ×0.25: about the parameters
 of SMTL's four encoders), the control for SMTL's extra capacity; ``pdf`` fuses the decoders'
-first two blocks progressively (three trainings per run, see :mod:`unirep.pipeline.progressive`)."""
+first two blocks progressively (three trainings per run, see :mod:`unirep.pipeline.progressive`);
+``automtl`` searches each task's choice at every encoder convolution, then retrains it (two
+trainings per run, :mod:`unirep.pipeline.branching`)."""
 
 VARIANT_SETS = {
     "partial": PARTIAL_VARIANTS,

@@ -39,7 +39,7 @@ def architecture(cfg: Config, student: bool = False) -> dict[str, Any]:
             if sharing is not None:
                 arch["sharing"] = sharing.name
                 arch["sharing_kwargs"] = dict(sharing.kwargs)
-                if sharing.name == "smtl":  # the Lite gate's Gumbel draws follow the run seed
+                if sharing.name in ("smtl", "automtl"):  # their Gumbel draws follow the run seed
                     arch["sharing_kwargs"] = {"seed": cfg.seed, **sharing.kwargs}
         return arch
     spec = cfg.classification

@@ -12,6 +12,10 @@ rebuilt from its manifest's architecture record like any other.
   (Gurulingan, Arani & Zonooz, CoLLAs 2022): the decoders' first blocks shared by the tasks
   whose representations there are alike, decided stage by stage
   (:mod:`unirep.pipeline.progressive`).
+- ``"automtl"``: :class:`~unirep.models.automtl.AutoMTLNet`, learned per-layer sharing in the
+  spirit of AutoMTL (Zhang, Liu & Guan, NeurIPS 2022): each task chooses, at every convolution
+  of the encoder, the shared operator, its own copy or a skip; searched, then fixed and
+  retrained (:mod:`unirep.pipeline.branching`).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unirep.models.automtl import AutoMTLNet
 from unirep.models.dense import (
     DenseAligner,
     DenseHead,
@@ -35,6 +40,7 @@ from unirep.registry import Registry
 
 SHARING: Registry[nn.Module] = Registry("student sharing")
 SHARING.register("pdf")(ProgressiveDecoderNet)
+SHARING.register("automtl")(AutoMTLNet)
 
 GATES = ("softmax", "sigmoid", "lite")
 """SMTL's gates: ``softmax`` (v1, α¹ + α² = 1), ``sigmoid`` (v2, each α in [0, 1]) and ``lite``

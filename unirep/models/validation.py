@@ -7,6 +7,7 @@ from unirep.config.binder import bind_spec, trial
 from unirep.config.schema import Config
 from unirep.errors import ConfigError
 from unirep.models.adapters import ADAPTERS
+from unirep.models.automtl import check_automtl_arguments
 from unirep.models.backbones import is_backbone
 from unirep.models.cross_task import CROSS_TASK
 from unirep.models.dense import DENSE_ENCODERS
@@ -41,6 +42,8 @@ def check_config(cfg: Config) -> None:
             trial("dense.sharing.kwargs", lambda: check_smtl_arguments(**kwargs))
         if dense.sharing.name == "pdf":
             trial("dense.sharing.kwargs", lambda: check_pdf_arguments(**kwargs))
+        if dense.sharing.name == "automtl":
+            trial("dense.sharing.kwargs", lambda: check_automtl_arguments(**kwargs))
         if dense.cross_task is not None:
             raise ConfigError(
                 f"config keys 'dense.sharing' ({dense.sharing.name}) and 'dense.cross_task' "

@@ -132,6 +132,13 @@ def timm_backbone(
     known to load there.
     """
     if "encoder" in arch:
+        if arch.get("sharing") == "automtl":
+            return (
+                "AutoMTL student: each task runs its own branch of the encoder (shared, its own "
+                "or skipped convolutions, its own batch norms), not one timm model"
+            )
+        if getattr(net, "trunk", None) is None:
+            return "no shared encoder: every task picked its private one (SMTL-Lite)"
         if arch["encoder"] != "segnet":
             return (
                 f"dense encoder {arch['encoder']!r}: timm's features_only wrapper renames its "

@@ -21,7 +21,13 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from unirep.io import atomic_write_bytes
-from unirep.layout import CURVES_FIGURE, PER_TASK_FIGURE, REPORT, WEIGHTING_FIGURE
+from unirep.layout import (
+    BRANCHING_FIGURE,
+    CURVES_FIGURE,
+    PER_TASK_FIGURE,
+    REPORT,
+    WEIGHTING_FIGURE,
+)
 from unirep.metrics.classification import METRIC_HIGHER_IS_BETTER
 
 __all__ = [
@@ -330,6 +336,59 @@ def labels_section(summary: Mapping[str, Any]) -> str:
     )
 
 
+_CHOICE_CODES = {"shared": 0, "specific": 1, "skip": 2}
+
+
+def _branching_section(sharing: Mapping[str, Any]) -> str:
+    """Markdown: the branching an AutoMTL search chose (how many convolutions each task shares,
+    owns and skips) and :data:`BRANCHING_FIGURE`."""
+    choices = sharing.get("choices") or {}
+    tasks = list(next(iter(choices.values()), {}))
+    rows = [
+        [t] + [str(sum(c[t] == k for c in choices.values())) for k in _CHOICE_CODES] for t in tasks
+    ]
+    shared_by_all = sum(all(v == "shared" for v in c.values()) for c in choices.values())
+    return (
+        "## What the tasks share\n\n"
+        "AutoMTL-style search: at each of the encoder's "
+        f"{len(choices)} convolutions every task chose the shared operator, its own copy or a "
+        f"skip (per-task batch norms everywhere); {shared_by_all} convolutions are shared by "
+        "every task. The student is that fixed architecture, retrained from the start "
+        "(`branching/student.json` holds the choices and the search's probabilities).\n\n"
+        + _table(["task", "shared", "own copy", "skipped"], rows, ["l", "r", "r", "r"])
+        + f"\n\n![Which task shares which convolution]({BRANCHING_FIGURE})"
+    )
+
+
+def _branching_figure(sharing: Mapping[str, Any]) -> bytes | None:
+    """Tasks × the encoder's convolutions, each cell coloured by the task's choice there; the
+    search's probability of that choice written in it when recorded."""
+    choices = sharing.get("choices") or {}
+    if not choices:
+        return None
+    layers = list(choices)
+    tasks = list(choices[layers[0]])
+    grid = [[_CHOICE_CODES[choices[layer][t]] for layer in layers] for t in tasks]
+    stages = sharing.get("stages") or [{}]
+    probs = stages[0].get("probabilities") if stages else None
+    from matplotlib.colors import ListedColormap
+
+    fig = Figure(figsize=(max(4.0, 0.45 * len(layers) + 1.5), 0.5 * len(tasks) + 1.6))
+    ax = fig.add_subplot(1, 1, 1)
+    colours = ListedColormap(["#4c72b0", "#dd8452", "#cccccc"])
+    ax.imshow(grid, cmap=colours, vmin=0, vmax=2, aspect="auto")
+    for i, task in enumerate(tasks):
+        for j, layer in enumerate(layers):
+            if probs is not None:
+                p = probs[j][i][_CHOICE_CODES[choices[layer][task]]]
+                ax.text(j, i, f"{p:.2f}", ha="center", va="center", fontsize=6)
+    ax.set_yticks(range(len(tasks)), tasks)
+    ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=6)
+    ax.set_title("blue: shared · orange: own copy · grey: skipped", fontsize=8)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
 def _fusion_section(sharing: Mapping[str, Any]) -> str:
     """Markdown: progressive decoder fusion's decision at each stage (the CKA of every pair of
     tasks after the block, the groups chosen) and the decoder the student ended with."""
@@ -379,6 +438,8 @@ def sharing_section(summary: Mapping[str, Any]) -> str:
     sharing = summary.get("sharing")
     if sharing and sharing.get("name") == "pdf":
         blocks.append(_fusion_section(sharing))
+    elif sharing and sharing.get("name") == "automtl":
+        blocks.append(_branching_section(sharing))
     elif sharing:
         chosen = sharing.get("chosen") or {}
         rows = [
@@ -799,6 +860,11 @@ def write_report(
         sections.append(f"## Training curves\n\n![Training curves]({CURVES_FIGURE})")
     else:
         sections.append("## Training curves\n\nNo training curves were recorded.")
+    sharing = summary.get("sharing") or {}
+    if sharing.get("name") == "automtl":
+        figure = _branching_figure(sharing)
+        if figure is not None:
+            atomic_write_bytes(run_dir / BRANCHING_FIGURE, figure)
     figure = _weighting_figure(weighting or {})
     if figure is not None:
         atomic_write_bytes(run_dir / WEIGHTING_FIGURE, figure)

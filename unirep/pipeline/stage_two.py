@@ -34,6 +34,7 @@ from unirep.io import atomic_write_json
 from unirep.metrics.cost import inference_cost, input_shape
 from unirep.models.build import architecture, build_network, count_parameters, exported
 from unirep.objective import Objective, build_cross_task_terms, build_joint_terms
+from unirep.pipeline.branching import search_then_retrain
 from unirep.pipeline.export import (
     STUDENT_MANIFEST,
     export_student,
@@ -353,10 +354,14 @@ def train_phase(run: StageTwo, trained: Trained, role: str, teacher_val: Results
     """Fit the baseline (``role="baseline"``, no distillation) or the distilled student and
     record its fit, network, architecture, module and teacher-output cache in ``trained``. A
     progressive-fusion student (``dense.sharing.name=pdf``) trains stage after stage
-    (:func:`unirep.pipeline.progressive.fuse_progressively`); its last stage is the role's."""
+    (:func:`unirep.pipeline.progressive.fuse_progressively`), an AutoMTL one searches, then
+    retrains what it chose (:func:`unirep.pipeline.branching.search_then_retrain`); the last
+    phase is the role's."""
     arch = architecture(run.cfg, student=True)
     if arch.get("sharing") == "pdf":
         return fuse_progressively(run, trained, role, teacher_val, arch, fit_network)
+    if arch.get("sharing") == "automtl":
+        return search_then_retrain(run, trained, role, teacher_val, arch, fit_network)
     return fit_network(run, trained, role, teacher_val, arch, role)
 
 
@@ -449,7 +454,7 @@ def run_metrics(
     record = getattr(student, "sharing_record", None)
     if record is not None:
         metrics["summary"]["sharing"] = record()
-        if "student" in trained.stages:  # progressive fusion: what each stage measured
+        if "student" in trained.stages:  # PDF: what each stage measured; AutoMTL: its search
             metrics["summary"]["sharing"]["stages"] = trained.stages["student"]
     return metrics
 

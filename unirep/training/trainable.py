@@ -85,6 +85,11 @@ class TrainableModule(nn.Module):
         gates = getattr(self.student, "gate_log", None)  # a student that learns its sharing
         if gates is not None:
             bundle.logs = {**bundle.logs, **gates()}
+        regularizer = getattr(self.student, "regularizer", None)  # e.g. AutoMTL's sharing cost
+        cost = regularizer() if regularizer is not None and self.training else None
+        if cost is not None:
+            bundle.joint["sharing_cost"] = cost
+            bundle.logs = {**bundle.logs, "sharing_cost": cost.detach()}
         if tasks is not None:  # only these tasks' terms leave forward: DDP sees the rest unused
             total = bundle.total().detach()
             bundle = bundle.only(tasks, joint)
@@ -107,10 +112,12 @@ class TrainableModule(nn.Module):
 
     def optimizer_groups(self) -> tuple[list[dict[str, Any]], list[nn.Parameter]]:
         """:meth:`parameter_groups` as torch optimizer parameter groups: the main optimizer's
-        parameters, then one group per set with its own learning rate (the objective's
-        ``own_lr_groups``, e.g. MTPSL's FiLM at 1e-3 beside the network's 1e-4)."""
+        parameters, then one group per set with its own learning rate (the objective's and the
+        student's ``own_lr_groups``, e.g. MTPSL's FiLM at 1e-3 beside the network's 1e-4,
+        AutoMTL's policy at 1e-2)."""
         main, adapters = self.parameter_groups()
-        special = self.objective.own_lr_groups()
+        own = getattr(self.student, "own_lr_groups", None)  # e.g. AutoMTL's policy
+        special = self.objective.own_lr_groups() + (own() if own is not None else [])
         taken = {id(p) for params, _ in special for p in params}
         groups: list[dict[str, Any]] = [{"params": [p for p in main if id(p) not in taken]}]
         groups += [{"params": params, "lr": lr} for params, lr in special if params]
