@@ -22,6 +22,8 @@ FOLDER_NAMES = {
     layout.STUDENT,
     layout.BACKBONE,
     layout.TEACHER_PHASE,
+    layout.FUSION,
+    layout.BRANCHING,
 }
 
 
