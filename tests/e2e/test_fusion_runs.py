@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import TINY_DENSE, tiny_dense_config
-from tests.e2e.test_sharing_run import _launch, _run
+from tests.e2e.test_dense_run import _run
+from tests.e2e.test_distributed import _launch
 from unirep.config.schema import Config
 from unirep.models.build import count_parameters
 from unirep.pipeline.export import load_student
@@ -84,7 +85,7 @@ def test_two_processes_fuse_progressively(tiny_cache: Path, tmp_path: Path) -> N
     args = [*TINY_DENSE, PDF_DATA, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}",
             "name=ddp", "--config", "mini-scenes-pdf", "baseline=false",
             "dense.sharing.kwargs={max_blocks: 1}"]  # fmt: skip
-    result = _launch(args, 29563)
+    result = _launch(29563, args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["summary"]["num_processes"] == 2
@@ -132,7 +133,7 @@ def test_an_automtl_run_searches_then_retrains_what_it_chose(
 def test_two_processes_search_and_retrain(tiny_cache: Path, tmp_path: Path) -> None:
     args = [*TINY_DENSE, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}", "name=ddp",
             "--config", "mini-scenes-automtl", "baseline=false"]  # fmt: skip
-    result = _launch(args, 29565)
+    result = _launch(29565, args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["summary"]["num_processes"] == 2

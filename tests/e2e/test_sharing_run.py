@@ -4,47 +4,24 @@ to the same numbers from its export, resumes bit-exactly and trains on two proce
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from unirep.stage_one.train import ensure_teachers
 
 from tests.conftest import TINY_DENSE, fit_interrupted, tiny_dense_config
-from unirep.config.schema import Config
+from tests.e2e.test_dense_run import _run
+from tests.e2e.test_distributed import _launch
 from unirep.io import load_weights
 from unirep.models.build import count_parameters
 from unirep.pipeline.export import load_student
 from unirep.pipeline.rundir import make_accelerator, prepare_run_dir
-from unirep.pipeline.stage_two import distill, evaluate_student, resolve_data
+from unirep.pipeline.stage_two import evaluate_student, resolve_data
 
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 LITE = "dense.sharing.kwargs={gate: lite}"
-
-
-def _launch(args: list[str], port: int) -> subprocess.CompletedProcess[str]:
-    """``scripts/distill.py args`` on 2 CPU processes (one thread each)."""
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
-        str(ROOT / "scripts" / "distill.py"), *args,
-    ]  # fmt: skip
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
-
-
-def _run(cfg: Config) -> tuple[Path, dict]:
-    accelerator = make_accelerator(cfg)
-    data = resolve_data(cfg, accelerator)
-    run_dir = prepare_run_dir(cfg, accelerator)
-    seconds = ensure_teachers(cfg, accelerator, data, run_dir)
-    return run_dir, distill(cfg, accelerator, data, run_dir, seconds)
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +103,7 @@ def test_an_interrupted_smtl_phase_resumes_bit_exactly(
 def test_two_processes_train_an_smtl_lite_student(tiny_cache: Path, tmp_path: Path) -> None:
     args = [*TINY_DENSE, f"data.cache_dir={tiny_cache}", f"output_dir={tmp_path}", "name=ddp",
             "--config", "mini-scenes-smtl", LITE, "baseline=false"]  # fmt: skip
-    result = _launch(args, 29561)
+    result = _launch(29561, args)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
     assert metrics["summary"]["num_processes"] == 2

@@ -264,23 +264,13 @@ class AutoMTLNet(DenseMultiTaskNet):
         return self.encoder(images)
 
     def forward(self, inputs: dict[str, Tensor] | Tensor) -> dict[str, dict[str, Tensor]]:
-        if isinstance(inputs, dict):
-            if len(inputs) != 1:
-                raise ValueError(f"a dense network reads one image stream, got {list(inputs)}")
-            (images,) = inputs.values()
-        else:
-            images = inputs
+        images = self.images_of(inputs)
         weights = self.policy_weights() if self.choices is None else None
         out: dict[str, dict[str, Tensor]] = {}
         for task in self._names:
             stages = self._run_encoder(images, task, weights)
             feat = self.decoders[task](stages)
-            pred = F.interpolate(
-                self.heads[task](feat), size=images.shape[-2:], mode="bilinear",
-                align_corners=False,
-            )  # fmt: skip
-            if task in self.unit_vector:
-                pred = F.normalize(pred, p=2, dim=1)
+            pred = self.predict(task, feat, images.shape[-2:])
             out[task] = {"pred": pred, "features": feat, "bottleneck": stages[-1]}
         return out
 

@@ -247,13 +247,30 @@ class DenseMultiTaskNet(nn.Module):
     def tasks(self) -> list[str]:
         return list(self.heads.keys())
 
-    def forward(self, inputs: dict[str, Tensor] | Tensor) -> dict[str, dict[str, Tensor]]:
+    @staticmethod
+    def images_of(inputs: dict[str, Tensor] | Tensor) -> Tensor:
+        """The images ``[B, 3, H, W]`` of ``{stream: images}`` (one stream) or the tensor."""
         if isinstance(inputs, dict):
             if len(inputs) != 1:
                 raise ValueError(f"a dense network reads one image stream, got {list(inputs)}")
             (images,) = inputs.values()
-        else:
-            images = inputs
+            return images
+        return inputs
+
+    def predict(self, task: str, feat: Tensor, size: tuple[int, int] | Any) -> Tensor:
+        """``task``'s head on its decoder feature ``[B, D, H_0, W_0]``, upsampled bilinearly to
+        ``size`` (``H × W``) and, for a unit-vector task, L2-normalised: ``[B, K, H, W]``."""
+        pred = self.heads[task](feat)
+        return self.finish(task, pred, size)
+
+    def finish(self, task: str, pred: Tensor, size: tuple[int, int] | Any) -> Tensor:
+        """A head's output ``[B, K, h, w]`` upsampled to ``size`` and, for a unit-vector task,
+        L2-normalised along channels."""
+        pred = F.interpolate(pred, size=size, mode="bilinear", align_corners=False)
+        return F.normalize(pred, p=2, dim=1) if task in self.unit_vector else pred
+
+    def forward(self, inputs: dict[str, Tensor] | Tensor) -> dict[str, dict[str, Tensor]]:
+        images = self.images_of(inputs)
         shared = self.encoder(images)
         if self.attention is not None:
             _, masks = self.attention.forward_with_masks(shared)
@@ -266,10 +283,7 @@ class DenseMultiTaskNet(nn.Module):
 
         out: dict[str, dict[str, Tensor]] = {}
         for task in self.tasks:
-            pred = self.heads[task](feats[task])
-            pred = F.interpolate(pred, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            if task in self.unit_vector:
-                pred = F.normalize(pred, p=2, dim=1)
+            pred = self.predict(task, feats[task], images.shape[-2:])
             bottleneck = stages[task][-1]
             out[task] = {"pred": pred, "features": feats[task], "bottleneck": bottleneck}
         return out

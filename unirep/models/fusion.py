@@ -150,22 +150,17 @@ class ProgressiveDecoderNet(DenseMultiTaskNet):
         return {t: maps[owner[t]] for t in self.tasks}
 
     def forward(self, inputs: dict[str, Tensor] | Tensor) -> dict[str, dict[str, Tensor]]:
-        if isinstance(inputs, dict):
-            if len(inputs) != 1:
-                raise ValueError(f"a dense network reads one image stream, got {list(inputs)}")
-            (images,) = inputs.values()
-        else:
-            images = inputs
+        images = self.images_of(inputs)
         shared = self.encoder(images)
         feats = self._decode(shared)
-        out: dict[str, dict[str, Tensor]] = {}
-        for task in self.tasks:
-            pred = self.heads[task](feats[task])
-            pred = F.interpolate(pred, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            if task in self.unit_vector:
-                pred = F.normalize(pred, p=2, dim=1)
-            out[task] = {"pred": pred, "features": feats[task], "bottleneck": shared[-1]}
-        return out
+        return {
+            task: {
+                "pred": self.predict(task, feats[task], images.shape[-2:]),
+                "features": feats[task],
+                "bottleneck": shared[-1],
+            }
+            for task in self.tasks
+        }
 
     def block_features(self, images: Tensor, block: int) -> dict[str, Tensor]:
         """``{task: [B, D, h_j, w_j]}``: each task's map after block ``block`` (what PDF

@@ -262,12 +262,7 @@ class SMTLNet(DenseMultiTaskNet):
         return record
 
     def forward(self, inputs: dict[str, Tensor] | Tensor) -> dict[str, dict[str, Tensor]]:
-        if isinstance(inputs, dict):
-            if len(inputs) != 1:
-                raise ValueError(f"a dense network reads one image stream, got {list(inputs)}")
-            (images,) = inputs.values()
-        else:
-            images = inputs
+        images = self.images_of(inputs)
         weights = self.gate_weights().to(images.device)
         hard = self.selected is not None or (self.gate == "lite" and not self.training)
         uses = {
@@ -286,9 +281,7 @@ class SMTLNet(DenseMultiTaskNet):
                 stages = _mix(shared, private, a_public, a_private)
                 feat = self.decoders[task](stages)
                 pred = self.heads[task](feat)
-            pred = F.interpolate(pred, size=images.shape[-2:], mode="bilinear", align_corners=False)
-            if task in self.unit_vector:
-                pred = F.normalize(pred, p=2, dim=1)
+            pred = self.finish(task, pred, images.shape[-2:])
             if self.distill_from == "private" and private is not None:
                 bottleneck = private[-1]
             else:
