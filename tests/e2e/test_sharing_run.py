@@ -95,7 +95,7 @@ def test_an_interrupted_smtl_phase_resumes_bit_exactly(
     different = [k for k in whole if not torch.equal(whole[k], cut[k])]
     assert not different, different
     if gate == "lite":
-        draws = [v for k, v in whole.items() if k.endswith("gate_draws")]
+        draws = [v for k, v in whole.items() if k.endswith("gates.draws")]
         assert draws and int(draws[0]) > 0  # the kept (best) step's count of Gumbel draws
 
 
@@ -133,3 +133,29 @@ def test_the_benchmark_times_each_architecture_against_the_shared_encoder(
     assert list(rows) == names and rows["shared"]["ratio_step"] == pytest.approx(1.0)
     assert all(r["ratio_step"] > 0 for r in rows.values())
     assert all(f"| {n} |" in format_term_costs(rows) for n in names)
+
+
+def test_a_multi_domain_smtl_lite_run_exports_and_evaluates(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    """SMTL on the mini-decathlon: each domain's gate between the public backbone (initialised,
+    like every private one, from the objects teacher) and its own; the Lite export keeps the
+    picked backbones and evaluates to the run's numbers."""
+    from tests.conftest import tiny_config
+
+    lite = "classification.sharing={name: smtl, kwargs: {gate: lite}}"
+    cfg = tiny_config(tiny_cache, tmp_path, "name=cls", lite)
+    run_dir, metrics = _run(cfg)
+    s = metrics["summary"]
+    assert set(s["sharing"]["chosen"]) == {"digits", "objects", "textures"}
+    net, manifest = load_student(run_dir / "student")
+    assert manifest["architecture"]["sharing_kwargs"]["selected"] == s["sharing"]["chosen"]
+    assert s["params"]["student"] == count_parameters(net) < s["params"]["student_trained"]
+    again_cfg = tiny_config(tiny_cache, tmp_path, "name=cls-eval", lite)
+    accelerator = make_accelerator(again_cfg)
+    data = resolve_data(again_cfg, accelerator)
+    again = evaluate_student(
+        again_cfg, accelerator, data, prepare_run_dir(again_cfg, accelerator), run_dir / "student"
+    )
+    for domain, entry in metrics["tasks"].items():
+        assert again["tasks"][domain]["student"] == pytest.approx(entry["student"], abs=1e-9)

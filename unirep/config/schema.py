@@ -222,6 +222,9 @@ class ClassificationConfig:
     backbone_kwargs: dict[str, Any] = field(default_factory=dict)
     adapter: Spec = field(default_factory=lambda: Spec("linear"))
     residual_adapters: bool = False
+    # what the student's domains share (unirep.models.sharing): smtl (kwargs gate: softmax |
+    # sigmoid | lite, tau, distill_from); null: one shared backbone
+    sharing: Spec | None = None
     task_loss: Spec = field(default_factory=lambda: Spec("cross_entropy"))
     prediction_loss: Spec = field(default_factory=lambda: Spec("kl", {"temperature": 4.0}))
     init_from_teacher: str | None = None

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unirep.models.dense import DenseMultiTaskNet
+from unirep.models.gates import seeded_gumbel
 
 CHOICES = ("shared", "specific", "skip")
 """A task's options at a convolution, in the order of the policy logits."""
-_SEED_MIX = 0x9E3779B97F4A7C15
 
 
 def check_automtl_arguments(
@@ -224,12 +224,8 @@ class AutoMTLNet(DenseMultiTaskNet):
         logits = self.policy + self.policy_mask
         if not self.training:
             return F.one_hot(logits.argmax(-1), 3).to(logits.dtype)
-        generator = torch.Generator().manual_seed(
-            (self.seed * _SEED_MIX + int(self.policy_draws)) % 2**63
-        )
+        gumbel = seeded_gumbel(logits.shape, self.seed, int(self.policy_draws), logits.dtype)
         self.policy_draws += 1
-        uniform = torch.rand(logits.shape, generator=generator, dtype=logits.dtype)
-        gumbel = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
         return torch.softmax((logits + gumbel.to(logits.device)) / self.tau, dim=-1)
 
     def fixed_choices(self) -> dict[str, dict[str, str]]:

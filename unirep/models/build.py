@@ -16,9 +16,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from unirep.config.schema import Config
+from unirep.models.backbones import build_backbone
 from unirep.models.dense import build_dense_encoder, build_dense_from_architecture
 from unirep.models.network import build_network as build_multi_domain
-from unirep.models.sharing import SHARING
+from unirep.models.sharing import CLASSIFICATION_SHARING, SHARING
 from unirep.tasks import Task
 
 
@@ -47,6 +48,9 @@ def architecture(cfg: Config, student: bool = False) -> dict[str, Any]:
     arch = {"backbone": spec.backbone, "backbone_kwargs": dict(spec.backbone_kwargs)}
     if student:
         arch["residual_adapters"] = spec.residual_adapters
+        if spec.sharing is not None:  # SMTL: the Lite gate's Gumbel draws follow the run seed
+            arch["sharing"] = spec.sharing.name
+            arch["sharing_kwargs"] = {"seed": cfg.seed, **spec.sharing.kwargs}
     return arch
 
 
@@ -67,6 +71,14 @@ def build_network(
             raise ValueError("dense networks are not initialised from a teacher's trunk")
         unit = [n for n, t in tasks.items() if t.kind.unit_vector]
         return build_dense(arch, {n: t.out_channels for n, t in tasks.items()}, unit)
+    if arch.get("sharing"):
+        return CLASSIFICATION_SHARING.build(
+            arch["sharing"],
+            backbone=partial(build_backbone, arch["backbone"], **arch.get("backbone_kwargs", {})),
+            num_classes={n: t.out_channels for n, t in tasks.items()},
+            backbone_state=trunk_state,
+            **dict(arch.get("sharing_kwargs") or {}),
+        )
     return build_multi_domain(
         arch["backbone"],
         dict(arch.get("backbone_kwargs", {})),

@@ -113,14 +113,16 @@ class MultiDomainNet(nn.Module):
 
 
 class FeatureAligner(nn.Module):
-    """Applies an adapter to a network output's ``"features"``: ``[A(features)]``."""
+    """Applies an adapter to a network output's ``"features"`` (or the output ``key`` names):
+    ``[A(features)]``."""
 
-    def __init__(self, adapter: nn.Module) -> None:
+    def __init__(self, adapter: nn.Module, key: str = "features") -> None:
         super().__init__()
         self.adapter = adapter
+        self.key = key
 
     def forward(self, output: dict[str, Tensor]) -> list[Tensor]:
-        return [self.adapter(output["features"])]
+        return [self.adapter(output[self.key])]
 
 
 def build_network(

@@ -24,9 +24,9 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from unirep.models.adapters import ADAPTERS
 from unirep.models.automtl import AutoMTLNet
 from unirep.models.dense import (
     DenseAligner,
@@ -36,18 +36,15 @@ from unirep.models.dense import (
     _align_conv,
 )
 from unirep.models.fusion import ProgressiveDecoderNet
+from unirep.models.gates import GATES, PATHS, SMTLGates
+from unirep.models.network import FeatureAligner, MultiDomainNet
 from unirep.registry import Registry
 
 SHARING: Registry[nn.Module] = Registry("student sharing")
 SHARING.register("pdf")(ProgressiveDecoderNet)
 SHARING.register("automtl")(AutoMTLNet)
 
-GATES = ("softmax", "sigmoid", "lite")
-"""SMTL's gates: ``softmax`` (v1, α¹ + α² = 1), ``sigmoid`` (v2, each α in [0, 1]) and ``lite``
-(v3, a hard Gumbel-softmax that picks one encoder per task)."""
 DISTILL_FROM = ("mixed", "private")
-PATHS = ("public", "private")
-_SEED_MIX = 0x9E3779B97F4A7C15  # spreads (seed, draw) over the generator's seeds
 
 
 def check_smtl_arguments(
@@ -152,10 +149,7 @@ class SMTLNet(DenseMultiTaskNet):
             public_path = [t for t in names if uses[t] != "private"]
             for t in set(names) - set(public_path):  # their public path is never used
                 del self.decoders[t], self.heads[t]
-        if self.selected is None:
-            width = 1 if gate == "lite" else 2
-            self.gate_logits = nn.Parameter(torch.zeros(len(names), width))
-            self.register_buffer("gate_draws", torch.zeros((), dtype=torch.long))
+        self.gates = SMTLGates(names, gate, tau, self.selected, seed)
         if all(p == "private" for p in uses.values()):
             self.encoder = None  # type: ignore[assignment]  # no task reads the public encoder
         self._names = names
@@ -178,42 +172,12 @@ class SMTLNet(DenseMultiTaskNet):
         A fixed network gives its one-hot choice; the Lite gate in evaluation gives the
         deterministic choice ``σ(a) ≥ 0.5``, in training a fresh hard Gumbel draw (the draw
         counter advances)."""
-        if self.selected is not None:
-            rows = [
-                [0.0, 1.0] if self.selected[t] == "private" else [1.0, 0.0] for t in self._names
-            ]
-            return torch.tensor(rows)
-        a = self.gate_logits
-        if self.gate == "softmax":
-            return torch.softmax(a, dim=1)
-        if self.gate == "sigmoid":
-            return torch.sigmoid(a)
-        p = torch.sigmoid(a[:, 0])
-        probs = torch.stack([1 - p, p], dim=1)
-        if not self.training:
-            pick = (p >= 0.5).to(a.dtype)
-            return torch.stack([1 - pick, pick], dim=1)
-        generator = torch.Generator().manual_seed(
-            (self.seed * _SEED_MIX + int(self.gate_draws)) % 2**63
-        )
-        self.gate_draws += 1
-        uniform = torch.rand(probs.shape, generator=generator, dtype=probs.dtype)
-        gumbel = -torch.log((-torch.log(uniform.clamp_min(1e-20))).clamp_min(1e-20))
-        soft = torch.softmax((probs + gumbel.to(probs.device)) / self.tau, dim=1)
-        hard = F.one_hot(soft.argmax(dim=1), 2).to(soft.dtype)
-        return hard - soft.detach() + soft  # the hard choice, with the soft gradient
+        return self.gates()
 
     def chosen(self) -> dict[str, str]:
         """``{task: "public" | "private"}``: the Lite gate's evaluation choice (``σ(a) ≥ 0.5``
         picks the private encoder), or the fixed one."""
-        if self.selected is not None:
-            return dict(self.selected)
-        if self.gate != "lite":
-            raise ValueError(f"only the lite gate picks one encoder per task, not {self.gate!r}")
-        picks = torch.sigmoid(self.gate_logits[:, 0].detach()) >= 0.5
-        return {
-            t: "private" if bool(p) else "public" for t, p in zip(self._names, picks, strict=True)
-        }
+        return self.gates.chosen()
 
     def settings(self) -> dict[str, Any]:
         """The keyword arguments this network was built with (its architecture record's
@@ -235,11 +199,7 @@ class SMTLNet(DenseMultiTaskNet):
         empty for a fixed network."""
         if self.selected is not None:
             return {}
-        a = self.gate_logits.detach()
-        if self.gate == "softmax":
-            private = torch.softmax(a, dim=1)[:, 1]
-        else:
-            private = torch.sigmoid(a[:, -1])
+        private = self.gates.private_weight()
         return {f"gate/{t}": private[i] for i, t in enumerate(self._names)}
 
     def sharing_record(self) -> dict[str, Any]:
@@ -382,3 +342,178 @@ def _mix(
     if private is None:
         return [a_public * p for p in public]
     return [a_public * p + a_private * q for p, q in zip(public, private, strict=True)]
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-domain classification
+
+CLASSIFICATION_SHARING: Registry[nn.Module] = Registry("classification student sharing")
+
+
+@CLASSIFICATION_SHARING.register("smtl")
+class SMTLMultiDomainNet(MultiDomainNet):
+    """SMTL for multi-domain classification: a public backbone shared by every domain and, per
+    domain, a private backbone and a gate (Guo, Ye & Zhang, arXiv 2111.10601, with the
+    backbone's pooled features as the encoder's output).
+
+    Domain ``d`` reads ``h_d = α_d¹ · B_s(x) + α_d² · B_d(x)`` (``[B_d, C]``) through its head;
+    the gates are :class:`~unirep.models.gates.SMTLGates` (``softmax``, ``sigmoid``, ``lite``,
+    as for :class:`SMTLNet`), and a Lite network exports without the backbones no domain picked
+    (:meth:`exported`). ``backbone_state`` (the run's ``classification.init_from_teacher``)
+    initialises the public backbone and every private one. With ``distill_from="private"`` the
+    alignment adapters read each domain's private features (the teacher's knowledge goes to its
+    domain's own backbone), else the gated ones.
+
+    Forward: ``{domain: [B_d, 3, H, W]}`` → per domain ``{"features": h_d [B_d, C], "pred":
+    [B_d, K_d], "private": [B_d, C]}`` (``private`` when the domain's private backbone ran).
+    """
+
+    def __init__(
+        self,
+        backbone: Callable[[], tuple[nn.Module, int]],
+        num_classes: dict[str, int],
+        backbone_state: dict[str, Tensor] | None = None,
+        gate: str = "softmax",
+        tau: float = 0.1,
+        distill_from: str = "mixed",
+        selected: dict[str, str] | None = None,
+        seed: int = 0,
+    ) -> None:
+        check_smtl_arguments(gate, tau, False, distill_from, selected, seed)
+        if selected is not None and set(selected) != set(num_classes):
+            raise ValueError(
+                f"selected names domains {sorted(selected)}, the network {list(num_classes)}"
+            )
+
+        def make() -> nn.Module:
+            net, _ = backbone()
+            if backbone_state is not None:
+                net.load_state_dict(backbone_state, strict=True)
+            return net
+
+        public, dim = backbone()
+        if backbone_state is not None:
+            public.load_state_dict(backbone_state, strict=True)
+        super().__init__(public, dim, num_classes)
+        names = list(num_classes)
+        uses = selected or dict.fromkeys(names, "both")
+        self.private = nn.ModuleDict({d: make() for d in names if uses[d] != "public"})
+        self.gate, self.tau, self.seed = gate, float(tau), int(seed)
+        self.distill_from = distill_from
+        self.selected = dict(selected) if selected is not None else None
+        self.gates = SMTLGates(names, gate, tau, self.selected, seed)
+        if all(p == "private" for p in uses.values()):
+            self.backbone = None  # type: ignore[assignment]  # no domain reads the public one
+        self._backbone = backbone
+        self._domain_specific = False
+
+    def forward(self, inputs: dict[str, Tensor]) -> dict[str, dict[str, Tensor]]:
+        unknown = set(inputs) - set(self.heads)
+        if unknown:
+            raise KeyError(f"no head for domain(s) {sorted(unknown)}; heads: {self.domains}")
+        weights = self.gates()
+        index = {d: i for i, d in enumerate(self.gates.names)}
+        hard = self.selected is not None or (self.gate == "lite" and not self.training)
+        reads = {
+            d: (
+                not hard or bool(weights[index[d], 0] > 0),
+                not hard or bool(weights[index[d], 1] > 0),
+            )
+            for d in inputs
+        }  # (public, private): a hard choice runs only the picked backbone
+        public_in = {d: x for d, x in inputs.items() if reads[d][0]}
+        public = self._shared_features(public_in) if public_in else {}
+        out: dict[str, dict[str, Tensor]] = {}
+        for d, x in inputs.items():
+            w = weights[index[d]].to(x.device)
+            private = self.private[d](x) if reads[d][1] else None
+            parts = []
+            if d in public:
+                parts.append(w[0] * public[d])
+            if private is not None:
+                parts.append(w[1] * private)
+            feat = sum(parts[1:], parts[0])
+            out[d] = {"features": feat, "pred": self.heads[d](feat)}
+            if private is not None:
+                out[d]["private"] = private
+        return out
+
+    def representation(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The public backbone's pooled features ``{domain: [B_d, C]}``."""
+        if self.backbone is None:
+            raise ValueError(
+                "this SMTL-Lite student has no public backbone (every domain picked its private "
+                "one), so it has no shared representation"
+            )
+        return super().representation(inputs)
+
+    @property
+    def trunk(self) -> nn.Module:
+        """The public backbone (None when a Lite export dropped it)."""
+        return self.backbone
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        if self.backbone is None:
+            return []
+        return super().shared_parameters()
+
+    def build_aligners(
+        self, teacher_dims: dict[str, int], adapter: str = "linear", **kwargs: Any
+    ) -> nn.ModuleDict:
+        """As :meth:`MultiDomainNet.build_aligners`, reading the private features when
+        ``distill_from="private"``."""
+        key = "private" if self.distill_from == "private" else "features"
+        return nn.ModuleDict(
+            {
+                d: FeatureAligner(
+                    ADAPTERS.build(adapter, in_dim=self.feature_dim, out_dim=dim, **kwargs), key
+                )
+                for d, dim in teacher_dims.items()
+            }
+        )
+
+    def gate_log(self) -> dict[str, Tensor]:
+        """``{"gate/<domain>": α²}`` for the training log (empty for a fixed network)."""
+        if self.selected is not None:
+            return {}
+        private = self.gates.private_weight()
+        return {f"gate/{d}": private[i] for i, d in enumerate(self.gates.names)}
+
+    def sharing_record(self) -> dict[str, Any]:
+        """The gates' evaluation weights per domain and, for the Lite gate, the choice."""
+        was_training = self.training
+        self.eval()
+        with torch.no_grad():
+            weights = self.gates()
+        self.train(was_training)
+        record: dict[str, Any] = {
+            "name": "smtl",
+            "gate": self.gate,
+            "after_decoders": False,
+            "distill_from": self.distill_from,
+            "weights": {d: [float(v) for v in weights[i]] for i, d in enumerate(self.gates.names)},
+        }
+        if self.gate == "lite":
+            record["chosen"] = self.gates.chosen()
+        return record
+
+    def exported(self, architecture: dict[str, Any]) -> tuple[dict[str, Any], nn.Module]:
+        """A Lite network as the fixed network of its evaluation choice (see
+        :meth:`SMTLNet.exported`); other gates as they are."""
+        if self.gate != "lite" or self.selected is not None:
+            return architecture, self
+        selected = self.gates.chosen()
+        kwargs = {
+            **architecture.get("sharing_kwargs", {}),
+            "gate": self.gate,
+            "tau": self.tau,
+            "distill_from": self.distill_from,
+            "seed": self.seed,
+            "selected": selected,
+        }
+        fixed = SMTLMultiDomainNet(
+            self._backbone, {d: h.out_features for d, h in self.heads.items()}, **kwargs
+        )
+        state = self.state_dict()
+        fixed.load_state_dict({k: state[k] for k in fixed.state_dict()}, strict=True)
+        return {**architecture, "sharing_kwargs": kwargs}, fixed.train(self.training)

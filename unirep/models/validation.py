@@ -12,7 +12,7 @@ from unirep.models.backbones import is_backbone
 from unirep.models.cross_task import CROSS_TASK
 from unirep.models.dense import DENSE_ENCODERS
 from unirep.models.fusion import check_pdf_arguments
-from unirep.models.sharing import SHARING, check_smtl_arguments
+from unirep.models.sharing import CLASSIFICATION_SHARING, SHARING, check_smtl_arguments
 
 
 def check_config(cfg: Config) -> None:
@@ -26,6 +26,16 @@ def check_config(cfg: Config) -> None:
                 "resnet_decathlon_tiny, resnet18"
             )
         bind_spec(ADAPTERS, spec.adapter, "classification.adapter", ("in_dim", "out_dim"))
+        if spec.sharing is not None:
+            supplied = ("backbone", "num_classes", "backbone_state")
+            bind_spec(CLASSIFICATION_SHARING, spec.sharing, "classification.sharing", supplied)
+            kwargs = spec.sharing.kwargs
+            trial("classification.sharing.kwargs", lambda: check_smtl_arguments(**kwargs))
+            if spec.residual_adapters:
+                raise ConfigError(
+                    "config keys 'classification.sharing' and 'classification.residual_adapters' "
+                    "cannot be combined; set residual_adapters=false or sharing=null"
+                )
         return
     dense = cfg.dense
     assert dense is not None

@@ -151,6 +151,8 @@ def timm_backbone(
         return SEGNET_TIMM_NAME, args, model
     if arch.get("residual_adapters"):
         return "residual adapters: the backbone has per-domain parts, not one timm model"
+    if getattr(net, "trunk", None) is None:
+        return "no shared backbone: every domain picked its private one (SMTL-Lite)"
     args = {k: v for k, v in arch.get("backbone_kwargs", {}).items() if k != "pretrained"}
     model = timm.create_model(arch["backbone"], pretrained=False, num_classes=0, **args)
     model.load_state_dict(net.trunk.state_dict(), strict=True)  # type: ignore[union-attr]

@@ -44,12 +44,12 @@ def _by_hand(net: SMTLNet, x: torch.Tensor, task: str, weights: torch.Tensor) ->
 def test_soft_gates_mix_the_public_and_private_encoders(gate: str) -> None:
     net = _net(gate=gate).eval()
     with torch.no_grad():
-        net.gate_logits.copy_(torch.tensor([[0.3, -1.0], [2.0, 0.5], [-0.2, 0.1]]))
+        net.gates.logits.copy_(torch.tensor([[0.3, -1.0], [2.0, 0.5], [-0.2, 0.1]]))
         weights = net.gate_weights()
         expected = (
-            torch.softmax(net.gate_logits, 1)
+            torch.softmax(net.gates.logits, 1)
             if gate == "softmax"
-            else torch.sigmoid(net.gate_logits)
+            else torch.sigmoid(net.gates.logits)
         )
         assert torch.equal(weights, expected)
         if gate == "sigmoid":
@@ -74,7 +74,7 @@ def test_gates_start_even_and_every_part_gets_a_gradient() -> None:
 def test_gates_after_decoders_mix_the_two_paths_outputs() -> None:
     net = _net(gate="softmax", after_decoders=True).eval()
     with torch.no_grad():
-        net.gate_logits.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.0, 2.0]]))
+        net.gates.logits.copy_(torch.tensor([[1.0, 0.0], [0.0, 0.0], [-1.0, 2.0]]))
         w = net.gate_weights()
         x = _images()
         out = net(x)
@@ -104,7 +104,7 @@ def test_lite_draws_are_hard_seeded_counted_and_carry_a_gradient() -> None:
     draws_a = [a.gate_weights() for _ in range(20)]
     draws_b = [b.gate_weights() for _ in range(20)]
     assert all(torch.equal(x, y) for x, y in zip(draws_a, draws_b, strict=True))
-    assert int(a.gate_draws) == 20 and "gate_draws" in a.state_dict()
+    assert int(a.gates.draws) == 20 and "gates.draws" in a.state_dict()
     picks = torch.stack([d.detach() for d in draws_a])
     assert torch.equal(picks.sum(-1), torch.ones(20, 3))  # one encoder per task and draw
     assert 0 < picks[:, :, 1].mean() < 1  # σ(0) = 0.5: both encoders get drawn
@@ -116,7 +116,7 @@ def test_lite_draws_are_hard_seeded_counted_and_carry_a_gradient() -> None:
     assert torch.equal(resumed.gate_weights(), b.gate_weights())
     # straight-through: the hard draw passes the soft draw's gradient to the gate's logit
     a.gate_weights()[:, 1].sum().backward()
-    assert a.gate_logits.grad is not None and a.gate_logits.grad.abs().sum() > 0
+    assert a.gates.logits.grad is not None and a.gates.logits.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("after_decoders", [False, True])
@@ -128,7 +128,7 @@ def test_lite_export_keeps_what_the_tasks_picked_and_predicts_the_same(
 ) -> None:
     net = _net(gate="lite", after_decoders=after_decoders)
     with torch.no_grad():
-        net.gate_logits[:, 0] = torch.tensor(logits)
+        net.gates.logits[:, 0] = torch.tensor(logits)
     net.eval()
     arch = {**ARCH, "sharing": "smtl", "sharing_kwargs": {"gate": "lite"}}
     record, fixed = exported(net, arch)
@@ -187,3 +187,64 @@ def test_the_preset_builds_an_smtl_student_and_teachers_stay_plain() -> None:
     encoder = partial(build_dense_encoder, "segnet", width_mult=0.0625)
     with pytest.raises(ValueError, match="selected names tasks"):
         SMTLNet(encoder, TASKS, gate="lite", selected={"semantic": "public"})
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-domain classification
+
+DOMAINS = {"digits": 10, "objects": 6, "textures": 5}
+
+
+def _multi(init: int = 0, **kwargs: Any) -> Any:
+    from unirep.models.build import build_network
+    from unirep.tasks import TASK_KINDS, Task
+
+    torch.manual_seed(init)
+    tasks = {d: Task(d, TASK_KINDS.build("classification"), d, k) for d, k in DOMAINS.items()}
+    arch = {"backbone": "resnet_decathlon_tiny", "backbone_kwargs": {}, "sharing": "smtl",
+            "sharing_kwargs": kwargs}  # fmt: skip
+    return build_network(arch, tasks), arch
+
+
+def test_multi_domain_smtl_mixes_the_public_and_private_backbones() -> None:
+    net, _ = _multi(gate="softmax")
+    net.eval()
+    with torch.no_grad():
+        net.gates.logits.copy_(torch.tensor([[0.5, -0.5], [0.0, 1.0], [2.0, 0.0]]))
+        w = net.gates()
+        x = {d: torch.randn(2, 3, 28, 28) for d in DOMAINS}
+        out = net(x)
+        for i, d in enumerate(net.gates.names):
+            by_hand = w[i, 0] * net.backbone(x[d]) + w[i, 1] * net.private[d](x[d])
+            assert torch.allclose(out[d]["features"], by_hand, atol=1e-5)
+            assert torch.allclose(out[d]["pred"], net.heads[d](by_hand), atol=1e-5)
+    private = net.build_aligners(dict.fromkeys(DOMAINS, 7))  # distill_from mixed
+    assert private["digits"].key == "features"
+    other, _ = _multi(gate="softmax", distill_from="private")
+    assert other.build_aligners({"digits": 7})["digits"].key == "private"
+
+
+def test_multi_domain_lite_export_drops_unpicked_backbones_and_predicts_the_same() -> None:
+    net, arch = _multi(gate="lite")
+    with torch.no_grad():
+        net.gates.logits[:, 0] = torch.tensor([1.0, -1.0, 1.0])
+    net.eval()
+    record, fixed = exported(net, arch)
+    assert record["sharing_kwargs"]["selected"] == {
+        "digits": "private", "objects": "public", "textures": "private"
+    }  # fmt: skip
+    assert set(fixed.private) == {"digits", "textures"} and fixed.backbone is not None
+    assert count_parameters(fixed) < count_parameters(net)
+    x = {d: torch.randn(3, 3, 28, 28) for d in DOMAINS}
+    with torch.no_grad():
+        a, b = net(x), fixed(x)
+    for d in DOMAINS:
+        assert torch.equal(a[d]["pred"], b[d]["pred"])
+
+
+def test_multi_domain_sharing_settings_fail_at_start() -> None:
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        load_config("mini-decathlon", ["classification.sharing={name: smtl}",
+                                       "classification.residual_adapters=true"])  # fmt: skip
+    with pytest.raises(ConfigError, match=r"classification\.sharing\.kwargs"):
+        load_config("mini-decathlon", ["classification.sharing={name: smtl, kwargs: {gate: x}}"])
