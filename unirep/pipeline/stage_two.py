@@ -269,6 +269,7 @@ class Trained:
     cache_summary: dict[str, Any] | None = None  # teachers.output_cache
     archs: dict[str, dict[str, Any]] = field(default_factory=dict)  # each role's network record
     stages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # PDF's groupings
+    earlier_seconds: dict[str, float] = field(default_factory=dict)  # earlier stages' training
 
 
 def distill(
@@ -390,6 +391,9 @@ def fit_network(
     )
     if cache:
         trained.cache_summary = output_cache_summary(run.cfg, cache)
+    if role in trained.fits:  # an earlier stage of the role (PDF, AutoMTL): its time counts too
+        earlier = trained.fits[role]
+        trained.earlier_seconds[role] = trained.earlier_seconds.get(role, 0.0) + earlier.seconds
     trained.fits[role] = fit(run.accelerator, phase, run.evaluator, progress=run.cfg.progress)
     trained.nets[role] = phase.module.student
     trained.modules[role] = phase.module
@@ -447,6 +451,10 @@ def run_metrics(
         teacher_seconds,
         trained.cache_summary,
     )
+    summary = metrics["summary"]
+    for role, seconds in trained.earlier_seconds.items():  # every stage of a staged role
+        summary["phase_seconds"][role] += seconds
+        summary["train_seconds"] += seconds
     stream = run.data.streams()[0]
     shape = input_shape(run.data.preprocessing(stream))
     if shape is not None:
