@@ -248,3 +248,19 @@ def test_multi_domain_sharing_settings_fail_at_start() -> None:
                                        "classification.residual_adapters=true"])  # fmt: skip
     with pytest.raises(ConfigError, match=r"classification\.sharing\.kwargs"):
         load_config("mini-decathlon", ["classification.sharing={name: smtl, kwargs: {gate: x}}"])
+
+
+def test_a_lite_export_without_a_public_encoder_has_no_timm_backbone() -> None:
+    """Every task picked its private encoder: the export has no shared encoder to hand timm (a
+    run once failed here), and says why."""
+    from unirep.pipeline.export import timm_backbone
+
+    net = _net(gate="lite")
+    net.eval()  # σ(0) = 0.5: every task picks its private encoder
+    arch = {**ARCH, "sharing": "smtl", "sharing_kwargs": {"gate": "lite"}}
+    record, fixed = exported(net, arch)
+    assert fixed.encoder is None
+    assert "every task picked its private one" in timm_backbone(fixed, record)
+    record, fixed = exported(_net(gate="softmax"), {**arch, "sharing_kwargs": {}})
+    found = timm_backbone(fixed, record)
+    assert not isinstance(found, str) and found[0] == "segnet_mtan"  # the public encoder
