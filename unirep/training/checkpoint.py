@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from unirep.errors import UnirepError
 from unirep.faults import failpoint
@@ -200,13 +200,40 @@ def load_checkpoint(
                 f"checkpoint {path} is damaged: {err}; resume from an earlier checkpoint, or "
                 "with resume=true from the newest intact one"
             ) from None
-    accelerator.unwrap_model(module).load_state_dict(load_weights(path / WEIGHTS))
+    load_fitting(
+        accelerator.unwrap_model(module), load_weights(path / WEIGHTS), f"checkpoint {path}"
+    )
     optim = torch.load(path / OPTIMIZERS, map_location="cpu", weights_only=False)
     for o, s in zip(optimizers, optim["optimizers"], strict=True):
         o.load_state_dict(s)
     for sch, s in zip(schedulers, optim["schedulers"], strict=True):
         sch.load_state_dict(s)
     return {k: v for k, v in state.items() if k != "processes"}
+
+
+def load_fitting(module: nn.Module, state: dict[str, Tensor], where: str) -> None:
+    """``module.load_state_dict(state)``, strictly; weights that do not fit the network (written
+    by another version of unirep or another config of the run) are one :class:`UnirepError`
+    line naming ``where``, never a partial load that goes on."""
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
+        raise UnirepError(f"{where} does not fit this run's network ({detail}); {_ANEW}") from None
+    if result.missing_keys or result.unexpected_keys:
+        parts = [
+            f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
+            for what, keys in (("missing", result.missing_keys),
+                               ("unexpected", result.unexpected_keys))
+            if keys
+        ]  # fmt: skip
+        raise UnirepError(f"{where} does not fit this run's network ({'; '.join(parts)}); {_ANEW}")
+
+
+_ANEW = (
+    "it was written by another version of unirep or another config of this run: continue it "
+    "with that version, or start the run anew with overwrite=true"
+)
 
 
 def restore_rng(accelerator: Any, path: Path) -> None:

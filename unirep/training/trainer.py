@@ -37,6 +37,7 @@ from unirep.training.checkpoint import (
     check_best,
     intact_checkpoint,
     load_checkpoint,
+    load_fitting,
     restore_rng,
     save_checkpoint,
 )
@@ -382,7 +383,8 @@ def _reload_finished(accelerator: Any, phase: Phase) -> FitResult:
     its record holds, and its record."""
     ckpt_dir, student = Path(phase.checkpoint_dir), phase.module.student
     done = _finished(ckpt_dir, phase.name)
-    student.load_state_dict(load_weights(check_best(ckpt_dir, done["best_sha256"], phase.name)))
+    best = check_best(ckpt_dir, done["best_sha256"], phase.name)
+    load_fitting(student, load_weights(best), f"best weights {best}")
     student.eval()
     accelerator.print(f"[{phase.name}] already trained; best val {done['best_val']:.4f}")
     return FitResult(**{f.name: done[f.name] for f in dataclasses.fields(FitResult)})
@@ -456,7 +458,8 @@ def fit(accelerator: Any, phase: Phase, evaluator: Any, progress: bool = True) -
         from accelerate.utils import broadcast_object_list
 
         best_sha = broadcast_object_list([best_sha])[0]
-    student.load_state_dict(load_weights(check_best(ckpt_dir, best_sha, phase.name)))
+    best = check_best(ckpt_dir, best_sha, phase.name)
+    load_fitting(student, load_weights(best), f"best weights {best}")
     result = FitResult(best_val, best_step, seconds, cfg.max_steps, ctx.skipped)
     if accelerator.is_main_process:
         write_sealed_json(ckpt_dir / DONE, {**vars(result), "best_sha256": best_sha})

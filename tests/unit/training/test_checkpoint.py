@@ -250,3 +250,25 @@ def test_fit_resumes_from_the_previous_intact_checkpoint_and_refuses_a_changed_b
     with pytest.raises(UnirepError, match=r"phase record .* is damaged \(done\.json does not"):
         run()
     assert load_weights(folder / BEST).keys() == trained.keys()
+
+
+def test_weights_that_do_not_fit_the_network_are_one_line_never_a_partial_load() -> None:
+    """A checkpoint or best weights of another network (another version or config): one
+    UnirepError line naming the file, for renamed keys and for other shapes alike."""
+    from torch import nn
+
+    from unirep.errors import UnirepError
+    from unirep.training.checkpoint import load_fitting
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    renamed = {f"gates.{k}": v for k, v in net.state_dict().items()}
+    with pytest.raises(
+        UnirepError, match=r"checkpoint /x does not fit .*missing \['0.weight'"
+    ) as err:
+        load_fitting(net, renamed, "checkpoint /x")
+    assert "\n" not in str(err.value) and "overwrite=true" in str(err.value)
+    wider = nn.Sequential(nn.Linear(3, 5), nn.Linear(5, 2)).state_dict()
+    with pytest.raises(UnirepError, match="best weights /y does not fit") as err:
+        load_fitting(net, wider, "best weights /y")
+    assert "\n" not in str(err.value)
+    load_fitting(net, nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2)).state_dict(), "fine")
