@@ -66,13 +66,21 @@ def _long_run(tiny_cache: Path, tmp_path: Path, name: str) -> list[str]:
     ]  # fmt: skip
 
 
+def _interruptible() -> None:
+    """In the child before it runs: SIGINT back to its default. A shell runs a background job
+    (``pytest ... &``, ``nohup``) with SIGINT ignored, a disposition every child inherits, and a
+    Python started so never sees a Ctrl-C (the two tests below then waited 300 s for nothing)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _start(command: list[str]) -> subprocess.Popen[str]:
     """Start ``command`` on one thread and return once it has named its run folder (the run has
     started); killed if no such line comes within 5 minutes."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
-    )
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        preexec_fn=_interruptible,
+    )  # fmt: skip
     assert process.stdout is not None
     watchdog = threading.Timer(300, process.kill)  # never left running if no line comes
     watchdog.start()
