@@ -139,6 +139,29 @@ def check_finite_weights(state: dict[str, torch.Tensor], where: str) -> None:
             raise NonFiniteError(f"{where}: tensor {name!r} holds NaN or inf values")
 
 
+def state_mismatch(
+    expected: dict[str, torch.Tensor],
+    state: dict[str, torch.Tensor],
+    against: str,
+    words: tuple[str, str, str] = ("missing keys", "unexpected keys", "shape mismatches"),
+) -> str:
+    """Why the weights ``state`` do not fit a network whose state is ``expected``, in one line
+    (the first three keys of each kind, named by ``words``; shapes as ``file (…) vs <against>
+    (…)``), or ``""`` when they fit. Checked before any loading, so nothing loads in part."""
+    missing = [k for k in expected if k not in state]  # in the network's order
+    unexpected = [k for k in state if k not in expected]
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs {against} {tuple(expected[k].shape)}"
+        for k in expected
+        if k in state and state[k].shape != expected[k].shape
+    ]
+    return "; ".join(
+        f"{word} {items[:3]}{' ...' if len(items) > 3 else ''}"
+        for word, items in zip(words, (missing, unexpected, shapes), strict=True)
+        if items
+    )
+
+
 def save_weights(path: Path, state: dict[str, torch.Tensor]) -> str:
     """Atomically save a state dict as safetensors; returns the sha256 of the file.
 

@@ -74,8 +74,91 @@ def check_smtl_arguments(
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
+class GatedSharing:
+    """What SMTL's dense and multi-domain students share around their :class:`SMTLGates`
+    (``self.gates``, ``gate``, ``tau``, ``distill_from``, ``seed``, ``selected``): the settings
+    they were built with, the training log of the gates, ``metrics.json``'s record and the Lite
+    export. A subclass rebuilds itself with other settings in :meth:`rebuilt`."""
+
+    gates: SMTLGates
+    gate: str
+    tau: float
+    distill_from: str
+    seed: int
+    selected: dict[str, str] | None
+    after_decoders: bool = False
+    training: bool
+
+    def rebuilt(self, settings: dict[str, Any]) -> nn.Module:
+        """The same network built with ``settings`` (its ``sharing_kwargs``)."""
+        raise NotImplementedError
+
+    def chosen(self) -> dict[str, str]:
+        """``{name: "public" | "private"}``: the Lite gate's evaluation choice (``σ(a) ≥ 0.5``
+        picks the private path), or the fixed one."""
+        return self.gates.chosen()
+
+    def settings(self) -> dict[str, Any]:
+        """The keyword arguments this network was built with (its architecture record's
+        ``sharing_kwargs``)."""
+        record: dict[str, Any] = {
+            "gate": self.gate,
+            "tau": self.tau,
+            "distill_from": self.distill_from,
+            "seed": self.seed,
+        }
+        if self.selected is not None:
+            record["selected"] = dict(self.selected)
+        return record
+
+    def gate_log(self) -> dict[str, Tensor]:
+        """``{"gate/<name>": α²}``, each task's (domain's) weight on its private path as
+        evaluation uses it (for the Lite gate: the probability σ(a) of picking it), for the
+        training log; empty for a fixed network."""
+        if self.selected is not None:
+            return {}
+        private = self.gates.private_weight()
+        return {f"gate/{n}": private[i] for i, n in enumerate(self.gates.names)}
+
+    def sharing_record(self) -> dict[str, Any]:
+        """What ``metrics.json`` says of the sharing: the gate, its (α¹ public, α² private) per
+        task as evaluation uses them and, for the Lite gate, the path each task picked."""
+        was_training = self.gates.training
+        self.gates.eval()
+        with torch.no_grad():
+            weights = self.gates()
+        self.gates.train(was_training)
+        record: dict[str, Any] = {
+            "name": "smtl",
+            "gate": self.gate,
+            "after_decoders": self.after_decoders,
+            "distill_from": self.distill_from,
+            "weights": {n: [float(w) for w in weights[i]] for i, n in enumerate(self.gates.names)},
+        }
+        if self.gate == "lite":
+            record["chosen"] = self.chosen()
+        return record
+
+    def exported(self, architecture: dict[str, Any]) -> tuple[dict[str, Any], nn.Module]:
+        """(architecture record, network) to export. A Lite network becomes the fixed network of
+        its evaluation choice (:meth:`chosen`): the encoders (backbones), decoders and heads no
+        task picks are dropped, the gates too, and the record holds ``selected``; its
+        predictions equal this network's in evaluation. Other gates export as they are."""
+        if self.gate != "lite" or self.selected is not None:
+            return architecture, self  # type: ignore[return-value]
+        settings = {
+            **architecture.get("sharing_kwargs", {}),
+            **self.settings(),
+            "selected": self.chosen(),
+        }
+        fixed = self.rebuilt(settings)
+        state = self.state_dict()  # type: ignore[attr-defined]
+        fixed.load_state_dict({k: state[k] for k in fixed.state_dict()}, strict=True)
+        return {**architecture, "sharing_kwargs": settings}, fixed.train(self.training)
+
+
 @SHARING.register("smtl")
-class SMTLNet(DenseMultiTaskNet):
+class SMTLNet(GatedSharing, DenseMultiTaskNet):
     """Safe Multi-Task Learning: a public encoder, and per task a private encoder and a gate.
 
     For images ``[B, 3, H, W]``, the public encoder ``E_s`` and each task's private encoder
@@ -174,52 +257,13 @@ class SMTLNet(DenseMultiTaskNet):
         counter advances)."""
         return self.gates()
 
-    def chosen(self) -> dict[str, str]:
-        """``{task: "public" | "private"}``: the Lite gate's evaluation choice (``σ(a) ≥ 0.5``
-        picks the private encoder), or the fixed one."""
-        return self.gates.chosen()
-
     def settings(self) -> dict[str, Any]:
-        """The keyword arguments this network was built with (its architecture record's
-        ``sharing_kwargs``)."""
-        record: dict[str, Any] = {
-            "gate": self.gate,
-            "tau": self.tau,
-            "after_decoders": self.after_decoders,
-            "distill_from": self.distill_from,
-            "seed": self.seed,
-        }
-        if self.selected is not None:
-            record["selected"] = dict(self.selected)
-        return record
+        return {**super().settings(), "after_decoders": self.after_decoders}
 
-    def gate_log(self) -> dict[str, Tensor]:
-        """``{"gate/<task>": α²}``, each task's weight on its private encoder as evaluation
-        uses it (for the Lite gate: the probability σ(a) of picking it), for the training log;
-        empty for a fixed network."""
-        if self.selected is not None:
-            return {}
-        private = self.gates.private_weight()
-        return {f"gate/{t}": private[i] for i, t in enumerate(self._names)}
-
-    def sharing_record(self) -> dict[str, Any]:
-        """What ``metrics.json`` says of the sharing: the gate, its (α¹ public, α² private) per
-        task as evaluation uses them and, for the Lite gate, the encoder each task picked."""
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            weights = self.gate_weights()
-        self.train(was_training)
-        record: dict[str, Any] = {
-            "name": "smtl",
-            "gate": self.gate,
-            "after_decoders": self.after_decoders,
-            "distill_from": self.distill_from,
-            "weights": {t: [float(w) for w in weights[i]] for i, t in enumerate(self._names)},
-        }
-        if self.gate == "lite":
-            record["chosen"] = self.chosen()
-        return record
+    def rebuilt(self, settings: dict[str, Any]) -> nn.Module:
+        return SMTLNet(
+            self._encoder, self.task_channels, self.decoder_channels, self.unit_vector, **settings
+        )
 
     def forward(self, inputs: dict[str, Tensor] | Tensor) -> dict[str, dict[str, Tensor]]:
         images = self.images_of(inputs)
@@ -307,30 +351,6 @@ class SMTLNet(DenseMultiTaskNet):
         features = {t: _align_conv(self.decoder_channels, d) for t, d in teacher_dims.items()}
         return nn.ModuleDict({t: DenseAligner(bottleneck[t], features[t]) for t in teacher_dims})
 
-    def exported(self, architecture: dict[str, Any]) -> tuple[dict[str, Any], nn.Module]:
-        """(architecture record, network) to export. A Lite network becomes the fixed network of
-        its evaluation choice (:meth:`chosen`): encoders, decoders and heads no task picks are
-        dropped, the gates too, and the record holds ``selected``; its predictions equal this
-        network's in evaluation. Other gates export as they are."""
-        if self.gate != "lite" or self.selected is not None:
-            return architecture, self
-        record = dict(architecture)
-        record["sharing_kwargs"] = {
-            **architecture.get("sharing_kwargs", {}),
-            **self.settings(),
-            "selected": self.chosen(),
-        }
-        fixed = SMTLNet(
-            self._encoder,
-            self.task_channels,
-            self.decoder_channels,
-            self.unit_vector,
-            **record["sharing_kwargs"],
-        )
-        state = self.state_dict()
-        fixed.load_state_dict({k: state[k] for k in fixed.state_dict()}, strict=True)
-        return record, fixed.train(self.training)
-
 
 def _mix(
     public: list[Tensor] | None, private: list[Tensor] | None, a_public: Tensor, a_private: Tensor
@@ -351,7 +371,7 @@ CLASSIFICATION_SHARING: Registry[nn.Module] = Registry("classification student s
 
 
 @CLASSIFICATION_SHARING.register("smtl")
-class SMTLMultiDomainNet(MultiDomainNet):
+class SMTLMultiDomainNet(GatedSharing, MultiDomainNet):
     """SMTL for multi-domain classification: a public backbone shared by every domain and, per
     domain, a private backbone and a gate (Guo, Ye & Zhang, arXiv 2111.10601, with the
     backbone's pooled features as the encoder's output).
@@ -472,48 +492,6 @@ class SMTLMultiDomainNet(MultiDomainNet):
             }
         )
 
-    def gate_log(self) -> dict[str, Tensor]:
-        """``{"gate/<domain>": α²}`` for the training log (empty for a fixed network)."""
-        if self.selected is not None:
-            return {}
-        private = self.gates.private_weight()
-        return {f"gate/{d}": private[i] for i, d in enumerate(self.gates.names)}
-
-    def sharing_record(self) -> dict[str, Any]:
-        """The gates' evaluation weights per domain and, for the Lite gate, the choice."""
-        was_training = self.training
-        self.eval()
-        with torch.no_grad():
-            weights = self.gates()
-        self.train(was_training)
-        record: dict[str, Any] = {
-            "name": "smtl",
-            "gate": self.gate,
-            "after_decoders": False,
-            "distill_from": self.distill_from,
-            "weights": {d: [float(v) for v in weights[i]] for i, d in enumerate(self.gates.names)},
-        }
-        if self.gate == "lite":
-            record["chosen"] = self.gates.chosen()
-        return record
-
-    def exported(self, architecture: dict[str, Any]) -> tuple[dict[str, Any], nn.Module]:
-        """A Lite network as the fixed network of its evaluation choice (see
-        :meth:`SMTLNet.exported`); other gates as they are."""
-        if self.gate != "lite" or self.selected is not None:
-            return architecture, self
-        selected = self.gates.chosen()
-        kwargs = {
-            **architecture.get("sharing_kwargs", {}),
-            "gate": self.gate,
-            "tau": self.tau,
-            "distill_from": self.distill_from,
-            "seed": self.seed,
-            "selected": selected,
-        }
-        fixed = SMTLMultiDomainNet(
-            self._backbone, {d: h.out_features for d, h in self.heads.items()}, **kwargs
-        )
-        state = self.state_dict()
-        fixed.load_state_dict({k: state[k] for k in fixed.state_dict()}, strict=True)
-        return {**architecture, "sharing_kwargs": kwargs}, fixed.train(self.training)
+    def rebuilt(self, settings: dict[str, Any]) -> nn.Module:
+        classes = {d: head.out_features for d, head in self.heads.items()}
+        return SMTLMultiDomainNet(self._backbone, classes, **settings)

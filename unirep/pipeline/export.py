@@ -54,6 +54,7 @@ from unirep.io import (
     load_weights,
     read_record,
     save_weights,
+    state_mismatch,
 )
 from unirep.layout import BACKBONE as BACKBONE_DIR
 from unirep.layout import MODEL_CARD, STUDENT_MANIFEST, TIMM_CONFIG, TORCH_PROGRAM, WEIGHTS
@@ -340,23 +341,11 @@ def _check_fits(directory: Path, manifest: dict[str, Any], state: dict[str, torc
             f"build ({manifest['architecture']}: {err}); load it with the unirep version "
             "that wrote it"
         ) from None
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs manifest {tuple(expected[k].shape)}"
-        for k in expected
-        if k in state and state[k].shape != expected[k].shape
-    ]
-    problems = [
-        f"{what} {items[:3]}{' ...' if len(items) > 3 else ''}"
-        for what, items in (("missing keys", missing), ("unexpected keys", unexpected),
-                            ("shape mismatches", shapes))
-        if items
-    ]  # fmt: skip
+    problems = state_mismatch(expected, state, "manifest")
     if problems:
         raise StudentError(
             f"student weights {str(directory / WEIGHTS)!r} do not fit the tasks and architecture "
-            f"{where!r} records ({'; '.join(problems)}): a task was renamed or its class count "
+            f"{where!r} records ({problems}): a task was renamed or its class count "
             f"changed in the manifest; restore the {STUDENT_MANIFEST} exported with these weights"
         )
 

@@ -270,6 +270,15 @@ class Trained:
     archs: dict[str, dict[str, Any]] = field(default_factory=dict)  # each role's network record
     stages: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # PDF's groupings
     earlier_seconds: dict[str, float] = field(default_factory=dict)  # earlier stages' training
+    _export: tuple[dict[str, Any], nn.Module] | None = None
+
+    def export(self) -> tuple[dict[str, Any], nn.Module]:
+        """(architecture record, network) the student is exported as
+        (:func:`unirep.models.build.exported`: SMTL-Lite without what no task picked), made once
+        for the metrics and the export."""
+        if self._export is None:
+            self._export = exported(self.nets["student"], self.archs["student"])
+        return self._export
 
 
 def distill(
@@ -436,7 +445,7 @@ def run_metrics(
     """The run's ``metrics.json`` (:func:`unirep.pipeline.results.distill_metrics`), with the
     parameter counts of the student, its adapters and the teachers."""
     student, module = trained.nets["student"], trained.modules["student"]
-    _, net = exported(student, trained.archs["student"])
+    _, net = trained.export()
     params = parameter_counts(net, run.teachers, module)
     if net is not student:  # e.g. SMTL-Lite without the encoders no task picked
         params["student_trained"] = count_parameters(student)
@@ -472,7 +481,7 @@ def export_run(run: StageTwo, trained: Trained, metrics: dict[str, Any]) -> None
     and its model card (which holds ``metrics`` and the command that reproduces the run)."""
     cfg, data, run_dir, best = run.cfg, run.data, run.run_dir, trained.fits["student"]
     command = reproduce_command(cfg, str(run_dir / layout.CONFIG))
-    arch, net = exported(trained.nets["student"], trained.archs["student"])
+    arch, net = trained.export()
     export_student(
         layout.student_dir(run_dir),
         net,

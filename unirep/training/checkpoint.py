@@ -41,6 +41,7 @@ from unirep.io import (
     read_json,
     read_sealed_json,
     save_weights,
+    state_mismatch,
     write_sealed_json,
 )
 from unirep.layout import BEST, OPTIMIZERS, STEP_PREFIX, TRAINER_STATE, WEIGHTS
@@ -214,20 +215,12 @@ def load_checkpoint(
 def load_fitting(module: nn.Module, state: dict[str, Tensor], where: str) -> None:
     """``module.load_state_dict(state)``, strictly; weights that do not fit the network (written
     by another version of unirep or another config of the run) are one :class:`UnirepError`
-    line naming ``where``, never a partial load that goes on."""
-    try:
-        result = module.load_state_dict(state, strict=False)
-    except RuntimeError as err:  # a tensor of another shape
-        detail = " ".join(line.strip() for line in str(err).splitlines()[1:3])
-        raise UnirepError(f"{where} does not fit this run's network ({detail}); {_ANEW}") from None
-    if result.missing_keys or result.unexpected_keys:
-        parts = [
-            f"{what} {keys[:3]}{' ...' if len(keys) > 3 else ''}"
-            for what, keys in (("missing", result.missing_keys),
-                               ("unexpected", result.unexpected_keys))
-            if keys
-        ]  # fmt: skip
-        raise UnirepError(f"{where} does not fit this run's network ({'; '.join(parts)}); {_ANEW}")
+    line naming ``where``, found before anything is loaded."""
+    words = ("missing", "unexpected", "other shape")
+    problems = state_mismatch(module.state_dict(), state, "network", words)
+    if problems:
+        raise UnirepError(f"{where} does not fit this run's network ({problems}); {_ANEW}")
+    module.load_state_dict(state)
 
 
 _ANEW = (
