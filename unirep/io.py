@@ -175,6 +175,66 @@ def save_weights(path: Path, state: dict[str, torch.Tensor]) -> str:
     return file_sha256(path)
 
 
+PACKED_VALUES, PACKED_MASK = ".__values__", ".__mask__"
+
+
+def pack_sparse(
+    state: dict[str, torch.Tensor], min_zeros: float = 0.5, min_numel: int = 256
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, Any]]]:
+    """A state dict with its mostly-zero tensors packed, for a file that shrinks with sparsity
+    (safetensors has no sparse layout): each floating tensor of at least ``min_numel`` entries
+    and at least a ``min_zeros`` share of exact zeros becomes ``<name>.__values__`` (its
+    non-zero entries, 1-D, same dtype) and ``<name>.__mask__`` (uint8: one bit per entry,
+    numpy's ``packbits`` order). Returns (state, ``{name: {"shape", "dtype"}}`` of the packed
+    tensors); :func:`unpack_sparse` restores the exact tensors."""
+    import numpy as np
+    import torch
+
+    out: dict[str, torch.Tensor] = {}
+    packed: dict[str, dict[str, Any]] = {}
+    for name, tensor in state.items():
+        t = tensor.detach().cpu()
+        if t.is_floating_point() and t.numel() >= min_numel:
+            nonzero = t != 0
+            if 1 - float(nonzero.float().mean()) >= min_zeros:
+                bits = np.packbits(nonzero.flatten().numpy())
+                out[name + PACKED_VALUES] = t[nonzero].contiguous()
+                out[name + PACKED_MASK] = torch.from_numpy(bits)
+                packed[name] = {"shape": list(t.shape), "dtype": str(t.dtype).split(".")[-1]}
+                continue
+        out[name] = t
+    return out, packed
+
+
+def unpack_sparse(
+    state: dict[str, torch.Tensor], packed: dict[str, dict[str, Any]]
+) -> dict[str, torch.Tensor]:
+    """The state dict :func:`pack_sparse` packed, each packed tensor rebuilt exactly; a
+    ``ValueError`` names a tensor whose parts are missing or do not agree."""
+    import numpy as np
+    import torch
+
+    out = dict(state)
+    for name, info in packed.items():
+        values, bits = state.get(name + PACKED_VALUES), state.get(name + PACKED_MASK)
+        if values is None or bits is None:
+            raise ValueError(f"packed tensor {name!r} lacks its values or its mask")
+        shape = [int(s) for s in info["shape"]]
+        numel = math.prod(shape)
+        mask = torch.from_numpy(np.unpackbits(bits.numpy(), count=numel).astype(bool))
+        if int(mask.sum()) != values.numel():
+            raise ValueError(
+                f"packed tensor {name!r} has {values.numel()} values for {int(mask.sum())} "
+                "kept entries"
+            )
+        full = torch.zeros(numel, dtype=values.dtype)
+        full[mask] = values
+        out.pop(name + PACKED_VALUES, None)
+        out.pop(name + PACKED_MASK, None)
+        out[name] = full.view(shape)
+    return out
+
+
 def load_weights(path: Path) -> dict[str, torch.Tensor]:
     """Load a safetensors state dict on the CPU, naming the file when it cannot be read."""
     path = Path(path)

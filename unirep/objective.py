@@ -17,9 +17,11 @@ With ``distill.contrastive_weight`` the distillation of each task also has a CRD
 contrastive term (Tian, Krishnan & Isola, ICLR 2020): InfoNCE of each adapted student feature
 against the teachers' features of the batch, gathered across processes.
 
-Joint terms belong to no single task: MTPSL or JTR for partial labels (:class:`JointTerm`), and
-the cross-task consistency, alignment, cycle and contrastive terms of Nakano et al.
-(:class:`CrossTaskJoint`). Each has a weight and a linear ramp-up, and owns its networks.
+Joint terms belong to no single task: MTPSL or JTR for partial labels (:class:`JointTerm`), the
+cross-task consistency, alignment, cycle and contrastive terms of Nakano et al.
+(:class:`CrossTaskJoint`) and SRDML's saliency relations
+(:class:`~unirep.losses.saliency.SaliencyRelations`). Each has a weight and a linear ramp-up, and
+owns its networks or state.
 
 Every supervised loss respects the batch's per-task label mask: an unlabelled (sample, task)
 contributes exactly zero loss and gradient.
@@ -33,11 +35,13 @@ import torch
 from torch import Tensor, nn
 
 from unirep.batch import Batch
-from unirep.config.schema import DistillConfig, PartialConfig, TransferConfig
+from unirep.config.schema import DistillConfig, PartialConfig, SaliencyConfig, TransferConfig
+from unirep.errors import ConfigError
 from unirep.losses import FEATURE_LOSSES, PREDICTION_LOSSES, TASK_LOSSES
 from unirep.losses.bundle import LossBundle
 from unirep.losses.contrastive import InfoNCEFeatureLoss
 from unirep.losses.joint import JTRLoss, MTPSLLoss
+from unirep.losses.saliency import SaliencyRelations
 from unirep.losses.transfer import CrossTaskTerms
 from unirep.tasks import Task
 
@@ -337,3 +341,28 @@ def build_cross_task_terms(
     )
     schedule = {n: (t.weight, t.rampup_steps) for n, t in active.items()}
     return {"xtask": CrossTaskJoint(terms, schedule)}
+
+
+def build_saliency_terms(
+    saliency: SaliencyConfig | None, tasks: dict[str, Task], net: nn.Module
+) -> dict[str, nn.Module]:
+    """``{"srdml": SaliencyRelations}`` when ``saliency`` is set with a weight above 0 (``{}``
+    otherwise); sets ``net.task_views`` so that its outputs give each task's view of the shared
+    stages (:class:`~unirep.models.dense.DenseMultiTaskNet`)."""
+    if saliency is None or saliency.weight == 0:
+        return {}
+    if not hasattr(net, "task_views"):
+        raise ConfigError(
+            f"config key 'dense.saliency': a {type(net).__name__} student cannot give each task "
+            "its own view of a shared encoder; valid: a DenseMultiTaskNet, or dense.saliency=null"
+        )
+    net.task_views = True
+    term = SaliencyRelations(
+        list(tasks),
+        {t: task.kind.has_classes for t, task in tasks.items()},
+        weight=saliency.weight,
+        rampup_steps=saliency.rampup_steps,
+        relation_lr=saliency.relation_lr,
+        floor=saliency.floor,
+    )
+    return {"srdml": term}

@@ -24,6 +24,8 @@ FOLDER_NAMES = {
     layout.TEACHER_PHASE,
     layout.FUSION,
     layout.BRANCHING,
+    layout.UNIT_MASKS,
+    layout.PRUNING,
 }
 
 

@@ -1,7 +1,7 @@
 """Time the real training step against a minimal loop; split a phase into its parts.
 
     python scripts/benchmark.py [--steps N] [--warmup N] [--json PATH] [--run-dir DIR]
-        [--untrained-teachers] [--joint-scaling | --term-costs | --options | --sharing |
+        [--untrained-teachers] [--joint-scaling | --term-costs | --options | --sharing | --pruning |
         --weightings[=NAMES] [--with-distill]] [--config PRESET_OR_PATH] [key=value ...]
     unirep benchmark ...                                          (the installed equivalent)
 
@@ -24,9 +24,13 @@ the student's real step with each speed option on against all off
 (``unirep.experiments.benchmark.OPTION_VARIANTS``: channels_last, compile, bf16, batched teachers,
 teachers in bf16), on CUDA when present, ``--sharing`` only times the distilled student's real
 step with each student architecture of ``scripts/compare.py --variants sharing`` (SMTL's gates)
-against the shared-encoder student, ``--weightings`` only times the student's real step under
-each task-balancing method (``unirep.weighting``; NAMES: comma-separated registry names, ``imtl``
-for its three modes or ``imtl-l`` / ``-g`` / ``-h``; default
+against the shared-encoder student, ``--pruning`` the same with each DiSparse mode of
+``scripts/compare.py --variants pruning`` against the dense student (the step with its masked
+gradients and, for ``dynamic``, the per-task gradients of its mask updates every ``interval``
+steps; the masks' content does not change the dense compute), ``--weightings`` only times the
+student's real step under each task-balancing method (``unirep.weighting``; NAMES:
+comma-separated registry names, ``imtl`` for its three modes or ``imtl-l`` / ``-g`` / ``-h``;
+default
 ``unirep.experiments.benchmark.WEIGHTING_METHODS``), the methods alternated step by step in one
 process, against ``sum``, with the backward passes through the trunk each needs; distillation is
 off (the plain multi-task model) unless ``--with-distill``, and methods whose optional solvers
@@ -68,7 +72,7 @@ from unirep.experiments.benchmark import (
     weighting_configs,
     weighting_costs,
 )
-from unirep.experiments.compare import SHARING_VARIANTS, XTASK_VARIANTS
+from unirep.experiments.compare import PRUNING_VARIANTS, SHARING_VARIANTS, XTASK_VARIANTS
 from unirep.pipeline.rundir import make_accelerator
 from unirep.pipeline.stage_two import resolve_data
 from unirep.stage_one.train import ensure_teachers
@@ -88,6 +92,7 @@ def split_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--term-costs", action="store_true")
     parser.add_argument("--options", action="store_true")
     parser.add_argument("--sharing", action="store_true")
+    parser.add_argument("--pruning", action="store_true")
     parser.add_argument("--weightings", nargs="?", const="", metavar="NAMES")
     parser.add_argument("--with-distill", action="store_true")
     flags, rest = parser.parse_known_args(argv)
@@ -229,6 +234,17 @@ def main(prog: str = PROG) -> None:
         return
     if flags.sharing:  # each student architecture against the shared encoder
         variants = {n: o for n, o in SHARING_VARIANTS.items() if not n.endswith("-plain")}
+        rows, source = _side_by_side(cfg, rest, flags, variants)
+        _report_rows(rows, format_term_costs(rows), source, flags)
+        return
+    if flags.pruning:  # each DiSparse mode against the dense student
+        variants = {n: o for n, o in PRUNING_VARIANTS.items() if not n.endswith("-plain")}
+        # the dynamic mode's mask update (a forward and T backward passes) on every step: its
+        # cost per update, which the default interval of 50 steps spreads out
+        variants["dynamic-90 every step"] = [
+            "dense.sharing={name: disparse, kwargs: {mode: dynamic, sparsity: 0.9, interval: 1, "
+            "end: 1.0}}"
+        ]
         rows, source = _side_by_side(cfg, rest, flags, variants)
         _report_rows(rows, format_term_costs(rows), source, flags)
         return

@@ -193,6 +193,29 @@ class HFDomainConfig:
 
 
 @dataclass
+class CarvedTaskConfig:
+    """One task carved from a domain: the domain and the 0-based indices of its categories (in
+    the annotation file's order) that make the task's classes, relabelled 0..k−1 in sorted
+    order."""
+
+    domain: str
+    classes: Annotated[list[NonNegativeInt], Unique()] = field(default_factory=list)
+
+
+@dataclass
+class OverlapConfig:
+    """Small classification tasks with partly overlapping label sets, carved from the domains
+    (:mod:`unirep.data.classification.overlap`): the run's tasks are ``tasks`` instead of the
+    domains. Each task trains on ``samples_per_class`` images of each of its classes (tasks that
+    share a class see different images of it while the domain has enough), drawn with ``seed``;
+    its validation and test splits are the domain's, restricted to its classes."""
+
+    tasks: dict[str, CarvedTaskConfig] = field(default_factory=dict)
+    samples_per_class: AtLeastOne = 8
+    seed: Annotated[int, Range(ge=0, lt=2**32, text="an integer in [0, 2**32)")] = 0
+
+
+@dataclass
 class ClassificationConfig:
     """A multi-domain classification run: one task (and input stream) per domain, a backbone
     shared by the student with one linear head per domain.
@@ -232,6 +255,8 @@ class ClassificationConfig:
     finetune_from: str | None = None
     finetune_train: TrainConfig | None = None
     finetune_lr: dict[str, LearningRate] = field(default_factory=dict)
+    # tasks carved from the domains with partly overlapping class sets; null: one task per domain
+    overlap: OverlapConfig | None = None
 
 
 # --------------------------------------------------------------------------------------------
@@ -346,6 +371,21 @@ class TransferConfig:
 
 
 @dataclass
+class SaliencyConfig:
+    """Task relations from input-gradient saliency (SRDML: Bai & Zhao, KDD 2022): the term
+    ``weight · Σ_{u<v} (c_uv/Σc)·‖α_u − α_v‖₁`` on each task's spatially pooled gradient of its
+    output w.r.t. the shared encoder stages, with a learned relation ``c`` on the simplex, each
+    pair's weight at least ``floor`` (at most ``1 − (P−1)·floor`` for ``P`` pairs; ``floor ≤ 1/P``)
+    and updated by a gradient step of size ``relation_lr`` (:mod:`unirep.losses.saliency`).
+    The student only; not with ``cross_task`` or ``sharing``."""
+
+    weight: Annotated[float, Range(ge=0, text="a finite number >= 0 (0: off)")] = 0.1  # μ
+    rampup_steps: NonNegativeInt = 0
+    relation_lr: PositiveNumber = 0.01
+    floor: Annotated[float, Range(ge=0, le=1, text="a pair's least weight in [0, 1/pairs]")] = 0.05
+
+
+@dataclass
 class DenseConfig:
     """Multi-task dense prediction (NYUv2, Cityscapes, mini-scenes) in the MTAN file format.
 
@@ -354,7 +394,8 @@ class DenseConfig:
     alignment adapters per task. ``data.source`` is then ``mtan`` (a folder at ``data.root``) or
     ``mini-scenes`` (generated on first use with ``data.generator`` arguments). ``partial`` says
     which training labels are seen (and the method for the rest), ``transfer`` adds cross-task
-    consistency terms. Dense runs select on Δm against the teachers on the validation split.
+    consistency terms, ``saliency`` SRDML's task relations. Dense runs select on Δm against the
+    teachers on the validation split.
     """
 
     tasks: dict[str, DenseTaskConfig] = field(default_factory=dict)
@@ -380,6 +421,7 @@ class DenseConfig:
     sharing: Spec | None = None
     partial: PartialConfig = field(default_factory=PartialConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
+    saliency: SaliencyConfig | None = None  # SRDML's task relations (the student's); null: off
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ config (a ``dense`` section reads a dense benchmark).
 
 from __future__ import annotations
 
-import abc
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -20,6 +20,7 @@ from torch.utils.data import Dataset, Subset
 import unirep.layout as layout
 from unirep.config.load import cache_dir
 from unirep.config.schema import Config, PartialConfig
+from unirep.data.carved import CarvedStreams
 from unirep.data.classification.sources import DomainSet, build_domains
 from unirep.data.dense.label_splits import (
     describe,
@@ -30,73 +31,12 @@ from unirep.data.dense.label_splits import (
     write_label_split,
 )
 from unirep.data.dense.sources import DenseData, build_dense_data, dense_task_names
+from unirep.data.run_data import RunData
 from unirep.errors import ConfigError, DataError
 from unirep.tasks import TASK_KINDS, Task
 
 #: The single input stream of a dense benchmark (every dense task reads it).
 SCENE_STREAM = "images"
-
-
-class RunData(abc.ABC):
-    """Streams, tasks and splits of one run."""
-
-    root: Path
-
-    @abc.abstractmethod
-    def tasks(self) -> dict[str, Task]:
-        """The run's tasks, in order."""
-
-    @abc.abstractmethod
-    def datasets(self, split: str, train: bool = False) -> dict[str, Dataset]:
-        """``{stream: dataset}`` of ``split``; ``train`` turns augmentation on."""
-
-    @abc.abstractmethod
-    def batch_sizes(self) -> dict[str, int]:
-        """Training batch size per stream and process."""
-
-    @abc.abstractmethod
-    def fingerprint(self, task: str) -> str:
-        """Identifies the training data (and carved split) a task's teacher saw."""
-
-    @abc.abstractmethod
-    def preprocessing(self, stream: str) -> dict[str, Any]:
-        """What a user of an exported model must feed it for ``stream``."""
-
-    def streams(self) -> list[str]:
-        return list(dict.fromkeys(t.stream for t in self.tasks().values()))
-
-    def labelled_train_set(self, task: str) -> Dataset:
-        """The training images labelled for ``task`` (what its single-task teacher sees)."""
-        return self.datasets("train", train=True)[self.tasks()[task].stream]
-
-    def save_records(self, run_dir: Path) -> None:  # noqa: B027  (optional hook)
-        """Write what the run's data was (e.g. the partial-label split) into the run folder."""
-
-    def label_summary(self) -> dict[str, Any]:
-        """Which training labels the run sees (``{}``: every label)."""
-        return {}
-
-    @abc.abstractmethod
-    def use_preprocessing(self, recorded: dict[str, dict[str, Any]]) -> list[str]:
-        """Preprocess each stream of ``recorded`` (an exported model's manifest) as recorded,
-        not as the config says; returns one line per stream where the two differed. Call it
-        before any dataset is built. What cannot be changed is a :class:`ConfigError`."""
-
-    @abc.abstractmethod
-    def prepare(self) -> None:
-        """Check the data of every split the run uses (train, val, test) up front, cheaply, and
-        compute what the other processes then read (statistics, cached scans).
-
-        Runs before any teacher trains (:func:`unirep.pipeline.stage_two.resolve_data`), in the main
-        process first. What is checked depends on the family (see the implementations); any fault is
-        a :class:`~unirep.errors.DataError` or
-        :class:`~unirep.data.classification.decathlon.DataRootError` naming the file.
-        """
-
-    def skipped(self) -> list[dict[str, str]]:
-        """Files left out as unreadable under ``data.on_corrupt=skip``, found by :meth:`prepare`:
-        ``[{"path", "split", "stream", "reason"}]`` (empty when nothing was skipped)."""
-        return []
 
 
 class DomainStreams(RunData):
@@ -349,6 +289,12 @@ def build_run_data(cfg: Config) -> RunData:
     if cfg.dense is not None:
         return SceneStreams(build_dense_data(cfg, cache_dir(cfg)), cfg)
     assert cfg.classification is not None
+    overlap = cfg.classification.overlap
+    if overlap is not None:  # tasks carved from the domains they name
+        used = list(dict.fromkeys(t.domain for t in overlap.tasks.values()))
+        spec = dataclasses.replace(cfg.classification, domains=used)
+        domains = DomainStreams(build_domains(cfg.data, spec, cache_dir(cfg)), cfg)
+        return CarvedStreams(domains, cfg)
     return DomainStreams(build_domains(cfg.data, cfg.classification, cache_dir(cfg)), cfg)
 
 

@@ -52,6 +52,7 @@ def check_config(cfg: Config) -> None:
                        f"the {cfg.data.source} generator", ("root",))  # fmt: skip
     if cfg.classification is not None:
         _check_images(cfg)
+        _check_overlap(cfg)
     else:
         _check_dense_tasks(cfg)
         _check_partial(cfg)
@@ -69,6 +70,44 @@ def _check_images(cfg: Config) -> None:
                 f"config key {key!r} ({crop}) must be positive and not exceed "
                 f"'classification.resize' ({spec.resize})"
             )
+
+
+def _check_overlap(cfg: Config) -> None:
+    """Carved tasks (``classification.overlap``): at least two, each of at least two classes of
+    a domain the run may read, named apart from the domains, on domains of one crop size (the
+    auxiliary task pools their images into one batch)."""
+    spec = cfg.classification
+    assert spec is not None
+    overlap = spec.overlap
+    if overlap is None:
+        return
+    key = "classification.overlap.tasks"
+    if len(overlap.tasks) < 2:
+        raise ConfigError(f"config key {key!r}: name at least 2 tasks, got {len(overlap.tasks)}")
+    known = source_domains(cfg)
+    allowed = spec.domains or known
+    for name, task in overlap.tasks.items():
+        if len(task.classes) < 2:
+            raise ConfigError(
+                f"config key '{key}.{name}.classes': a task needs at least 2 classes, got "
+                f"{task.classes}"
+            )
+        if allowed is not None and task.domain not in allowed:
+            raise ConfigError(
+                f"config key '{key}.{name}.domain': {task.domain!r} is not a domain of this run; "
+                f"valid: {', '.join(allowed)}"
+            )
+        if known is not None and name in known and name != task.domain:
+            raise ConfigError(
+                f"config key '{key}.{name}': the task has the name of domain {name!r} but carves "
+                f"{task.domain!r}; rename it"
+            )
+    crops = {spec.crops.get(t.domain, spec.crop) for t in overlap.tasks.values()}
+    if len(crops) > 1:
+        raise ConfigError(
+            f"config key 'classification.crops': the carved tasks' domains have crops "
+            f"{sorted(crops)}; valid: one crop for every domain {key} names"
+        )
 
 
 def _check_dense_tasks(cfg: Config) -> None:
@@ -178,6 +217,9 @@ def _known_tasks(cfg: Config) -> tuple[list[str] | None, list[str] | None]:
         return tasks, tasks + [k for k in dense_kinds() if k not in tasks]
     assert cfg.classification is not None
     everything = source_domains(cfg)
+    if cfg.classification.overlap is not None:  # the carved tasks; settings may name domains
+        carved = list(cfg.classification.overlap.tasks)
+        return carved, None if everything is None else carved + everything
     picked = cfg.classification.domains
     if everything is not None:
         unknown = [d for d in picked if d not in everything]
@@ -233,6 +275,8 @@ def check_against_data(cfg: Config, data: RunData, world_size: int = 1) -> None:
     tasks = list(data.tasks())
     if cfg.classification is not None:
         everything = _source_domains(cfg) if cfg.classification.domains else tasks
+        if cfg.classification.overlap is not None:  # carved tasks; settings may name domains
+            everything = tasks + _source_domains(cfg)
         check_task_keys(cfg, tasks, everything)
     per_domain = cfg.classification.batch_sizes if cfg.classification is not None else {}
     sizes = data.batch_sizes()

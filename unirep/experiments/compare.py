@@ -86,8 +86,8 @@ _WIDE = "dense.student_encoder={name: segnet, kwargs: {width_mult: 0.5}}"
 _PDF = "dense.sharing={name: pdf, kwargs: {min_similarity: 0.95, max_blocks: 2}}"
 _AUTOMTL = "dense.sharing={name: automtl, kwargs: {tau: 1.0, penalty: 0.05, policy_lr: 0.01}}"
 SHARING_VARIANTS: dict[str, list[str]] = {
-    "shared": ["dense.sharing=null"],
-    "shared-plain": ["dense.sharing=null", _NO_DISTILL],
+    "shared": ["dense.sharing=null", "dense.saliency=null"],
+    "shared-plain": ["dense.sharing=null", "dense.saliency=null", _NO_DISTILL],
     "shared-wide": ["dense.sharing=null", _WIDE],
     "shared-wide-plain": ["dense.sharing=null", _WIDE, _NO_DISTILL],
     "smtl": [_SMTL % "gate: softmax"],
@@ -112,11 +112,59 @@ first two blocks progressively (three trainings per run, see :mod:`unirep.pipeli
 ``automtl`` searches each task's choice at every encoder convolution, then retrains it (two
 trainings per run, :mod:`unirep.pipeline.branching`)."""
 
+_DISPARSE = "dense.sharing={name: disparse, kwargs: {mode: %s, sparsity: %s}}"
+PRUNING_VARIANTS: dict[str, list[str]] = {
+    "shared": SHARING_VARIANTS["shared"],
+    "shared-plain": SHARING_VARIANTS["shared-plain"],
+    "disparse-static-90": [_DISPARSE % ("static", 0.9)],
+    "disparse-static-90-plain": [_DISPARSE % ("static", 0.9), _NO_DISTILL],
+    "disparse-static-70": [_DISPARSE % ("static", 0.7)],
+    "disparse-pretrained-90": [_DISPARSE % ("pretrained", 0.9)],
+    "disparse-dynamic-90": [_DISPARSE % ("dynamic", 0.9)],
+}
+"""DiSparse on ``mini-scenes`` (or ``mini-scenes-disparse``): the dense shared-encoder student
+(the reference, the same runs as ``--variants sharing``'s when the comparison's ``--name`` is
+shared) and DiSparse at 90 % and 70 % target sparsity, with the masks found at initialisation
+(``static``), on the trained dense network then fine-tuned (``pretrained``: two trainings per
+run) or pruned and regrown during training (``dynamic``), each distilled and, for the reference
+and ``disparse-static-90``, without distillation (``-plain``)."""
+
+_SRDML = "dense.saliency={weight: %s, relation_lr: 0.01, floor: 0.05}"
+SALIENCY_VARIANTS: dict[str, list[str]] = {
+    "shared": SHARING_VARIANTS["shared"],
+    "shared-plain": SHARING_VARIANTS["shared-plain"],
+    "srdml": [_SRDML % 0.1],
+    "srdml-plain": [_SRDML % 0.1, _NO_DISTILL],
+    "srdml-1": [_SRDML % 1.0],
+}
+"""SRDML's saliency relations on ``mini-scenes`` (or ``mini-scenes-srdml``): the student with the
+regulariser at the reference's μ = 0.1 and at μ = 1, distilled, and at 0.1 without distillation,
+against the shared-encoder student with and without distillation (the reference)."""
+
+_PRUNED_AUX = (
+    "classification.sharing={name: pruned_auxiliary, kwargs: {keep: %s, auxiliary_weight: %s}}"
+)
+OVERLAP_VARIANTS: dict[str, list[str]] = {
+    "multi-task": ["classification.sharing=null"],
+    "pruned-auxiliary": [_PRUNED_AUX % (0.5, 1.0)],
+    "pruned-auxiliary-distill": [_PRUNED_AUX % (0.5, 1.0), "distill.enabled=true"],
+    "pruned-auxiliary-keep-75": [_PRUNED_AUX % (0.75, 1.0)],
+    "pruned-auxiliary-no-aux-loss": [_PRUNED_AUX % (0.5, 0.0)],
+}
+"""Overlapping label sets on ``mini-decathlon-overlap``: plain multi-task learning (the
+reference; the single-task networks are each run's teachers, ``Δm vs teachers``) against the
+pruned auxiliary network (the preset: half the units kept per task, the auxiliary loss beside),
+distilled from the single-task teachers, keeping three quarters of the units, and without the
+auxiliary loss in the joint phase."""
+
 VARIANT_SETS = {
     "partial": PARTIAL_VARIANTS,
     "xtask": XTASK_VARIANTS,
     "balance": BALANCE_VARIANTS,
     "sharing": SHARING_VARIANTS,
+    "pruning": PRUNING_VARIANTS,
+    "saliency": SALIENCY_VARIANTS,
+    "overlap": OVERLAP_VARIANTS,
 }
 """Named variant lists for ``--variants`` (e.g. ``--variants xtask``)."""
 
@@ -136,7 +184,7 @@ def parse_variants(specs: list[str]) -> list[Variant]:
     with distillation switched on by the prefix) or ``combine:a,b,...`` (the overrides of every
     candidate whose mean validation score beats the reference variant's, together; the best one
     alone when none does)."""
-    known = {**PARTIAL_VARIANTS, **XTASK_VARIANTS, **BALANCE_VARIANTS, **SHARING_VARIANTS}
+    known = {name: o for variants in VARIANT_SETS.values() for name, o in variants.items()}
     variants: list[Variant] = []
     for spec in specs:
         if spec in VARIANT_SETS:
@@ -297,11 +345,15 @@ def _stat(values: list[float]) -> tuple[float, float]:
 
 _COST_COLUMNS = {
     "params": ("params", "student"),
+    "nonzero_params": ("inference", "student", "nonzero_params"),
+    "export_kib": ("export_kib",),
     "milliseconds_per_image": ("inference", "student", "milliseconds_per_image"),
     "student_seconds": ("phase_seconds", "student"),
 }
-"""The cost columns of a comparison: the exported student's parameters, its inference time per
-image and the student phase's wall-clock (its steps and validations), from ``metrics.json``."""
+"""The cost columns of a comparison: the exported student's parameters (all, and not zero), the
+size of its weights file, its inference time per image and the student phase's wall-clock (its
+steps and validations), from ``metrics.json`` (``export_kib`` is read from the run folder by
+:func:`finished_metrics`)."""
 
 
 def _dig(record: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -389,6 +441,8 @@ def _label(column: str) -> str:
 
 _COST_LABELS = {
     "params": "params (exported)",
+    "nonzero_params": "non-zero params",
+    "export_kib": "weights file (KiB)",
     "milliseconds_per_image": "ms / image",
     "student_seconds": "student phase (s)",
 }
@@ -575,8 +629,16 @@ def write_comparison(
 
 
 def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
+    """A finished run's ``metrics.json`` (None when unfinished), with the size of its exported
+    weights file in KiB as ``summary.export_kib`` (where the export exists)."""
     path = run_dir / layout.METRICS
-    return read_json(path, what="run metrics") if path.is_file() else None
+    if not path.is_file():
+        return None
+    metrics = read_json(path, what="run metrics")
+    weights = layout.student_dir(run_dir) / layout.WEIGHTS
+    if weights.is_file() and isinstance(metrics.get("summary"), dict):
+        metrics["summary"]["export_kib"] = weights.stat().st_size / 1024
+    return metrics
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,7 @@ def check_config(cfg: Config) -> None:
             "config key 'dense.partial.method': mtpsl maps between tasks; it needs 2+"
         )
     _check_transfer(cfg, tasks)
+    _check_saliency(cfg, tasks)
 
 
 def _check_loss(
@@ -89,3 +90,27 @@ def _check_transfer(cfg: Config, tasks: list[str]) -> None:
             "config key 'dense.transfer.cycle.weight': a cycle a→b→a needs both (a, b) and "
             "(b, a) in dense.transfer.pairs"
         )
+
+
+def _check_saliency(cfg: Config, tasks: list[str]) -> None:
+    """SRDML: 2+ tasks, a floor the pairs can all have, and a student whose outputs give each
+    task its own view of the shared encoder (no cross-task attention, no learned sharing)."""
+    assert cfg.dense is not None
+    s = cfg.dense.saliency
+    if s is None or s.weight == 0:
+        return
+    if len(tasks) < 2:
+        raise ConfigError("config key 'dense.saliency': task relations need 2+ dense tasks")
+    pairs = len(tasks) * (len(tasks) - 1) // 2
+    if s.floor * pairs > 1 + 1e-9:
+        raise ConfigError(
+            f"config key 'dense.saliency.floor': {s.floor} leaves no relation for {pairs} task "
+            f"pairs; valid: a number in [0, {1 / pairs:.6g}] (1/pairs)"
+        )
+    for key, spec in (("cross_task", cfg.dense.cross_task), ("sharing", cfg.dense.sharing)):
+        if spec is not None:
+            raise ConfigError(
+                f"config key 'dense.saliency': needs each task's own view of one shared encoder, "
+                f"which a student with dense.{key}={spec.name} does not give; valid: "
+                f"dense.{key}=null, or dense.saliency=null"
+            )

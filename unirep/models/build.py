@@ -40,7 +40,7 @@ def architecture(cfg: Config, student: bool = False) -> dict[str, Any]:
             if sharing is not None:
                 arch["sharing"] = sharing.name
                 arch["sharing_kwargs"] = dict(sharing.kwargs)
-                if sharing.name in ("smtl", "automtl"):  # their Gumbel draws follow the run seed
+                if sharing.name in ("smtl", "automtl", "disparse"):  # draws from the run seed
                     arch["sharing_kwargs"] = {"seed": cfg.seed, **sharing.kwargs}
         return arch
     spec = cfg.classification
@@ -48,9 +48,11 @@ def architecture(cfg: Config, student: bool = False) -> dict[str, Any]:
     arch = {"backbone": spec.backbone, "backbone_kwargs": dict(spec.backbone_kwargs)}
     if student:
         arch["residual_adapters"] = spec.residual_adapters
-        if spec.sharing is not None:  # SMTL: the Lite gate's Gumbel draws follow the run seed
+        if spec.sharing is not None:
             arch["sharing"] = spec.sharing.name
-            arch["sharing_kwargs"] = {"seed": cfg.seed, **spec.sharing.kwargs}
+            arch["sharing_kwargs"] = dict(spec.sharing.kwargs)
+            if spec.sharing.name == "smtl":  # the Lite gate's Gumbel draws follow the run seed
+                arch["sharing_kwargs"] = {"seed": cfg.seed, **spec.sharing.kwargs}
     return arch
 
 

@@ -183,7 +183,11 @@ class DenseMultiTaskNet(nn.Module):
 
     Forward returns, per task, ``{"pred": [B, K_t, H, W], "features": [B, D, H_0, W_0]`` (the last
     decoder feature, after any exchange), ``"bottleneck": [B, C_last, H_last, W_last]`` (the
-    last-stage feature the task's decoder reads: shared, or the task's attended one with MTAN)``}``.
+    last-stage feature the task's decoder reads: shared, or the task's attended one with MTAN)``}``;
+    with ``task_views`` set (and no MTAN), also ``"shared"``: the task's own views (``view_as``)
+    of the encoder stages ``[[B, C_i, H_i, W_i], ...]``, which only its decoder reads, so that one
+    backward gives every task's gradient w.r.t. the shared feature (SRDML,
+    :mod:`unirep.losses.saliency`).
     The input is ``{stream: images [B, 3, H, W]}`` with a single stream (or the images tensor).
     """
 
@@ -218,6 +222,9 @@ class DenseMultiTaskNet(nn.Module):
         self.unit_vector = [t for t in tasks if t in set(unit_vector)]
         self.decoder_channels = decoder_channels
         self.cross_task_name = cross_task
+        # SRDML (unirep.losses.saliency): each task's decoder reads its own view of the shared
+        # stages, returned as outputs[t]["shared"]; off by default, set by the term's builder
+        self.task_views = False
         names = list(tasks)
 
         self.attention: nn.Module | None = None  # MTAN masks, before the decoders
@@ -275,6 +282,8 @@ class DenseMultiTaskNet(nn.Module):
         if self.attention is not None:
             _, masks = self.attention.forward_with_masks(shared)
             stages = {t: [m * g for m, g in zip(masks[t], shared, strict=True)] for t in masks}
+        elif self.task_views:  # a gradient w.r.t. task t's view comes through t's decoder only
+            stages = {t: [g.view_as(g) for g in shared] for t in self.tasks}
         else:
             stages = {t: shared for t in self.tasks}
         feats = {t: self.decoders[t](stages[t]) for t in self.tasks}
@@ -286,6 +295,8 @@ class DenseMultiTaskNet(nn.Module):
             pred = self.predict(task, feats[task], images.shape[-2:])
             bottleneck = stages[task][-1]
             out[task] = {"pred": pred, "features": feats[task], "bottleneck": bottleneck}
+            if self.task_views and self.attention is None:
+                out[task]["shared"] = stages[task]  # type: ignore[assignment]
         return out
 
     def representation(self, inputs: dict[str, Tensor]) -> dict[str, Tensor]:

@@ -16,6 +16,8 @@ rebuilt from its manifest's architecture record like any other.
   spirit of AutoMTL (Zhang, Liu & Guan, NeurIPS 2022): each task chooses, at every convolution
   of the encoder, the shared operator, its own copy or a skip; searched, then fixed and
   retrained (:mod:`unirep.pipeline.branching`).
+- ``"disparse"``: :class:`~unirep.models.pruning.DiSparseNet`, the shared-encoder network pruned
+  per task by DiSparse's unanimous rule (Sun et al., CVPR 2022; :mod:`unirep.pipeline.pruning`).
 """
 
 from __future__ import annotations
@@ -38,11 +40,14 @@ from unirep.models.dense import (
 from unirep.models.fusion import ProgressiveDecoderNet
 from unirep.models.gates import GATES, PATHS, SMTLGates
 from unirep.models.network import FeatureAligner, MultiDomainNet
+from unirep.models.pruned_auxiliary import PrunedAuxiliaryNet
+from unirep.models.pruning import DiSparseNet
 from unirep.registry import Registry
 
 SHARING: Registry[nn.Module] = Registry("student sharing")
 SHARING.register("pdf")(ProgressiveDecoderNet)
 SHARING.register("automtl")(AutoMTLNet)
+SHARING.register("disparse")(DiSparseNet)
 
 DISTILL_FROM = ("mixed", "private")
 
@@ -368,6 +373,9 @@ def _mix(
 # Multi-domain classification
 
 CLASSIFICATION_SHARING: Registry[nn.Module] = Registry("classification student sharing")
+# tasks with partly overlapping label sets: per-task pruned subnetworks of an auxiliary network
+# learnt on the union of their classes (two phases: unirep.pipeline.overlap)
+CLASSIFICATION_SHARING.register("pruned_auxiliary")(PrunedAuxiliaryNet)
 
 
 @CLASSIFICATION_SHARING.register("smtl")

@@ -12,7 +12,12 @@ from unirep.models.backbones import is_backbone
 from unirep.models.cross_task import CROSS_TASK
 from unirep.models.dense import DENSE_ENCODERS
 from unirep.models.fusion import check_pdf_arguments
+from unirep.models.pruned_auxiliary import check_pruned_arguments
+from unirep.models.pruning import check_disparse_arguments
 from unirep.models.sharing import CLASSIFICATION_SHARING, SHARING, check_smtl_arguments
+
+CLASSIFICATION_CHECKS = {"smtl": check_smtl_arguments, "pruned_auxiliary": check_pruned_arguments}
+"""Each classification student architecture's own check of its arguments."""
 
 
 def check_config(cfg: Config) -> None:
@@ -30,7 +35,9 @@ def check_config(cfg: Config) -> None:
             supplied = ("backbone", "num_classes", "backbone_state")
             bind_spec(CLASSIFICATION_SHARING, spec.sharing, "classification.sharing", supplied)
             kwargs = spec.sharing.kwargs
-            trial("classification.sharing.kwargs", lambda: check_smtl_arguments(**kwargs))
+            check = CLASSIFICATION_CHECKS.get(spec.sharing.name)
+            if check is not None:
+                trial("classification.sharing.kwargs", lambda: check(**kwargs))
             if spec.residual_adapters:
                 raise ConfigError(
                     "config keys 'classification.sharing' and 'classification.residual_adapters' "
@@ -54,6 +61,8 @@ def check_config(cfg: Config) -> None:
             trial("dense.sharing.kwargs", lambda: check_pdf_arguments(**kwargs))
         if dense.sharing.name == "automtl":
             trial("dense.sharing.kwargs", lambda: check_automtl_arguments(**kwargs))
+        if dense.sharing.name == "disparse":
+            trial("dense.sharing.kwargs", lambda: check_disparse_arguments(**kwargs))
         if dense.cross_task is not None:
             raise ConfigError(
                 f"config keys 'dense.sharing' ({dense.sharing.name}) and 'dense.cross_task' "

@@ -5,7 +5,10 @@ main metric), the preprocessing of each stream, the teachers the student was dis
 (weights hashes, validation metrics), how it was selected (on validation) and the sha256 of the
 weights. The alignment adapters, the objective's and the weighting's state are not exported.
 :func:`load_student` rebuilds it strictly, checking the hash. Students written by unirep 0.1
-(``unirep-student/1``, ``unirep-dense-student/1``) load too.
+(``unirep-student/1``, ``unirep-dense-student/1``) load too. A pruned student (DiSparse) is
+``unirep-student/3``: its mostly-zero weights are stored packed (:func:`unirep.io.pack_sparse`:
+the kept values and a bitmask; the manifest's ``packed`` lists them), so the file shrinks with
+the sparsity, and they load back exactly.
 
 Beside them, every export writes (each file atomically, the manifest last, so that a manifest
 means a complete export):
@@ -52,9 +55,11 @@ from unirep.io import (
     atomic_write_text,
     file_sha256,
     load_weights,
+    pack_sparse,
     read_record,
     save_weights,
     state_mismatch,
+    unpack_sparse,
 )
 from unirep.layout import BACKBONE as BACKBONE_DIR
 from unirep.layout import MODEL_CARD, STUDENT_MANIFEST, TIMM_CONFIG, TORCH_PROGRAM, WEIGHTS
@@ -63,6 +68,8 @@ from unirep.tasks import TASK_KINDS, Task
 from unirep.version import __version__
 
 STUDENT_FORMAT = "unirep-student/2"
+# the same with mostly-zero weights packed (a pruned student): "packed" lists them
+STUDENT_FORMAT_PACKED = "unirep-student/3"
 # the backbone as a torch.export program, beside TIMM_CONFIG in BACKBONE_DIR (for unirep.layout)
 SEGNET_TIMM_NAME = "segnet_mtan"
 _OLD_DENSE_STREAM = "images"
@@ -97,9 +104,10 @@ def export_student(
     """Write the student's weights, its timm backbone, its model card (``card(manifest)``, when
     given) and, last, its manifest, each atomically; returns the manifest."""
     directory = Path(directory)
-    digest = save_weights(directory / WEIGHTS, net.state_dict())
+    state, packed = pack_sparse(net.state_dict())
+    digest = save_weights(directory / WEIGHTS, state)
     manifest = {
-        "format": STUDENT_FORMAT,
+        "format": STUDENT_FORMAT_PACKED if packed else STUDENT_FORMAT,
         "unirep_version": __version__,
         "preset": preset,
         "architecture": architecture,
@@ -109,6 +117,7 @@ def export_student(
         "teachers": teacher_records(teachers),
         "selection": selection,
         "weights_sha256": digest,
+        **({"packed": packed} if packed else {}),
         "timm_backbone": export_backbone(
             directory / BACKBONE_DIR, net, architecture, preprocessing
         ),
@@ -295,7 +304,12 @@ def export_backbone(
     }
 
 
-STUDENT_FORMATS = (STUDENT_FORMAT, "unirep-student/1", "unirep-dense-student/1")
+STUDENT_FORMATS = (
+    STUDENT_FORMAT_PACKED,
+    STUDENT_FORMAT,
+    "unirep-student/1",
+    "unirep-dense-student/1",
+)
 """The export formats this version reads (the current one and unirep 0.1's)."""
 _RECOPY = "copy the whole student folder again (or rerun its run to export it again)"
 
@@ -372,6 +386,14 @@ def read_student(directory: Path) -> tuple[dict[str, Any], dict[str, torch.Tenso
         state = load_weights(weights)
     except ValueError as err:
         raise StudentError(f"{err}; {_RECOPY}") from None
+    if manifest.get("packed"):  # a pruned student: its mostly-zero weights packed
+        try:
+            state = unpack_sparse(state, manifest["packed"])
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
+            raise StudentError(
+                f"student weights {str(weights)!r} do not unpack as {STUDENT_MANIFEST} says "
+                f"({type(err).__name__}: {err}); {_RECOPY}"
+            ) from None
     _check_fits(directory, manifest, state)
     return manifest, state
 
@@ -396,7 +418,10 @@ def student_tasks(manifest: dict[str, Any]) -> dict[str, Task]:
 
 def student_preprocessing(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """``{stream: preprocessing}`` of an exported student (any manifest format)."""
-    if "preprocessing" in manifest and manifest.get("format") == STUDENT_FORMAT:
+    if "preprocessing" in manifest and manifest.get("format") in (
+        STUDENT_FORMAT,
+        STUDENT_FORMAT_PACKED,
+    ):
         return manifest["preprocessing"]
     if "preprocessing" in manifest:  # unirep-dense-student/1
         return {_OLD_DENSE_STREAM: manifest["preprocessing"]}

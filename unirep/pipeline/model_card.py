@@ -220,6 +220,11 @@ def _title(manifest: dict[str, Any], cfg: Config) -> list[str]:
                 else ""
             )
         )
+    if manifest.get("packed"):  # a pruned student (DiSparse): its mostly-zero weights packed
+        network += (
+            f", pruned ({len(manifest['packed'])} weight tensors at least half zeros, stored "
+            "packed: the kept values and a bitmask)"
+        )
     return [
         f"# unirep student: {cfg.preset} / {cfg.name}",
         "",

@@ -25,6 +25,7 @@ from unirep.layout import (
     BRANCHING_FIGURE,
     CURVES_FIGURE,
     PER_TASK_FIGURE,
+    PRUNING_FIGURE,
     REPORT,
     WEIGHTING_FIGURE,
 )
@@ -430,6 +431,115 @@ def _fusion_section(sharing: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def watershed(iou: Mapping[str, Any]) -> int | None:
+    """Index of DiSparse's "watershed" layer: the shared layer after which the tasks' keep
+    masks agree least, i.e. with the largest drop of the pairwise IoU from the layer before
+    (None with fewer than two layers)."""
+    values = list(iou.get("pairwise") or [])
+    if len(values) < 2:
+        return None
+    drops = [values[i - 1] - values[i] for i in range(1, len(values))]
+    return 1 + max(range(len(drops)), key=drops.__getitem__)
+
+
+def _pruning_section(sharing: Mapping[str, Any]) -> str:
+    """Markdown: what DiSparse kept (target and real densities, per task's own weights) and the
+    per-layer IoU of the tasks' keep masks over the shared encoder, with :data:`PRUNING_FIGURE`."""
+    tasks = sharing.get("task_density") or {}
+    text = (
+        f"DiSparse ({sharing.get('mode')} masks): each task kept its top "
+        f"{100 * float(sharing.get('target_density', 0)):.1f} % of the weights it reaches, and a "
+        "shared weight is pruned only when every task prunes it. Real density: "
+        f"{100 * float(sharing.get('density', 0)):.1f} % of the "
+        f"{sharing.get('prunable_weights')} prunable weights (shared encoder "
+        f"{100 * float(sharing.get('shared_density', 0)):.1f} %; own decoder and head: "
+        + ", ".join(f"{t} {100 * d:.1f} %" for t, d in tasks.items())
+        + "). The union over tasks is why the real density is above the target."
+    )
+    iou = sharing.get("iou") or {}
+    layers = iou.get("layers") or []
+    if not layers:
+        return "## What the tasks share\n\n" + text
+    density = sharing.get("layers") or {}
+    rows = [
+        [name, f"{100 * float(density.get(name, 1.0)):.1f}", f"{a:.3f}", f"{p:.3f}"]
+        for name, a, p in zip(layers, iou["iou"], iou["pairwise"], strict=True)
+    ]
+    shed = watershed(iou)
+    text += (
+        " The IoU of the tasks' keep masks (|kept by all| / |kept by any|, and its mean over "
+        "task pairs) says how alike the sub-networks the tasks chose are, layer by layer"
+        + (
+            f"; it drops most at `{layers[shed]}` (the watershed layer: past it, the tasks "
+            "want different weights and sharing buys little)."
+            if shed is not None
+            else "."
+        )
+    )
+    return (
+        "## What the tasks share\n\n"
+        + text
+        + "\n\n"
+        + _table(
+            ["shared layer", "density (%)", "IoU (all)", "IoU (pairs)"], rows, ["l", "r", "r", "r"]
+        )
+        + f"\n\n![Density and keep-mask IoU per shared layer]({PRUNING_FIGURE})"
+    )
+
+
+def _pruning_figure(sharing: Mapping[str, Any]) -> bytes | None:
+    """The shared layers' density and the IoU of the tasks' keep masks, layer by layer."""
+    iou = sharing.get("iou") or {}
+    layers = iou.get("layers") or []
+    if not layers:
+        return None
+    density = sharing.get("layers") or {}
+    fig = Figure(figsize=(max(4.5, 0.45 * len(layers) + 1.5), 3.2))
+    ax = fig.add_subplot(1, 1, 1)
+    x = list(range(len(layers)))
+    ax.plot(x, [density.get(n, 1.0) for n in layers], "o-", label="density kept")
+    ax.plot(x, iou["iou"], "s-", label="IoU, all tasks")
+    ax.plot(x, iou["pairwise"], "^-", label="IoU, mean over pairs")
+    shed = watershed(iou)
+    if shed is not None:
+        ax.axvline(shed, color="grey", linestyle=":", label="watershed")
+    ax.set_xticks(x, [n.replace("encoder.", "") for n in layers], rotation=60, ha="right",
+                  fontsize=6)  # fmt: skip
+    ax.set_ylim(0, 1.05)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return _figure_png(fig)
+
+
+def _auxiliary_section(sharing: Mapping[str, Any]) -> str:
+    """Markdown: what each task kept of the pruned auxiliary network (units per layer) and how
+    much the tasks' masks overlap (IoU over every unit)."""
+    layers = list(sharing.get("layers") or {})
+    kept = sharing.get("kept") or {}
+    overlap = sharing.get("overlap") or {}
+    tasks = list(kept)
+    widths = sharing.get("layers") or {}
+    rows = [[t] + [f"{kept[t][n]}/{widths[n]}" for n in layers] for t in tasks]
+    pairs = [f"{a}–{b} {overlap[a][b]:.2f}" for i, a in enumerate(tasks) for b in tasks[i + 1 :]]
+    stage = (sharing.get("stages") or [{}])[0]
+    aux = (
+        f" The auxiliary network ({stage.get('union_classes')} union classes) reached "
+        f"{100 * stage['val_accuracy']:.1f} % validation accuracy at step {stage.get('best_step')}."
+        if stage.get("val_accuracy") is not None
+        else ""
+    )
+    return (
+        "## What each task kept\n\n"
+        "Pruned auxiliary network: each task reads the auxiliary network (learnt on the union "
+        f"of the tasks' classes) through its own mask, the {sharing.get('keep')} share of each "
+        "layer's units most important to its classes (first-order Taylor importance on its "
+        f"labelled images); auxiliary loss weight {sharing.get('auxiliary_weight')}.{aux} "
+        "Pairwise IoU of the masks: " + (", ".join(pairs) or "one task") + " "
+        "(`unit_masks/student.json` holds the masks and the importances).\n\n"
+        + _table(["task", *layers], rows, ["l"] + ["r"] * len(layers))
+    )
+
+
 def sharing_section(summary: Mapping[str, Any]) -> str:
     """Markdown: what the student's tasks share (``summary.sharing``: SMTL's gate per task and,
     for the Lite gate, the encoder each task picked) and what the exported student costs to run
@@ -440,6 +550,10 @@ def sharing_section(summary: Mapping[str, Any]) -> str:
         blocks.append(_fusion_section(sharing))
     elif sharing and sharing.get("name") == "automtl":
         blocks.append(_branching_section(sharing))
+    elif sharing and sharing.get("name") == "disparse":
+        blocks.append(_pruning_section(sharing))
+    elif sharing and sharing.get("name") == "pruned_auxiliary":
+        blocks.append(_auxiliary_section(sharing))
     elif sharing:
         chosen = sharing.get("chosen") or {}
         rows = [
@@ -865,6 +979,10 @@ def write_report(
         figure = _branching_figure(sharing)
         if figure is not None:
             atomic_write_bytes(run_dir / BRANCHING_FIGURE, figure)
+    if sharing.get("name") == "disparse":
+        figure = _pruning_figure(sharing)
+        if figure is not None:
+            atomic_write_bytes(run_dir / PRUNING_FIGURE, figure)
     figure = _weighting_figure(weighting or {})
     if figure is not None:
         atomic_write_bytes(run_dir / WEIGHTING_FIGURE, figure)

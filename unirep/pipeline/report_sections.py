@@ -19,6 +19,7 @@ import unirep.layout as layout
 from unirep.data.streams import RunData
 from unirep.metrics.classification import PUBLISHED_ACCURACY, official_decathlon_score
 from unirep.pipeline.report import prediction_grid_figure, write_figure, write_report
+from unirep.pipeline.saliency import saliency_section
 from unirep.tasks import Task
 from unirep.teachers.store import Teacher
 from unirep.training.evaluator import Evaluator
@@ -41,6 +42,7 @@ def write_run_report(run_dir: Path, metrics: dict[str, Any], grid: str) -> None:
             unlabelled_note(metrics),
             published_comparison(metrics),
             delta_m_notes(metrics),
+            saliency_section(run_dir, metrics, curves),
             grid,
             reliability_section(metrics),
         ],

@@ -243,9 +243,14 @@ def reference_records(
 
 
 def data_records(data: RunData) -> dict[str, Any]:
-    """Summary entries about the data: whether the reported split is labelled and the files
-    skipped as corrupt (``data.on_corrupt=skip``), listed with their reason."""
-    return {"skipped_files": data.skipped()}
+    """Summary entries about the data: whether the reported split is labelled, the files
+    skipped as corrupt (``data.on_corrupt=skip``), listed with their reason, and the tasks
+    carved from the domains (``carving``, when ``classification.overlap`` is set)."""
+    records: dict[str, Any] = {"skipped_files": data.skipped()}
+    carving = getattr(data, "carving_summary", None)
+    if carving is not None:
+        records["carving"] = carving()
+    return records
 
 
 def submission_entries(

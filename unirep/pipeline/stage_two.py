@@ -16,6 +16,7 @@ made in :mod:`unirep.pipeline.report_sections` (their names are importable from 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,12 @@ from unirep.errors import ConfigError
 from unirep.io import atomic_write_json
 from unirep.metrics.cost import inference_cost, input_shape
 from unirep.models.build import architecture, build_network, count_parameters, exported
-from unirep.objective import Objective, build_cross_task_terms, build_joint_terms
+from unirep.objective import (
+    Objective,
+    build_cross_task_terms,
+    build_joint_terms,
+    build_saliency_terms,
+)
 from unirep.pipeline.branching import search_then_retrain
 from unirep.pipeline.export import (
     STUDENT_MANIFEST,
@@ -43,7 +49,9 @@ from unirep.pipeline.export import (
     student_tasks,
 )
 from unirep.pipeline.model_card import model_card, reproduce_command
+from unirep.pipeline.overlap import learn_with_auxiliary
 from unirep.pipeline.progressive import fuse_progressively
+from unirep.pipeline.pruning import prune_and_train
 from unirep.pipeline.report_sections import GRID_FIGURE as GRID_FIGURE
 from unirep.pipeline.report_sections import GRID_SAMPLES as GRID_SAMPLES
 from unirep.pipeline.report_sections import delta_m_notes as delta_m_notes
@@ -63,6 +71,7 @@ from unirep.pipeline.results import (
 from unirep.pipeline.results import fit_records as fit_records
 from unirep.pipeline.results import reference_records as reference_records
 from unirep.pipeline.rundir import resume_point, stored
+from unirep.pipeline.saliency import saliency_record
 from unirep.stage_one.keys import teacher_key, teacher_path
 from unirep.tasks import Task
 from unirep.teachers.output_cache import output_cache_summary
@@ -210,6 +219,7 @@ def student_phase(
     if role == "student" and cfg.dense is not None:  # the baseline stays plain supervised
         joint = build_joint_terms(cfg.dense.partial, tasks, net.encoder.channels[-1])
         joint.update(build_cross_task_terms(cfg.dense.transfer, tasks))
+        joint.update(build_saliency_terms(cfg.dense.saliency, tasks, net))
     weighting = build_weighting(cfg.weighting.name, list(tasks), **cfg.weighting.kwargs)
     objective = Objective(tasks, cfg.distill if distill else None, joint)
     module = TrainableModule(net, objective, weighting, aligners, cfg.train.diagnostics_every)
@@ -365,13 +375,19 @@ def train_phase(run: StageTwo, trained: Trained, role: str, teacher_val: Results
     record its fit, network, architecture, module and teacher-output cache in ``trained``. A
     progressive-fusion student (``dense.sharing.name=pdf``) trains stage after stage
     (:func:`unirep.pipeline.progressive.fuse_progressively`), an AutoMTL one searches, then
-    retrains what it chose (:func:`unirep.pipeline.branching.search_then_retrain`); the last
-    phase is the role's."""
+    retrains what it chose (:func:`unirep.pipeline.branching.search_then_retrain`), a DiSparse
+    one is pruned before it trains (:func:`unirep.pipeline.pruning.prune_and_train`), a pruned
+    auxiliary one learns the union of the classes first
+    (:func:`unirep.pipeline.overlap.learn_with_auxiliary`); the last phase is the role's."""
     arch = architecture(run.cfg, student=True)
     if arch.get("sharing") == "pdf":
         return fuse_progressively(run, trained, role, teacher_val, arch, fit_network)
     if arch.get("sharing") == "automtl":
         return search_then_retrain(run, trained, role, teacher_val, arch, fit_network)
+    if arch.get("sharing") == "disparse":
+        return prune_and_train(run, trained, role, teacher_val, arch, fit_network)
+    if arch.get("sharing") == "pruned_auxiliary":
+        return learn_with_auxiliary(run, trained, role, teacher_val, arch, fit_network)
     return fit_network(run, trained, role, teacher_val, arch, role)
 
 
@@ -382,9 +398,11 @@ def fit_network(
     teacher_val: Results | None,
     arch: dict[str, Any],
     name: str,
+    prepare: Callable[[Phase], None] | None = None,
 ) -> Phase:
     """Fit the network ``arch`` as ``role`` in the phase ``name`` (its checkpoints and log) and
-    record it in ``trained`` under ``role``."""
+    record it in ``trained`` under ``role``. ``prepare(phase)`` runs on the built phase before
+    it trains (DiSparse prunes there; a checkpoint or the best weights then load over it)."""
     phase, cache = student_phase(
         run.cfg,
         run.accelerator,
@@ -403,6 +421,8 @@ def fit_network(
     if role in trained.fits:  # an earlier stage of the role (PDF, AutoMTL): its time counts too
         earlier = trained.fits[role]
         trained.earlier_seconds[role] = trained.earlier_seconds.get(role, 0.0) + earlier.seconds
+    if prepare is not None:
+        prepare(phase)
     trained.fits[role] = fit(run.accelerator, phase, run.evaluator, progress=run.cfg.progress)
     trained.nets[role] = phase.module.student
     trained.modules[role] = phase.module
@@ -473,6 +493,9 @@ def run_metrics(
         metrics["summary"]["sharing"] = record()
         if "student" in trained.stages:  # PDF: what each stage measured; AutoMTL: its search
             metrics["summary"]["sharing"]["stages"] = trained.stages["student"]
+    relations = saliency_record(module, layout.log_file(run.run_dir, "student"))
+    if relations is not None:  # SRDML: the task relation the student's objective learned
+        summary["saliency"] = relations
     return metrics
 
 

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from unirep.batch import Batch
 from unirep.losses.bundle import LossBundle
-from unirep.objective import Objective
+from unirep.objective import Objective, masked_loss
 from unirep.training.diagnostics import TaskDiagnostics
 from unirep.weighting import Weighting
 
@@ -95,6 +95,25 @@ class TrainableModule(nn.Module):
             bundle = bundle.only(tasks, joint)
             bundle.logs = {**bundle.logs, "loss": total}
         return bundle
+
+    def supervised_losses(self, batch: Batch) -> dict[str, Tensor]:
+        """Each task's unweighted supervised loss on ``batch`` (its label masks respected), from
+        one forward of the student: what DiSparse scores the weights with."""
+        outputs = self.student(batch.inputs)
+        losses = self.objective.task_losses
+        return {
+            t: masked_loss(losses[t], out["pred"], batch.targets[t], batch.label_mask[t])
+            for t, out in outputs.items()
+            if t in losses and t in batch.targets
+        }
+
+    def after_update(self, batch: Batch, done: int, total_steps: int, accelerator: Any) -> None:
+        """After each optimizer step: a student that changes itself between steps (DiSparse's
+        masks, :meth:`unirep.models.pruning.DiSparseNet.after_update`) does so here, with the
+        step's last micro-batch."""
+        update = getattr(self.student, "after_update", None)
+        if update is not None:
+            update(done, total_steps, lambda: self.supervised_losses(batch), accelerator)
 
     def parameter_groups(self) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
         """(main optimizer's parameters, alignment adapters' parameters), from the modules:

@@ -234,6 +234,7 @@ def _update(
             with torch.no_grad():
                 after = ctx.module(batch, teacher_out, step, cfg.max_steps).task_losses()
         weighting.after_step(after, acc)
+        unwrapped.after_update(batch, step + 1, cfg.max_steps, acc)  # e.g. DiSparse's masks
     return terms
 
 

@@ -167,7 +167,8 @@ def test_soft_gates_export_as_they_are() -> None:
         ("dense.sharing={name: smtl, kwargs: {tau: 0}}", "tau"),
         ("dense.sharing={name: smtl, kwargs: {distill_from: public}}", "distill_from"),
         ("dense.sharing={name: smtl, kwargs: {width: 2}}", "dense.sharing.kwargs"),
-        ("dense.sharing={name: gates}", "valid choices: automtl, pdf, smtl"),
+        ("dense.sharing={name: gates}", "valid choices: automtl, disparse, pdf, smtl"),
+        ("dense.sharing={name: disparse, kwargs: {mode: magnitude}}", "mode must be one of"),
         ("dense.cross_task={name: mtan}", "cannot be combined"),
     ],
 )
