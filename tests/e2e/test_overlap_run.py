@@ -153,3 +153,23 @@ def test_two_processes_train_the_pruned_auxiliary_student(tiny_cache: Path, tmp_
     net, _ = load_student(tmp_path / "ddp" / "student")
     assert net.masks() == masks["masks"]
     assert set(metrics["tasks"]) == TASKS
+
+
+def test_the_benchmark_times_the_joint_step_with_its_auxiliary_loss(
+    tiny_cache: Path, tmp_path: Path
+) -> None:
+    """``scripts/benchmark.py --variants overlap``: the pruned auxiliary network's joint step,
+    its auxiliary loss attached as the pipeline attaches it, against plain multi-task learning."""
+    from unirep.cli.benchmark import benchmark_variants
+    from unirep.experiments.benchmark import term_costs
+
+    variants = benchmark_variants("overlap")
+    assert list(variants)[:2] == ["multi-task", "pruned-auxiliary"]
+    names = ["multi-task", "pruned-auxiliary"]
+    configs = {
+        n: load_config(PRESET, [*_args(tiny_cache, tmp_path, "bench")[2:], *variants[n]])
+        for n in names
+    }
+    rows = term_costs(configs, steps=1, warmup=1, untrained_teachers=True, spawn=False)
+    assert rows["multi-task"]["ratio_step"] == pytest.approx(1.0)
+    assert rows["pruned-auxiliary"]["ratio_step"] > 0

@@ -1,7 +1,7 @@
 """Time the real training step against a minimal loop; split a phase into its parts.
 
     python scripts/benchmark.py [--steps N] [--warmup N] [--json PATH] [--run-dir DIR]
-        [--untrained-teachers] [--joint-scaling | --term-costs | --options | --sharing | --pruning |
+        [--untrained-teachers] [--joint-scaling | --term-costs | --options | --variants SET |
         --weightings[=NAMES] [--with-distill]] [--config PRESET_OR_PATH] [key=value ...]
     unirep benchmark ...                                          (the installed equivalent)
 
@@ -24,10 +24,14 @@ the student's real step with each speed option on against all off
 (``unirep.experiments.benchmark.OPTION_VARIANTS``: channels_last, compile, bf16, batched teachers,
 teachers in bf16), on CUDA when present, ``--sharing`` only times the distilled student's real
 step with each student architecture of ``scripts/compare.py --variants sharing`` (SMTL's gates)
-against the shared-encoder student, ``--pruning`` the same with each DiSparse mode of
-``scripts/compare.py --variants pruning`` against the dense student (the step with its masked
-gradients and, for ``dynamic``, the per-task gradients of its mask updates every ``interval``
-steps; the masks' content does not change the dense compute), ``--weightings`` only times the
+against the shared-encoder student, ``--variants SET`` the same for any comparison set of
+``scripts/compare.py`` (``--sharing`` is ``--variants sharing``, ``--pruning`` ``--variants
+pruning``: each DiSparse mode against the dense student, the step with its masked gradients,
+and the dynamic mode updating its masks on every step, a forward and one backward per task, the
+cost of one update that ``interval`` spreads; the masks' content does not change the dense
+compute; ``saliency``: SRDML; ``overlap``: the pruned auxiliary network's joint step with its
+auxiliary loss against plain multi-task learning, on ``--config mini-decathlon-overlap``),
+``--weightings`` only times the
 student's real step under each task-balancing method (``unirep.weighting``; NAMES:
 comma-separated registry names, ``imtl`` for its three modes or ``imtl-l`` / ``-g`` / ``-h``;
 default
@@ -59,6 +63,7 @@ import torch
 from unirep.cli.args import parse_args, run
 from unirep.config.schema import Config
 from unirep.data.streams import RunData
+from unirep.errors import ConfigError
 from unirep.experiments.benchmark import (
     OPTION_VARIANTS,
     format_joint_scaling,
@@ -72,7 +77,7 @@ from unirep.experiments.benchmark import (
     weighting_configs,
     weighting_costs,
 )
-from unirep.experiments.compare import PRUNING_VARIANTS, SHARING_VARIANTS, XTASK_VARIANTS
+from unirep.experiments.compare import FRONT, VARIANT_SETS, XTASK_VARIANTS
 from unirep.pipeline.rundir import make_accelerator
 from unirep.pipeline.stage_two import resolve_data
 from unirep.stage_one.train import ensure_teachers
@@ -93,6 +98,7 @@ def split_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--options", action="store_true")
     parser.add_argument("--sharing", action="store_true")
     parser.add_argument("--pruning", action="store_true")
+    parser.add_argument("--variants", metavar="SET")
     parser.add_argument("--weightings", nargs="?", const="", metavar="NAMES")
     parser.add_argument("--with-distill", action="store_true")
     flags, rest = parser.parse_known_args(argv)
@@ -185,6 +191,26 @@ def _side_by_side(
     return rows, source
 
 
+def benchmark_variants(name: str) -> dict[str, list[str]]:
+    """The variants of the comparison set ``name`` (:data:`unirep.experiments.compare.
+    VARIANT_SETS`) whose step ``--variants`` times: every one but the ``-plain`` twins (the same
+    step without the teachers) and the derived ones; ``pruning`` adds the dynamic DiSparse mode
+    updating its masks on every step (the cost of one update, which ``interval`` spreads)."""
+    if name not in VARIANT_SETS:
+        raise ConfigError(f"--variants {name!r}: valid sets are {', '.join(VARIANT_SETS)}")
+    variants = {
+        n: o
+        for n, o in VARIANT_SETS[name].items()
+        if not n.endswith("-plain") and ":" not in n and n != FRONT  # no best-of:, combine:
+    }
+    if name == "pruning":
+        variants["disparse-dynamic-90 every step"] = [
+            "dense.sharing={name: disparse, kwargs: {mode: dynamic, sparsity: 0.9, interval: 1, "
+            "end: 1.0}}"
+        ]
+    return variants
+
+
 def _term_costs(cfg: Config, rest: list[str], flags: argparse.Namespace) -> None:
     """The student's step with distillation alone, then with each cross-task / contrastive
     term of the ablation (:data:`unirep.experiments.compare.XTASK_VARIANTS`), side by side."""
@@ -232,20 +258,9 @@ def main(prog: str = PROG) -> None:
     if flags.term_costs:
         _term_costs(cfg, rest, flags)
         return
-    if flags.sharing:  # each student architecture against the shared encoder
-        variants = {n: o for n, o in SHARING_VARIANTS.items() if not n.endswith("-plain")}
-        rows, source = _side_by_side(cfg, rest, flags, variants)
-        _report_rows(rows, format_term_costs(rows), source, flags)
-        return
-    if flags.pruning:  # each DiSparse mode against the dense student
-        variants = {n: o for n, o in PRUNING_VARIANTS.items() if not n.endswith("-plain")}
-        # the dynamic mode's mask update (a forward and T backward passes) on every step: its
-        # cost per update, which the default interval of 50 steps spreads out
-        variants["dynamic-90 every step"] = [
-            "dense.sharing={name: disparse, kwargs: {mode: dynamic, sparsity: 0.9, interval: 1, "
-            "end: 1.0}}"
-        ]
-        rows, source = _side_by_side(cfg, rest, flags, variants)
+    chosen = "sharing" if flags.sharing else "pruning" if flags.pruning else flags.variants
+    if chosen:  # each variant of a comparison set against its first (distilled ones)
+        rows, source = _side_by_side(cfg, rest, flags, benchmark_variants(chosen))
         _report_rows(rows, format_term_costs(rows), source, flags)
         return
     if flags.options:  # each speed option on vs off (on CUDA when present)

@@ -79,6 +79,7 @@ from unirep.data.streams import RunData
 from unirep.errors import ConfigError, TeacherMismatchError
 from unirep.models.build import architecture, build_network
 from unirep.optim.optimizers import build_optimizer
+from unirep.pipeline.overlap import attach_auxiliary_loss, joint_architecture
 from unirep.pipeline.rundir import make_accelerator
 from unirep.pipeline.stage_two import evaluate_teachers, load_teachers, resolve_data, student_phase
 from unirep.pipeline.validate import validate
@@ -351,9 +352,15 @@ def measure(
         work = Path(tmp)
         role = "baseline" if mode == "baseline" else "student"
         phase_cfg = cached_config(cfg) if mode == CACHED else cfg
+        # the pruned auxiliary network's joint step (masks all kept: the same compute) with its
+        # auxiliary loss, as unirep.pipeline.overlap trains it
+        arch = joint_architecture(architecture(phase_cfg, student=True), data)
         phase, cache = student_phase(
-            phase_cfg, accelerator, role, data, tasks, work, teachers, teacher_val, MODES[mode]
-        )
+            phase_cfg, accelerator, role, data, tasks, work, teachers, teacher_val, MODES[mode],
+            arch=arch,
+        )  # fmt: skip
+        if role == "student":
+            attach_auxiliary_loss(phase, tasks, arch.get("sharing_kwargs", {}).get("union", {}))
         phase = _bench_phase(phase, work)
         accum = phase.cfg.gradient_accumulation_steps
         images = sum(phase.batch_sizes.values()) * accum

@@ -75,19 +75,35 @@ def learn_with_auxiliary(
             run.cfg.data.eval_batch_size,
         ),
     )  # fmt: skip
-    joint = {**arch, "sharing_kwargs": {**settings, "union": union}}
+    joint = joint_architecture(arch, run.data)
 
     def prepare(phase: Any) -> None:
         net = phase.module.student
         net.start_from(aux_net.backbone, aux_net.heads[AUXILIARY], record["masks"])
-        if net.auxiliary_head is not None:  # before fit prepares the module: it moves with it
-            streams = {t: task.stream for t, task in run.tasks.items()}
-            term = AuxiliaryLoss(union, net.auxiliary_weight, streams)
-            phase.module.objective.joint["auxiliary"] = term
+        attach_auxiliary_loss(phase, run.tasks, union)
 
     phase = fit_network(run, trained, role, teacher_val, joint, role, prepare)
     trained.stages[role] = [auxiliary_stage(auxiliary, result, record)]
     return phase
+
+
+def attach_auxiliary_loss(phase: Any, tasks: dict[str, Any], union: dict[str, list[int]]) -> None:
+    """Give the joint phase's objective the auxiliary loss (:class:`AuxiliaryLoss`) when its
+    network keeps the auxiliary head; before ``fit`` prepares the module, so that it moves with
+    it (also used by ``scripts/benchmark.py`` to time the joint step as it runs)."""
+    net = phase.module.student
+    if getattr(net, "auxiliary_head", None) is not None:
+        streams = {t: task.stream for t, task in tasks.items()}
+        term = AuxiliaryLoss(union, net.auxiliary_weight, streams)
+        phase.module.objective.joint["auxiliary"] = term
+
+
+def joint_architecture(arch: dict[str, Any], data: Any) -> dict[str, Any]:
+    """The joint phase's network record: ``arch`` with the run's union of the tasks' classes."""
+    if arch.get("sharing") != "pruned_auxiliary":
+        return arch
+    return {**arch, "sharing_kwargs": {**arch.get("sharing_kwargs", {}),
+                                       "union": union_classes(data)}}  # fmt: skip
 
 
 def plain_architecture(arch: dict[str, Any]) -> dict[str, Any]:
