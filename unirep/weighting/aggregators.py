@@ -107,6 +107,34 @@ class Aggregator(nn.Module, abc.ABC):
         return w * count if self.scale == "sum" else w
 
 
+class JacobianAggregator(nn.Module, abc.ABC):
+    """``forward(jacobian [T, n], present [T] bool) -> direction [n]``: a method whose update is
+    not a combination ``w @ J`` the Gramian decides (GradDrop's per-coordinate sign masks) or that
+    needs the gradients themselves (GradVac's per-pair cosine targets). State lives in buffers,
+    checkpointed with the weighting. :class:`~unirep.weighting.gradient.GradientWeighting` hands
+    it the process-averaged Jacobian, so every process computes the same direction."""
+
+    def __init__(self, num_tasks: int) -> None:
+        super().__init__()
+        self.num_tasks = int(num_tasks)
+
+    @abc.abstractmethod
+    def combine(self, jacobian: Tensor) -> Tensor:
+        """The update direction ``[n]`` of the task gradients ``jacobian`` ``[k, n]`` (the
+        present tasks' rows, in task order)."""
+
+    def forward(self, jacobian: Tensor, present: Tensor | None = None) -> Tensor:
+        """The direction ``[n]`` from the rows of the present tasks (all when ``present`` is
+        None); zeros when no task is present."""
+        if jacobian.shape[0] != self.num_tasks:
+            raise ValueError(f"expected {self.num_tasks} gradient rows, got {jacobian.shape[0]}")
+        if present is not None and not bool(present.all()):
+            if not bool(present.any()):
+                return torch.zeros_like(jacobian[0])
+            jacobian = jacobian[present]
+        return self.combine(jacobian)
+
+
 class _TorchJD(Aggregator):
     """A torchjd Gramian weighting (``torchjd.aggregation.<Name>Weighting``), given the Gramian
     divided by its trace (the weights do not change; torchjd's absolute thresholds then do not

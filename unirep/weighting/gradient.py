@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from unirep.losses.bundle import LossBundle
-from unirep.weighting.aggregators import Aggregator, build_aggregator
+from unirep.weighting.aggregators import Aggregator, JacobianAggregator, build_aggregator
 from unirep.weighting.base import WEIGHTINGS, LossWeighting, Weighting
 
 _UNSUPPORTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
@@ -131,6 +131,20 @@ class GradientWeighting(Weighting):
         self.calls += 1
         return weights
 
+    def _direction(self, jacobian: Tensor, gramian: Tensor) -> Tensor:
+        """A :class:`~unirep.weighting.aggregators.JacobianAggregator`'s direction ``[n]`` from
+        the task rows ``[T, n]``, seeded like :meth:`_weights`; the sum of the present rows when
+        they are not finite (no method's state takes them in)."""
+        present = gramian.diagonal() > 0
+        if not bool(torch.isfinite(gramian).all()):
+            direction = jacobian[present].sum(0) if bool(present.any()) else jacobian[0] * 0
+        else:
+            with torch.random.fork_rng(devices=[jacobian.device] if jacobian.is_cuda else []):
+                torch.manual_seed(self.seed + int(self.calls))
+                direction = self.aggregator(jacobian, present)
+        self.calls += 1
+        return direction
+
     def backward(
         self, bundle: LossBundle, shared: list[nn.Parameter], accelerator: Any
     ) -> dict[str, float]:
@@ -170,9 +184,14 @@ class GradientWeighting(Weighting):
             self.on_window(params, window)
             task_jacobian, joint_grad = window[:-1], window[-1]
             gramian = task_jacobian @ task_jacobian.T
-            weights = self._weights(gramian, accelerator)
-            update = (weights.to(dtype) @ task_jacobian + joint_grad) * loss_scale
-            logs = self._logs(gramian, weights)
+            if isinstance(self.aggregator, JacobianAggregator):  # e.g. GradDrop, GradVac
+                direction = self._direction(task_jacobian, gramian)
+                update = (direction.to(dtype) + joint_grad) * loss_scale
+                logs = self._logs(gramian, None)
+            else:
+                weights = self._weights(gramian, accelerator)
+                update = (weights.to(dtype) @ task_jacobian + joint_grad) * loss_scale
+                logs = self._logs(gramian, weights)
         offset = 0
         with torch.no_grad():
             for p, before in zip(params, saved, strict=True):
@@ -234,13 +253,16 @@ class GradientWeighting(Weighting):
         accelerator.backward(total)
         return self._logs(gramian, weights)
 
-    def _logs(self, gramian: Tensor, weights: Tensor) -> dict[str, float]:
+    def _logs(self, gramian: Tensor, weights: Tensor | None) -> dict[str, float]:
+        """``weight/<t>`` (when the method has weights) and ``gradcos/<a>~<b>``."""
         norms = gramian.diagonal().clamp_min(0).sqrt()
         cosine = gramian / (norms[:, None] * norms[None, :]).clamp_min(
             torch.finfo(norms.dtype).tiny
         )
-        cosine_list, weight_list = cosine.tolist(), weights.tolist()
-        logs = {f"weight/{t}": w for t, w in zip(self.tasks, weight_list, strict=True)}
+        cosine_list = cosine.tolist()
+        logs: dict[str, float] = {}
+        if weights is not None:
+            logs = {f"weight/{t}": w for t, w in zip(self.tasks, weights.tolist(), strict=True)}
         for a in range(len(self.tasks)):
             for b in range(a + 1, len(self.tasks)):
                 logs[f"gradcos/{self.tasks[a]}~{self.tasks[b]}"] = cosine_list[a][b]
