@@ -24,7 +24,7 @@ import torch
 import unirep.layout as layout
 from unirep.errors import ConfigError
 from unirep.experiments.jobs import Job, JobResult, run_jobs
-from unirep.io import atomic_write_json, atomic_write_text, read_json
+from unirep.io import atomic_write_json, atomic_write_text
 from unirep.metrics.classification import METRIC_HIGHER_IS_BETTER, delta_m
 from unirep.pipeline.report import format_metric, write_figure
 from unirep.pipeline.rundir import make_accelerator
@@ -116,6 +116,7 @@ _DISPARSE = "dense.sharing={name: disparse, kwargs: {mode: %s, sparsity: %s}}"
 PRUNING_VARIANTS: dict[str, list[str]] = {
     "shared": SHARING_VARIANTS["shared"],
     "shared-plain": SHARING_VARIANTS["shared-plain"],
+    "shared-2x": ["dense.sharing=null", "dense.saliency=null", "train.max_steps=800"],
     "disparse-static-90": [_DISPARSE % ("static", 0.9)],
     "disparse-static-90-plain": [_DISPARSE % ("static", 0.9), _NO_DISTILL],
     "disparse-static-70": [_DISPARSE % ("static", 0.7)],
@@ -127,7 +128,8 @@ PRUNING_VARIANTS: dict[str, list[str]] = {
 shared) and DiSparse at 90 % and 70 % target sparsity, with the masks found at initialisation
 (``static``), on the trained dense network then fine-tuned (``pretrained``: two trainings per
 run) or pruned and regrown during training (``dynamic``), each distilled and, for the reference
-and ``disparse-static-90``, without distillation (``-plain``)."""
+and ``disparse-static-90``, without distillation (``-plain``); ``shared-2x`` is the dense student
+trained twice as long, the control for ``pretrained``'s two trainings."""
 
 _SRDML = "dense.saliency={weight: %s, relation_lr: 0.01, floor: 0.05}"
 SALIENCY_VARIANTS: dict[str, list[str]] = {
@@ -353,7 +355,7 @@ _COST_COLUMNS = {
 """The cost columns of a comparison: the exported student's parameters (all, and not zero), the
 size of its weights file, its inference time per image and the student phase's wall-clock (its
 steps and validations), from ``metrics.json`` (``export_kib`` is read from the run folder by
-:func:`finished_metrics`)."""
+:func:`with_export_size`)."""
 
 
 def _dig(record: dict[str, Any], path: tuple[str, ...]) -> Any:
@@ -415,8 +417,10 @@ def markdown(
                 continue
             mean, std = row[c]
             metric = c.split("/")[-1]
-            if c == "params":
+            if c in ("params", "nonzero_params"):
                 cells.append(f"{mean / 1e3:,.0f} k")
+            elif c == "export_kib":
+                cells.append(f"{mean:,.0f}")
             elif c == "milliseconds_per_image":
                 cells.append(f"{mean:.2f} ± {std:.2f}")
             elif c == "student_seconds":
@@ -628,13 +632,9 @@ def write_comparison(
     return content
 
 
-def finished_metrics(run_dir: Path) -> dict[str, Any] | None:
-    """A finished run's ``metrics.json`` (None when unfinished), with the size of its exported
-    weights file in KiB as ``summary.export_kib`` (where the export exists)."""
-    path = run_dir / layout.METRICS
-    if not path.is_file():
-        return None
-    metrics = read_json(path, what="run metrics")
+def with_export_size(metrics: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    """``metrics`` with the size of the run's exported weights file in KiB as
+    ``summary.export_kib`` (where the export exists)."""
     weights = layout.student_dir(run_dir) / layout.WEIGHTS
     if weights.is_file() and isinstance(metrics.get("summary"), dict):
         metrics["summary"]["export_kib"] = weights.stat().st_size / 1024
@@ -746,7 +746,8 @@ def run_comparison(
         if job.startswith("teacher "):
             return added
         variant, _, seed = job.rpartition(" seed ")
-        metrics[variant][int(seed)] = result.value
+        run_dir = Path(base.output_dir) / _run_name(name, variant, int(seed))
+        metrics[variant][int(seed)] = with_export_size(result.value, run_dir)
         log(f"[{job}] Δm vs teachers {result.value['summary'].get('delta_m_vs_teachers')}")
         complete = {n: [m[s] for s in seeds] for n, m in metrics.items() if len(m) == len(seeds)}
         for candidate in list(waiting):
