@@ -28,8 +28,28 @@ METHODS: dict[str, dict[str, Any]] = {
     "nash_mtl": {},
     "aligned_mtl": {},
     "upgrad": {},
+    # torchjd's (issue 26); krum needs 3 tasks, trimmed_mean trims nothing with 2
+    "gradvac": {"seed": 5},
+    "graddrop": {"seed": 7, "leak": 0.1},
+    "fairgrad": {},
+    "modo": {"gamma": 0.1},
+    "sdmgrad": {},
+    "dualproj": {},
+    "excess_mtl": {},
+    "trimmed_mean": {},
+    "config": {},
+    "pcd": {"tau": 0.3},
+    "cr_mogm": {},
+    "gls": {},
+    "stch": {"warmup_steps": 0, "nadir_steps": 0},
+    # ours (issue 26): state from process-averaged gradients and losses
+    "moco": {},
+    "db_mtl": {},
+    "ntkmtl": {},
+    "go4align": {"num_groups": 2, "robust_step_size": 0.1},
 }
-"""Every gradient method (registry name → kwargs)."""
+"""Every gradient method (registry name → kwargs), and the non-linear loss scalarizations
+(``gls``, ``stch``: linearised at the process-averaged losses, combined per micro-batch)."""
 
 
 class TinyTwoTask(nn.Module):

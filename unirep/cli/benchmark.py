@@ -2,7 +2,7 @@
 
     python scripts/benchmark.py [--steps N] [--warmup N] [--json PATH] [--run-dir DIR]
         [--untrained-teachers] [--joint-scaling | --term-costs | --options | --variants SET |
-        --weightings[=NAMES] [--with-distill]] [--config PRESET_OR_PATH] [key=value ...]
+        --weightings[=NAMES] [--with-distill] | --paths] [--config PRESET_OR_PATH] [key=value ...]
     unirep benchmark ...                                          (the installed equivalent)
 
 For the baseline and the distilled student of the config (any preset, any ``weighting=``), times
@@ -31,7 +31,11 @@ and the dynamic mode updating its masks on every step, a forward and one backwar
 cost of one update that ``interval`` spreads; the masks' content does not change the dense
 compute; ``saliency``: SRDML; ``overlap``: the pruned auxiliary network's joint step with its
 auxiliary loss against plain multi-task learning, on ``--config mini-decathlon-overlap``),
-``--weightings`` only times the
+``--paths`` only times each gradient method whose weights depend on the Gramian alone on its
+Jacobian path and on its Gramian path (``weighting.kwargs.path``), at T = 3 and T = 10 tasks of
+a synthetic MLP (step ms and step peak MiB, each cell in a fresh process; ``--weightings=NAMES``
+picks the methods; ``--steps`` / ``--warmup`` apply), which ``--weightings`` also prints after
+its table; ``--weightings`` only times the
 student's real step under each task-balancing method (``unirep.weighting``; NAMES:
 comma-separated registry names, ``imtl`` for its three modes or ``imtl-l`` / ``-g`` / ``-h``;
 default
@@ -101,6 +105,7 @@ def split_flags(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--variants", metavar="SET")
     parser.add_argument("--weightings", nargs="?", const="", metavar="NAMES")
     parser.add_argument("--with-distill", action="store_true")
+    parser.add_argument("--paths", action="store_true")
     flags, rest = parser.parse_known_args(argv)
     if flags.weightings and "=" in flags.weightings:  # a config override, not a list of names
         rest.insert(0, flags.weightings)
@@ -175,6 +180,19 @@ def _weightings(cfg: Config, flags: argparse.Namespace) -> None:
     note = (f"; T = {len(tasks)} tasks; the methods alternated step by step in one process; "
             "task diagnostics off; ratios of the medians")  # fmt: skip
     _report_rows(rows, format_weighting_costs(rows), source, flags, note)
+    _paths(names, flags)
+
+
+def _paths(names: list[str] | None, flags: argparse.Namespace) -> None:
+    """Each Gramian-only method's Jacobian and Gramian paths at T = 3 and 10 (a synthetic
+    T-task model, :mod:`unirep.experiments.gramian_costs`)."""
+    from unirep.experiments.gramian_costs import GRAMIAN_METHODS, format_path_costs, path_costs
+
+    wanted = [n for n in names if n in GRAMIAN_METHODS] if names else None
+    if wanted == []:
+        return
+    print("\n## Jacobian vs Gramian path (synthetic T-task MLP, each cell in its own process)\n")
+    print(format_path_costs(path_costs(wanted, steps=flags.steps, warmup=flags.warmup)))
 
 
 def _side_by_side(
@@ -253,6 +271,10 @@ def main(prog: str = PROG) -> None:
     flags, rest = split_flags(sys.argv[1:])
     if flags.joint_scaling:  # the partial-label joint terms' cost against the number of tasks
         print(format_joint_scaling(joint_term_scaling()))
+        return
+    if flags.paths:  # the gradient methods' two paths on a synthetic model (no config needed)
+        names = [n.strip() for n in (flags.weightings or "").split(",") if n.strip()] or None
+        _paths(names, flags)
         return
     cfg = parse_args(rest, prog=prog)
     if flags.term_costs:

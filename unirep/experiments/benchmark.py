@@ -788,7 +788,8 @@ REFERENCE_WEIGHTING = "sum"
 WEIGHTING_METHODS = (
     "sum", "mean", "static", "uncertainty", "restrained_uncertainty", "grouped_uncertainty",
     "dwa", "rlw", "famo", "gradnorm", "imtl", "mgda", "mgda_ub", "pcgrad", "cagrad", "nash_mtl",
-    "aligned_mtl", "upgrad", "adatask",
+    "aligned_mtl", "upgrad", "adatask", "gls", "stch", "gradvac", "graddrop", "fairgrad", "modo",
+    "sdmgrad", "dualproj", "excess_mtl", "krum", "trimmed_mean", "config", "pcd", "cr_mogm",
 )  # fmt: skip
 """The methods ``scripts/benchmark.py --weightings`` times by default (``imtl``: one row per
 mode, ``imtl-l``, ``imtl-g``, ``imtl-h``); any other registered one (e.g. ``alternating``, which

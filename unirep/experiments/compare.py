@@ -61,10 +61,15 @@ student with distillation alone (the reference), + each term, + the combination 
 that beat distillation alone on validation."""
 
 _NO_DISTILL = "distill.enabled=false"
-BALANCE_METHODS = ["uncertainty", "dwa", "famo", "mgda_ub", "pcgrad", "cagrad", "nash_mtl"]
+BALANCE_METHODS = ["uncertainty", "dwa", "famo", "mgda_ub", "pcgrad", "cagrad", "nash_mtl",
+                   "gls", "stch", "gradvac", "graddrop", "fairgrad", "modo", "sdmgrad",
+                   "dualproj", "excess_mtl", "config", "cr_mogm",
+                   "moco", "db_mtl", "ntkmtl", "go4align"]  # fmt: skip
 BALANCE_VARIANTS: dict[str, list[str]] = {
     "sum": [_NO_DISTILL, "weighting.name=sum"],
     **{m: [_NO_DISTILL, f"weighting.name={m}"] for m in BALANCE_METHODS},
+    # STCH's warm-up and nadir phases scaled to the preset's 200 steps (defaults: 200 + 50)
+    "stch": [_NO_DISTILL, "weighting={name: stch, kwargs: {warmup_steps: 40, nadir_steps: 10}}"],
     "adatask": [
         _NO_DISTILL,
         "weighting.name=adatask",

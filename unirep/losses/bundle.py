@@ -9,6 +9,7 @@ each task's loss separately with respect to the shared parameters.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -29,6 +30,9 @@ class LossBundle:
         logs: detached scalars for the training log (``task/<t>``, ``feature/<t>``, ``anneal``).
         shared: the tensors the student's shared trunk returned in this forward (graphs kept),
             filled only for a weighting that asks for them (``mgda_ub``).
+        gramian_engine: the trunk's Gramian engine of this forward
+            (:class:`~unirep.weighting.gramian.TrunkGramian`), for a gradient weighting on the
+            Gramian path; None otherwise.
     """
 
     supervised: dict[str, Tensor]
@@ -36,6 +40,7 @@ class LossBundle:
     joint: dict[str, Tensor] = field(default_factory=dict)
     logs: dict[str, Tensor] = field(default_factory=dict)
     shared: list[Tensor] = field(default_factory=list)
+    gramian_engine: Any = None
 
     @property
     def tasks(self) -> list[str]:
@@ -62,6 +67,7 @@ class LossBundle:
             joint=dict(self.joint) if joint else {},
             logs=self.logs,
             shared=self.shared,
+            gramian_engine=self.gramian_engine,
         )
 
     def joint_loss(self) -> Tensor | None:

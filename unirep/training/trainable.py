@@ -47,6 +47,7 @@ class TrainableModule(nn.Module):
         self.aligners = aligners if aligners is not None else nn.ModuleDict()
         self.objective = objective
         self.weighting = weighting
+        weighting.bind_shared(self.shared_parameters())  # state shaped like them, before a resume
         self.diagnostics: TaskDiagnostics | None = None
         if diagnostics_every > 0 and len(weighting.tasks) > 1:
             trunk: nn.Module = student.trunk  # type: ignore[assignment]
@@ -74,14 +75,23 @@ class TrainableModule(nn.Module):
             hook = trunk.register_forward_hook(
                 lambda _m, _i, out: captured.extend(out if isinstance(out, list | tuple) else [out])
             )
+        # a gradient weighting on the Gramian path hooks the trunk for this forward (torchjd's
+        # autogram engine): the Gramian comes at its backward, without the [T, P] Jacobian
+        make_engine = getattr(self.weighting, "gramian_engine", None)
+        engine = None
+        if make_engine is not None and torch.is_grad_enabled() and self.training:
+            engine = make_engine(self.student.trunk)
         try:
             outputs = self.student(batch.inputs)
         finally:
             if hook is not None:
                 hook.remove()
+            if engine is not None:
+                engine.release()
         aligned = {t: self.aligners[t](outputs[t]) for t in self.aligners if t in outputs}
         bundle = self.objective(outputs, aligned, batch, teacher_outputs, step, total_steps)
         bundle.shared = [t for t in captured if isinstance(t, Tensor)]
+        bundle.gramian_engine = engine
         gates = getattr(self.student, "gate_log", None)  # a student that learns its sharing
         if gates is not None:
             bundle.logs = {**bundle.logs, **gates()}

@@ -15,7 +15,7 @@ name        method                                                  weights from
 ========== ====================================================== ===========================
 sum         unitary scalarisation (Kurin et al. 2022)               ones
 mean        equal weighting 1/T                                      ones / T
-mgda        MGDA, min-norm point (Sener & Koltun 2018)              ``MGDAWeighting``
+mgda        MGDA, min-norm point (Sener & Koltun 2018)              ours (:class:`MGDA`)
 pcgrad      PCGrad (Yu et al. 2020)                                  ``PCGradWeighting``
 cagrad      CAGrad (Liu et al. 2021), needs ``unirep[solvers]``      ``CAGradWeighting``
 imtl_g      IMTL-G (Liu et al. 2021)                                 ``IMTLGWeighting``
@@ -185,14 +185,37 @@ class MeanAggregator(Aggregator):
 
 
 @AGGREGATORS.register("mgda")
-def mgda(
-    num_tasks: int, scale: str = "mean", epsilon: float = 1e-3, max_iters: int = 100
-) -> Aggregator:
-    """MGDA: ``w = argmin_{w ∈ Δ_T} ‖wᵀJ‖²`` (Sener & Koltun, NeurIPS 2018, Frank–Wolfe as
-    torchjd's ``MGDAWeighting``: ``epsilon`` stopping tolerance, ``max_iters``)."""
-    from torchjd.aggregation import MGDAWeighting
+class MGDA(Aggregator):
+    """MGDA: ``w = argmin_{w ∈ Δ_T} ‖wᵀJ‖²`` (Sener & Koltun, NeurIPS 2018), solved exactly by
+    Wolfe's min-norm-point algorithm on the Gramian (:func:`~unirep.weighting.min_norm.
+    min_norm_weights`): the direction within ``tolerance`` (relative) of the exact min-norm
+    point, stopped by its duality gap, at most ``max_iter`` corral changes (a
+    ``RuntimeWarning`` when that cap stops it). The reference's Frank–Wolfe (and torchjd's
+    ``MGDAWeighting``, which unirep used before 0.6) stops at a fixed loose threshold."""
 
-    return _TorchJD(num_tasks, MGDAWeighting(epsilon=epsilon, max_iters=max_iters), scale)
+    def __init__(
+        self, num_tasks: int, scale: str = "mean", tolerance: float = 1e-6, max_iter: int = 1000
+    ) -> None:
+        super().__init__(num_tasks, scale)
+        if not (isinstance(tolerance, int | float) and 0 < tolerance < 1):
+            raise ValueError(f"mgda tolerance must be a number in (0, 1), got {tolerance!r}")
+        if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+            raise ValueError(f"mgda max_iter must be an integer >= 1, got {max_iter!r}")
+        self.tolerance = float(tolerance)
+        self.max_iter = int(max_iter)
+
+    def weights(self, gramian: Tensor) -> Tensor:
+        from unirep.weighting.min_norm import min_norm_weights
+
+        weights, info = min_norm_weights(gramian, self.tolerance, self.max_iter)
+        if not info["converged"]:
+            warnings.warn(
+                f"mgda: the min-norm solver stopped at max_iter={self.max_iter} with a duality "
+                f"gap of {info['gap']:.2e} (of the largest squared gradient norm)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return weights
 
 
 class _Unscaled(_TorchJD):
@@ -382,6 +405,11 @@ class NashMTL(Aggregator):
             alpha = found
         return alpha
 
+    def solved_weights(self) -> Tensor:
+        """The last solved ``α`` (``[T]``, float64, before the ``max_norm`` scaling; ones before
+        the first solve): what the reference back-propagates into the task heads."""
+        return self.alpha.detach().clone()
+
     def subset_weights(self, gramian: Tensor, index: Tensor) -> Tensor:
         """Solved for the present tasks alone, warm-started from (and updating) their ``α``
         (a problem of that size, built on first use and kept for the next such call)."""
@@ -441,4 +469,6 @@ def aggregate(name: str, jacobian: Tensor, **kwargs: Any) -> Tensor:
         raise ValueError(f"jacobian must be [T, P], got shape {list(jacobian.shape)}")
     matrix = jacobian if jacobian.dtype == torch.float64 else jacobian.float()
     aggregator = build_aggregator(name, jacobian.shape[0], **kwargs)
+    if isinstance(aggregator, JacobianAggregator):  # GradDrop, GradVac, ...: the rows themselves
+        return aggregator(matrix)
     return aggregator(matrix @ matrix.T) @ matrix

@@ -39,6 +39,8 @@ class Weighting(nn.Module, abc.ABC):
       batch when :attr:`wants_losses_after_step` (FAMO);
     - :meth:`optimized_parameters`: the state the run's optimizer trains (e.g. log-variances);
       state a method updates itself (FAMO's logits) stays out of it.
+    - :meth:`bind_shared` once, when the trainable module is built (state shaped like the shared
+      parameters).
 
     Args:
         tasks: the task names of the phase, in the run's order (a weighting may keep one state
@@ -83,6 +85,11 @@ class Weighting(nn.Module, abc.ABC):
     def optimized_parameters(self) -> list[nn.Parameter]:
         """The parameters the run's optimizer trains (default: every one that requires grad)."""
         return [p for p in self.parameters() if p.requires_grad]
+
+    def bind_shared(self, shared: list[nn.Parameter]) -> None:
+        """Called once with the shared parameters when the trainable module is built, before any
+        checkpoint is loaded: a method whose state is shaped like them (DB-MTL's gradient EMA)
+        sizes it here, so that a checkpoint's state fits. Default: nothing."""
 
 
 class LossWeighting(Weighting):

@@ -10,6 +10,7 @@ entries (``mgda``, ``pcgrad``, ``cagrad``, ``imtl``, ``nash_mtl``, ``aligned_mtl
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -18,8 +19,14 @@ from torch import Tensor, nn
 from unirep.losses.bundle import LossBundle
 from unirep.weighting.aggregators import Aggregator, JacobianAggregator, build_aggregator
 from unirep.weighting.base import WEIGHTINGS, LossWeighting, Weighting
+from unirep.weighting.gramian import TrunkGramian
 
 _UNSUPPORTED = ("DEEPSPEED", "FSDP", "MEGATRON_LM")
+_ROUTES = {"jacobian": 1, "gramian": 2}  # GradientWeighting.route_code
+PATHS = ("auto", "jacobian", "gramian")
+"""How the Gramian of a Gramian-only method is computed (``path=``): ``jacobian`` (``J Jᵀ``
+from the ``[T + 1, n]`` buffer), ``gramian`` (torchjd's autogram engine, no buffer; one process,
+no accumulation) or ``auto`` (the Gramian path where it applies and equals the Jacobian's)."""
 
 
 class GradientWeighting(Weighting):
@@ -90,21 +97,133 @@ class GradientWeighting(Weighting):
         seed: int = 0,
         on: str = "parameters",
         loss_scale: nn.Module | None = None,
+        heads: str = "sum",
+        path: str = "auto",
     ) -> None:
         super().__init__(tasks)
         if on not in ("parameters", "representation"):
             raise ValueError(f"on must be 'parameters' or 'representation', got {on!r}")
+        if heads not in ("sum", "weighted"):
+            raise ValueError(f"heads must be 'sum' or 'weighted', got {heads!r}")
+        if heads == "weighted" and on == "parameters" and not hasattr(aggregator, "solved_weights"):
+            raise ValueError("heads 'weighted' needs a method that keeps its solved weights")
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
         self.aggregator = aggregator
         self.seed = int(seed)
         self.on = on
         self.loss_scale = loss_scale
+        self.heads = heads
+        self.path = path
+        if path == "gramian" and not self.gramian_only:
+            raise ValueError(
+                "path 'gramian' needs a method whose weights depend on the Gramian only, on the "
+                "shared parameters (not mgda_ub, adatask, or a Jacobian aggregator)"
+            )
         self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+        # the path decided (0: not yet, 1: jacobian, 2: gramian), checkpointed: a resumed run
+        # takes the path the interrupted one had taken, so it continues bit-exactly
+        self.register_buffer("route_code", torch.zeros((), dtype=torch.long))
         self._jacobian: Tensor | None = None  # summed over the window so far
+        self._route: str | None = None  # the path taken: None (first call), probe, gramian, ...
+        self._shared_ids: set[int] | None = None
 
     @property
     def wants_representation(self) -> bool:
         """Whether the trainable module must capture the trunk's outputs (``bundle.shared``)."""
         return self.on == "representation"
+
+    @property
+    def gramian_only(self) -> bool:
+        """Whether the method's update is ``w(J Jᵀ) @ J`` on the shared parameters, with nothing
+        else taken from ``J``: what the Gramian path needs."""
+        return (
+            self.on == "parameters"
+            and isinstance(self.aggregator, Aggregator)
+            and type(self).on_window is GradientWeighting.on_window  # AdaTask reads J itself
+        )
+
+    def gramian_engine(self, trunk: nn.Module) -> TrunkGramian | None:
+        """For the trainable module, before a training forward: the trunk's Gramian engine of
+        that forward when this weighting is on the Gramian path (from its second call on: the
+        first one decides, on the Jacobian path), else None."""
+        if self._route is None and int(self.route_code) == _ROUTES["gramian"]:
+            self._route = "gramian"  # resumed after the probe chose it
+        if self._route not in ("probe", "gramian"):
+            return None
+        engine = TrunkGramian(trunk)
+        if self._shared_ids is not None and {id(p) for p in engine.parameters} != self._shared_ids:
+            engine.release()
+            self._leave_gramian("the trunk's parameters are not the shared parameters")
+            return None
+        return engine
+
+    def _choose_route(self, accelerator: Any, params: list[nn.Parameter]) -> None:
+        """At the first call: ``jacobian`` or ``probe`` (the Gramian path once one micro-batch
+        has shown it equal to the Jacobian path)."""
+        self._shared_ids = {id(p) for p in params}
+        if self.path == "jacobian" or not self.gramian_only:
+            self._set_route("jacobian")
+            return
+        if int(self.route_code) == _ROUTES["jacobian"]:  # resumed after leaving the Gramian path
+            self._route = "jacobian"
+            return
+        processes = int(getattr(accelerator, "num_processes", 1))
+        accum = int(getattr(accelerator, "gradient_accumulation_steps", 1))
+        if processes > 1 or accum > 1:
+            reason = (
+                f"{processes} processes (the global batch's Gramian needs every process's "
+                "gradients: the mean of per-process Gramians is not it)"
+                if processes > 1
+                else f"{accum} accumulation steps (the window's Gramian needs every "
+                "micro-batch's gradients)"
+            )
+            if self.path == "gramian":
+                raise ValueError(f"config key 'weighting.kwargs.path': 'gramian' with {reason}; "
+                                 "use 'auto' or 'jacobian'")  # fmt: skip
+            self._set_route("jacobian")
+            return
+        self._route = "probe"
+
+    def bind_shared(self, shared: list[nn.Parameter]) -> None:
+        """Remember the shared parameters (a resumed run on the Gramian path checks its trunk's
+        parameters against them before its first forward)."""
+        self._shared_ids = {id(p) for p in shared if p.requires_grad}
+
+    def _set_route(self, route: str) -> None:
+        """Take ``route`` (``jacobian`` or ``gramian``) from now on, and record it."""
+        self._route = route
+        self.route_code.fill_(_ROUTES[route])
+
+    def _leave_gramian(self, reason: str) -> None:
+        if self.path == "gramian":
+            raise RuntimeError(f"config key 'weighting.kwargs.path': 'gramian' fails: {reason}")
+        warnings.warn(f"weighting path auto: the Jacobian path ({reason})", RuntimeWarning,
+                      stacklevel=3)  # fmt: skip
+        self._set_route("jacobian")
+
+    def _probe(self, engine_gramian: Tensor, gramian: Tensor) -> None:
+        """The engine's Gramian against ``J Jᵀ`` on one micro-batch: equal (float rounding),
+        the Gramian path from now on; not (a trunk that uses a module's parameters without
+        calling it), the Jacobian path (``auto``) or an error (``gramian``)."""
+        scale = float(gramian.diagonal().abs().max()) if gramian.numel() else 0.0
+        same = torch.allclose(engine_gramian.to(gramian.dtype), gramian, rtol=1e-3,
+                              atol=1e-5 * scale)  # fmt: skip
+        if same:
+            self._set_route("gramian")
+        else:
+            self._leave_gramian("the engine's Gramian differs from the Jacobian's")
+
+    def _head_weights(self) -> list[float] | None:
+        """The weights of the task losses in the heads' backward: None (the plain sum) or the
+        method's solved weights (``heads="weighted"``: Nash-MTL's α, as its reference)."""
+        if self.heads != "weighted" or self.on != "parameters":
+            return None
+        return self.aggregator.solved_weights().tolist()
+
+    def _heads_total(self, losses: list[Tensor | None], joint: Tensor | None) -> Tensor:
+        """``Σ_t h_t L_t + joint`` with ``h`` from :meth:`_head_weights` (ones by default)."""
+        return _weighted(self._head_weights() or [1.0] * len(losses), losses, joint)
 
     # ------------------------------------------------------------------------------------------
 
@@ -162,17 +281,23 @@ class GradientWeighting(Weighting):
         dtype = torch.float32
         for p in params:
             dtype = torch.promote_types(dtype, p.dtype)
+        if self._route is None:
+            self._choose_route(accelerator, params)
+        engine = bundle.gramian_engine if self._route in ("probe", "gramian") else None
+        engine_gramian = None
+        if engine is not None:
+            try:
+                engine_gramian = engine.gramian(losses, loss_scale)
+            except (RuntimeError, ValueError) as err:  # e.g. no hooked module was called
+                self._leave_gramian(f"the engine failed: {str(err).splitlines()[0]}")
+        if engine_gramian is not None and self._route == "gramian":
+            return self._backward_gramian(engine_gramian, losses, joint, params, accelerator,
+                                          loss_scale)  # fmt: skip
         rows = [_flat_grad(loss, loss_scale / accum, params, dtype) for loss in [*losses, joint]]
         jacobian = torch.stack(rows) / loss_scale  # unscaled, float32 or wider
         self._jacobian = jacobian if self._jacobian is None else self._jacobian + jacobian
 
         saved = [None if p.grad is None else p.grad.detach().clone() for p in params]
-        present = [loss for loss in losses if loss is not None]
-        total = sum(present[1:], present[0]) if present else None
-        if joint is not None:
-            total = joint if total is None else total + joint
-        assert total is not None, "empty LossBundle"
-        accelerator.backward(total)
         sync = getattr(accelerator, "sync_gradients", True)
         update = None
         logs: dict[str, float] = {}
@@ -184,14 +309,18 @@ class GradientWeighting(Weighting):
             self.on_window(params, window)
             task_jacobian, joint_grad = window[:-1], window[-1]
             gramian = task_jacobian @ task_jacobian.T
+            if engine_gramian is not None:
+                self._probe(engine_gramian, gramian)
             if isinstance(self.aggregator, JacobianAggregator):  # e.g. GradDrop, GradVac
                 direction = self._direction(task_jacobian, gramian)
                 update = (direction.to(dtype) + joint_grad) * loss_scale
-                logs = self._logs(gramian, None)
+                logs = self._logs(gramian, getattr(self.aggregator, "last_weights", None))
             else:
                 weights = self._weights(gramian, accelerator)
                 update = (weights.to(dtype) @ task_jacobian + joint_grad) * loss_scale
                 logs = self._logs(gramian, weights)
+        # after the window is combined: Nash-MTL's heads take this window's solved α
+        accelerator.backward(self._heads_total(losses, joint))
         offset = 0
         with torch.no_grad():
             for p, before in zip(params, saved, strict=True):
@@ -207,6 +336,35 @@ class GradientWeighting(Weighting):
                 else:
                     p.grad.copy_(grad)  # in place: DDP may hold .grad as a bucket view
         return logs
+
+    def _backward_gramian(
+        self,
+        gramian: Tensor,
+        losses: list[Tensor | None],
+        joint: Tensor | None,
+        params: list[nn.Parameter],
+        accelerator: Any,
+        loss_scale: float,
+    ) -> dict[str, float]:
+        """The Gramian path (one process, no accumulation): ``w`` from the engine's Gramian,
+        then ``∇_θs (Σ_t w_t L_t + joint)`` (one backward) for the shared parameters and the
+        heads' backward of :meth:`_heads_total`: the Jacobian path's gradients, without ``J``."""
+        weights = self._weights(gramian, accelerator)
+        shared_total = _weighted(weights.tolist(), losses, joint)
+        grads = torch.autograd.grad(shared_total * loss_scale, params, retain_graph=True,
+                                    allow_unused=True)  # fmt: skip
+        saved = [None if p.grad is None else p.grad.detach().clone() for p in params]
+        accelerator.backward(self._heads_total(losses, joint))
+        with torch.no_grad():
+            for p, before, grad in zip(params, saved, grads, strict=True):
+                new = before if grad is None else grad if before is None else before + grad
+                if new is None:
+                    p.grad = None
+                elif p.grad is None:
+                    p.grad = new.clone()
+                else:
+                    p.grad.copy_(new)
+        return self._logs(gramian, weights)
 
     def on_window(self, params: list[nn.Parameter], jacobian: Tensor) -> None:
         """Called at the window's last micro-batch with the process-averaged ``[T + 1, n]``
@@ -261,8 +419,14 @@ class GradientWeighting(Weighting):
         )
         cosine_list = cosine.tolist()
         logs: dict[str, float] = {}
+        solved = getattr(self.aggregator, "solved_weights", None)
+        if weights is not None and solved is not None:  # Nash-MTL: α, and the clipped α
+            alpha = solved().to(gramian.device, gramian.dtype) * (gramian.diagonal() > 0)
+            logs = {f"shared_weight/{t}": w
+                    for t, w in zip(self.tasks, weights.tolist(), strict=True)}  # fmt: skip
+            weights = alpha
         if weights is not None:
-            logs = {f"weight/{t}": w for t, w in zip(self.tasks, weights.tolist(), strict=True)}
+            logs |= {f"weight/{t}": w for t, w in zip(self.tasks, weights.tolist(), strict=True)}
         for a in range(len(self.tasks)):
             for b in range(a + 1, len(self.tasks)):
                 logs[f"gradcos/{self.tasks[a]}~{self.tasks[b]}"] = cosine_list[a][b]
@@ -282,6 +446,16 @@ def _flat_grad(
             for p, g in zip(params, grads, strict=True)
         ]
     )
+
+
+def _weighted(weights: list[float], losses: list[Tensor | None], joint: Tensor | None) -> Tensor:
+    """``Σ_t w_t L_t + joint`` over the losses that are present."""
+    total: Tensor | None = joint
+    for w, loss in zip(weights, losses, strict=True):
+        if loss is not None:
+            total = w * loss if total is None else total + w * loss
+    assert total is not None, "empty LossBundle"
+    return total
 
 
 class IMTLLossScale(nn.Module):
@@ -325,39 +499,62 @@ class IMTLL(LossWeighting):
 
 
 @WEIGHTINGS.register("mgda")
-def mgda(tasks: list[str], scale: str = "mean", seed: int = 0) -> Weighting:
+def mgda(
+    tasks: list[str],
+    scale: str = "mean",
+    tolerance: float = 1e-6,
+    max_iter: int = 1000,
+    path: str = "auto",
+    seed: int = 0,
+) -> Weighting:
     """MGDA on the shared parameters (Sener & Koltun, NeurIPS 2018): the min-norm point of the
-    convex hull of the per-task gradients. ``scale="sum"`` multiplies the convex weights by T."""
-    return GradientWeighting(tasks, build_aggregator("mgda", len(tasks), scale=scale), seed)
+    convex hull of the per-task gradients, solved exactly (``tolerance``: relative accuracy of
+    the direction, ``max_iter``: the solver's cap; :mod:`unirep.weighting.min_norm`).
+    ``scale="sum"`` multiplies the convex weights by T."""
+    aggregator = build_aggregator("mgda", len(tasks), scale=scale, tolerance=tolerance,
+                                  max_iter=max_iter)  # fmt: skip
+    return GradientWeighting(tasks, aggregator, seed, path=path)
 
 
 @WEIGHTINGS.register("mgda_ub")
-def mgda_ub(tasks: list[str], scale: str = "mean", seed: int = 0) -> Weighting:
+def mgda_ub(
+    tasks: list[str], scale: str = "mean", tolerance: float = 1e-6, max_iter: int = 1000,
+    seed: int = 0,
+) -> Weighting:  # fmt: skip
     """MGDA-UB (Sener & Koltun, NeurIPS 2018 §3.3): MGDA on the gradients with respect to the
-    shared representation (the trunk's output), one backward through the trunk."""
-    aggregator = build_aggregator("mgda", len(tasks), scale=scale)
+    shared representation (the trunk's output), one backward through the trunk; the same exact
+    solver as ``mgda``."""
+    aggregator = build_aggregator("mgda", len(tasks), scale=scale, tolerance=tolerance,
+                                  max_iter=max_iter)  # fmt: skip
     return GradientWeighting(tasks, aggregator, seed, on="representation")
 
 
 @WEIGHTINGS.register("pcgrad")
-def pcgrad(tasks: list[str], seed: int = 0) -> Weighting:
+def pcgrad(tasks: list[str], seed: int = 0, path: str = "auto") -> Weighting:
     """PCGrad (Yu et al., NeurIPS 2020): conflicting gradients projected onto each other's
     normal plane, in random task orders, then summed."""
-    return GradientWeighting(tasks, build_aggregator("pcgrad", len(tasks)), seed)
+    return GradientWeighting(tasks, build_aggregator("pcgrad", len(tasks)), seed, path=path)
 
 
 @WEIGHTINGS.register("cagrad")
 def cagrad(
-    tasks: list[str], c: float = 0.4, scale: str = "sum", rescale: int = 1, seed: int = 0
+    tasks: list[str],
+    c: float = 0.4,
+    scale: str = "sum",
+    rescale: int = 1,
+    seed: int = 0,
+    path: str = "auto",
 ) -> Weighting:
     """CAGrad (Liu et al., NeurIPS 2021), ``c = 0.4`` (the reference's NYUv2 / Cityscapes); the
     defaults give the reference code's update ``T d / (1 + c²)`` (see the aggregator)."""
     aggregator = build_aggregator("cagrad", len(tasks), c=c, scale=scale, rescale=rescale)
-    return GradientWeighting(tasks, aggregator, seed)
+    return GradientWeighting(tasks, aggregator, seed, path=path)
 
 
 @WEIGHTINGS.register("imtl")
-def imtl(tasks: list[str], mode: str = "h", scale: str = "mean", seed: int = 0) -> Weighting:
+def imtl(
+    tasks: list[str], mode: str = "h", scale: str = "mean", seed: int = 0, path: str = "auto"
+) -> Weighting:
     """IMTL (Liu et al., ICLR 2021): ``mode="g"`` (gradient balance, closed form), ``"l"`` (loss
     balance, learned ``e^{s} L − s``, the gradients summed) or ``"h"`` (both: IMTL-L's scaled
     losses, then IMTL-G on their gradients)."""
@@ -367,7 +564,7 @@ def imtl(tasks: list[str], mode: str = "h", scale: str = "mean", seed: int = 0) 
         return IMTLL(tasks)
     scale_losses = IMTLLossScale(tasks) if mode == "h" else None
     aggregator = build_aggregator("imtl_g", len(tasks), scale=scale)
-    return GradientWeighting(tasks, aggregator, seed, loss_scale=scale_losses)
+    return GradientWeighting(tasks, aggregator, seed, loss_scale=scale_losses, path=path)
 
 
 @WEIGHTINGS.register("nash_mtl")
@@ -376,29 +573,35 @@ def nash_mtl(
     update_weights_every: int = 1,
     optim_niter: int = 20,
     max_norm: float = 1.0,
+    heads: str = "weighted",
     seed: int = 0,
+    path: str = "auto",
 ) -> Weighting:
     """Nash-MTL (Navon et al., ICML 2022): the bargaining solution ``α_i (Gα)_i = 1``, solved
-    every ``update_weights_every`` steps; warns on every solver failure."""
+    every ``update_weights_every`` steps; warns on every solver failure. ``heads="weighted"``
+    (the reference): the heads get ``Σ α_t L_t`` with the solved ``α`` (the shared parameters
+    ``αᵀJ``, scaled to norm ``≤ max_norm``); ``"sum"``: the heads get ``Σ L_t`` (unirep < 0.6)."""
     aggregator = build_aggregator(
         "nash_mtl", len(tasks), update_weights_every=update_weights_every,
         optim_niter=optim_niter, max_norm=max_norm,
     )  # fmt: skip
-    return GradientWeighting(tasks, aggregator, seed)
+    return GradientWeighting(tasks, aggregator, seed, heads=heads, path=path)
 
 
 @WEIGHTINGS.register("aligned_mtl")
 def aligned_mtl(
-    tasks: list[str], scale_mode: str = "min", scale: str = "mean", seed: int = 0
-) -> Weighting:
+    tasks: list[str], scale_mode: str = "min", scale: str = "mean", seed: int = 0,
+    path: str = "auto",
+) -> Weighting:  # fmt: skip
     """Aligned-MTL (Senushkin et al., CVPR 2023): the gradient matrix's condition number made 1;
     averaged as torchjd (``scale="sum"``: summed, as the original code)."""
     aggregator = build_aggregator("aligned_mtl", len(tasks), scale_mode=scale_mode, scale=scale)
-    return GradientWeighting(tasks, aggregator, seed)
+    return GradientWeighting(tasks, aggregator, seed, path=path)
 
 
 @WEIGHTINGS.register("upgrad")
-def upgrad(tasks: list[str], scale: str = "mean", seed: int = 0) -> Weighting:
+def upgrad(tasks: list[str], scale: str = "mean", seed: int = 0, path: str = "auto") -> Weighting:
     """UPGrad (Quinton & Rey, 2024): projections onto the dual cone, averaged (``scale="sum"``:
     summed)."""
-    return GradientWeighting(tasks, build_aggregator("upgrad", len(tasks), scale=scale), seed)
+    aggregator = build_aggregator("upgrad", len(tasks), scale=scale)
+    return GradientWeighting(tasks, aggregator, seed, path=path)

@@ -31,6 +31,12 @@ def check_config(cfg: Config, tasks: list[str] | None = None) -> None:
             f"per-task gradients to the optimizer), got {value!r}"
         )
     steps = cfg.train.gradient_accumulation_steps
+    if cfg.weighting.kwargs.get("path") == "gramian" and steps != 1:
+        raise ConfigError(
+            f"config key 'weighting.kwargs.path': 'gramian' needs train.gradient_accumulation_steps"
+            f" = 1 (the window's Gramian needs every micro-batch's gradients), got {steps!r}; use "
+            "'auto' or 'jacobian'"
+        )
     if getattr(WEIGHTINGS.get(weighting), "leaves_parameters_unused", False) and steps != 1:
         raise ConfigError(
             f"config key 'train.gradient_accumulation_steps': must be 1 with weighting "

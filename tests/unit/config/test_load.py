@@ -187,9 +187,9 @@ def test_weighting_with_kwargs(tmp_path: Path) -> None:
 
 def test_unknown_weighting_lists_the_choices() -> None:
     with pytest.raises(ConfigError) as info:
-        load_config(None, ["weighting=gradvac"])
+        load_config(None, ["weighting=gradvacc"])
     message = str(info.value)
-    assert "weighting.name" in message and "gradvac" in message
+    assert "weighting.name" in message and "gradvacc" in message
     assert WEIGHTINGS.names() and all(name in message for name in WEIGHTINGS.names())
 
 

@@ -231,7 +231,10 @@ def test_weightings_alternate_against_sum(
     # round robin, rotated by one each step; autograd reached the trunk's input that many times
     sum_, pcgrad, mgda_ub = ("SumWeighting", 1), ("parameters", 4), ("representation", 1)
     alternating = ("AlternatingWeighting", 3)
-    assert calls == [sum_, pcgrad, mgda_ub, alternating, pcgrad, mgda_ub, alternating, sum_]
+    # pcgrad's second step: path auto checks the Gramian path (the engine's vectorised backward
+    # beside the Jacobian path's passes)
+    probe = ("parameters", 5)
+    assert calls == [sum_, pcgrad, mgda_ub, alternating, probe, mgda_ub, alternating, sum_]
     table = format_weighting_costs(rows)
     assert "| sum |" in table and "| pcgrad |" in table
     assert "| 1 (+3 to the trunk's output) |" in table and "| 3 (+2 forward) |" in table

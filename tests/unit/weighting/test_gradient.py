@@ -47,7 +47,7 @@ from unirep.weighting import (
     build_aggregator,
     build_weighting,
 )
-from unirep.weighting.aggregators import NashMTL
+from unirep.weighting.aggregators import JacobianAggregator, NashMTL
 
 GRADIENT_METHODS = [
     "mgda", "mgda_ub", "pcgrad", "cagrad", "imtl", "nash_mtl", "aligned_mtl", "upgrad"
@@ -169,16 +169,12 @@ def test_mgda_three_gradients_against_brute_force(seed: int) -> None:
     assert exact.norm() <= grid_min + 1e-12
     assert grid_min <= exact.norm() + 0.02
 
-    # torchjd's Frank–Wolfe (the paper's Alg. 2) with its defaults (stop when γ̂ < 1e-3, at most
-    # 100 iterations) stops near the optimum, not on it: within 2% of the minimal squared norm
+    # the exact solver (Wolfe's min-norm point) reaches the brute-force point
     weights = build_aggregator("mgda", 3)(jacobian @ jacobian.T)
     assert float(weights.sum()) == pytest.approx(1.0) and bool((weights >= 0).all())
     direction = weights @ jacobian
-    assert direction.pow(2).sum() <= exact.pow(2).sum() * 1.02
     torch.testing.assert_close(direction, aggregate("mgda", jacobian))
-    # run to convergence, it reaches the brute-force point
-    converged = aggregate("mgda", jacobian, epsilon=1e-12, max_iters=3000)
-    torch.testing.assert_close(converged, exact, atol=5e-3, rtol=0)
+    torch.testing.assert_close(direction, exact, atol=1e-9 * float(exact.norm()), rtol=0)
 
 
 def test_mgda_weighting_matches_the_closed_form_on_the_model() -> None:
@@ -563,6 +559,19 @@ ORTHOGONAL = {
     "aligned_mtl": [0.5, 0.5],  # already aligned (condition number 1), averaged
     "upgrad": [0.5, 0.5],
     "nash_mtl": [math.sqrt(0.5)] * 2,  # α = 1 (α_i ‖g_i‖² = 1), clipped to ‖d‖ = 1
+    "gradvac": [1.0, 1.0],  # cosine 0, not below the targets (0): the sum
+    "graddrop": [1.0, 1.0],  # every coordinate's purity is 1: all kept
+    "fairgrad": [1.0, 1.0],  # G w = w⁻¹ with G = I: w = 1
+    "modo": [0.5, 0.5],  # λ stays uniform (symmetric step, projected)
+    "sdmgrad": [0.5, 0.5],
+    "dualproj": [0.5, 0.5],  # the mean conflicts with neither
+    "excess_mtl": [1.0, 1.0],  # the first call records the baseline; weights sum to T
+    "krum": [0.5, 0.5],  # fewer than n_byzantine + 3 gradients: the mean
+    "trimmed_mean": [0.5, 0.5],  # nothing trimmed with 2
+    "config": [1.0, 1.0],  # the bisector, of length Σ g·u = √2
+    "pcd": [1 / math.sqrt(1 + 0.02**2), 0.02 / math.sqrt(1 + 0.02**2)],  # g₁ + τ g₂, ‖g₁‖
+    "cr_mogm": [0.5, 0.5],  # MGDA's, the first call unsmoothed
+    "ntkmtl": [math.sqrt(0.5)] * 2,  # T·(tr G / G_tt)^½ = 2√2 each, clipped to ‖d‖ = 1
 }
 
 
@@ -589,12 +598,24 @@ def test_one_task_present_or_none(name: str) -> None:
     """One task present: its gradient alone, by the method's rule for one task; none: zero."""
     jacobian = _jacobian(3, 5, 6, common=1.0)
     g = jacobian[2]
-    alone = {"cagrad": 1.4 / 1.16 * g, "nash_mtl": g / g.norm()}.get(name, g)  # (1+c)/(1+c²)
+    alone = {
+        "cagrad": 1.4 / 1.16 * g,
+        "nash_mtl": g / g.norm(),
+        "fairgrad": g / g.norm(),
+        "ntkmtl": g / g.norm().clamp_min(1.0),
+    }.get(name, g)
+    # cagrad: (1+c)/(1+c²); nash_mtl, fairgrad (α = 1): w ‖g‖² = 1/w; ntkmtl: w = 1, ‖d‖ ≤ 1
     gramian = jacobian @ jacobian.T
     present = torch.tensor([False, False, True])
+    aggregator = build_aggregator(name, 3)
+    if isinstance(aggregator, JacobianAggregator):  # the rows themselves (absent ones zero)
+        torch.testing.assert_close(aggregator(jacobian * present[:, None], present), alone)
+        none = build_aggregator(name, 3)(torch.zeros_like(jacobian), present & False)
+        assert none.tolist() == [0.0] * 5
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)
-        weights = build_aggregator(name, 3)(gramian, present)
+        weights = aggregator(gramian, present)
     torch.testing.assert_close(weights @ jacobian, alone)
     assert weights[:2].tolist() == [0.0, 0.0]
     none = build_aggregator(name, 3)(torch.zeros(3, 3, dtype=torch.float64), present & False)
@@ -636,10 +657,13 @@ def test_scale_sum_on_the_weighting() -> None:
 def test_window_summed_jacobian_combined_once(name: str) -> None:
     """Two micro-batches with joint and distillation terms: the shared gradient is
     ``w @ J[:T] + J[T]`` of the naive Jacobian summed over the window, ``w`` from a fresh
-    aggregator; the heads get the plain sum's gradients."""
+    aggregator; the heads get the plain sum's gradients (Nash-MTL: with ``heads="sum"``; its
+    ``shared_weight/<t>`` logs the weights of the shared update)."""
     batches = [_data(seed=1), _data(seed=2)]
     model = _model()
-    weighting = build_weighting(name, TASKS, seed=5)
+    weighting = build_weighting(name, TASKS, seed=5, **({"heads": "sum"} if name == "nash_mtl"
+                                                        else {}))  # fmt: skip
+    key = "shared_weight" if name == "nash_mtl" else "weight"
     accelerator = FakeAccelerator(gradient_accumulation_steps=2)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # nash on these conflicting tasks
@@ -652,7 +676,7 @@ def test_window_summed_jacobian_combined_once(name: str) -> None:
             torch.manual_seed(5)
             weights = build_aggregator(AGGREGATOR_OF[name], 2)(tasks @ tasks.T)
     torch.testing.assert_close(_flat(_shared(model)), weights @ tasks + rows[-1])
-    assert [logs["weight/a"], logs["weight/b"]] == pytest.approx(weights.tolist(), rel=1e-5)
+    assert [logs[f"{key}/a"], logs[f"{key}/b"]] == pytest.approx(weights.tolist(), rel=1e-5)
     cos = float(tasks[0] @ tasks[1] / (tasks[0].norm() * tasks[1].norm()))
     assert logs["gradcos/a~b"] == pytest.approx(cos, abs=1e-6)
     for pname, grad in _plain_head_grads(batches).items():

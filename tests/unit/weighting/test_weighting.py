@@ -144,12 +144,16 @@ def test_registry_holds_the_methods() -> None:
         build_weighting("nope", TASKS)
 
 
+THREE_TASKS = ("krum",)  # needs n_byzantine + 3 tasks
+
+
 @pytest.mark.parametrize("name", WEIGHTINGS.names())
 def test_every_weighting_sends_finite_gradients_to_every_parameter(name: str) -> None:
-    model = _model()
-    model.weighting = build_weighting(name, TASKS)  # the weighting sits in the trainable module
+    tasks = [*TASKS, "c"] if name in THREE_TASKS else TASKS
+    model = _model(tasks)
+    model.weighting = build_weighting(name, tasks)  # the weighting sits in the trainable module
     assert isinstance(model.weighting, Weighting)
-    x, targets = _data()
+    x, targets = _data(tasks=tasks)
     logs = model.weighting.backward(
         _rich_bundle(model, x, targets), _shared(model), FakeAccelerator()
     )
@@ -159,13 +163,14 @@ def test_every_weighting_sends_finite_gradients_to_every_parameter(name: str) ->
         assert p.grad.abs().sum() > 0, pname
     assert all(math.isfinite(v) for v in logs.values())
     if isinstance(model.weighting, LossWeighting):
-        assert set(logs) == {f"weight/{t}" for t in TASKS}
+        assert set(logs) == {f"weight/{t}" for t in tasks}
 
 
 @pytest.mark.parametrize("name", WEIGHTINGS.names())
 def test_every_weighting_state_round_trips(name: str) -> None:
-    weighting = build_weighting(name, TASKS)
-    clone = build_weighting(name, TASKS)
+    tasks = [*TASKS, "c"] if name in THREE_TASKS else TASKS
+    weighting = build_weighting(name, tasks)
+    clone = build_weighting(name, tasks)
     for p in weighting.parameters():
         p.data.add_(0.25)
     clone.load_state_dict(weighting.state_dict())
