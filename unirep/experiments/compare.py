@@ -160,9 +160,9 @@ OVERLAP_VARIANTS: dict[str, list[str]] = {
 }
 """Overlapping label sets on ``mini-decathlon-overlap``: plain multi-task learning (the
 reference; the single-task networks are each run's teachers, ``Δm vs teachers``) against the
-pruned auxiliary network (the preset: half the units kept per task, the auxiliary loss beside),
-distilled from the single-task teachers, keeping three quarters of the units, and without the
-auxiliary loss in the joint phase."""
+pruned auxiliary network (half the units kept per task, the auxiliary loss beside in the joint
+phase), the same distilled from the single-task teachers, keeping three quarters of the units,
+and without the auxiliary loss in the joint phase (the preset's choice, on validation)."""
 
 VARIANT_SETS = {
     "partial": PARTIAL_VARIANTS,
