@@ -44,11 +44,15 @@ class NTKMTLAggregator(Aggregator):
 
 @WEIGHTINGS.register("ntkmtl")
 def ntkmtl(
-    tasks: list[str], ntk_exp: float = 0.5, max_norm: float = 1.0, path: str = "auto"
+    tasks: list[str],
+    ntk_exp: float = 0.5,
+    max_norm: float = 1.0,
+    path: str = "auto",
+    seed: int = 0,
 ) -> Weighting:
     """NTKMTL (Qin et al., NeurIPS 2025), the reference's defaults (``--ntk_exp 0.5``, the paper's
     square root; its NYUv2 script uses 0.75; ``--max_norm 1.0``): see
     :class:`NTKMTLAggregator`. Heads get the plain loss sum (as the reference). Gramian-only:
     ``path`` as the other Gramian methods (:class:`GradientWeighting`)."""
     aggregator = NTKMTLAggregator(len(tasks), ntk_exp, max_norm)
-    return GradientWeighting(tasks, aggregator, path=path)
+    return GradientWeighting(tasks, aggregator, seed, path=path)

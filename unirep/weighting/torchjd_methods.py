@@ -20,8 +20,13 @@ from unirep.weighting.gradient import GradientWeighting
 from unirep.weighting.torchjd_aggregators import ExcessMTLAggregator
 
 
-def _gradient(tasks: list[str], name: str, seed: int, **kwargs: Any) -> Weighting:
-    return GradientWeighting(tasks, build_aggregator(name, len(tasks), **kwargs), seed)
+def _gradient(
+    tasks: list[str], name: str, seed: int, path: str = "auto", **kwargs: Any
+) -> Weighting:
+    """A :class:`GradientWeighting` around the aggregator ``name``; ``path`` (``auto``,
+    ``jacobian``, ``gramian``) only for the Gramian-only methods (the others take the Jacobian
+    path whatever it says)."""
+    return GradientWeighting(tasks, build_aggregator(name, len(tasks), **kwargs), seed, path=path)
 
 
 @WEIGHTINGS.register("gradvac")
@@ -39,19 +44,28 @@ def graddrop(tasks: list[str], leak: float = 0.0, seed: int = 0) -> Weighting:
 
 @WEIGHTINGS.register("fairgrad")
 def fairgrad(
-    tasks: list[str], alpha: float = 1.0, max_iters: int | None = None, seed: int = 0
+    tasks: list[str],
+    alpha: float = 1.0,
+    max_iters: int | None = None,
+    path: str = "auto",
+    seed: int = 0,
 ) -> Weighting:
     """FairGrad (Ban & Ji, ICML 2024): α-fair resource allocation, ``G w = w^{-1/α}``."""
-    return _gradient(tasks, "fairgrad", seed, alpha=alpha, max_iters=max_iters)
+    return _gradient(tasks, "fairgrad", seed, path=path, alpha=alpha, max_iters=max_iters)
 
 
 @WEIGHTINGS.register("modo")
 def modo(
-    tasks: list[str], gamma: float = 1e-3, rho: float = 0.1, scale: str = "mean", seed: int = 0
+    tasks: list[str],
+    gamma: float = 1e-3,
+    rho: float = 0.1,
+    scale: str = "mean",
+    path: str = "auto",
+    seed: int = 0,
 ) -> Weighting:
     """MoDo (Chen et al., NeurIPS 2023 / JMLR 2024): one projected step on the task weights per
     optimizer step."""
-    return _gradient(tasks, "modo", seed, gamma=gamma, rho=rho, scale=scale)
+    return _gradient(tasks, "modo", seed, path=path, gamma=gamma, rho=rho, scale=scale)
 
 
 @WEIGHTINGS.register("sdmgrad")
@@ -62,23 +76,33 @@ def sdmgrad(
     lr: float = 10.0,
     momentum: float = 0.5,
     scale: str = "mean",
+    path: str = "auto",
     seed: int = 0,
 ) -> Weighting:
     """SDMGrad (Xiao et al., NeurIPS 2023): MGDA pulled towards the mean gradient by ``lamda``."""
     return _gradient(
-        tasks, "sdmgrad", seed, lamda=lamda, niter=niter, lr=lr, momentum=momentum, scale=scale
+        tasks,
+        "sdmgrad",
+        seed,
+        path=path,
+        lamda=lamda,
+        niter=niter,
+        lr=lr,
+        momentum=momentum,
+        scale=scale,
     )
 
 
 @WEIGHTINGS.register("dualproj")
-def dualproj(tasks: list[str], scale: str = "mean", seed: int = 0) -> Weighting:
+def dualproj(tasks: list[str], scale: str = "mean", path: str = "auto", seed: int = 0) -> Weighting:
     """DualProj (torchjd): the mean gradient projected onto the dual cone of the gradients."""
-    return _gradient(tasks, "dualproj", seed, scale=scale)
+    return _gradient(tasks, "dualproj", seed, path=path, scale=scale)
 
 
 @WEIGHTINGS.register("krum")
 def krum(
     tasks: list[str], n_byzantine: int = 0, n_selected: int = 1, scale: str = "mean",
+    path: str = "auto",
     seed: int = 0,
 ) -> Weighting:  # fmt: skip
     """(Multi-)Krum (Blanchard et al., NeurIPS 2017) on the task gradients (needs at least
@@ -89,7 +113,7 @@ def krum(
             f"{n_selected} tasks, got {len(tasks)}"
         )
     return _gradient(
-        tasks, "krum", seed, n_byzantine=n_byzantine, n_selected=n_selected, scale=scale
+        tasks, "krum", seed, path=path, n_byzantine=n_byzantine, n_selected=n_selected, scale=scale
     )
 
 
@@ -114,6 +138,7 @@ def pcd(
     tau: float = 0.02,
     beta: float = 0.999,
     eps: float = 1e-8,
+    path: str = "auto",
     seed: int = 0,
 ) -> Weighting:
     """PCD (TMLR 2026): follow the ``primary`` task (default: the first), every other task
@@ -121,7 +146,7 @@ def pcd(
     if primary is not None and primary not in tasks:
         raise ValueError(f"pcd primary must be one of the tasks {tasks}, got {primary!r}")
     index = 0 if primary is None else tasks.index(primary)
-    return _gradient(tasks, "pcd", seed, primary=index, tau=tau, beta=beta, eps=eps)
+    return _gradient(tasks, "pcd", seed, path=path, primary=index, tau=tau, beta=beta, eps=eps)
 
 
 @WEIGHTINGS.register("cr_mogm")
@@ -130,10 +155,13 @@ def cr_mogm(
     base: str = "mgda",
     alpha: float = 0.9,
     base_kwargs: dict[str, Any] | None = None,
+    path: str = "auto",
     seed: int = 0,
 ) -> Weighting:
     """CR-MOGM (Zhou et al., NeurIPS 2022): a Gramian method's weights smoothed by an EMA."""
-    return _gradient(tasks, "cr_mogm", seed, base=base, alpha=alpha, base_kwargs=base_kwargs)
+    return _gradient(
+        tasks, "cr_mogm", seed, path=path, base=base, alpha=alpha, base_kwargs=base_kwargs
+    )
 
 
 class ExcessMTLWeighting(GradientWeighting):

@@ -21,7 +21,22 @@ from torch import nn
 from tests.unit.weighting.test_weighting import TASKS, FakeAccelerator, _data, _model, _rich_bundle
 from unirep.weighting import GradientWeighting, build_weighting
 
-GRAMIAN_METHODS = ["mgda", "pcgrad", "cagrad", "imtl", "nash_mtl", "aligned_mtl", "upgrad"]
+GRAMIAN_METHODS = [
+    "mgda",
+    "pcgrad",
+    "cagrad",
+    "imtl",
+    "nash_mtl",
+    "aligned_mtl",
+    "upgrad",
+    "fairgrad",
+    "modo",
+    "sdmgrad",
+    "dualproj",
+    "pcd",
+    "cr_mogm",
+    "ntkmtl",
+]
 
 
 def _steps(name: str, path: str, steps: int = 3, scale: float | None = None) -> dict[str, Any]:
