@@ -22,6 +22,7 @@ rebuilt from its manifest's architecture record like any other.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -79,7 +80,7 @@ def check_smtl_arguments(
         raise ValueError(f"seed must be in [0, 2**63), got {seed}")
 
 
-class GatedSharing:
+class GatedSharing(abc.ABC):
     """What SMTL's dense and multi-domain students share around their :class:`SMTLGates`
     (``self.gates``, ``gate``, ``tau``, ``distill_from``, ``seed``, ``selected``): the settings
     they were built with, the training log of the gates, ``metrics.json``'s record and the Lite
@@ -94,9 +95,9 @@ class GatedSharing:
     after_decoders: bool = False
     training: bool
 
+    @abc.abstractmethod
     def rebuilt(self, settings: dict[str, Any]) -> nn.Module:
         """The same network built with ``settings`` (its ``sharing_kwargs``)."""
-        raise NotImplementedError
 
     def chosen(self) -> dict[str, str]:
         """``{name: "public" | "private"}``: the Lite gate's evaluation choice (``σ(a) ≥ 0.5``

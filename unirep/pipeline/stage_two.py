@@ -402,7 +402,8 @@ def fit_network(
 ) -> Phase:
     """Fit the network ``arch`` as ``role`` in the phase ``name`` (its checkpoints and log) and
     record it in ``trained`` under ``role``. ``prepare(phase)`` runs on the built phase before
-    it trains (DiSparse prunes there; a checkpoint or the best weights then load over it)."""
+    it trains (DiSparse prunes there; a checkpoint then loads over it); not for a finished phase,
+    whose best weights hold what it prepared."""
     phase, cache = student_phase(
         run.cfg,
         run.accelerator,
@@ -421,8 +422,8 @@ def fit_network(
     if role in trained.fits:  # an earlier stage of the role (PDF, AutoMTL): its time counts too
         earlier = trained.fits[role]
         trained.earlier_seconds[role] = trained.earlier_seconds.get(role, 0.0) + earlier.seconds
-    if prepare is not None:
-        prepare(phase)
+    if prepare is not None and not (phase.checkpoint_dir / layout.DONE).exists():
+        prepare(phase)  # a finished phase reloads its best weights (masks included) instead
     trained.fits[role] = fit(run.accelerator, phase, run.evaluator, progress=run.cfg.progress)
     trained.nets[role] = phase.module.student
     trained.modules[role] = phase.module

@@ -14,6 +14,7 @@ added with weight 1. ``weight/<t>`` logs ``c_t``, the effective weight of ``L_t`
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -42,9 +43,9 @@ class _Scalarization(LossWeighting):
         super().__init__(tasks)
         self.register_buffer("coefficients", torch.zeros(len(self.tasks)))
 
+    @abc.abstractmethod
     def scalarize(self, losses: Tensor, index: Tensor) -> Tensor:
         """``s`` of the process-averaged losses ``[k]`` of the tasks ``index`` (``[k]``)."""
-        raise NotImplementedError
 
     def observe(self, mean: Tensor, known: Tensor) -> None:
         """The micro-batch's process-averaged ``[T]`` losses (``known``: present somewhere)."""
