@@ -7,6 +7,9 @@ python docs/diagnosis_figures.py curves RUN OUT.png
 python docs/diagnosis_figures.py tradeoff OUT.png LABEL=MINUTES=RUN[,RUN...] ...
     student − baseline and student − teachers (mean over the runs, one bar per seed) against
     the minutes the recipe takes from an empty cache
+python docs/diagnosis_figures.py schedule OUT.png LINE=STEPS=RUN[@BASE] ...
+    student − baseline and student − teachers against the student's (and baseline's) steps,
+    one line per LINE (e.g. one per teacher budget)
 """
 
 from __future__ import annotations
@@ -92,8 +95,30 @@ def tradeoff(out: Path, specs: list[str]) -> None:
     fig.savefig(out, dpi=80)
 
 
+def schedule(out: Path, specs: list[str]) -> None:
+    lines: dict[str, list[tuple[int, tuple[float, float]]]] = {}
+    for spec in specs:
+        label, steps, run = spec.split("=", 2)
+        lines.setdefault(label, []).append((int(steps), _gaps(run)))
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for label, points in lines.items():
+        points.sort()
+        for i, ax in enumerate(axes):
+            ax.plot([s for s, _ in points], [g[i] for _, g in points], marker="o", label=label)
+    for ax, title in zip(axes, ("student − baseline", "student − teachers"), strict=True):
+        ax.axhline(0, color="grey", lw=0.8)
+        ax.axhline(3, color="grey", lw=0.8, ls="--")
+        ax.set_title(f"{title} (Δm points, test; dashed: the goal)")
+        ax.set_xlabel("student and baseline steps")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "curves":
         curves(Path(sys.argv[2]), Path(sys.argv[3]))
+    elif sys.argv[1] == "schedule":
+        schedule(Path(sys.argv[2]), sys.argv[3:])
     else:
         tradeoff(Path(sys.argv[2]), sys.argv[3:])
