@@ -1,3 +1,3 @@
 """The package version, in one place (manifests record it; ``unirep.__version__`` reads it)."""
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
