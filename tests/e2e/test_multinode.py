@@ -70,7 +70,7 @@ def test_two_machines_of_one_process_match_one_machine_of_two(
     # moved aside when it ends
     root, one, two = tmp_path / "root", tmp_path / "one", tmp_path / "two"
     single = subprocess.run(
-        _command(29561, 1, 0, _args(tiny_cache, root, "run")),
+        _command(29591, 1, 0, _args(tiny_cache, root, "run")),
         capture_output=True, text=True, env=_env(), timeout=600,
     )  # fmt: skip
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
@@ -78,7 +78,7 @@ def test_two_machines_of_one_process_match_one_machine_of_two(
 
     launchers = [
         subprocess.Popen(
-            _command(29563, 2, rank, _args(tiny_cache, root, "run")),
+            _command(29593, 2, rank, _args(tiny_cache, root, "run")),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

@@ -60,7 +60,7 @@ def test_every_gradient_method_two_processes_equal_one(tmp_path: Path) -> None:
     command = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29533",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29597",
         str(ROOT / "tests" / "weighting_ddp_worker.py"), str(out),
     ]  # fmt: skip
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
