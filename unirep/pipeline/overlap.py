@@ -137,7 +137,9 @@ def fit_auxiliary(
 def computed_once(path: Path, accelerator: Any, compute: Callable[[], dict[str, Any]]) -> Any:
     """``compute()`` by the main process once, kept at ``path``; every process (and every
     resumed run) reads the file, so all use the same record bit for bit."""
-    if not path.is_file():
+    found = path.is_file()
+    accelerator.wait_for_everyone()  # every process has looked before the main one writes
+    if not found:
         if accelerator.is_main_process:
             atomic_write_json(path, compute())
         accelerator.wait_for_everyone()

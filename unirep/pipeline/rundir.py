@@ -339,7 +339,11 @@ def stored(path: Path, accelerator: Accelerator, compute: Any) -> Any:
     """``compute()`` once: its JSON result is kept at ``path`` and read back on resume, so a
     finished evaluation (or measurement) is never recomputed (every process reads the same
     file)."""
-    if path.is_file():
+    found = path.is_file()
+    # every process has looked before the main one may write: otherwise a slower process could
+    # find the new file, skip the barrier below and leave the main process waiting at it
+    accelerator.wait_for_everyone()
+    if found:
         return read_json(path, what="stored evaluation")
     value = compute()
     if accelerator.is_main_process:
