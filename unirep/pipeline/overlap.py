@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -37,7 +36,6 @@ from torch.utils.data import DataLoader
 import unirep.layout as layout
 from unirep.batch import Batch
 from unirep.data.carved import AUXILIARY, PooledStreams, union_classes
-from unirep.io import atomic_write_json, read_json
 from unirep.models.pruned_auxiliary import (
     keep_masks,
     layer_widths,
@@ -45,6 +43,7 @@ from unirep.models.pruned_auxiliary import (
     taylor_importance,
 )
 from unirep.objective import mixed_loss
+from unirep.pipeline.rundir import stored
 
 
 def learn_with_auxiliary(
@@ -67,13 +66,15 @@ def learn_with_auxiliary(
     auxiliary, result = fit_auxiliary(run, trained, role, plain, union, steps, fit_network)
     aux_net = auxiliary.module.student
     path = run.run_dir / layout.UNIT_MASKS / f"{role}.json"
-    record = computed_once(
+    record = stored(
         path,
         run.accelerator,
         lambda: mask_record(
             aux_net, run.data, run.tasks, union, float(settings.get("keep", 0.5)),
             run.cfg.data.eval_batch_size,
         ),
+        main_only=True,
+        what="pruned auxiliary network's masks",
     )  # fmt: skip
     joint = joint_architecture(arch, run.data)
 
@@ -132,18 +133,6 @@ def fit_auxiliary(
     pooled_run = dataclasses.replace(run, cfg=cfg, data=pooled, tasks=pooled.tasks())
     phase = fit_network(pooled_run, trained, role, None, plain, f"{role}-auxiliary")
     return phase, trained.fits[role]
-
-
-def computed_once(path: Path, accelerator: Any, compute: Callable[[], dict[str, Any]]) -> Any:
-    """``compute()`` by the main process once, kept at ``path``; every process (and every
-    resumed run) reads the file, so all use the same record bit for bit."""
-    found = path.is_file()
-    accelerator.wait_for_everyone()  # every process has looked before the main one writes
-    if not found:
-        if accelerator.is_main_process:
-            atomic_write_json(path, compute())
-        accelerator.wait_for_everyone()
-    return read_json(path, what="pruned auxiliary network's masks")
 
 
 def mask_record(

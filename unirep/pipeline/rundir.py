@@ -335,18 +335,25 @@ def resume_point(cfg: Config, checkpoint_dir: Path) -> Path | None:
     return None
 
 
-def stored(path: Path, accelerator: Accelerator, compute: Any) -> Any:
+def stored(
+    path: Path,
+    accelerator: Accelerator,
+    compute: Any,
+    main_only: bool = False,
+    what: str = "stored evaluation",
+) -> Any:
     """``compute()`` once: its JSON result is kept at ``path`` and read back on resume, so a
     finished evaluation (or measurement) is never recomputed (every process reads the same
-    file)."""
+    file). ``main_only``: only the main process computes, and every process returns the file's
+    content, so all use the same record bit for bit."""
     found = path.is_file()
     # every process has looked before the main one may write: otherwise a slower process could
     # find the new file, skip the barrier below and leave the main process waiting at it
     accelerator.wait_for_everyone()
     if found:
-        return read_json(path, what="stored evaluation")
-    value = compute()
+        return read_json(path, what=what)
+    value = compute() if accelerator.is_main_process or not main_only else None
     if accelerator.is_main_process:
         atomic_write_json(path, value)
     accelerator.wait_for_everyone()
-    return value
+    return read_json(path, what=what) if main_only else value

@@ -11,7 +11,6 @@ from typing import Any
 
 import pytest
 
-from unirep.pipeline.overlap import computed_once
 from unirep.pipeline.rundir import stored
 
 
@@ -27,8 +26,8 @@ class ThreadRank:
         self.barrier.wait()
 
 
-@pytest.mark.parametrize("keep", [stored, computed_once])
-def test_a_late_process_still_meets_the_main_one(tmp_path: Path, keep: Any) -> None:
+@pytest.mark.parametrize("main_only", [False, True])
+def test_a_late_process_still_meets_the_main_one(tmp_path: Path, main_only: bool) -> None:
     path = tmp_path / "value.json"
     barrier = threading.Barrier(2, timeout=5)
     results: dict[int, Any] = {}
@@ -38,7 +37,7 @@ def test_a_late_process_still_meets_the_main_one(tmp_path: Path, keep: Any) -> N
         try:
             if r == 1:
                 time.sleep(0.3)  # looks for the file after the main process could have written it
-            results[r] = keep(path, ThreadRank(r, barrier), lambda: {"value": 1})
+            results[r] = stored(path, ThreadRank(r, barrier), lambda: {"value": 1}, main_only)
         except BaseException as error:  # reported below
             errors.append(error)
 
@@ -50,4 +49,6 @@ def test_a_late_process_still_meets_the_main_one(tmp_path: Path, keep: Any) -> N
     assert not errors, errors
     assert results == {0: {"value": 1}, 1: {"value": 1}}
     # read back by a later run (resume): no computation
-    assert keep(path, ThreadRank(0, threading.Barrier(1)), lambda: 1 / 0) == {"value": 1}
+    assert stored(path, ThreadRank(0, threading.Barrier(1)), lambda: 1 / 0, main_only) == {
+        "value": 1
+    }
