@@ -17,19 +17,43 @@ ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
 
 
-def _launch(port: int, args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
-    """``scripts/distill.py args`` under ``accelerate launch --multi_gpu`` with 2 CPU processes
-    (one thread each), ``env`` added to the environment (``UNIREP_KILL_AT`` only when given)."""
-    command = [
+def launch_command(port: int, args: list[str], machines: int = 1, rank: int = 0) -> list[str]:
+    """``accelerate launch --multi_gpu`` of ``scripts/distill.py args`` with 2 CPU processes in
+    all, over ``machines`` launchers (this one ``rank``; the others on 127.0.0.1)."""
+    several = ["--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"] * (machines > 1)
+    return [
         sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", str(machines), *several,
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
         str(ROOT / "scripts" / "distill.py"), *args,
     ]  # fmt: skip
+
+
+def launch_env(**env: str) -> dict[str, str]:
+    """The environment of a launch: no CUDA, one thread each, ``env`` added (``UNIREP_KILL_AT``
+    only when given)."""
     full = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     full.pop("UNIREP_KILL_AT", None)
-    return subprocess.run(command, capture_output=True, text=True, env={**full, **env},
-                          timeout=600)  # fmt: skip
+    return {**full, **env}
+
+
+def _launch(port: int, args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+    """``scripts/distill.py args`` under ``accelerate launch --multi_gpu`` with 2 CPU processes
+    (one thread each), ``env`` added to the environment (``UNIREP_KILL_AT`` only when given)."""
+    return subprocess.run(launch_command(port, args), capture_output=True, text=True,
+                          env=launch_env(**env), timeout=600)  # fmt: skip
+
+
+def without_timings(value: object, *drop: str) -> object:
+    """``metrics.json`` content without the wall-clock entries (keys holding ``seconds``) and
+    the keys ``drop``, which differ between two runs of the same computation."""
+    if isinstance(value, dict):
+        return {
+            k: without_timings(v, *drop)
+            for k, v in value.items()
+            if "seconds" not in k and k not in drop
+        }
+    return value
 
 
 def test_two_processes_share_training(tiny_cache: Path, tmp_path: Path) -> None:
@@ -69,13 +93,8 @@ def test_two_processes_killed_and_resumed_match_an_uninterrupted_run(
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
     assert "[student] resumed from" in resumed.stdout
 
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if "seconds" not in k}
-        return value
-
     a, b = tmp_path / "whole", tmp_path / "cut"
-    assert strip(json.loads((a / "metrics.json").read_text())) == strip(
+    assert without_timings(json.loads((a / "metrics.json").read_text())) == without_timings(
         json.loads((b / "metrics.json").read_text())
     )
     assert (a / "results.json").read_bytes() == (b / "results.json").read_bytes()

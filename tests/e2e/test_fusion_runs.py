@@ -11,7 +11,7 @@ import pytest
 
 from tests.conftest import TINY_DENSE, tiny_dense_config
 from tests.e2e.test_dense_run import _run
-from tests.e2e.test_distributed import _launch
+from tests.e2e.test_distributed import _launch, without_timings
 from unirep.config.schema import Config
 from unirep.models.build import count_parameters
 from unirep.pipeline.export import load_student
@@ -72,12 +72,7 @@ def test_a_pdf_run_resumes_between_stages_to_the_same_numbers(
     (copy / "fusion" / "student-stage1.json").unlink()  # measured again, the same
     again = _run(_pdf_config(tiny_cache, tmp_path, "name=pdf", "resume=true"))[1]
 
-    def strip(value):
-        if isinstance(value, dict):
-            return {k: strip(v) for k, v in value.items() if "seconds" not in k}
-        return value
-
-    assert strip(again) == strip(metrics)
+    assert without_timings(again) == without_timings(metrics)
 
 
 @pytest.mark.distributed

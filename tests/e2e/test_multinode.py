@@ -7,35 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import TINY
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.e2e.test_distributed import launch_command, launch_env, without_timings
 
 pytestmark = [pytest.mark.slow, pytest.mark.distributed]
-
-
-def _command(port: int, machines: int, rank: int, args: list[str]) -> list[str]:
-    """``accelerate launch`` of ``scripts/distill.py`` with 2 processes over ``machines``."""
-    return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", str(machines),
-        "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1",
-        "--main_process_port", str(port), "--mixed_precision", "no", "--dynamo_backend", "no",
-        str(ROOT / "scripts" / "distill.py"), *args,
-    ]  # fmt: skip
-
-
-def _env() -> dict[str, str]:
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    env.pop("UNIREP_KILL_AT", None)
-    return env
 
 
 def _args(tiny_cache: Path, root: Path, name: str) -> list[str]:
@@ -56,13 +36,6 @@ def _digests(folder: Path) -> dict[str, str]:
     }
 
 
-def _strip(value: object) -> object:
-    """metrics.json without timings (wall-clock differs between runs)."""
-    if isinstance(value, dict):
-        return {k: _strip(v) for k, v in value.items() if "seconds" not in k}
-    return value
-
-
 def test_two_machines_of_one_process_match_one_machine_of_two(
     tiny_cache: Path, tmp_path: Path
 ) -> None:
@@ -70,19 +43,19 @@ def test_two_machines_of_one_process_match_one_machine_of_two(
     # moved aside when it ends
     root, one, two = tmp_path / "root", tmp_path / "one", tmp_path / "two"
     single = subprocess.run(
-        _command(29591, 1, 0, _args(tiny_cache, root, "run")),
-        capture_output=True, text=True, env=_env(), timeout=600,
+        launch_command(29591, _args(tiny_cache, root, "run")),
+        capture_output=True, text=True, env=launch_env(), timeout=600,
     )  # fmt: skip
     assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
     root.rename(one)
 
     launchers = [
         subprocess.Popen(
-            _command(29593, 2, rank, _args(tiny_cache, root, "run")),
+            launch_command(29593, _args(tiny_cache, root, "run"), machines=2, rank=rank),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
-            env=_env(),
+            env=launch_env(),
         )
         for rank in (0, 1)
     ]
@@ -98,7 +71,7 @@ def test_two_machines_of_one_process_match_one_machine_of_two(
 
     metrics = {root: json.loads((root / "run" / "metrics.json").read_text()) for root in (one, two)}
     assert metrics[two]["summary"]["num_processes"] == 2
-    assert _strip(metrics[one]) == _strip(metrics[two])
+    assert without_timings(metrics[one]) == without_timings(metrics[two])
     results = [(root / "run" / "results.json").read_bytes() for root in (one, two)]
     assert results[0] == results[1]
     assert _digests(one / "run" / "student") == _digests(two / "run" / "student")
